@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh clone:
+#   make demo   create/refresh .venv, then run the main job (python -m jobs.demo)
+#   make test   create/refresh .venv, then run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+# Re-install whenever the pins or the package metadata change (a stale .venv is rebuilt in place).
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/ica.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,93 @@
+"""The invertibility contract every flow layer in this package keeps.
+
+A flow layer is an ``nn.Module`` acting on token tensors ``x`` of shape ``(N, L, D)`` (batch, tokens,
+channels)::
+
+    y, logdet = layer(x)                 # logdet: (N,), log|det dy/dx| per sample
+    x_rev, logdet_rev = layer(y, reverse=True)
+
+Invariants (checked for every layer by ``tests/flows/checker.py``):
+
+- ``x_rev == x`` up to floating-point error (exact inverse, no iterative approximation);
+- ``logdet_rev == -logdet``;
+- ``logdet`` equals ``slogdet`` of the autograd Jacobian of ``x -> y`` (flattened per sample);
+- ``logdet`` is accumulated in at least fp32 (fp64 for fp64 input), also under bf16 autocast;
+- ``y`` keeps ``x``'s dtype and shape; at initialisation every block is the identity.
+
+Subclasses implement ``_forward(x, reverse)``; ``forward`` validates the input first. The finiteness check
+forces a device sync, so it runs only at the outermost flow call (nested layers skip it) and never while
+``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_INSIDE_FLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_flow", default=False)
+
+
+def logdet_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 for fp64 input, fp32 otherwise (bf16/fp16 log-dets lose whole nats at L*D ~ 1e5)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the flow's sensitive arithmetic (updates, solves, log-dets) runs in."""
+    return logdet_dtype(x)
+
+
+def validate_tokens(x: torch.Tensor, tokens: int | None, dim: int | None, where: str) -> None:
+    """Raise ``ValueError`` naming the expected and actual shape when ``x`` is not ``(N, tokens, dim)``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{where}: expected a torch.Tensor of shape (N, {tokens}, {dim}); got {type(x).__name__}")
+    want = f"(N, {tokens if tokens is not None else 'L'}, {dim if dim is not None else 'D'})"
+    if x.ndim != 3:
+        raise ValueError(f"{where}: expected a 3-D tensor of shape {want}; got shape {tuple(x.shape)}")
+    if (tokens is not None and x.shape[1] != tokens) or (dim is not None and x.shape[2] != dim):
+        raise ValueError(f"{where}: expected shape {want}; got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{where}: expected a floating-point tensor; got dtype {x.dtype}")
+
+
+class InvertibleModule(nn.Module):
+    """Base class of every flow layer; see the module docstring for the contract."""
+
+    #: token count and width this layer was built for (``None`` = any)
+    tokens: int | None = None
+    dim: int | None = None
+
+    def forward(self, x: torch.Tensor, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        validate_tokens(x, self.tokens, self.dim, type(self).__name__)
+        if _INSIDE_FLOW.get():
+            return self._forward(x, reverse)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).sum().item()
+            raise ValueError(f"{type(self).__name__}: input has {bad} non-finite value(s) (NaN or inf)")
+        token = _INSIDE_FLOW.set(True)
+        try:
+            return self._forward(x, reverse)
+        finally:
+            _INSIDE_FLOW.reset(token)
+
+    # Subclasses define ``_forward(self, x, reverse) -> (y, logdet)``; it sees validated input only.
+
+
+class FlowSequence(InvertibleModule):
+    """Composition of flow layers; ``reverse=True`` runs them backwards. Log-dets add up."""
+
+    def __init__(self, layers: Iterable[nn.Module], tokens: int | None = None, dim: int | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.tokens, self.dim = tokens, dim
+
+    def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
+        layers = reversed(self.layers) if reverse else self.layers
+        for layer in layers:
+            x, logdet = layer(x, reverse=reverse)
+            total = total + logdet
+        return x, total

@@ -1,0 +1,82 @@
+"""LICA's learned token mixer: an LU-parameterised invertible matrix over tokens.
+
+``W = P_out · blockdiag_g((L_g + I)(U_g + diag(sign_g · exp(log_s_g)))) · P_in`` acts on the token axis of
+``x`` (N, L, D), the same matrix for every channel. ``P_in`` gathers tokens into groups of ``G`` (the first
+``G/2`` tokens of modality A's slice and the spatially matching ``G/2`` tokens of B, so every group mixes
+both modalities); ``P_out`` is fixed so that at initialisation (``L = U = 0``, ``log_s = 0``) ``W`` is exactly
+the imca1 partition permutation — LICA starts as IMCA. With ``G = L`` (``group=0``) this is the single full
+``L × L`` LU matrix ``P · (L + I)(U + S)`` of the paper; a full W has ``L²`` parameters, so high-resolution
+levels use token groups (``L · G`` parameters).
+
+The inverse is two batched triangular solves and the inverse gathers — never ``torch.inverse``. The mixer
+is always followed by its own inverse inside :class:`~pipeline.flows.ica.ICA`, so its log-det cancels and
+is not computed. Arithmetic runs in fp32 (fp64 for fp64 input) even under autocast: the LU factors are
+the buffers/parameters DeepSpeed's bf16 mode would otherwise truncate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import compute_dtype
+from .partitions import partition_index
+
+
+class LUTokenMixer(nn.Module):
+    """Invertible token mixer ``x -> W x`` on (N, L, D); ``group=0`` means one full L×L block."""
+
+    def __init__(self, tokens: int, group: int = 0):
+        super().__init__()
+        g = tokens if group in (0, None) else int(group)
+        if tokens % 2 or (tokens // 2) % 2:
+            raise ValueError(f"LICA needs an even token count per modality (it starts as imca1); got tokens={tokens}")
+        if g <= 0 or g % 2 or tokens % g:
+            raise ValueError(f"LICA group size must be even and divide tokens={tokens}; got group={group}")
+        self.tokens, self.group = tokens, g
+        k, half, n = tokens // g, g // 2, tokens // 2
+        self.lower = nn.Parameter(torch.zeros(k, g, g))
+        self.upper = nn.Parameter(torch.zeros(k, g, g))
+        self.log_s = nn.Parameter(torch.zeros(k, g))
+        # Fixed parts are persistent buffers: they are part of the model (a consolidated checkpoint must
+        # carry them) but are never trained.
+        self.register_buffer("sign", torch.ones(k, g))
+        a, b = torch.arange(n), torch.arange(n, tokens)
+        gather_in = torch.cat([torch.cat([a[i * half:(i + 1) * half], b[i * half:(i + 1) * half]]) for i in range(k)])
+        inv_in = torch.argsort(gather_in)
+        gather_out = inv_in[partition_index("imca1", tokens)]
+        self.register_buffer("gather_in", gather_in)
+        self.register_buffer("gather_out", gather_out)
+        self.register_buffer("scatter_in", inv_in, persistent=False)
+        self.register_buffer("scatter_out", torch.argsort(gather_out), persistent=False)
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit-lower and upper triangular factors, each (K, G, G)."""
+        eye = torch.eye(self.group, dtype=dtype, device=self.lower.device)
+        low = torch.tril(self.lower.to(dtype), -1) + eye
+        up = torch.triu(self.upper.to(dtype), 1) + torch.diag_embed(self.sign.to(dtype) * self.log_s.to(dtype).exp())
+        return low, up
+
+    def matrix(self) -> torch.Tensor:
+        """The dense L×L matrix W (for tests and inspection; O(L²) memory)."""
+        low, up = self.factors(torch.float64)
+        blocks = torch.block_diag(*(low @ up))
+        eye = torch.eye(self.tokens, dtype=torch.float64, device=blocks.device)
+        return eye[self.gather_out] @ blocks @ eye[self.gather_in]
+
+    def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """``W x`` (or ``W⁻¹ x`` with ``reverse=True``) for x (N, L, D); returns x's dtype."""
+        n, length, d = x.shape
+        ct = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            low, up = self.factors(ct)
+            k, g = low.shape[0], self.group
+            if not reverse:
+                z = x.to(ct)[:, self.gather_in].reshape(n, k, g, d)
+                z = torch.einsum("kij,nkjd->nkid", low @ up, z)
+                return z.reshape(n, length, d)[:, self.gather_out].to(x.dtype)
+            z = x.to(ct)[:, self.scatter_out].reshape(n, k, g, d).permute(1, 2, 0, 3).reshape(k, g, n * d)
+            z = torch.linalg.solve_triangular(low, z, upper=False, unitriangular=True)
+            z = torch.linalg.solve_triangular(up, z, upper=True)
+            z = z.reshape(k, g, n, d).permute(2, 0, 1, 3).reshape(n, length, d)
+            return z[:, self.scatter_in].to(x.dtype)

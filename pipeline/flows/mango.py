@@ -1,0 +1,87 @@
+"""The MANGO block and G, the stack of blocks (the paper's flow over fused tokens).
+
+A block runs, for each partition of its layout (default: mmca1, mmca2, imca1…imca4, lica, lica),
+``ActNorm → partition → ICA → merge``, then one channel affine coupling. Every block is the exact identity
+at initialisation (α = 0 in every ICA, zero-initialised last conditioner layer, ActNorm before its data init).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .actnorm import ActNorm
+from .base import FlowSequence, InvertibleModule, logdet_dtype
+from .coupling import AffineCoupling
+from .ica import ICA
+from .partitions import resolve_partitions
+
+MEMORY_POLICIES = ("store", "checkpoint")
+
+
+class MangoBlock(FlowSequence):
+    """One MANGO block on (N, tokens, dim).
+
+    Args:
+        partitions: a preset (``"all"``, ``"mmca"``, ``"imca"``, ``"mmca+imca"``, ``"lica"``) or a sequence of
+            partition names; one ``ActNorm → ICA`` pair per entry.
+        hidden: coupling conditioner width (default ``max(dim, 16)``).
+        swap: which channel half the coupling updates (alternated across blocks).
+        form, qk_dim, learn_temperature, lica_group, solve_block: passed to every :class:`ICA`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        tokens: int,
+        partitions: str | Sequence[str] = "all",
+        *,
+        hidden: int | None = None,
+        swap: bool = False,
+        form: str = "gated",
+        qk_dim: int | None = None,
+        learn_temperature: bool = False,
+        lica_group: int = 0,
+        solve_block: int = 64,
+    ):
+        layers = []
+        for name in resolve_partitions(partitions):
+            layers.append(ActNorm(dim))
+            layers.append(
+                ICA(dim, tokens, name, form=form, qk_dim=qk_dim, learn_temperature=learn_temperature,
+                    lica_group=lica_group, solve_block=solve_block)
+            )
+        layers.append(AffineCoupling(dim, hidden or max(dim, 16), swap=swap))
+        super().__init__(layers, tokens=tokens, dim=dim)
+
+
+class MangoFlow(InvertibleModule):
+    """G: ``num_blocks`` MANGO blocks on (N, tokens, dim); coupling halves alternate between blocks.
+
+    ``memory="checkpoint"`` recomputes each block's activations in the backward pass (non-reentrant
+    activation checkpointing), trading one extra forward per block for activation memory that no longer
+    grows with the block's internals. Extra keyword arguments go to every :class:`MangoBlock`.
+    """
+
+    def __init__(self, dim: int, tokens: int, num_blocks: int = 12, *, memory: str = "store", **block_kwargs):
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"MangoFlow: num_blocks must be ≥ 1; got {num_blocks}")
+        if memory not in MEMORY_POLICIES:
+            raise ValueError(f"MangoFlow: memory must be one of {list(MEMORY_POLICIES)}; got '{memory}'")
+        self.dim, self.tokens, self.memory = dim, tokens, memory
+        self.blocks = torch.nn.ModuleList(
+            MangoBlock(dim, tokens, swap=bool(i % 2), **block_kwargs) for i in range(num_blocks)
+        )
+
+    def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
+        for block in (reversed(self.blocks) if reverse else self.blocks):
+            if self.memory == "checkpoint" and torch.is_grad_enabled() and not reverse:
+                x, logdet = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, logdet = block(x, reverse=reverse)
+            total = total + logdet
+        return x, total
