@@ -6,6 +6,7 @@ from .coupling import AffineCoupling
 from .ica import ICA, solve_gated_upper
 from .lica import LUTokenMixer
 from .mango import MangoBlock, MangoFlow
+from .multiscale import MultiscaleMangoFlow, quantize
 from .partitions import PARTITION_PRESETS, PARTITIONS, partition_index, resolve_partitions
 
 __all__ = [
@@ -17,10 +18,12 @@ __all__ = [
     "LUTokenMixer",
     "MangoBlock",
     "MangoFlow",
+    "MultiscaleMangoFlow",
     "PARTITIONS",
     "PARTITION_PRESETS",
     "data_init",
     "partition_index",
+    "quantize",
     "resolve_partitions",
     "solve_gated_upper",
 ]
