@@ -1,0 +1,49 @@
+"""Train MANGO: ``python -m jobs.train --config launch/configs/<name>.yaml [section.key=value ...]``.
+
+The same entry point serves every launcher (they only set the environment; see ``pipeline.dist``):
+
+    # 1 process (CPU or 1 GPU)
+    python -m jobs.train --config launch/configs/demo.yaml train.max_steps=50
+    # 1 node, 2 ranks
+    torchrun --standalone --nproc_per_node=2 -m jobs.train --config launch/configs/demo.yaml deepspeed.zero_stage=2
+    # 2 nodes (run on each node; HOST = first node)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m jobs.train --config launch/configs/mango_256.yaml checkpoint.resume=latest
+    # resume the newest complete checkpoint of a run
+    python -m jobs.train --config launch/configs/demo.yaml run.dir=runs/demo checkpoint.resume=latest
+
+A bad key or type fails here, before any process group starts. Exit codes: 0 done (or saved after
+SIGUSR2, requeue me), 143 saved after SIGTERM (restart me), 3 watchdog, 1 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (launch/configs/*.yaml); defaults if omitted")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.train.loop import train_loop
+
+    result = train_loop(cfg)
+    if result:
+        print(json.dumps({k: v for k, v in result.items()}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Atomic DeepSpeed checkpoints: ``<run.dir>/checkpoints/<tag>/`` plus a ``latest`` pointer.
+
+A save is a DeepSpeed ``save_checkpoint`` on every rank (model, optimizer and scheduler shards, and the
+shared client state: step, resolved config, world size) plus one ``trainer-rank<r>.pt`` per rank (that
+rank's RNG states and data-loader cursor — per rank, because DeepSpeed writes client state from one rank
+only under ZeRO 0–2). Then every rank meets at a barrier, and only after it rank 0 writes ``COMPLETE`` in
+the tag directory and atomically replaces ``latest`` (temp file + rename). A ``kill -9`` during a save
+therefore leaves ``latest`` naming the previous, complete checkpoint, and a reader never trusts a tag
+directory without ``COMPLETE``. Old checkpoints beyond ``checkpoint.keep`` are pruned after the pointer
+moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import dist
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+STATE = "state.json"  # step, resolved config, world size: readable without torch or DeepSpeed
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors / plain values (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(v: Any) -> Any:
+    # random.setstate needs tuples; torch.load returns what was saved, but be strict about nesting.
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], per_rank: dict[str, Any], keep: int) -> Path:
+    """Collective: save on every rank, then mark complete and move ``latest`` on rank 0."""
+    root = checkpoint_root(run_dir)
+    tag = step_tag(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=shared, save_latest=False)
+    rank = dist.get_rank()
+    torch.save({**per_rank, "rng": rng_state()}, root / tag / f"trainer-rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (root / tag / STATE).write_text(json.dumps(shared, indent=1, default=str))
+        (root / tag / COMPLETE).write_text(f"{step}\n")
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, root / LATEST)
+        _prune(root, keep)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+    complete = [p for p in tags if (p / COMPLETE).exists()]
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = complete[-1].name if complete else ""
+    for partial in tags:  # a partial save newer than the newest complete one is a killed save: drop it
+        if not (partial / COMPLETE).exists() and partial.name < newest:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def latest_complete(run_dir: str | os.PathLike) -> Path | None:
+    """The tag directory ``latest`` names, if it is complete; else the newest complete one; else None."""
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    if pointer.exists():
+        tag = root / pointer.read_text().strip()
+        if (tag / COMPLETE).exists():
+            return tag
+    tags = sorted(p for p in root.glob("step*") if (p / COMPLETE).exists()) if root.exists() else []
+    return tags[-1] if tags else None
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """``checkpoint.resume`` → a complete tag directory (or None to start fresh). Run on every rank:
+    rank 0 resolves and broadcasts, so all ranks load the same checkpoint even if ``latest`` moves."""
+    path: Path | None = None
+    if dist.get_rank() == 0 and resume:
+        if resume == "latest":
+            path = latest_complete(run_dir)
+        else:
+            path = Path(resume)
+            if path.is_dir() and (path / LATEST).exists():
+                path = latest_complete(path.parent) if path.name == "checkpoints" else path
+            if not (path / COMPLETE).exists():
+                raise FileNotFoundError(f"checkpoint.resume={resume!r}: not a complete checkpoint directory "
+                                        f"(no {COMPLETE} marker in {path})")
+    found = dist.broadcast_object(str(path) if path else "", src=0)
+    return Path(found) if found else None
+
+
+def load(engine, tag_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load model/optimizer/scheduler into ``engine``; returns ``(shared client state, this rank's state)``."""
+    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if client is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+    mine = tag_dir / f"trainer-rank{dist.get_rank()}.pt"
+    per_rank = torch.load(mine, weights_only=True) if mine.exists() else {}
+    return client, per_rank
+
+
+def read_state(tag_dir: Path) -> dict[str, Any]:
+    """The shared client state (step, resolved config, world size) of a complete checkpoint."""
+    return json.loads((Path(tag_dir) / STATE).read_text())

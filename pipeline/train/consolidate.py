@@ -1,0 +1,80 @@
+"""Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one fp32 ``model.safetensors`` + its config.
+
+The weights file holds every parameter *and persistent buffer* (ActNorm ``initialized`` flags, LICA's LU
+permutations) in fp32 (integer/bool buffers keep their dtype); its metadata records the modality specs
+(name, shape, bits) so :func:`load_model` rebuilds the model without the shard manifest. The resolved
+config is written beside it as ``<stem>.config.yaml``.
+
+DeepSpeed's own checkpoint files are pickles and are read by DeepSpeed's loader (ZeRO 1–3) or, for ZeRO-0,
+by ``torch.load(weights_only=False)`` on a file this project's own engine wrote; everything this module
+writes is loaded back with safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from pipeline.config import Config, from_dict, load_config, save_resolved
+from pipeline.train import checkpoint as ckpt
+
+
+def resolve_tag_dir(path: str | Path) -> Path:
+    """A run dir, its ``checkpoints/`` dir, or one tag dir → a complete tag dir (FileNotFoundError otherwise)."""
+    path = Path(path)
+    if (path / ckpt.COMPLETE).exists():
+        return path
+    found = ckpt.latest_complete(path.parent if path.name == "checkpoints" else path)
+    if found is not None:
+        return found
+    raise FileNotFoundError(f"{path}: no complete checkpoint here (expected a tag directory with a {ckpt.COMPLETE} "
+                            "marker, a checkpoints/ directory, or a run directory)")
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict (parameters + persistent buffers) from a complete tag dir of any ZeRO stage."""
+    state = ckpt.read_state(tag_dir)
+    stage = state["config"]["deepspeed"]["zero_stage"]
+    if stage == 0:
+        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k: (v.float() if v.is_floating_point() else v).detach().contiguous().clone() for k, v in module.items()}
+
+
+def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``out`` (safetensors) and ``<stem>.config.yaml`` from a checkpoint; returns ``out``."""
+    tag_dir = resolve_tag_dir(checkpoint)
+    state = ckpt.read_state(tag_dir)
+    cfg = from_dict(state["config"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = consolidated_state_dict(tag_dir)
+    meta = {"step": str(state["step"]), "task": cfg.model.task, "modalities": json.dumps(state.get("modalities", [])),
+            "source": str(tag_dir)}
+    save_file(tensors, str(out), metadata=meta)
+    save_resolved(cfg, config_path(out))
+    return out
+
+
+def config_path(weights: str | Path) -> Path:
+    weights = Path(weights)
+    return weights.with_name(weights.stem + ".config.yaml")
+
+
+def load_model(weights: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """Rebuild the model from consolidated weights + config (strict: every key must match)."""
+    from pipeline.models import build_model
+
+    weights = Path(weights)
+    cfg = load_config(config_path(weights), [])
+    with safe_open(str(weights), "pt") as f:
+        specs = [(n, tuple(s), int(b)) for n, s, b in json.loads(f.metadata()["modalities"])]
+    model = build_model(cfg, specs)
+    model.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+    return model.to(device).eval(), cfg
