@@ -64,8 +64,10 @@ class InvertibleModule(nn.Module):
         validate_tokens(x, self.tokens, self.dim, type(self).__name__)
         if _INSIDE_FLOW.get():
             return self._forward(x, reverse)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-            bad = (~torch.isfinite(x)).sum().item()
+        # detach: isfinite runs abs() internally, which autograd would record (and activation checkpointing
+        # would then see a different set of saved tensors in its recompute).
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x.detach()).all()):
+            bad = (~torch.isfinite(x.detach())).sum().item()
             raise ValueError(f"{type(self).__name__}: input has {bad} non-finite value(s) (NaN or inf)")
         token = _INSIDE_FLOW.set(True)
         try:
