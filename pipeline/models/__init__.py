@@ -20,15 +20,25 @@ __all__ = ["DensityModel", "build_model", "modality_specs"]
 
 
 def modality_specs(cfg: Config, manifest) -> list[tuple[str, tuple[int, ...], int]]:
-    """(name, shape, bits) for each of ``data.modalities``, checked against the shard manifest."""
+    """(sample key, shape (C, H, W), bits) for each of ``data.modalities``, checked against the shard manifest.
+
+    A config modality name (``rgb``) matches the manifest member whose stem it is (``rgb.png``); images are
+    stored (H, W, C) / (H, W) and batched (C, H, W), so the shape is reported in the batched layout.
+    """
     available = manifest.modalities
+    by_stem = {key.split(".")[0]: key for key in available}
     out = []
     for name in cfg.data.modalities:
-        if name not in available:
+        if name not in by_stem:
             raise ConfigError(f"data.modalities: '{name}' is not in the shards at {cfg.data.shards} "
-                              f"(they hold {sorted(available)})")
-        spec = available[name]
-        out.append((name, tuple(spec.shape), int(spec.bits)))
+                              f"(they hold {sorted(by_stem)})")
+        key = by_stem[name]
+        spec = available[key]
+        shape = tuple(spec.shape or ())
+        if spec.kind in ("image", "depth") and len(shape) in (2, 3):
+            shape = (shape[2] if len(shape) == 3 else 1, shape[0], shape[1])
+        bits = {"uint8": 8, "uint16": 16}.get(spec.dtype, 0)
+        out.append((key, shape, bits))
     return out
 
 

@@ -20,7 +20,7 @@ class DensityModel(nn.Module):
     - ``"eval"``: ``{"bits_per_dim_sum", "count"}`` — sums, so an exact pass reduces across ranks exactly;
     - ``"sample"``: ``{name: images}`` of ``n`` exact joint samples (continuous flow space).
 
-    ``batch`` maps modality name → integer images (N, C, H, W); the first two of ``modalities`` are used.
+    ``batch`` maps sample keys (``rgb.png``, ``right.png``) → integer images (N, C, H, W).
     """
 
     def __init__(self, modalities: Sequence[str], flow: MultiscaleMangoFlow):
@@ -45,7 +45,10 @@ class DensityModel(nn.Module):
             mean = bpd.mean()
             return {"loss": mean, "bits_per_dim": mean.detach()}
         if mode == "eval":
-            return {"bits_per_dim_sum": bpd.detach().sum(), "count": torch.tensor(float(bpd.shape[0]))}
+            # exact passes pad finished ranks with invalid samples (``__valid__`` False): count nothing twice
+            valid = batch.get("__valid__")
+            w = torch.ones_like(bpd) if valid is None else valid.to(bpd.device, bpd.dtype)
+            return {"bits_per_dim_sum": (bpd.detach() * w).sum(), "count": w.sum()}
         raise ValueError(f"DensityModel: unknown mode '{mode}'; use loss, eval or sample")
 
 

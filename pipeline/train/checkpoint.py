@@ -124,16 +124,22 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     return Path(found) if found else None
 
 
-def load(engine, tag_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load model/optimizer/scheduler into ``engine``; returns ``(shared client state, this rank's state)``."""
+def read_rank_state(tag_dir: Path) -> dict[str, Any]:
+    """This rank's trainer state (RNG states, loader cursor) of a complete checkpoint."""
+    mine = Path(tag_dir) / f"trainer-rank{dist.get_rank()}.pt"
+    if not mine.exists():
+        raise FileNotFoundError(f"{mine} is missing: the checkpoint was written by fewer ranks than this run has")
+    return torch.load(mine, weights_only=True)
+
+
+def load(engine, tag_dir: Path) -> dict[str, Any]:
+    """Load model, optimizer and scheduler into ``engine``; returns the shared client state."""
     _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if client is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
-    mine = tag_dir / f"trainer-rank{dist.get_rank()}.pt"
-    per_rank = torch.load(mine, weights_only=True) if mine.exists() else {}
-    return client, per_rank
+    return client
 
 
 def read_state(tag_dir: Path) -> dict[str, Any]:
-    """The shared client state (step, resolved config, world size) of a complete checkpoint."""
+    """The shared client state (step, resolved config, world size, modalities) of a complete checkpoint."""
     return json.loads((Path(tag_dir) / STATE).read_text())

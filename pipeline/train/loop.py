@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
 import warnings
@@ -94,24 +95,10 @@ class Watchdog:
                 os._exit(3)
 
 
-class MetricsFile:
-    """Rank 0 appends one JSON line per logged step to ``<run.dir>/metrics.jsonl`` (no server needed)."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+def _forever(loader):
+    """Epoch after epoch of a training loader (its state advances the epoch)."""
+    while True:
+        yield from loader
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -121,47 +108,42 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def evaluate(engine, cfg: Config, loader, device: torch.device) -> dict[str, float]:
-    """Collective exact pass: every rank calls forward the same number of times (ZeRO-3 gathers weights
-    collectively inside forward), ranks whose data ran out run a throw-away forward on their last batch,
-    and the sums are all-reduced — nothing counted twice, no rank waiting on another."""
+    """Collective exact pass over the validation split; returns ``val_<metric>`` means over all samples.
+
+    The loader keeps ranks in step (padding batches flagged ``__valid__ = False`` once a rank runs out), so
+    every rank calls forward equally often — ZeRO-3 gathers weights collectively inside forward — and the
+    models weight their sums by ``__valid__``; the sums, not per-rank means, are all-reduced.
+    """
     engine.eval()
     sums: dict[str, torch.Tensor] = {}
-    it, last = iter(loader), None
     with torch.no_grad():
-        for i in range(cfg.eval.batches or 1 << 62):
-            batch = next(it, None)
-            has = torch.tensor([0.0 if batch is None else 1.0])
-            if dist.all_reduce_sum(has).item() == 0:
-                break
-            if batch is None and last is None:
-                raise RuntimeError(f"rank {dist.get_rank()} has no validation data at all; use fewer ranks or more "
-                                   "validation shards")
+        for i, batch in enumerate(loader):
             with autocast(cfg, device):
-                out = engine(_to_device(batch if batch is not None else last, device), mode="eval")
-            if batch is not None:
-                last = batch
-                for k, v in out.items():
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
+                out = engine(_to_device(batch, device), mode="eval")
+            for k, v in out.items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
+            if cfg.eval.batches and i + 1 >= cfg.eval.batches:
+                break
     engine.train()
-    keys = dist.broadcast_object(sorted(sums), src=0)
-    total = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys]) if keys else torch.zeros(0)
-    total = dist.all_reduce_sum(total)
-    values = dict(zip(keys, total.tolist()))
+    keys = sorted(dist.broadcast_object(sorted(sums), src=0))
+    total = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys])
+    values = dict(zip(keys, dist.all_reduce_sum(total).tolist()))
     count = values.pop("count", 0.0)
-    return {f"val_{k.removesuffix('_sum')}": v / max(count, 1.0) for k, v in values.items() if k.endswith("_sum")} | {
-        "val_samples": count
-    }
+    metrics = {f"val_{k.removesuffix('_sum')}": v / max(count, 1.0) for k, v in values.items() if k.endswith("_sum")}
+    return metrics | {"val_samples": count}
 
 
 def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` to ``train.max_steps`` (resuming per ``checkpoint.resume``); returns the last metrics.
 
-    ``reporter`` (e.g. Ray Tune's ``tune.report``) receives the validation metrics every ``eval.every``
-    steps on every rank. Exits the process with 0 / 143 after a SIGUSR2 / SIGTERM-triggered save.
+    ``reporter`` (e.g. Ray Tune's ``tune.report``) receives the metrics dict at every validation, on every
+    rank. After a SIGUSR2 / SIGTERM-triggered save the process exits with 0 / 143 (``SystemExit``).
+    A fresh run validates once before its first step (logged at step 0: the "before" figure).
     """
-    from pipeline.data import build_eval_loader, build_train_loader, load_manifest
+    from pipeline.data import LoaderState, build_eval_loader, build_train_loader, load_manifest, manifest_name
+    from pipeline.data.storage import join
     from pipeline.models import build_model, modality_specs
-    from pipeline.tracking import MlflowTracker
+    from pipeline.tracking import MetricsLog, MlflowTracker
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     info = dist.init_distributed(dist.world_info_from_env(), use_deepspeed=True)
@@ -173,68 +155,86 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         save_resolved(cfg, run_dir / "config.yaml")
     dist.barrier()
 
-    train_manifest = load_manifest(cfg.data.shards, cfg.data.train_split)
-    val_manifest = load_manifest(cfg.data.shards, cfg.data.val_split)
-    _seed_all(cfg.run.seed)  # identical initial weights on every rank
+    train_manifest = load_manifest(join(cfg.data.shards, manifest_name(cfg.data.train_split)))
+    val_manifest = load_manifest(join(cfg.data.shards, manifest_name(cfg.data.val_split)))
     specs = modality_specs(cfg, train_manifest)
+    keys = tuple(s[0] for s in specs)
+    _seed_all(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg, specs).to(device)
 
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
+    saved: dict[str, Any] = {}
+    loader_state = LoaderState(seed=cfg.run.seed)
     if resume_from is not None:
         saved = ckpt.read_state(resume_from)
         check_architecture(saved["config"], cfg)
         if saved["world_size"] != info.world_size:
             raise RuntimeError(
                 f"checkpoint {resume_from} was written by {saved['world_size']} ranks, this run has "
-                f"{info.world_size}. Resume at the same world size, or continue at a new size from consolidated "
-                f"weights: python -m jobs.consolidate {resume_from} --out model.safetensors, then "
-                f"model.init_weights=model.safetensors checkpoint.resume= (fresh optimizer)"
+                f"{info.world_size}. Resume at the same world size, or continue at the new size from consolidated "
+                f"weights with a fresh optimizer: python -m jobs.consolidate {resume_from} --out model.safetensors, "
+                f"then train with model.init_weights=model.safetensors checkpoint.resume= and a new run.dir"
             )
+        loader_state.load_state_dict(ckpt.read_rank_state(resume_from)["loader"])
+    elif getattr(cfg.model, "init_weights", ""):
+        load_init_weights(model, cfg.model.init_weights)
 
-    loader_state = None
     train_loader = build_train_loader(train_manifest, cfg.data.batch_size, rank=info.rank,
                                       world_size=info.world_size, num_workers=cfg.data.num_workers,
-                                      seed=cfg.run.seed)
-    batches = iter(train_loader)
+                                      seed=cfg.run.seed, state=loader_state, modalities=keys)
+    batches = _forever(train_loader)
     first = None
-    if resume_from is None:
+    if resume_from is None and not getattr(cfg.model, "init_weights", ""):
         # ActNorm's data-dependent init runs here, before DeepSpeed wraps (and under ZeRO-3 partitions) the
-        # model; the statistics are all-reduced, so every rank ends with identical parameters.
+        # model; the statistics are all-reduced, so every rank ends with identical parameters. The batch is
+        # then trained on as the first step.
         first = next(batches)
         with autocast(cfg, device):
             data_init(model, _to_device(first, device), mode="loss")
 
-    engine, optimizer, scheduler = build_engine(model, cfg, info.world_size)
+    engine, _, scheduler = build_engine(model, cfg, info.world_size)
     step = 0
     if resume_from is not None:
-        client, mine = ckpt.load(engine, resume_from)
-        step = int(client["step"])
-        loader_state = mine.get("loader")
-        if loader_state is not None:
-            train_loader.load_state_dict(loader_state)
-            batches = iter(train_loader)
-        if "rng" in mine:
-            ckpt.set_rng_state(mine["rng"])
+        step = int(ckpt.load(engine, resume_from)["step"])
+        ckpt.set_rng_state(ckpt.read_rank_state(resume_from)["rng"])
     else:
-        _seed_all(cfg.run.seed * 1000 + info.rank + 1)  # per-rank noise (dequantisation) from here on
+        _seed_all(cfg.run.seed * 1000 + info.rank + 1)  # per-rank randomness (dequantisation) from here on
 
-    tracker = MlflowTracker.from_config(cfg, run_dir) if rank0 and cfg.tracking.enabled else None
-    if tracker is not None:
-        tracker.set_tags({"data.train_manifest_sha256": train_manifest.checksum(),
-                          "data.val_manifest_sha256": val_manifest.checksum()})
-    metrics_file = MetricsFile(run_dir / "metrics.jsonl", rank0)
-    watch = PreemptionWatch()
-    watchdog = Watchdog(cfg.train.watchdog_s)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl") if rank0 else None
+    tracker = None
+    if rank0:
+        metrics_log.truncate_after(step)  # a resumed run repeats the steps after its checkpoint
+        if cfg.tracking.enabled:
+            tracker = MlflowTracker.from_config(cfg)
+            tracker.start(cfg.run.name, run_id=saved.get("mlflow_run_id") or None,
+                          tags={"data.train_manifest_sha256": train_manifest.manifest_checksum(),
+                                "data.val_manifest_sha256": val_manifest.manifest_checksum(),
+                                "run.dir": str(run_dir.resolve())})
+            tracker.log_config(cfg, run_dir / "config.yaml")
+    run_id = dist.broadcast_object(tracker.run_id if tracker is not None else None, src=0)
+    watch, watchdog = PreemptionWatch(), Watchdog(cfg.train.watchdog_s)
+
+    def record(at: int, values: dict[str, Any], force: bool = False) -> None:
+        if metrics_log is not None:
+            metrics_log.log(at, values)
+        if tracker is not None:
+            tracker.log_metrics(values, at, force=force)
+
+    def validate(at: int) -> dict[str, Any]:
+        loader = build_eval_loader(val_manifest, cfg.data.batch_size, rank=info.rank, world_size=info.world_size,
+                                   num_workers=cfg.data.num_workers, modalities=keys)
+        val = evaluate(engine, cfg, loader, device)
+        record(at, val, force=True)
+        return val
 
     def save(at: int) -> None:
-        shared = {"step": at, "config": to_dict(cfg), "world_size": info.world_size, "modalities": specs}
-        ckpt.save(engine, run_dir, at, shared, {"loader": train_loader.state_dict()}, cfg.checkpoint.keep)
+        shared = {"step": at, "config": to_dict(cfg), "world_size": info.world_size, "modalities": specs,
+                  "mlflow_run_id": run_id}
+        ckpt.save(engine, run_dir, at, shared, {"loader": loader_state.state_dict()}, cfg.checkpoint.keep)
 
-    def eval_loader():
-        return build_eval_loader(val_manifest, cfg.data.batch_size, rank=info.rank, world_size=info.world_size,
-                                 num_workers=cfg.data.num_workers)
-
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {"step": step}
+    if resume_from is None:
+        last |= validate(0)
     nonfinite, skipped_total = 0, 0
     progress = None
     if rank0:
@@ -243,72 +243,87 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
     tick, samples = time.monotonic(), 0
     engine.train()
-    while step < cfg.train.max_steps:
-        batch = first if first is not None else next(batches)
-        first = None
-        with autocast(cfg, device):
-            out = engine(_to_device(batch, device), mode="loss")
-        loss = out["loss"]
-        if not _all_finite(loss):
-            nonfinite += 1
-            skipped_total += 1
-            log.warning("step %d: non-finite loss on some rank; micro-batch skipped (%d in a row)", step, nonfinite)
-            if nonfinite >= cfg.train.max_nonfinite:
-                raise FloatingPointError(
-                    f"{nonfinite} non-finite losses in a row (train.max_nonfinite={cfg.train.max_nonfinite}) at step "
-                    f"{step}: lower optim.lr, check the data, or resume from an earlier checkpoint")
-            continue
-        nonfinite = 0
-        engine.backward(loss)
-        boundary = engine.is_gradient_accumulation_boundary()
-        engine.step()
-        samples += next(iter(batch.values())).shape[0] * info.world_size
-        if not boundary:
-            continue
-        step += 1
-        watchdog.beat()
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            now = time.monotonic()
-            norm = engine.get_global_grad_norm()
-            last = {"step": step, "loss": loss.item(),
-                    **{k: v.item() for k, v in out.items() if k != "loss"},
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm) if norm is not None else float("nan"),
-                    "samples_per_s": samples / max(now - tick, 1e-9), "skipped_steps": skipped_total}
-            tick, samples = now, 0
-            metrics_file.write(last)
-            if tracker is not None:
-                tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
+    try:
+        while step < cfg.train.max_steps:
+            batch = first if first is not None else next(batches)
+            first = None
+            with autocast(cfg, device):
+                out = engine(_to_device(batch, device), mode="loss")
+            loss = out["loss"]
+            if not _all_finite(loss):
+                nonfinite, skipped_total = nonfinite + 1, skipped_total + 1
+                log.warning("step %d: non-finite loss; micro-batch skipped on every rank (%d in a row)", step, nonfinite)
+                if nonfinite >= cfg.train.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{nonfinite} non-finite losses in a row (train.max_nonfinite={cfg.train.max_nonfinite}) at "
+                        f"step {step}: lower optim.lr, check the data, or resume from an earlier checkpoint")
+                continue
+            nonfinite = 0
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            samples += len(batch["__key__"]) * info.world_size
+            if not boundary:
+                continue
+            step += 1
+            watchdog.beat()
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                now = time.monotonic()
+                norm = engine.get_global_grad_norm()
+                values = {"loss": loss.item(), **{k: v.item() for k, v in out.items() if k != "loss"},
+                          "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(norm) if norm is not None else float("nan"),
+                          "samples_per_s": samples / max(now - tick, 1e-9), "skipped_steps": skipped_total}
+                tick, samples = now, 0
+                last |= values | {"step": step}
+                record(step, values)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['samples_per_s']:.1f}")
             if progress is not None:
-                progress.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.1f}")
-        if progress is not None:
-            progress.update(1)
-        if step % cfg.eval.every == 0 or step == cfg.train.max_steps:
-            val = evaluate(engine, cfg, eval_loader(), device)
-            last |= val | {"step": step}
-            metrics_file.write({"step": step, **val})
-            if tracker is not None:
-                tracker.log_metrics(val, step)
-            if reporter is not None:
-                reporter(dict(last))
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
-            save(step)
-        code = watch.exit_code()
-        if code is not None:
-            if step % cfg.checkpoint.every and step != cfg.train.max_steps:
+                progress.update(1)
+            if step % cfg.eval.every == 0 or step == cfg.train.max_steps:
+                last |= validate(step) | {"step": step}
+                if reporter is not None:
+                    reporter(dict(last))
+            saved_now = step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps
+            if saved_now:
                 save(step)
-            log.warning("received %s: saved step %d, exiting with %d", watch.received, step, code)
-            _finish(tracker, progress, watchdog, watch, status="KILLED" if code else "FINISHED")
-            raise SystemExit(code)
-    _finish(tracker, progress, watchdog, watch, status="FINISHED", run_dir=run_dir if rank0 else None)
+            code = watch.exit_code()
+            if code is not None:
+                if not saved_now:
+                    save(step)
+                log.warning("received %s: saved step %d; exiting with %d", watch.received.name if watch.received
+                            else "a signal on another rank", step, code)
+                _finish(tracker, progress, watchdog, watch, "KILLED" if code else "FINISHED", None)
+                raise SystemExit(code)
+    except BaseException:
+        if not isinstance(sys.exc_info()[1], SystemExit):
+            _finish(tracker, progress, watchdog, watch, "FAILED", None)
+        raise
+    _finish(tracker, progress, watchdog, watch, "FINISHED", run_dir if rank0 else None)
     return last
 
 
-def _finish(tracker, progress, watchdog: Watchdog, watch: PreemptionWatch, status: str, run_dir: Path | None = None) -> None:
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """Start from consolidated weights (``jobs.consolidate``), e.g. to continue at a new world size."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"model.init_weights={path!r} does not fit this model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+
+
+def _finish(tracker, progress, watchdog: Watchdog, watch: PreemptionWatch, status: str, run_dir: Path | None) -> None:
     watchdog.stop()
     watch.restore()
     if progress is not None:
         progress.close()
     if tracker is not None:
-        if run_dir is not None:
-            tracker.log_run_files(run_dir)
-        tracker.end(status)
+        if run_dir is not None and (run_dir / "metrics.jsonl").exists():
+            try:
+                tracker.log_metrics_plot(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+            except ValueError as e:  # no plottable keys yet: not worth failing a finished run over
+                log.warning("no metrics plot: %s", e)
+        tracker.close(status)

@@ -1,0 +1,474 @@
+"""The typed run configuration: nested dataclasses are the one source of truth.
+
+Precedence (later wins), applied once, in :func:`load_config`::
+
+    dataclass defaults  ←  YAML file (``--config launch/configs/<name>.yaml``)  ←  dotlist overrides (``optim.lr=3e-4``)
+
+Every layer is checked against the dataclasses *before* it is merged: an unknown key, a wrong type or a
+value outside its allowed set raises :class:`ConfigError` with a one-line message that names the dotted
+key (and where it came from), so a bad launch fails before any process group starts. Types are strict:
+a ``bool`` field takes only ``true``/``false``, an ``int`` field rejects ``1.5`` and ``true``, a ``float``
+field takes ints. ``key=`` (an empty override) sets a string field to ``""``. String values may use
+OmegaConf interpolation (``run.dir: /scratch/${run.name}``; ``${oc.env:VAR}``); the resolved value is
+checked like any other.
+
+Keys that scripts and operators rely on keep these names: ``run.dir``, ``train.max_steps``,
+``checkpoint.every``, ``checkpoint.resume``, ``eval.every``.
+
+Adding a field: add it to its section dataclass with a default and, if it has an allowed set or range,
+``metadata`` (``choices``, ``ge``/``gt``/``le``/``lt``, ``pattern``); the loader, the YAML dump and the
+MLflow params pick it up with no other change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.flows.ica import FORMS
+from pipeline.flows.mango import MEMORY_POLICIES
+from pipeline.flows.partitions import resolve_partitions
+
+TASKS = ("density", "segmentation", "translation", "classification")
+ENCODERS = ("conv", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_IDENT = r"[a-z][a-z0-9_]*"
+_PATTERN_HELP = {
+    _NAME: "letters, digits, '.', '_' or '-'",
+    _IDENT: "lowercase letters, digits or '_', starting with a letter",
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line and names the dotted key."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A dataclass field with validation rules in its metadata (see :func:`_check_rules`)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run lives. ``dir`` holds checkpoints, ``config.yaml``, ``metrics.jsonl``."""
+
+    name: str = _f("mango", pattern=_NAME)
+    dir: str = _f("runs/${run.name}", nonempty=True)
+    seed: int = _f(0, ge=0)
+    device: str = _f("auto", choices=DEVICES)  # auto = cuda when available, else cpu
+
+
+@dataclass
+class DataConfig:
+    """Shards written by ``jobs.shard``: a local directory or ``s3://`` URL holding ``manifest-<split>.json``."""
+
+    shards: str = _f("shards/stereo", nonempty=True)
+    train_split: str = _f("train", pattern=_NAME)
+    val_split: str = _f("val", pattern=_NAME)
+    batch_size: int = _f(8, ge=1)  # per rank and micro-batch; global = batch_size · world_size · grad_accum
+    num_workers: int = _f(0, ge=0)
+    modalities: list[str] = _f(factory=lambda: ["rgb", "right"], nonempty=True, item_pattern=_IDENT)
+
+
+@dataclass
+class ModelConfig:
+    """The model. ``density`` is the multiscale pixel-level flow; the other tasks are latent models E → G → head."""
+
+    task: str = _f("density", choices=TASKS)
+    channels: int = _f(3, ge=1)  # per modality, at pixel level
+    image_size: int = _f(64, ge=1)  # H = W, pixels
+    levels: int = _f(3, ge=1)  # multiscale levels (each after the first halves the token grid side)
+    blocks_per_level: int = _f(4, ge=1)
+    dim: int = _f(64, ge=1)  # conditioner width; token width D of the latent task models
+    patch_size: int = _f(2, ge=1)  # pixels per token side at level 0
+    num_blocks: int = _f(12, ge=1)  # G: MANGO blocks in the latent flow
+    tokens: int = _f(0, ge=0)  # tokens per modality in the latent models; 0 = (image_size / patch_size)²
+    partitions: str = _f("all", partitions=True)  # a preset or a '+'-joined list of partition names
+    lica_group: int = _f(64, ge=0)  # LICA token-group size; 0 = one full L×L mixer
+    memory: str = _f("store", choices=MEMORY_POLICIES)
+    form: str = _f("gated", choices=FORMS)
+    encoder: str = _f("conv", choices=ENCODERS)
+    encoder_weights: str = ""  # local path to pretrained encoder weights; "" = random init
+    nll_weight: float = _f(1e-2, ge=0.0)  # λ in task loss + λ·NLL/(L·D)
+    num_classes: int = _f(0, ge=0)  # segmentation / classification head size
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (warmup, then decay to ``lr · min_lr_ratio`` at ``max_steps``)."""
+
+    lr: float = _f(1e-3, gt=0.0)
+    weight_decay: float = _f(0.0, ge=0.0)
+    betas: tuple[float, float] = _f((0.9, 0.999), item_ge=0.0, item_lt=1.0)
+    eps: float = _f(1e-8, gt=0.0)
+    warmup_steps: int = _f(100, ge=0)
+    schedule: str = _f("cosine", choices=SCHEDULES)
+    min_lr_ratio: float = _f(0.1, ge=0.0, le=1.0)
+    grad_clip: float = _f(1.0, ge=0.0)  # max global grad norm; 0 = off
+    ema: float = _f(0.0, ge=0.0, lt=1.0)  # EMA decay of the weights; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    """Loop lengths and guards; all counts are optimizer steps."""
+
+    max_steps: int = _f(1000, ge=1)
+    grad_accum: int = _f(1, ge=1)
+    log_every: int = _f(10, ge=1)  # metrics.jsonl and progress cadence
+    max_nonfinite: int = _f(5, ge=1)  # this many skipped (non-finite) steps in a row abort the run
+    watchdog_s: float = _f(1800.0, ge=0.0)  # abort when no step completes for this long; 0 = off
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine. bf16 runs through autocast; parameters and buffers stay fp32."""
+
+    zero_stage: int = _f(0, ge=0, le=3)
+    precision: str = _f("fp32", choices=PRECISIONS)
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``<run.dir>/checkpoints``; ``resume`` is ``latest``, a checkpoint path, or ``""``."""
+
+    every: int = _f(500, ge=1)  # steps
+    keep: int = _f(3, ge=1)  # newest checkpoints kept
+    resume: str = ""
+    remote: str = _f("", url_schemes=("s3",))  # "" or s3://bucket/prefix mirrored after each save
+    grace_s: float = _f(60.0, ge=0.0)  # time allowed for a final save after a preemption signal
+
+
+@dataclass
+class EvalConfig:
+    """Validation on ``data.val_split``; ``metric`` and ``mode`` drive sweeps and the registry gate."""
+
+    every: int = _f(500, ge=1)  # steps
+    batches: int = _f(0, ge=0)  # per rank; 0 = one exact pass over the split
+    metric: str = _f("val_bits_per_dim", pattern=_IDENT)
+    mode: str = _f("min", choices=("min", "max"))
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow on rank 0. ``uri`` "" = ``MLFLOW_TRACKING_URI`` if set, else the project's shared local store."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = _f("mango", nonempty=True)
+    log_every: int = _f(10, ge=1)  # steps between metric sends
+    queue_size: int = _f(1000, ge=1)  # pending sends; the oldest is dropped when full
+    timeout_s: float = _f(10.0, gt=0.0)  # per HTTP request, and for the final flush
+    retries: int = _f(2, ge=0, le=10)  # per send (MLflow caps HTTP retries at 10)
+
+
+@dataclass
+class Config:
+    """The whole run configuration (see the module docstring for how it is assembled)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# -- public API ---------------------------------------------------------------------------------------
+
+
+def load_config(config_path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults ← YAML at ``config_path`` (None or "" = none) ← ``overrides`` (``"a.b=value"`` strings)."""
+    layers = []
+    if config_path:
+        layers.append((_load_yaml(Path(config_path)), f"from {config_path}"))
+    if overrides:
+        layers.append((_parse_overrides(overrides), "from the command line"))
+    return _build(layers)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str] | Mapping[str, Any]) -> Config:
+    """A new config: ``cfg`` with dotlist strings or a ``{"optim.lr": 3e-4}`` mapping applied (e.g. a sweep trial)."""
+    if isinstance(overrides, Mapping):
+        tree: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"override keys must be dotted strings such as 'optim.lr'; got {key!r}")
+            _set_dotted(tree, key, list(value) if isinstance(value, tuple) else value)
+        layer = (tree, "from overrides")
+    else:
+        layer = (_parse_overrides(overrides), "from overrides")
+    return _build([(to_dict(cfg), "from the base config"), layer])
+
+
+def from_dict(d: Mapping[str, Any]) -> Config:
+    """Build and validate a config from a (possibly partial) nested mapping, e.g. a checkpoint's copy."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections; got {type(d).__name__}")
+    return _build([(dict(d), "from the given mapping")])
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested ``dict``/``list``/scalars (YAML-, JSON- and ``torch.load(weights_only=True)``-safe)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def save_resolved(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically: a reader never sees half a file); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
+    os.replace(tmp, path)
+    return path
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """``{"optim.lr": "0.001", "data.modalities": '["rgb", "right"]', ...}`` — MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, list):
+            out[prefix] = json.dumps(value)
+        else:
+            out[prefix] = str(value)
+
+    walk("", to_dict(cfg))
+    return out
+
+
+# -- building -----------------------------------------------------------------------------------------
+
+
+def _build(layers: list[tuple[dict[str, Any], str]]) -> Config:
+    for tree, source in layers:
+        _check_tree(tree, Config, "", source)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *(OmegaConf.create(t) for t, _ in layers))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    assert isinstance(cfg, Config)
+    _check_resolved(cfg, Config, "")
+    _check_cross(cfg)
+    return cfg
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        conf = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except OSError as e:  # OmegaConf raises OSError("Invalid loaded object type") for a bare scalar file
+        if "Invalid loaded object type" not in str(e):
+            raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+        conf = None
+    if not OmegaConf.is_dict(conf):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, model, ...)")
+    return OmegaConf.to_container(conf, resolve=False)  # type: ignore[return-value]
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings; got the single string {overrides!r}")
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-4)")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        if raw == "":
+            value: Any = ""  # `checkpoint.resume=` clears a string field
+        else:
+            try:
+                value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)["v"]
+            except (yaml.YAMLError, OmegaConfBaseException) as e:
+                raise ConfigError(f"override {item!r}: cannot parse the value ({' '.join(str(e).split())})") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override key {key!r} has an empty component")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override key {key!r} conflicts with a value already given for {p!r}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+# -- checks -------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_tree(tree: Any, cls: type, prefix: str, source: str) -> None:
+    """Unknown keys and strict types of the raw (unmerged, unresolved) values of one layer."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys ({source}); got {_show(tree)}")
+    hints = _hints(cls)
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            known = [f"{prefix}{k}" for k in hints]
+            close = difflib.get_close_matches(full, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys here: {', '.join(known)}"
+            raise ConfigError(f"unknown config key '{full}' ({source}){hint}")
+        _check_value(value, hints[key], full, source)
+
+
+def _check_value(value: Any, hint: Any, key: str, source: str) -> None:
+    if isinstance(value, str) and "${" in value:
+        return  # an interpolation: checked after resolution by _check_resolved
+    if dataclasses.is_dataclass(hint):
+        _check_tree(value, hint, f"{key}.", source)
+        return
+    ok, expected = _type_ok(value, hint)
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected} ({source}); got {_show(value)}")
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
+    """Whether ``value`` strictly has the annotated type, and the type's name for an error message."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if hint is str:
+        # YAML turns `name: 2024` into an int; a string field takes it as text, but not true/false/null
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool), "a string"
+    if origin is list:
+        ok = isinstance(value, (list, tuple)) and all(_type_ok(v, args[0])[0] for v in value)
+        return ok, f"a list of {_PLURAL[args[0]]}"
+    if origin is tuple:
+        ok = isinstance(value, (list, tuple)) and len(value) == len(args)
+        ok = ok and all(_type_ok(v, a)[0] for v, a in zip(value, args))
+        return ok, f"a list of {len(args)} {_PLURAL[args[0]]}"
+    raise TypeError(f"config.py: unsupported field annotation {hint!r}")
+
+
+_PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+
+
+def _check_resolved(obj: Any, cls: type, prefix: str) -> None:
+    """Types after interpolation, then the per-field rules in ``metadata``."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key, value, hint = f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            _check_resolved(value, hint, f"{key}.")
+            continue
+        ok, expected = _type_ok(value, hint)
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected} after interpolation; got {_show(value)}")
+        _check_rules(key, value, f.metadata)
+
+
+def _check_rules(key: str, value: Any, rules: Mapping[str, Any]) -> None:
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{key} must be one of {list(rules['choices'])}; got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite; got {value!r}")
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        _check_bounds(key, item, rules, "item_" if isinstance(value, (list, tuple)) else "")
+    if rules.get("nonempty") and len(value) == 0:
+        raise ConfigError(f"{key} must not be empty")
+    if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+        raise ConfigError(f"{key} must consist of {_PATTERN_HELP[rules['pattern']]}; got {value!r}")
+    if "item_pattern" in rules:
+        for item in value:
+            if not re.fullmatch(rules["item_pattern"], item):
+                raise ConfigError(f"{key}: entry {item!r} must consist of {_PATTERN_HELP[rules['item_pattern']]}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{key} has duplicate entries: {value}")
+    if "url_schemes" in rules and value:
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in rules["url_schemes"]:
+            schemes = " or ".join(f"{s}://..." for s in rules["url_schemes"])
+            raise ConfigError(f"{key} must be empty or {schemes}; got {value!r}")
+    if rules.get("partitions"):
+        try:
+            resolve_partitions(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+def _check_bounds(key: str, value: Any, rules: Mapping[str, Any], pre: str) -> None:
+    what = "every entry of " + key if pre else key
+    for name, bad, word in (("ge", lambda v, b: v < b, "≥"), ("gt", lambda v, b: v <= b, ">"),
+                            ("le", lambda v, b: v > b, "≤"), ("lt", lambda v, b: v >= b, "<")):
+        bound = rules.get(pre + name)
+        if bound is not None and bad(value, bound):
+            raise ConfigError(f"{what} must be {word} {bound}; got {value!r}")
+
+
+def _check_cross(cfg: Config) -> None:
+    """Rules that involve more than one field."""
+    m, shards = cfg.model, cfg.data.shards
+    if "://" in shards and not shards.startswith("s3://"):
+        raise ConfigError(f"data.shards must be a local directory or an s3:// URL; got {shards!r}")
+    if m.task == "density":
+        if len(cfg.data.modalities) not in (1, 2):
+            raise ConfigError(
+                f"data.modalities: the density model takes 1 or 2 image modalities; got {cfg.data.modalities}"
+            )
+        scale = m.patch_size * 2 ** (m.levels - 1)
+        if m.image_size % scale:
+            raise ConfigError(
+                f"model.image_size must be divisible by model.patch_size·2^(model.levels−1) = {scale}; "
+                f"got {m.image_size}"
+            )
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps})"
+        )
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

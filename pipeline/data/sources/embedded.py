@@ -1,0 +1,238 @@
+"""Real data shipped inside installed packages, so the demo and tests need no download.
+
+``--src stereo`` — the Middlebury 2014 *Motorcycle* pair from ``skimage.data.stereo_motorcycle()``:
+left view ``rgb.png`` (uint8 (P, P, 3)), right view ``right.png`` (same pixel window of the rectified right
+image; the second view of the stereo pair, named ``right`` rather than ``rgb_right``), and ``depth.png``
+(uint16 (P, P), millimetres, 0 = no ground truth), with ``Z[mm] = f·B / (d + doffs)``, f = 994.978 px,
+B = 193.001 mm, doffs = 31.086 px, from the ground-truth disparity ``d`` (``inf`` = invalid → 0).
+The image is first reduced by ``--downscale s`` (area mean for RGB; depth = mean of the valid full-resolution
+depths in each s×s block, 0 when fewer than half are valid), then cut into P×P patches. **Train and val
+come from disjoint image regions**: train patches lie in the left 3/4 of the columns (stride
+``--stride``, default P/2), val patches in the columns right of that, after a gap of one patch (stride P),
+so no val pixel was ever seen in training, even through an overlapping patch.
+
+``--src scenes`` — RGB-D scenes rendered by pybullet's CPU TinyRenderer (``pybullet.DIRECT``): the
+``plane.urdf`` floor and the duck mesh from ``pybullet_data`` plus primitive solids, placed by a seeded RNG
+(train seeds 0.., val seeds 1000000..). ``label.png`` holds the exact per-pixel class (uint8, 255 = sky /
+no object). Three classes (low box, tall box, cylinder) share one colour and footprint size and differ
+only in shape or height, so only depth separates them reliably. ``depth.png`` is metric z-depth in mm
+from the z-buffer (0 = sky).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+from typing import Any
+
+import numpy as np
+
+from ..manifest import ModalitySpec
+from . import Source
+
+# Middlebury 2014 Motorcycle calibration (calib.txt of the scikit-image copy)
+FOCAL_PX, BASELINE_MM, DOFFS_PX = 994.978, 193.001, 31.086
+TRAIN_FRACTION = 0.75
+VAL_SEED_OFFSET = 1_000_000
+
+SCENE_CLASSES = ("floor", "low_box", "tall_box", "cylinder", "sphere", "duck")
+_GREY = (0.55, 0.55, 0.6, 1.0)
+NEAR_M, FAR_M = 0.1, 10.0
+
+
+@functools.lru_cache(maxsize=4)
+def stereo_arrays(downscale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left (H,W,3) uint8, right (H,W,3) uint8, depth (H,W) uint16 mm) after ``downscale``; cached."""
+    from skimage.data import stereo_motorcycle
+
+    left, right, disparity = stereo_motorcycle()
+    valid = np.isfinite(disparity)
+    depth = np.where(valid, FOCAL_PX * BASELINE_MM / (np.where(valid, disparity, 0.0) + DOFFS_PX), 0.0)
+    s = downscale
+    h, w = (left.shape[0] // s) * s, (left.shape[1] // s) * s
+
+    def blocks(a: np.ndarray) -> np.ndarray:
+        return a[:h, :w].reshape(h // s, s, w // s, s, *a.shape[2:])
+
+    left_s = blocks(left.astype(np.float64)).mean(axis=(1, 3)).round().astype(np.uint8)
+    right_s = blocks(right.astype(np.float64)).mean(axis=(1, 3)).round().astype(np.uint8)
+    count = blocks(valid.astype(np.float64)).sum(axis=(1, 3))
+    total = blocks(depth).sum(axis=(1, 3))
+    depth_s = np.where(count >= s * s / 2, total / np.maximum(count, 1), 0.0)
+    return left_s, right_s, np.clip(depth_s.round(), 0, 65535).astype(np.uint16)
+
+
+def stereo_regions(width: int, patch: int) -> dict[str, tuple[int, int]]:
+    """Column ranges ``[x0, x1)`` of the train and val regions (disjoint, one patch apart)."""
+    cut = int(width * TRAIN_FRACTION)
+    return {"train": (0, cut), "val": (cut + patch, width)}
+
+
+class EmbeddedSource(Source):
+    name = "embedded"
+    OPTIONS = {
+        "patch": (int, 32, "stereo: patch size P in pixels (after --downscale)"),
+        "stride": (int, 0, "stereo: train patch stride (0 = P/2); val patches never overlap"),
+        "downscale": (int, 1, "stereo: integer area downscale of the whole image before cutting patches"),
+        "size": (int, 64, "scenes: rendered image size (square)"),
+        "scenes": (int, 0, "scenes: number of scenes per split (0 = 96 train / 32 val)"),
+    }
+
+    def __init__(self, src: str | None, **options: Any) -> None:
+        super().__init__(src or "stereo", **options)
+        if self.src not in ("stereo", "scenes"):
+            raise ValueError(f"embedded: --src must be 'stereo' or 'scenes', got {self.src!r}")
+        o = self.options
+        if o["patch"] < 4 or o["downscale"] < 1 or o["stride"] < 0 or o["size"] < 8 or o["scenes"] < 0:
+            raise ValueError(f"embedded: invalid options {o}")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "val")
+
+    def config(self) -> dict[str, Any]:
+        return {"source": self.name, "src": self.src, **self.options}
+
+    # -- stereo ------------------------------------------------------------------------------------------
+    def _stereo_windows(self, split: str) -> list[tuple[int, int]]:
+        p, s = self.options["patch"], self.options["downscale"]
+        left, _, _ = stereo_arrays(s)
+        h, w = left.shape[:2]
+        x0, x1 = stereo_regions(w, p)[split]
+        stride = p if split == "val" else (self.options["stride"] or max(1, p // 2))
+        if x1 - x0 < p or h < p:
+            raise ValueError(f"embedded stereo: the {split} region ({x1 - x0}x{h} px after --downscale {s}) is "
+                             f"narrower than one {p}px patch; use a smaller --patch or --downscale")
+        return [(y, x) for y in range(0, h - p + 1, stride) for x in range(x0, x1 - p + 1, stride)]
+
+    # -- scenes ------------------------------------------------------------------------------------------
+    def _scene_count(self, split: str) -> int:
+        return self.options["scenes"] or (96 if split == "train" else 32)
+
+    def modalities(self, split: str) -> dict[str, ModalitySpec]:
+        self.check_split(split)
+        if self.src == "stereo":
+            p = self.options["patch"]
+            return {
+                "rgb.png": ModalitySpec("uint8", "image", (p, p, 3), "8-bit sRGB, left view"),
+                "right.png": ModalitySpec("uint8", "image", (p, p, 3), "8-bit sRGB, right view"),
+                "depth.png": ModalitySpec("uint16", "depth", (p, p), "1 mm, 0 = invalid"),
+                "json": ModalitySpec("json", "meta"),
+            }
+        n = self.options["size"]
+        return {
+            "rgb.png": ModalitySpec("uint8", "image", (n, n, 3), "8-bit sRGB"),
+            "depth.png": ModalitySpec("uint16", "depth", (n, n), "1 mm z-depth, 0 = invalid"),
+            "label.png": ModalitySpec("uint8", "label", (n, n), "class index", SCENE_CLASSES, 255),
+            "json": ModalitySpec("json", "meta"),
+        }
+
+    def keys(self, split: str) -> list[str]:
+        self.check_split(split)
+        if self.src == "stereo":
+            p, s = self.options["patch"], self.options["downscale"]
+            return [f"motorcycle-s{s}-p{p}-y{y:04d}-x{x:04d}" for y, x in self._stereo_windows(split)]
+        base = 0 if split == "train" else VAL_SEED_OFFSET
+        return [f"scene-{base + i:07d}" for i in range(self._scene_count(split))]
+
+    def load(self, split: str, key: str) -> dict[str, Any]:
+        if self.src == "stereo":
+            y, x = (int(part[1:]) for part in key.split("-")[-2:])
+            p, s = self.options["patch"], self.options["downscale"]
+            left, right, depth = stereo_arrays(s)
+            win = (slice(y, y + p), slice(x, x + p))
+            return {
+                "rgb.png": left[win].copy(), "right.png": right[win].copy(), "depth.png": depth[win].copy(),
+                "json": {"scene": "middlebury-2014-motorcycle", "y": y, "x": x, "downscale": s, "split": split},
+            }
+        return render_scene(int(key.split("-")[1]), self.options["size"])
+
+
+# -- pybullet scenes -----------------------------------------------------------------------------------
+
+_CLIENT: dict[int, int] = {}
+
+
+def _client() -> int:
+    """One DIRECT pybullet client per process (created on first use, never inherited through fork)."""
+    import pybullet as pb
+    import pybullet_data
+
+    cid = _CLIENT.get(os.getpid())
+    if cid is None:
+        cid = pb.connect(pb.DIRECT)
+        pb.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=cid)
+        _CLIENT.clear()
+        _CLIENT[os.getpid()] = cid
+    return cid
+
+
+def _add_solid(pb: Any, cid: int, cls: str, xy: tuple[float, float], yaw: float) -> int:
+    if cls == "low_box":
+        shape, half_h = dict(shapeType=pb.GEOM_BOX, halfExtents=[0.1, 0.1, 0.06]), 0.06
+    elif cls == "tall_box":
+        shape, half_h = dict(shapeType=pb.GEOM_BOX, halfExtents=[0.1, 0.1, 0.22]), 0.22
+    elif cls == "cylinder":
+        shape, half_h = dict(shapeType=pb.GEOM_CYLINDER, radius=0.1, length=0.3), 0.15
+    else:  # sphere
+        shape, half_h = dict(shapeType=pb.GEOM_SPHERE, radius=0.1), 0.1
+    colour = [0.8, 0.25, 0.2, 1.0] if cls == "sphere" else list(_GREY)
+    visual = pb.createVisualShape(rgbaColor=colour, physicsClientId=cid, **shape)
+    return pb.createMultiBody(0, -1, visual, basePosition=[xy[0], xy[1], half_h],
+                              baseOrientation=pb.getQuaternionFromEuler([0, 0, yaw]), physicsClientId=cid)
+
+
+def render_scene(seed: int, size: int) -> dict[str, Any]:
+    """Render scene ``seed``: rgb (size,size,3) uint8, depth (size,size) uint16 mm, label (size,size) uint8."""
+    import pybullet as pb
+
+    cid = _client()
+    rng = random.Random(f"mango-scene-{seed}")
+    pb.resetSimulation(physicsClientId=cid)
+    body_class = {pb.loadURDF("plane.urdf", physicsClientId=cid): 0}
+    placed: list[tuple[float, float]] = []
+    objects = []
+    for _ in range(rng.randint(3, 6)):
+        for _attempt in range(50):  # rejection-sample non-overlapping footprints
+            xy = (rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5))
+            if all(math.dist(xy, q) > 0.3 for q in placed):
+                break
+        else:
+            continue
+        placed.append(xy)
+        cls = rng.choice(SCENE_CLASSES[1:])
+        yaw = rng.uniform(0, math.pi)
+        if cls == "duck":
+            body = pb.loadURDF("duck_vhacd.urdf", [xy[0], xy[1], 0.0], pb.getQuaternionFromEuler([math.pi / 2, 0, yaw]),
+                               globalScaling=2.0, physicsClientId=cid)
+        else:
+            body = _add_solid(pb, cid, cls, xy, yaw)
+        body_class[body] = SCENE_CLASSES.index(cls)
+        objects.append({"class": cls, "x": round(xy[0], 4), "y": round(xy[1], 4), "yaw": round(yaw, 4)})
+    azimuth, elevation, distance = rng.uniform(0, 2 * math.pi), rng.uniform(35, 60), rng.uniform(1.3, 1.7)
+    el = math.radians(elevation)
+    eye = [distance * math.cos(el) * math.cos(azimuth), distance * math.cos(el) * math.sin(azimuth),
+           distance * math.sin(el)]
+    view = pb.computeViewMatrix(eye, [0, 0, 0.1], [0, 0, 1], physicsClientId=cid)
+    proj = pb.computeProjectionMatrixFOV(55, 1.0, NEAR_M, FAR_M, physicsClientId=cid)
+    light = [math.cos(azimuth + 1.0), math.sin(azimuth + 1.0), 1.5]
+    _, _, rgba, zbuf, seg = pb.getCameraImage(size, size, view, proj, renderer=pb.ER_TINY_RENDERER, shadow=1,
+                                              lightDirection=light, physicsClientId=cid)
+    rgb = np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
+    seg = np.asarray(seg, dtype=np.int64).reshape(size, size)
+    zbuf = np.asarray(zbuf, dtype=np.float64).reshape(size, size)
+    depth_m = FAR_M * NEAR_M / (FAR_M - (FAR_M - NEAR_M) * zbuf)  # OpenGL z-buffer -> metric z-depth
+    body = np.where(seg >= 0, seg & ((1 << 24) - 1), -1)  # low 24 bits: body id; high bits: link
+    label = np.full((size, size), 255, dtype=np.uint8)
+    for b, c in body_class.items():
+        label[body == b] = c
+    depth = np.where(seg >= 0, np.clip(np.round(depth_m * 1000.0), 1, 65535), 0).astype(np.uint16)
+    meta = {"seed": seed, "camera": {"azimuth": round(azimuth, 4), "elevation": round(elevation, 3),
+                                     "distance": round(distance, 4), "fov": 55},
+            "objects": objects, "classes": list(SCENE_CLASSES)}
+    return {"rgb.png": rgb, "depth.png": depth, "label.png": label, "json": meta}
+
+
+SOURCE_CLASS = EmbeddedSource
