@@ -107,6 +107,7 @@ class ModelConfig:
     form: str = _f("gated", choices=FORMS)
     encoder: str = _f("conv", choices=ENCODERS)
     encoder_weights: str = ""  # local path to pretrained encoder weights; "" = random init
+    init_weights: str = ""  # consolidated model.safetensors to start a fresh run from; "" = random init
     nll_weight: float = _f(1e-2, ge=0.0)  # λ in task loss + λ·NLL/(L·D)
     num_classes: int = _f(0, ge=0)  # segmentation / classification head size
 

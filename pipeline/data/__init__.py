@@ -17,7 +17,7 @@ Manifest (:mod:`pipeline.data.manifest`)::
 
 Loading (:mod:`pipeline.data.loader`; shapes, dtypes and guarantees are in its docstring)::
 
-    build_train_loader(urls_or_manifest, batch_size, *, rank, world_size, num_workers, seed=0,
+    build_train_loader(urls_or_manifest, batch_size, *, rank, world_size, num_workers, seed=None,
                        epoch_batches=None, decode="torch", state=None, shuffle_buffer=256,
                        modalities=None, pin_memory=False) -> TrainLoader
         len(loader) == epoch_batches; one ``for`` loop = one epoch; loader.state: LoaderState
@@ -34,9 +34,26 @@ Sample keys: ``__key__``, ``rgb.png`` (uint8 → (3, H, W)), ``right.png`` (seco
 ``<domain>.png`` per domain.
 """
 
-from .loader import EvalLoader, LoaderState, TrainLoader, build_eval_loader, build_train_loader, collate, decode_sample
+
+from importlib import import_module
+from typing import Any
+
 from .manifest import ModalitySpec, ShardInfo, ShardManifest, load_manifest, manifest_checksum, manifest_name
-from .writer import merge_split, resolve_task, write_split
+
+# The loader pulls in torch and webdataset, the writer numpy/Pillow/tqdm: import them on first use so that
+# `python -m jobs.shard` and its spawned writer processes do not pay for torch.
+_LAZY = {
+    **dict.fromkeys(("EvalLoader", "LoaderState", "TrainLoader", "build_eval_loader", "build_train_loader",
+                     "collate", "decode_sample"), "loader"),
+    **dict.fromkeys(("merge_split", "resolve_task", "write_split"), "writer"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EvalLoader",

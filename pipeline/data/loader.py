@@ -17,6 +17,10 @@ member             stored                                 batch value
 ``__key__``                                               list of str
 =================  =====================================  ==========================================
 
+torch implements few operations on ``uint16`` (no comparisons or arithmetic in 2.13): convert depth with
+``.float()`` or ``.to(torch.int32)`` before use; the loader keeps the stored integers so nothing is rescaled
+or rounded behind the model's back.
+
 **Training** (:func:`build_train_loader`): each (rank, worker) resamples shards with replacement from the
 whole list with its own RNG seeded by ``(seed, epoch, rank, worker)``, shuffles samples in a seeded buffer and
 yields a fixed number of batches per rank per epoch (``epoch_batches``, default ``total_samples //
@@ -41,7 +45,8 @@ once, partial last batches included. Every batch carries ``__valid__`` (bool (N,
 keeps yielding a padding batch (a real sample, ``__valid__`` all False) until the all-reduced "anyone still
 has data" flag is 0 on every rank, so all ranks run the same number of steps (collectives inside the model
 forward — ZeRO-3 parameter gathers — cannot hang) and weighting by ``__valid__`` counts nothing twice.
-Fewer shards than ``world_size × max(1, num_workers)`` raises ``ValueError`` before anything starts.
+Fewer shards than ``world_size × max(1, num_workers)`` raises ``ValueError`` before anything starts. An
+exact pass always starts from its beginning (no mid-pass resume); padding batches hold one sample.
 
 **Corruption**: an unreadable or truncated shard, a sample missing a modality, or an undecodable image is
 skipped, counted (``loader.skipped_samples`` / ``loader.shard_errors``, summed over workers) and logged; a
@@ -54,29 +59,27 @@ created before it forked.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
+import multiprocessing
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from itertools import islice
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
 
-from . import storage
-from .codecs import decode_image_bytes
 from .manifest import ModalitySpec, ShardManifest, load_manifest
+from .stream import Decode, ShardStream, StreamPlan, collate, decode_sample
 
 log = logging.getLogger(__name__)
 
-Decode = str | Callable[[dict[str, Any]], dict[str, Any]] | None
+__all__ = ["EvalLoader", "LoaderState", "TrainLoader", "build_eval_loader", "build_train_loader", "collate",
+           "decode_sample"]
+
 ShardSource = str | list[str] | tuple[str, ...] | ShardManifest
 
 
@@ -119,231 +122,20 @@ def _resolve(source: ShardSource) -> _Input:
                   manifest)
 
 
-# -- decoding and batching -----------------------------------------------------------------------------
-
-def _is_label(name: str, modalities: dict[str, ModalitySpec] | None) -> bool:
-    if modalities is not None and name in modalities:
-        return modalities[name].kind == "label"
-    return name.split(".")[0] in ("label", "labels", "mask", "seg")
-
-
-def decode_sample(sample: dict[str, Any], modalities: dict[str, ModalitySpec] | None = None) -> dict[str, Any]:
-    """Raw tar members → tensors (see the module table). ``ValueError`` naming the member when undecodable."""
-    out: dict[str, Any] = {}
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-    for name, data in sample.items():
-        if name.startswith("__"):
-            if name == "__key__":
-                out[name] = data
-            continue
-        ext = name.rsplit(".", 1)[-1]
-        if ext in ("png", "jpg", "jpeg"):
-            a = decode_image_bytes(data, f"{where}.{name}")
-            if _is_label(name, modalities):
-                if a.ndim != 2:
-                    raise ValueError(f"{where}.{name}: a label image must be single-channel, got shape {a.shape}")
-                out[name] = torch.from_numpy(a.astype(np.int64))
-            else:
-                out[name] = torch.from_numpy(np.ascontiguousarray((a[:, :, None] if a.ndim == 2 else a).transpose(2, 0, 1)))
-        elif ext == "npy":
-            out[name] = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
-        elif ext == "txt":
-            out[name] = data.decode("utf-8")
-        elif ext == "json":
-            out[name] = json.loads(data)
-        elif ext == "cls":
-            out[name] = int(data)
-        else:
-            out[name] = data
-    return out
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors (equal shapes required), list everything else."""
-    batch: dict[str, Any] = {}
-    for name in samples[0]:
-        values = [s[name] for s in samples]
-        if isinstance(values[0], torch.Tensor):
-            shapes = sorted({tuple(v.shape) for v in values})
-            if len(shapes) > 1:
-                raise ValueError(f"cannot batch {name}: shapes differ within a batch {shapes[:3]}; shard with a fixed "
-                                 "image size (e.g. mmimdb --image-size) or use batch_size=1")
-            batch[name] = torch.stack(values)
-        else:
-            batch[name] = values
-    return batch
-
-
-# -- the per-worker stream -----------------------------------------------------------------------------
-
-@dataclass
-class _Counters:
-    skipped_samples: int = 0
-    shard_errors: int = 0
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one rank's workers stream (picklable; shipped to DataLoader workers)."""
-
-    mode: str  # "train" | "exact"
-    urls: tuple[str, ...]
-    modalities: dict[str, ModalitySpec] | None
-    required: tuple[str, ...] | None
-    batch_size: int
-    rank: int
-    world_size: int
-    seed: int
-    epoch: int
-    decode: Decode
-    epoch_batches: int = 0
-    consumed: int = 0
-    shuffle_buffer: int = 0
-    shuffle_shards: bool = False
-
-
-def _worker_batches(total: int, worker: int, workers: int) -> int:
-    """How many of batch indices ``0..total-1`` satisfy ``i % workers == worker``."""
-    return max(0, (total - worker + workers - 1) // workers)
-
-
-class _Stream(IterableDataset):
-    def __init__(self, plan: _Plan) -> None:
-        super().__init__()
-        self.plan = plan
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        storage.register_webdataset_s3()  # in the worker: webdataset's handler table is per process
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counters = _Counters()
-        if self.plan.mode == "train":
-            yield from self._train(worker, workers, counters)
-        else:
-            yield from self._exact(worker, workers, counters)
-
-    # samples of one shard; structurally bad samples/shards are counted and dropped here
-    def _read(self, url: str, counters: _Counters) -> Iterator[dict[str, Any]]:
-        errors: list[Exception] = []
-
-        def handler(exc: Exception) -> bool:
-            errors.append(exc)
-            return True  # keep going: a bad member or shard must never stop the stream
-
-        for sample in tarfile_samples(iter([{"url": url}]), handler=handler):
-            required = self.plan.required or ()
-            missing = [m for m in required if m not in sample]
-            if missing:
-                counters.skipped_samples += 1
-                log.warning("skipping sample %s in %s: missing %s", sample.get("__key__"), url, missing)
-                continue
-            yield sample
-        if errors:
-            counters.shard_errors += 1
-            log.warning("shard %s is corrupt or unreadable, read what was intact: %s", url, errors[0])
-
-    def _decode(self, sample: dict[str, Any], counters: _Counters) -> dict[str, Any] | None:
-        decode = self.plan.decode
-        if decode is None:
-            return {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
-        try:
-            return decode_sample(sample, self.plan.modalities) if decode == "torch" else decode(sample)
-        except (ValueError, OSError, KeyError) as exc:
-            counters.skipped_samples += 1
-            log.warning("skipping undecodable sample %s: %s", sample.get("__key__"), exc)
-            return None
-
-    def _batch(self, samples: list[dict[str, Any]], index: int, worker: int, counters: _Counters) -> dict[str, Any]:
-        batch = collate(samples)
-        batch["__index__"] = index
-        batch["__stats__"] = (worker, counters.skipped_samples, counters.shard_errors)
-        return batch
-
-    def _train(self, worker: int, workers: int, counters: _Counters) -> Iterator[dict[str, Any]]:
-        p = self.plan
-        mine = _worker_batches(p.epoch_batches, worker, workers)
-        done = _worker_batches(p.consumed, worker, workers)
-        if mine <= done:
-            return
-        name = f"mango-train/{p.seed}/{p.epoch}/{p.rank}/{worker}"
-        shard_rng, buffer_rng = random.Random(name + "/shards"), random.Random(name + "/buffer")
-        patience = 2 * len(p.urls) + 8
-
-        def raw() -> Iterator[dict[str, Any]]:
-            dry = 0
-            while True:
-                url = shard_rng.choice(p.urls)
-                got = False
-                for sample in self._read(url, counters):
-                    got = True
-                    yield sample
-                dry = 0 if got else dry + 1
-                if dry >= patience:
-                    raise RuntimeError(f"rank {p.rank} worker {worker}: {dry} shards in a row without a usable "
-                                       f"sample (e.g. {url}); the shard set is unreadable")
-
-        stream = _shuffled(raw(), p.shuffle_buffer, buffer_rng)
-        for _ in islice(stream, done * p.batch_size):  # fast-forward without decoding
-            pass
-        for j in range(done, mine):
-            samples: list[dict[str, Any]] = []
-            while len(samples) < p.batch_size:
-                decoded = self._decode(next(stream), counters)
-                if decoded is not None:
-                    samples.append(decoded)
-            yield self._batch(samples, j * workers + worker, worker, counters)
-
-    def _exact(self, worker: int, workers: int, counters: _Counters) -> Iterator[dict[str, Any]]:
-        p = self.plan
-        urls = list(p.urls)
-        if p.shuffle_shards:
-            random.Random(f"mango-exact/{p.seed}/{p.epoch}").shuffle(urls)
-        # split_by_node then split_by_worker, with the rank given explicitly rather than read from the env
-        mine = urls[p.rank::p.world_size][worker::workers]
-        samples: list[dict[str, Any]] = []
-        j = 0
-        for url in mine:
-            for sample in self._read(url, counters):
-                decoded = self._decode(sample, counters)
-                if decoded is None:
-                    continue
-                samples.append(decoded)
-                if len(samples) == p.batch_size:
-                    yield self._batch(samples, j * workers + worker, worker, counters)
-                    samples, j = [], j + 1
-        if samples:
-            yield self._batch(samples, j * workers + worker, worker, counters)
-
-
-def _shuffled(items: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """Seeded buffer shuffle (``size`` <= 1: pass through)."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[dict[str, Any]] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        k = rng.randrange(size)
-        buf[k], item = item, buf[k]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
-
-
 # -- the loaders ---------------------------------------------------------------------------------------
 
-@dataclass
 class _LoaderBase:
-    plan: _Plan
-    num_workers: int
-    pin_memory: bool = False
-    _stats: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    def __init__(self, plan: StreamPlan, num_workers: int, pin_memory: bool) -> None:
+        self.plan, self.num_workers, self.pin_memory = plan, num_workers, pin_memory
+        self._stats: dict[tuple[int, int], tuple[int, int]] = {}  # (epoch, worker) -> (skipped, shard errors)
 
-    def _dataloader(self, plan: _Plan) -> DataLoader:
-        return DataLoader(_Stream(plan), batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=False)
+    def _dataloader(self, plan: StreamPlan) -> DataLoader:
+        # Workers are forked explicitly: a rank started by torch.multiprocessing.spawn inherits "spawn" as
+        # its default, and spawned workers re-import torch (seconds each). Forking is safe here because the
+        # stream holds no threads or handles until it runs, and each worker opens its own files / s3fs.
+        context = "fork" if self.num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+        return DataLoader(ShardStream(plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=False, multiprocessing_context=context)
 
     def _record(self, epoch: int, batch: dict[str, Any]) -> dict[str, Any]:
         batch.pop("__index__", None)
@@ -369,7 +161,7 @@ class TrainLoader(_LoaderBase):
     the next undelivered batch.
     """
 
-    def __init__(self, plan: _Plan, num_workers: int, state: LoaderState, pin_memory: bool = False) -> None:
+    def __init__(self, plan: StreamPlan, num_workers: int, state: LoaderState, pin_memory: bool = False) -> None:
         super().__init__(plan, num_workers, pin_memory)
         self.state = state
 
@@ -397,7 +189,7 @@ class TrainLoader(_LoaderBase):
 class EvalLoader(_LoaderBase):
     """One exact pass per iteration; see the module docstring for the ``__valid__`` / flag protocol."""
 
-    def __init__(self, plan: _Plan, num_workers: int, shard_samples: tuple[int, ...] | None,
+    def __init__(self, plan: StreamPlan, num_workers: int, shard_samples: tuple[int, ...] | None,
                  flag_device: str | torch.device | None, pin_memory: bool = False) -> None:
         super().__init__(plan, num_workers, pin_memory)
         self.shard_samples = shard_samples
@@ -441,9 +233,13 @@ class EvalLoader(_LoaderBase):
         exhausted = False
         while True:
             batch = None
-            if not exhausted:
+            while not exhausted:
                 batch = next(it, None)
                 exhausted = batch is None
+                if batch is None or "__trailer__" not in batch:
+                    break
+                self._record(epoch, batch)  # a stats-only trailer
+                batch = None
             if not self._any_rank_has_data(batch is not None):
                 return
             if batch is not None:
@@ -490,14 +286,16 @@ def _required(inp: _Input, modalities: tuple[str, ...] | None) -> tuple[str, ...
 
 
 def build_train_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: int, world_size: int,
-                       num_workers: int, seed: int = 0, epoch_batches: int | None = None, decode: Decode = "torch",
+                       num_workers: int, seed: int | None = None, epoch_batches: int | None = None,
+                       decode: Decode = "torch",
                        state: LoaderState | None = None, shuffle_buffer: int = 256,
                        modalities: tuple[str, ...] | None = None, pin_memory: bool = False) -> TrainLoader:
     """Resampled training loader with a fixed number of batches per rank per epoch (see module docstring).
 
-    ``state``, when given, is used (and advanced) in place — restore a checkpoint with
-    ``state.load_state_dict(...)`` before building, or pass a fresh ``LoaderState(seed=seed)``.
-    ``modalities`` restricts/declares the required members (default: the manifest's).
+    ``state``, when given, is used (and advanced) in place and its seed is the seed — restore a checkpoint
+    with ``state.load_state_dict(...)`` before building; without it a fresh ``LoaderState(seed=seed or 0)``
+    is created (``loader.state``). ``modalities`` names the members every sample must have (default: the
+    manifest's; samples lacking one are skipped and counted). ``shuffle_buffer`` is in samples.
     """
     _check_common(batch_size, rank, world_size, num_workers)
     inp = _resolve(urls_or_manifest)
@@ -513,9 +311,12 @@ def build_train_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: 
     if len(inp.urls) < world_size * max(1, num_workers):
         log.warning("%d shards for %d ranks x %d workers: resampled streams will share shards heavily",
                     len(inp.urls), world_size, max(1, num_workers))
-    state = state if state is not None else LoaderState(seed=seed)
-    plan = _Plan("train", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
-                 state.seed, state.epoch, decode, epoch_batches=epoch_batches, shuffle_buffer=shuffle_buffer)
+    if state is None:
+        state = LoaderState(seed=seed or 0)
+    elif seed is not None and seed != state.seed:
+        raise ValueError(f"seed={seed} disagrees with the restored state's seed {state.seed}; pass one of them")
+    plan = StreamPlan("train", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
+                      state.seed, state.epoch, decode, epoch_batches=epoch_batches, shuffle_buffer=shuffle_buffer)
     return TrainLoader(plan, num_workers, state, pin_memory)
 
 
@@ -535,7 +336,7 @@ def build_eval_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: i
         raise ValueError(f"exact pass needs at least world_size x workers = {world_size} x {max(1, num_workers)} = "
                          f"{needed} shards, got {len(inp.urls)}; re-shard with a smaller --samples-per-shard or "
                          "use fewer workers")
-    plan = _Plan("exact", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
+    plan = StreamPlan("exact", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
                  shuffle_seed or 0, epoch, decode, shuffle_shards=shuffle_seed is not None)
     return EvalLoader(plan, num_workers, inp.shard_samples, flag_device, pin_memory)
 

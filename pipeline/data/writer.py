@@ -91,7 +91,8 @@ def plan_shards(keys: list[str], split: str, samples_per_shard: int, task_index:
     ]
 
 
-def resolve_task(task_index: int | None, num_tasks: int | None, environ: dict[str, str] | None = None) -> tuple[int, int]:
+def resolve_task(task_index: int | None, num_tasks: int | None,
+                 environ: dict[str, str] | None = None) -> tuple[int, int]:
     """Array-task coordinates: flags first, then SLURM job arrays, then a Kubernetes indexed Job.
 
     ``SLURM_ARRAY_TASK_ID`` is taken relative to ``SLURM_ARRAY_TASK_MIN`` (``--array=1-4`` is tasks 0..3) and

@@ -165,7 +165,10 @@ class MultiscaleMangoFlow(nn.Module):
         return self(a, b, mode="log_prob")
 
     def bits_per_dim(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """Bits per dimension (N,) of integer images (uniform dequantisation, correction included)."""
+        """Bits per dimension (N,) of integer images (uniform dequantisation, correction included).
+
+        Floating-point images are taken as already dequantised, ``(v + u)/2^bits − 1/2``: no noise is drawn.
+        """
         return self(a, b, mode="bits_per_dim")
 
     def encode(self, a: torch.Tensor, b: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -286,10 +289,11 @@ class MultiscaleMangoFlow(nn.Module):
         xs, correction = [], 0.0
         for img, bits in zip(imgs, self.bits):
             if img.is_floating_point():
-                raise ValueError(f"bits_per_dim: expects integer images (uint8 / uint16 levels); got {img.dtype}. "
-                                 "Use log_prob for continuous inputs.")
-            v = img.to(torch.int32).to(self._param_dtype())
-            xs.append((v + torch.rand_like(v)) / 2 ** bits - 0.5)
+                # already dequantised by the caller, x = (v + u)/2^bits − 1/2 (e.g. noise drawn outside)
+                xs.append(img.to(self._param_dtype()))
+            else:
+                v = img.to(torch.int32).to(self._param_dtype())
+                xs.append((v + torch.rand_like(v)) / 2 ** bits - 0.5)
             correction += img[0].numel() * bits * math.log(2)
         nats = -self._log_prob(*xs) + correction
         return nats / (self.num_dims * math.log(2))

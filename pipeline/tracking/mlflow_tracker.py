@@ -160,11 +160,11 @@ class MlflowTracker:
     ) -> str | None:
         """Create the run (nested under ``parent_run_id`` if given), or reopen ``run_id`` to resume it.
 
-        Returns the run id, or None (after the one warning) when the store cannot be reached.
+        Returns the run id, or None (after the one warning) when the store cannot be reached. A ``run_id``
+        the store does not know (a checkpoint moved to another store) starts a new run tagged
+        ``mango.resumed_from=<run_id>``, with a warning: a requeued job must not die over its tracking.
         """
         from mlflow import MlflowClient
-        from mlflow.entities import RunTag
-        from mlflow.exceptions import MlflowException
 
         if self._started:
             raise RuntimeError("MlflowTracker.start: already started")
@@ -175,19 +175,13 @@ class MlflowTracker:
         self._client = MlflowClient(tracking_uri=self.uri)
         try:
             with self._quiet():
-                if run_id:
-                    run = self._client.get_run(run_id)
-                    self._resumed_params = dict(run.data.params)
-                    self._client.update_run(run_id, status="RUNNING")
-                    if run_tags:
-                        tag_list = [RunTag(k, v) for k, v in run_tags.items()]
-                        self._client.log_batch(run_id, tags=tag_list, synchronous=True)
-                else:
+                run = self._resume(run_id, run_tags) if run_id else None
+                if run is None:
+                    if run_id:
+                        run_tags["mango.resumed_from"] = run_id
                     exp_id = ensure_experiment(self._client, self.experiment)
                     run = self._client.create_run(exp_id, tags=run_tags, run_name=run_name)
         except Exception as e:  # whatever the store raises, training goes on without it
-            if run_id and isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise ValueError(f"MlflowTracker.start: run {run_id} does not exist at {self.uri}") from None
             self._warn_unreachable(e)
             self._closing = True
             return None
@@ -196,6 +190,24 @@ class MlflowTracker:
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._thread.start()
         return self._run_id
+
+    def _resume(self, run_id: str, tags: dict[str, str]) -> Any:
+        """The reopened run, or None (after a warning) when the store has no run ``run_id``."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("MLflow tracking: run %s to resume does not exist at %s; starting a new run", run_id, self.uri)
+            return None
+        self._resumed_params = dict(run.data.params)
+        self._client.update_run(run_id, status="RUNNING")
+        if tags:
+            self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        return run
 
     def close(self, status: str = "FINISHED") -> TrackerStats:
         """Finish the run (``FINISHED``, ``FAILED`` or ``KILLED``), waiting at most ``timeout_s`` for pending

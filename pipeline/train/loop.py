@@ -95,10 +95,33 @@ class Watchdog:
                 os._exit(3)
 
 
-def _forever(loader):
-    """Epoch after epoch of a training loader (its state advances the epoch)."""
+def _grad_norm(engine) -> float:
+    """Global gradient norm before clipping. DeepSpeed records it only for ZeRO ≥ 1; at stage 0 the
+    gradients are already all-reduced after ``backward`` and live in ``p.grad``."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
+
+
+def _rng_neutral(iterable):
+    """Iterate without touching the global RNGs: creating a DataLoader iterator draws a base seed from the
+    global torch RNG, which would shift the model's dequantisation noise between a fresh and a resumed run
+    (the draw lands before the per-rank seeding in one and after the RNG restore in the other)."""
+    it = iter(iterable)
     while True:
-        yield from loader
+        with torch.random.fork_rng(devices=[]):
+            item = next(it, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END = object()
+
+
+def _forever(loader):
+    """Epoch after epoch of a training loader (its state advances the epoch), RNG-neutral."""
+    while True:
+        yield from _rng_neutral(loader)
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -117,7 +140,7 @@ def evaluate(engine, cfg: Config, loader, device: torch.device) -> dict[str, flo
     engine.eval()
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(_rng_neutral(loader)):
             with autocast(cfg, device):
                 out = engine(_to_device(batch, device), mode="eval")
             for k, v in out.items():
@@ -176,7 +199,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                 f"then train with model.init_weights=model.safetensors checkpoint.resume= and a new run.dir"
             )
         loader_state.load_state_dict(ckpt.read_rank_state(resume_from)["loader"])
-    elif getattr(cfg.model, "init_weights", ""):
+    elif cfg.model.init_weights:
         load_init_weights(model, cfg.model.init_weights)
 
     train_loader = build_train_loader(train_manifest, cfg.data.batch_size, rank=info.rank,
@@ -184,7 +207,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                                       seed=cfg.run.seed, state=loader_state, modalities=keys)
     batches = _forever(train_loader)
     first = None
-    if resume_from is None and not getattr(cfg.model, "init_weights", ""):
+    if resume_from is None and not cfg.model.init_weights:
         # ActNorm's data-dependent init runs here, before DeepSpeed wraps (and under ZeRO-3 partitions) the
         # model; the statistics are all-reduced, so every rank ends with identical parameters. The batch is
         # then trained on as the first step.
@@ -261,6 +284,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             nonfinite = 0
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            stage0_norm = _grad_norm(engine) if boundary and cfg.deepspeed.zero_stage == 0 else None
             engine.step()
             samples += len(batch["__key__"]) * info.world_size
             if not boundary:
@@ -269,7 +293,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             watchdog.beat()
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 now = time.monotonic()
-                norm = engine.get_global_grad_norm()
+                norm = stage0_norm if stage0_norm is not None else engine.get_global_grad_norm()
                 values = {"loss": loss.item(), **{k: v.item() for k, v in out.items() if k != "loss"},
                           "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(norm) if norm is not None else float("nan"),

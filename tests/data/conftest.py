@@ -8,7 +8,6 @@ botocore's standard chain picks the endpoint up from ``AWS_ENDPOINT_URL_S3``) an
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -67,10 +66,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
         try:
             urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
             break
-        except OSError:
+        except OSError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from exc
             time.sleep(0.1)
     env = {
         "AWS_ENDPOINT_URL_S3": url,
@@ -101,3 +100,17 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def raw_datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every converter fixture, built once per session by ``make_fixtures.build_all``."""
     return make_fixtures.build_all(tmp_path_factory.mktemp("raw"))
+
+
+STEREO_TRAIN_OPTIONS = {"patch": 16, "downscale": 4}  # 224 train samples of 16x16
+
+
+@pytest.fixture(scope="session")
+def stereo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Embedded-stereo train split in 14 shards of 16 samples (read-only: copy before corrupting)."""
+    from pipeline.data import write_split
+
+    out = tmp_path_factory.mktemp("stereo")
+    write_split("embedded", "stereo", str(out), "train", options=STEREO_TRAIN_OPTIONS, samples_per_shard=16,
+                progress=False)
+    return out

@@ -51,7 +51,8 @@ def _matlab_v73(path: Path, datasets: dict[str, np.ndarray]) -> None:
     with h5py.File(path, "w", userblock_size=512) as f:
         for name, data in datasets.items():
             ds = f.create_dataset(name, data=data)
-            ds.attrs["MATLAB_class"] = np.bytes_(str(data.dtype).replace("float32", "single").replace("float64", "double"))
+            matlab_class = {"float32": "single", "float64": "double"}.get(str(data.dtype), str(data.dtype))
+            ds.attrs["MATLAB_class"] = np.bytes_(matlab_class)
     text = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
     header = text.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02" + b"IM"
     with open(path, "r+b") as f:
@@ -218,7 +219,8 @@ def make_taskonomy(root: Path) -> Path:
     return root
 
 
-MMIMDB_SPLIT = {"train": ["0000008", "0000010", "0000012", "0000014"], "dev": ["0000020"], "test": ["0000030", "0000031"]}
+MMIMDB_SPLIT = {"train": ["0000008", "0000010", "0000012", "0000014"], "dev": ["0000020"],
+                "test": ["0000030", "0000031"]}
 
 
 def make_mmimdb(root: Path) -> Path:

@@ -169,8 +169,16 @@ def test_resume_and_nested_runs(store):
     assert run.info.status == "FINISHED"
     assert run.data.params == {"optim.lr": "0.001", "checkpoint.resume": "", "train.max_steps": "10"}
     assert [m.value for m in client.get_metric_history(child_id, "loss")] == [1.0, 0.5]
-    with pytest.raises(ValueError, match="does not exist"):
-        MlflowTracker("sweep", uri=uri).start(run_id="0" * 32)
+
+
+def test_resuming_a_run_the_store_does_not_know_starts_a_new_one(store, caplog):
+    caplog.set_level(logging.WARNING)
+    tracker = MlflowTracker("moved", uri=store)
+    new_id = tracker.start("moved", run_id="0" * 32)
+    tracker.close()
+    assert new_id and new_id != "0" * 32
+    assert MlflowClient(store).get_run(new_id).data.tags["mango.resumed_from"] == "0" * 32
+    assert [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
 
 
 def test_full_queue_drops_the_oldest_and_counts(store):

@@ -48,6 +48,7 @@ def stereo_arrays(downscale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from skimage.data import stereo_motorcycle
 
     left, right, disparity = stereo_motorcycle()
+    disparity = disparity.astype(np.float64)  # float32 arithmetic would round some depths to the wrong mm
     valid = np.isfinite(disparity)
     depth = np.where(valid, FOCAL_PX * BASELINE_MM / (np.where(valid, disparity, 0.0) + DOFFS_PX), 0.0)
     s = downscale
