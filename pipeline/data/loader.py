@@ -297,7 +297,7 @@ def build_train_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: 
     is created (``loader.state``). ``modalities`` names the members every sample must have (default: the
     manifest's; samples lacking one are skipped and counted). ``shuffle_buffer`` is in samples.
     """
-    _check_common(batch_size, rank, world_size, num_workers)
+    _check_common(batch_size, rank, world_size, num_workers, decode)
     inp = _resolve(urls_or_manifest)
     if epoch_batches is None:
         if inp.shard_samples is None:
@@ -329,7 +329,7 @@ def build_eval_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: i
     ``shuffle_seed`` shuffles the shard order per ``epoch`` (for exact training epochs); ``None`` keeps
     manifest order. ``flag_device`` is where the flag is all-reduced (default: cuda under NCCL, else cpu).
     """
-    _check_common(batch_size, rank, world_size, num_workers)
+    _check_common(batch_size, rank, world_size, num_workers, decode)
     inp = _resolve(urls_or_manifest)
     needed = world_size * max(1, num_workers)
     if len(inp.urls) < needed:
@@ -341,7 +341,9 @@ def build_eval_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: i
     return EvalLoader(plan, num_workers, inp.shard_samples, flag_device, pin_memory)
 
 
-def _check_common(batch_size: int, rank: int, world_size: int, num_workers: int) -> None:
+def _check_common(batch_size: int, rank: int, world_size: int, num_workers: int, decode: Decode) -> None:
+    if not (decode is None or decode == "torch" or callable(decode)):
+        raise ValueError(f"decode must be 'torch', None (raw bytes) or a callable, got {decode!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:

@@ -97,6 +97,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class Counters:
+    """Damage one worker has seen this epoch (cumulative; reported with every batch)."""
+
     skipped_samples: int = 0
     shard_errors: int = 0
 
@@ -127,6 +129,8 @@ def worker_batches(total: int, worker: int, workers: int) -> int:
 
 
 class ShardStream(IterableDataset):
+    """The IterableDataset a DataLoader runs: yields collated batch dicts (see the module docstring)."""
+
     def __init__(self, plan: StreamPlan) -> None:
         super().__init__()
         self.plan = plan

@@ -298,6 +298,9 @@ def _run_plans(source: Source, job: ShardJob, plans: list[ShardPlan], modalities
         with ctx.Pool(min(workers, len(plans)), initializer=_pool_init, initargs=(job, counter)) as pool:
             pending = [pool.apply_async(_pool_write, (p, modalities)) for p in plans]
             while not all(r.ready() for r in pending):
+                for r in pending:
+                    if r.ready() and not r.successful():
+                        r.get()  # fail fast with the worker's error; leaving the with-block stops the rest
                 if counter.value > bar.n:
                     bar.update(counter.value - bar.n)
                 time.sleep(0.2)

@@ -80,12 +80,16 @@ class EmbeddedSource(Source):
         "size": (int, 64, "scenes: rendered image size (square)"),
         "scenes": (int, 0, "scenes: number of scenes per split (0 = 96 train / 32 val)"),
     }
+    _FOREIGN = {"stereo": ("size", "scenes"), "scenes": ("patch", "stride", "downscale")}
 
     def __init__(self, src: str | None, **options: Any) -> None:
         super().__init__(src or "stereo", **options)
         if self.src not in ("stereo", "scenes"):
             raise ValueError(f"embedded: --src must be 'stereo' or 'scenes', got {self.src!r}")
         o = self.options
+        foreign = [k for k in self._FOREIGN[self.src] if o[k] != self.OPTIONS[k][1]]
+        if foreign:
+            raise ValueError(f"embedded --src {self.src}: option(s) {foreign} apply only to the other embedded source")
         if o["patch"] < 4 or o["downscale"] < 1 or o["stride"] < 0 or o["size"] < 8 or o["scenes"] < 0:
             raise ValueError(f"embedded: invalid options {o}")
 
@@ -94,7 +98,8 @@ class EmbeddedSource(Source):
         return ("train", "val")
 
     def config(self) -> dict[str, Any]:
-        return {"source": self.name, "src": self.src, **self.options}
+        own = {k: v for k, v in self.options.items() if k not in self._FOREIGN[self.src]}
+        return {"source": self.name, "src": self.src, **own}
 
     # -- stereo ------------------------------------------------------------------------------------------
     def _stereo_windows(self, split: str) -> list[tuple[int, int]]:
