@@ -139,7 +139,7 @@ def test_apply_overrides_for_sweep_trials():
     trial = apply_overrides(base, {"optim.lr": 1e-4, "model.partitions": "mmca+imca", "optim.betas": (0.9, 0.95)})
     assert trial.optim.lr == 1e-4 and trial.model.partitions == "mmca+imca" and trial.optim.betas == (0.9, 0.95)
     assert base.optim.lr == 2e-3  # the base is not modified
-    assert apply_overrides(base, ["train.max_steps=20"]).train.max_steps == 20
+    assert apply_overrides(base, ["train.max_steps=40"]).train.max_steps == 40
     with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
         apply_overrides(base, {"optim.learning_rate": 1.0})
 

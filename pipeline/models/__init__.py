@@ -51,5 +51,7 @@ def build_model(cfg: Config, specs: list[tuple[str, tuple[int, ...], int]]) -> n
             if tuple(shape) != want:
                 raise ConfigError(f"model.channels/model.image_size: the density model expects {name} images of shape "
                                   f"{want} (C, H, W) but the shards hold {tuple(shape)}")
-        return build_density(cfg.model, [s[0] for s in specs], [s[2] for s in specs])
+        # deepspeed.activation_checkpointing is the operator's switch; the flow implements it per MANGO block
+        memory = "checkpoint" if cfg.deepspeed.activation_checkpointing and cfg.model.memory == "store" else cfg.model.memory
+        return build_density(cfg.model, [s[0] for s in specs], [s[2] for s in specs], memory=memory)
     raise ConfigError(f"model.task={task!r} is not available in this build; use 'density'")

@@ -13,6 +13,9 @@ from pipeline.flows import MultiscaleMangoFlow
 class DensityModel(nn.Module):
     """Wraps :class:`MultiscaleMangoFlow` with the batch-dict interface every task model shares.
 
+    Two modalities give the joint MANGO flow; one modality gives the single-modality baseline of the same
+    layer types (its tokens split even/odd), for "does the cross-modal attention help" comparisons.
+
     ``forward(batch, mode=...)`` is the single entry point the engine calls (ZeRO-3 gathers weights only
     inside forward):
 
@@ -25,8 +28,9 @@ class DensityModel(nn.Module):
 
     def __init__(self, modalities: Sequence[str], flow: MultiscaleMangoFlow):
         super().__init__()
-        if len(modalities) != 2:
-            raise ValueError(f"density task needs exactly two image modalities; got {list(modalities)}")
+        if len(modalities) not in (1, 2) or len(modalities) != flow.num_modalities:
+            raise ValueError(f"density task: {len(modalities)} modalities {list(modalities)} for a flow over "
+                             f"{flow.num_modalities}; use two image modalities (or one for the baseline)")
         self.modalities = tuple(modalities)
         self.flow = flow
 
@@ -52,7 +56,7 @@ class DensityModel(nn.Module):
         raise ValueError(f"DensityModel: unknown mode '{mode}'; use loss, eval or sample")
 
 
-def build_density(model_cfg, modalities: Sequence[str], bits: Sequence[int]) -> DensityModel:
+def build_density(model_cfg, modalities: Sequence[str], bits: Sequence[int], memory: str | None = None) -> DensityModel:
     """Build the density model from ``cfg.model`` and the manifest's modality names / bit depths."""
     flow = MultiscaleMangoFlow(
         model_cfg.channels,
@@ -62,9 +66,10 @@ def build_density(model_cfg, modalities: Sequence[str], bits: Sequence[int]) -> 
         model_cfg.dim,
         patch_size=model_cfg.patch_size,
         bits=tuple(bits),
+        num_modalities=len(modalities),
         partitions=model_cfg.partitions,
         lica_group=model_cfg.lica_group,
-        memory=model_cfg.memory,
+        memory=memory or model_cfg.memory,
         form=model_cfg.form,
     )
     return DensityModel(modalities, flow)
