@@ -59,6 +59,7 @@ created before it forked.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import random
@@ -134,8 +135,12 @@ class _LoaderBase:
         # its default, and spawned workers re-import torch (seconds each). Forking is safe here because the
         # stream holds no threads or handles until it runs, and each worker opens its own files / s3fs.
         context = "fork" if self.num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+        # A private generator: creating a DataLoader iterator draws the workers' base seed, which would
+        # otherwise advance the caller's global torch RNG (and differ between a run and its resume).
+        digest = hashlib.sha256(f"mango-loader/{plan.mode}/{plan.seed}/{plan.epoch}/{plan.rank}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         return DataLoader(ShardStream(plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=False, multiprocessing_context=context)
+                          persistent_workers=False, multiprocessing_context=context, generator=generator)
 
     def _record(self, epoch: int, batch: dict[str, Any]) -> dict[str, Any]:
         batch.pop("__index__", None)

@@ -102,26 +102,12 @@ def _grad_norm(engine) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
 
 
-def _rng_neutral(iterable):
-    """Iterate without touching the global RNGs: creating a DataLoader iterator draws a base seed from the
-    global torch RNG, which would shift the model's dequantisation noise between a fresh and a resumed run
-    (the draw lands before the per-rank seeding in one and after the RNG restore in the other)."""
-    it = iter(iterable)
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            item = next(it, _END)
-        if item is _END:
-            return
-        yield item
-
-
-_END = object()
-
-
 def _forever(loader):
-    """Epoch after epoch of a training loader (its state advances the epoch), RNG-neutral."""
+    """Epoch after epoch of a training loader (its state advances the epoch). The loaders never draw from
+    the global torch RNG (their DataLoaders have their own generators), so the model's dequantisation noise
+    stream is the same in a fresh and a resumed run."""
     while True:
-        yield from _rng_neutral(loader)
+        yield from loader
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -140,7 +126,7 @@ def evaluate(engine, cfg: Config, loader, device: torch.device) -> dict[str, flo
     engine.eval()
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for i, batch in enumerate(_rng_neutral(loader)):
+        for i, batch in enumerate(loader):
             with autocast(cfg, device):
                 out = engine(_to_device(batch, device), mode="eval")
             for k, v in out.items():

@@ -26,6 +26,11 @@ def test_decoded_batches_keep_dtypes_through_workers(stereo_shards):
     assert b["depth.png"].dtype == torch.uint16 and b["depth.png"].shape == (8, 1, 16, 16)
     assert len(b["__key__"]) == 8 and isinstance(b["json"][0], dict)
     assert not any(k.startswith("__") and k != "__key__" for k in b)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    list(build_eval_loader(_manifest(stereo_shards), 8, rank=0, world_size=1, num_workers=2))
+    assert torch.equal(torch.rand(3), expected), "iterating a loader leaves the global torch RNG alone"
     default = build_train_loader(_manifest(stereo_shards), 8, rank=0, world_size=2, num_workers=0)
     assert len(default) == 224 // (8 * 2), "epoch size comes from the manifest"
 
