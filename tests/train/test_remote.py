@@ -21,22 +21,18 @@ from pipeline.data import storage
 from pipeline.train import remote
 from pipeline.train.checkpoint import checkpoint_root, latest_complete, step_tag
 from pipeline.train.remote import RemoteSync, download, latest_remote
-from tests.data.conftest import S3Server, s3_server  # noqa: F401 — the session-scoped moto server
+from tests.conftest import S3Server
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:  # noqa: F811
+def s3(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """The moto server's ``AWS_*`` variables in ``os.environ``, and this process's s3fs rebuilt from them."""
-    for key in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
     # storage caches one s3fs per process, built from the environment of its first use; an instance from an
-    # earlier test (another endpoint) would otherwise be reused here.
+    # earlier test (another endpoint, e.g. the unreachable one below) would otherwise be reused here.
     monkeypatch.setattr(storage, "_S3_BY_PID", {})
-    return s3_server
+    return s3_env
 
 
 def make_tag(run_dir: Path, step: int, size: int = 4096, world: int = 2) -> Path:
