@@ -32,6 +32,7 @@ from pipeline.config import Config, ConfigError, save_resolved, to_dict
 from pipeline.flows import data_init
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.engine import autocast, build_engine
+from pipeline.train.remote import RemoteSync, download, latest_remote
 from pipeline.train.signals import PreemptionWatch
 
 log = logging.getLogger("pipeline.train")
@@ -171,6 +172,8 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     _seed_all(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg, specs).to(device)
 
+    if cfg.checkpoint.resume == "latest" and cfg.checkpoint.remote:
+        _fetch_remote_latest(cfg.checkpoint.remote, run_dir, info)
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
     saved: dict[str, Any] = {}
     loader_state = LoaderState(seed=cfg.run.seed)
@@ -222,6 +225,8 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             tracker.log_config(cfg, run_dir / "config.yaml")
     run_id = dist.broadcast_object(tracker.run_id if tracker is not None else None, src=0)
     watch, watchdog = PreemptionWatch(), Watchdog(cfg.train.watchdog_s)
+    # completed checkpoints are mirrored to S3 by rank 0 in the background, never blocking a step
+    sync = RemoteSync(cfg.checkpoint.remote, run_dir, keep=cfg.checkpoint.keep) if rank0 and cfg.checkpoint.remote else None
 
     def record(at: int, values: dict[str, Any], force: bool = False) -> None:
         if metrics_log is not None:
@@ -239,7 +244,9 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     def save(at: int) -> None:
         shared = {"step": at, "config": to_dict(cfg), "world_size": info.world_size, "modalities": specs,
                   "mlflow_run_id": run_id}
-        ckpt.save(engine, run_dir, at, shared, {"loader": loader_state.state_dict()}, cfg.checkpoint.keep)
+        tag_dir = ckpt.save(engine, run_dir, at, shared, {"loader": loader_state.state_dict()}, cfg.checkpoint.keep)
+        if sync is not None:
+            sync.submit(tag_dir)
 
     last: dict[str, Any] = {"step": step}
     if resume_from is None:
@@ -304,13 +311,13 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                     save(step)
                 log.warning("received %s: saved step %d; exiting with %d", watch.received.name if watch.received
                             else "a signal on another rank", step, code)
-                _finish(tracker, progress, watchdog, watch, "KILLED" if code else "FINISHED", None)
+                _finish(tracker, progress, watchdog, watch, "KILLED" if code else "FINISHED", None, sync, cfg.checkpoint.grace_s)
                 raise SystemExit(code)
     except BaseException:
         if not isinstance(sys.exc_info()[1], SystemExit):
-            _finish(tracker, progress, watchdog, watch, "FAILED", None)
+            _finish(tracker, progress, watchdog, watch, "FAILED", None, sync, cfg.checkpoint.grace_s)
         raise
-    _finish(tracker, progress, watchdog, watch, "FINISHED", run_dir if rank0 else None)
+    _finish(tracker, progress, watchdog, watch, "FINISHED", run_dir if rank0 else None, sync, cfg.checkpoint.grace_s)
     return last
 
 
@@ -325,9 +332,32 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
                           f"unexpected {unexpected[:5]}")
 
 
-def _finish(tracker, progress, watchdog: Watchdog, watch: PreemptionWatch, status: str, run_dir: Path | None) -> None:
+def _fetch_remote_latest(remote: str, run_dir: Path, info: dist.WorldInfo) -> None:
+    """A new node with an empty disk: fetch the newest complete remote checkpoint before resolving resume.
+
+    Rank 0 decides (local checkpoint present → nothing to fetch; else the remote's newest complete tag) and
+    broadcasts the tag, so every node fetches the same one; each node's local rank 0 downloads it.
+    """
+    tag = None
+    if info.rank == 0 and ckpt.latest_complete(run_dir) is None:
+        tag = latest_remote(remote)
+    tag = dist.broadcast_object(tag, src=0)
+    if tag is not None and info.local_rank == 0:
+        log.warning("no local checkpoint in %s: fetching %s/%s", run_dir, remote, tag)
+        download(remote, tag, run_dir)
+    dist.barrier()
+
+
+def _finish(tracker, progress, watchdog: Watchdog, watch: PreemptionWatch, status: str, run_dir: Path | None,
+            sync: RemoteSync | None, grace_s: float) -> None:
     watchdog.stop()
     watch.restore()
+    if sync is not None:
+        # the last checkpoint must reach S3 before a preempted node disappears: bounded by the grace time
+        if not sync.wait(grace_s):
+            log.warning("checkpoint upload to %s still running after %.0fs; the newest remote checkpoint may be "
+                        "an older one", sync.remote_url, grace_s)
+        sync.close()
     if progress is not None:
         progress.close()
     if tracker is not None:

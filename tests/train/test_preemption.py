@@ -69,3 +69,25 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_shard
     assert r.returncode == 0, r.stderr[-3000:]
     assert _steps(tmp_path)[-1] == 12
     assert not newest_dir.exists() or (newest_dir / COMPLETE).exists()  # the partial save was pruned or redone
+
+
+def test_a_new_node_resumes_from_the_newest_complete_checkpoint_on_s3(tiny_shards: str, tmp_path: Path,
+                                                                        s3_server) -> None:
+    import shutil
+
+    remote = s3_server.make_bucket() + "/runs/demo"
+    env = {**s3_server.env, "AWS_MAX_ATTEMPTS": "2"}
+    common = ["checkpoint.every=3", f"checkpoint.remote={remote}", "checkpoint.keep=2"]
+    r = run(_train_cmd(tiny_shards, tmp_path, *common, "train.max_steps=6"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = s3_server.keys(remote)
+    assert "runs/demo/step00000006/COMPLETE" in keys and "runs/demo/latest" in keys
+    assert not any("step00000003" in k for k in keys) or "runs/demo/step00000003/COMPLETE" in keys
+
+    shutil.rmtree(tmp_path / "checkpoints")  # a new node: empty local disk
+    r = run(_train_cmd(tiny_shards, tmp_path, *common, "train.max_steps=9", "checkpoint.resume=latest"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fetching" in r.stderr
+    steps = _steps(tmp_path)
+    assert steps[-3:] == [7, 8, 9] and steps.count(6) == 1  # continued after step 6, nothing repeated
+    assert "runs/demo/step00000009/COMPLETE" in s3_server.keys(remote)
