@@ -456,6 +456,9 @@ def _check_cross(cfg: Config) -> None:
                 f"model.image_size must be divisible by model.patch_size·2^(model.levels−1) = {scale}; "
                 f"got {m.image_size}"
             )
+    if cfg.optim.ema and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("optim.ema: an EMA of ZeRO-3-partitioned weights is not supported; use "
+                          "deepspeed.zero_stage ≤ 2 with EMA, or optim.ema=0")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps})"

@@ -143,3 +143,11 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
 def read_state(tag_dir: Path) -> dict[str, Any]:
     """The shared client state (step, resolved config, world size, modalities) of a complete checkpoint."""
     return json.loads((Path(tag_dir) / STATE).read_text())
+
+
+def read_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights stored with a checkpoint (in rank 0's trainer state)."""
+    state = torch.load(Path(tag_dir) / "trainer-rank0.pt", weights_only=True)
+    if "ema" not in state:
+        raise FileNotFoundError(f"{tag_dir} holds no EMA weights (it was trained with optim.ema=0)")
+    return state["ema"]

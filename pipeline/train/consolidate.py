@@ -59,12 +59,22 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
             "source": str(tag_dir)}
     save_file(tensors, str(out), metadata=meta)
     save_resolved(cfg, config_path(out))
+    if cfg.optim.ema:
+        # the EMA weights with the same buffers, loadable exactly like the trained weights
+        ema = {k: v.float().contiguous() for k, v in ckpt.read_ema(tag_dir).items()}
+        save_file(tensors | ema, str(ema_path(out)), metadata=meta | {"weights": "ema"})
     return out
 
 
-def config_path(weights: str | Path) -> Path:
+def ema_path(weights: str | Path) -> Path:
     weights = Path(weights)
-    return weights.with_name(weights.stem + ".config.yaml")
+    return weights.with_name(weights.stem + ".ema" + weights.suffix)
+
+
+def config_path(weights: str | Path) -> Path:
+    """``model.safetensors`` and ``model.ema.safetensors`` → ``model.config.yaml``."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem.removesuffix(".ema") + ".config.yaml")
 
 
 def load_model(weights: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:

@@ -31,6 +31,7 @@ from pipeline import dist
 from pipeline.config import Config, ConfigError, save_resolved, to_dict
 from pipeline.flows import data_init
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.ema import WeightEMA
 from pipeline.train.engine import autocast, build_engine
 from pipeline.train.remote import RemoteSync, download, latest_remote
 from pipeline.train.signals import PreemptionWatch
@@ -206,9 +207,12 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
 
     engine, _, scheduler = build_engine(model, cfg, info.world_size)
     step = 0
+    ema = WeightEMA(engine.module, cfg.optim.ema) if cfg.optim.ema else None
     if resume_from is not None:
         step = int(ckpt.load(engine, resume_from)["step"])
         ckpt.set_rng_state(ckpt.read_rank_state(resume_from)["rng"])
+        if ema is not None:
+            ema.load_state_dict(ckpt.read_ema(resume_from))
     else:
         _seed_all(cfg.run.seed * 1000 + info.rank + 1)  # per-rank randomness (dequantisation) from here on
 
@@ -238,13 +242,23 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         loader = build_eval_loader(val_manifest, cfg.data.batch_size, rank=info.rank, world_size=info.world_size,
                                    num_workers=cfg.data.num_workers, modalities=keys)
         val = evaluate(engine, cfg, loader, device)
+        if ema is not None:
+            with ema.swapped_in(engine.module):
+                loader = build_eval_loader(val_manifest, cfg.data.batch_size, rank=info.rank,
+                                           world_size=info.world_size, num_workers=cfg.data.num_workers,
+                                           modalities=keys)
+                val |= {k.replace("val_", "val_ema_", 1): v for k, v in evaluate(engine, cfg, loader, device).items()
+                        if k != "val_samples"}
         record(at, val, force=True)
         return val
 
     def save(at: int) -> None:
         shared = {"step": at, "config": to_dict(cfg), "world_size": info.world_size, "modalities": specs,
                   "mlflow_run_id": run_id}
-        tag_dir = ckpt.save(engine, run_dir, at, shared, {"loader": loader_state.state_dict()}, cfg.checkpoint.keep)
+        mine = {"loader": loader_state.state_dict()}
+        if ema is not None and rank0:  # identical on every rank under ZeRO ≤ 2: rank 0's copy is stored
+            mine["ema"] = ema.state_dict()
+        tag_dir = ckpt.save(engine, run_dir, at, shared, mine, cfg.checkpoint.keep)
         if sync is not None:
             sync.submit(tag_dir)
 
@@ -282,6 +296,8 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             samples += len(batch["__key__"]) * info.world_size
             if not boundary:
                 continue
+            if ema is not None:
+                ema.update(engine.module)
             step += 1
             watchdog.beat()
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
