@@ -11,9 +11,7 @@ resolve world → process group → run dir + resolved config → model → resu
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
 import sys

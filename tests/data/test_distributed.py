@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -22,10 +23,6 @@ from pipeline.data import build_eval_loader, build_train_loader, load_manifest
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, eval_url: str, train_url: str, out: str) -> None:
@@ -61,7 +58,7 @@ def test_two_ranks_two_workers_exact_and_training_passes(stereo_shards, tmp_path
     uneven = dataclasses.replace(full, shards=full.shards[:5], total_samples=80)
     uneven_url = stereo_shards / "manifest-uneven.json"  # beside the shards its names resolve against
     uneven_url.write_text(uneven.to_json())
-    mp.spawn(_rank_main, args=(_free_port(), str(uneven_url), full.location, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(uneven_url), full.location, str(tmp_path)), nprocs=WORLD, join=True)
     r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(WORLD)]
 
     everything = {k for b in build_eval_loader(str(uneven_url), 16, rank=0, world_size=1, num_workers=0, decode=None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 _HTTP_ENV = (
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -49,16 +50,12 @@ class MlflowServer:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_mlflow_server(root: Path) -> MlflowServer:
     """Start a server storing everything under ``root``; returns once ``/health`` answers."""
     root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner forks workers we do not use

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data import write_split
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TRAIN = [
@@ -20,10 +20,6 @@ TINY_TRAIN = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
