@@ -21,13 +21,29 @@ forces a device sync, so it runs only at the outermost flow call (nested layers 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 _INSIDE_FLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_flow", default=False)
+
+
+@contextlib.contextmanager
+def inside_flow() -> Iterator[None]:
+    """Mark the enclosed layer calls as nested: they skip the (syncing) finiteness check of their input.
+
+    For callers that validated the input at their own boundary (the multiscale flow, activation-checkpoint
+    recomputes). Inside a model, a NaN activation must surface as a non-finite *loss* (which the train loop
+    skips and counts), not as an input error.
+    """
+    token = _INSIDE_FLOW.set(True)
+    try:
+        yield
+    finally:
+        _INSIDE_FLOW.reset(token)
 
 
 def logdet_dtype(x: torch.Tensor) -> torch.dtype:
@@ -69,11 +85,8 @@ class InvertibleModule(nn.Module):
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x.detach()).all()):
             bad = (~torch.isfinite(x.detach())).sum().item()
             raise ValueError(f"{type(self).__name__}: input has {bad} non-finite value(s) (NaN or inf)")
-        token = _INSIDE_FLOW.set(True)
-        try:
+        with inside_flow():
             return self._forward(x, reverse)
-        finally:
-            _INSIDE_FLOW.reset(token)
 
     # Subclasses define ``_forward(self, x, reverse) -> (y, logdet)``; it sees validated input only.
 

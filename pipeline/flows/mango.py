@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .actnorm import ActNorm
-from .base import FlowSequence, InvertibleModule, logdet_dtype
+from .base import FlowSequence, InvertibleModule, inside_flow, logdet_dtype
 from .coupling import AffineCoupling
 from .ica import ICA
 from .partitions import resolve_partitions
@@ -80,8 +80,14 @@ class MangoFlow(InvertibleModule):
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         for block in (reversed(self.blocks) if reverse else self.blocks):
             if self.memory == "checkpoint" and torch.is_grad_enabled() and not reverse:
-                x, logdet = checkpoint(block, x, use_reentrant=False)
+                x, logdet = checkpoint(_nested_call, block, x, use_reentrant=False)
             else:
                 x, logdet = block(x, reverse=reverse)
             total = total + logdet
         return x, total
+
+
+def _nested_call(block: MangoBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the recompute in backward runs outside the flow's context; keep it a nested call (no input re-check)
+    with inside_flow():
+        return block(x)

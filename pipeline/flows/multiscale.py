@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .base import inside_flow
 from .mango import MangoFlow
 
 MODES = ("log_prob", "bits_per_dim", "encode", "decode", "sample")
@@ -184,6 +185,16 @@ class MultiscaleMangoFlow(nn.Module):
         return self(n=n, temperature=temperature, mode="sample")
 
     def forward(self, a=None, b=None, *, mode: str = "log_prob", zs=None, n: int | None = None, temperature: float = 1.0):
+        if mode == "decode" and zs is not None:
+            for k, z in enumerate(zs):
+                if isinstance(z, torch.Tensor) and not bool(torch.isfinite(z.detach()).all()):
+                    raise ValueError(f"MultiscaleMangoFlow.decode: latent {k} has non-finite values")
+        # inputs are validated here, at the model's boundary; inside, a NaN activation must become a
+        # non-finite loss (skipped and counted by the train loop), not an input error of an inner level
+        with inside_flow():
+            return self._dispatch(a, b, mode, zs, n, temperature)
+
+    def _dispatch(self, a, b, mode: str, zs, n: int | None, temperature: float):
         if mode == "log_prob":
             return self._log_prob(*self._check_images(a, b))
         if mode == "bits_per_dim":
@@ -210,6 +221,10 @@ class MultiscaleMangoFlow(nn.Module):
         for name, img in zip("ab", imgs):
             if img is None:
                 raise ValueError(f"MultiscaleMangoFlow: modality '{name}' is missing; the joint flow needs both images")
+            if not isinstance(img, torch.Tensor):
+                raise ValueError(f"MultiscaleMangoFlow: modality '{name}' must be a tensor; got {type(img).__name__}")
+            if img.is_floating_point() and not bool(torch.isfinite(img.detach()).all()):
+                raise ValueError(f"MultiscaleMangoFlow: modality '{name}' has non-finite values (NaN or inf)")
             if img.ndim != 4 or tuple(img.shape[1:]) != want:
                 hint = ""
                 if img.ndim == 4 and img.shape[1] != self.channels:

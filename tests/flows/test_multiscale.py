@@ -134,3 +134,13 @@ def test_rgb_plus_depth_at_pixel_level_is_a_clear_error() -> None:
         flow.log_prob(rgb)
     with pytest.raises(ValueError, match="unknown mode"):
         flow(rgb, rgb, mode="likelihood")
+
+
+def test_non_finite_input_is_an_error_but_a_non_finite_activation_is_a_non_finite_loss() -> None:
+    flow = _tiny()
+    a, b = torch.randn(2, 2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="modality 'a' has non-finite values"):
+        flow.log_prob(a.clone().fill_(float("nan")), b)
+    with torch.no_grad():
+        flow.flows[0].blocks[0].layers[0].loc[0] = float("nan")  # a weight blew up during training
+    assert torch.isnan(flow.log_prob(a, b)).all()

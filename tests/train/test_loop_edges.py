@@ -38,3 +38,41 @@ def test_unreachable_tracking_server_costs_seconds_and_warns_once(tiny_shards: s
     records = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [x["step"] for x in records if "loss" in x] == [1, 2, 3, 4, 5, 6]
     assert [x["step"] for x in records if "val_bits_per_dim" in x] == [0, 3, 6]
+
+
+def test_non_finite_losses_abort_after_k_in_a_row_with_a_clear_message(tiny_shards: str, tmp_path: Path) -> None:
+    # (the flow stays finite even at absurd learning rates — gates, scales and q/k are bounded — so the fault
+    # is injected: start from weights with a NaN in them)
+    from safetensors.torch import save_file
+
+    from pipeline.config import load_config
+    from pipeline.data import load_manifest, manifest_name
+    from pipeline.models import build_model, modality_specs
+
+    overrides = [*TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "train.max_steps=40",
+                 "eval.every=1000", "checkpoint.every=1000", "train.max_nonfinite=3"]
+    cfg = load_config(None, overrides)
+    model = build_model(cfg, modality_specs(cfg, load_manifest(f"{tiny_shards}/{manifest_name('train')}")))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["flow.flows.0.blocks.0.layers.0.loc"][0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    r = run([sys.executable, "-m", "jobs.train", *overrides, f"model.init_weights={tmp_path / 'nan.safetensors'}"])
+    assert r.returncode != 0
+    assert "3 non-finite losses in a row (train.max_nonfinite=3)" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("micro-batch skipped") == 3
+
+
+def test_watchdog_exits_3_when_no_step_completes_in_time() -> None:
+    r = run([sys.executable, "-c", "import time; from pipeline.train.loop import Watchdog; "
+             "w = Watchdog(0.3); [w.beat() or time.sleep(0.05) for _ in range(10)]; time.sleep(30)"], timeout=60)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "watchdog: no training step completed" in r.stdout
+
+
+def test_resume_refuses_an_architecture_change_naming_the_key(tiny_shards: str, tmp_path: Path) -> None:
+    common = [*TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "eval.every=1000"]
+    r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=3", "checkpoint.every=3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=6", "checkpoint.resume=latest",
+             "model.dim=8"])
+    assert r.returncode != 0 and "model.dim: the checkpoint was trained with 16 but the config says 8" in r.stderr
