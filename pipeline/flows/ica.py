@@ -47,6 +47,11 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
     """
     n, d = a.shape[-1], y.shape[-1]
     x = torch.empty_like(y)
+    # Without autograd the per-channel diagonal blocks are written into one reused buffer (one pass, no
+    # allocation per block: building them dominated the solve); with autograd each block is a fresh tensor,
+    # because the solve saves its matrix for backward.
+    reuse = not (torch.is_grad_enabled() and (a.requires_grad or alpha.requires_grad or y.requires_grad))
+    buf = a.new_empty(a.shape[0], d, min(block, n), min(block, n)) if reuse else None
     eye = torch.eye(min(block, n), dtype=a.dtype, device=a.device)
     for end in range(n, 0, -block):
         start = max(0, end - block)
@@ -54,7 +59,12 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
         if end < n:
             rhs = rhs - alpha * (a[:, start:end, end:] @ x[:, end:])
         b = end - start
-        diag = eye[:b, :b] + alpha.view(1, d, 1, 1) * a[:, None, start:end, start:end]  # (N, D, b, b)
+        blk = a[:, None, start:end, start:end]
+        if reuse:
+            diag = torch.mul(alpha.view(1, d, 1, 1), blk, out=buf[:, :, :b, :b])  # (N, D, b, b)
+            diag.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        else:
+            diag = eye[:b, :b] + alpha.view(1, d, 1, 1) * blk
         sol = torch.linalg.solve_triangular(diag, rhs.transpose(1, 2).unsqueeze(-1), upper=True)
         x[:, start:end] = sol.squeeze(-1).transpose(1, 2)
     return x

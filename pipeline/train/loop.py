@@ -226,7 +226,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                                 "run.dir": str(run_dir.resolve())})
             tracker.log_config(cfg, run_dir / "config.yaml")
     run_id = dist.broadcast_object(tracker.run_id if tracker is not None else None, src=0)
-    watch, watchdog = PreemptionWatch(), Watchdog(cfg.train.watchdog_s)
+    watch, watchdog = PreemptionWatch(cfg.checkpoint.grace_s), Watchdog(cfg.train.watchdog_s)
     # completed checkpoints are mirrored to S3 by rank 0 in the background, never blocking a step
     sync = RemoteSync(cfg.checkpoint.remote, run_dir, keep=cfg.checkpoint.keep) if rank0 and cfg.checkpoint.remote else None
 

@@ -194,3 +194,18 @@ def test_bad_input_is_a_clear_error(make, x, match) -> None:
 def test_bad_configuration_is_a_clear_error(make, match) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_gated_solve_is_differentiable_and_matches_the_no_grad_path() -> None:
+    torch.manual_seed(1)
+    n, d = 70, 3
+    a = torch.randn(2, n, n, dtype=torch.float64).masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-1), -torch.inf)
+    a = a.softmax(-1).requires_grad_()
+    alpha = torch.tanh(torch.randn(d, dtype=torch.float64)).requires_grad_()
+    y = torch.randn(2, n, d, dtype=torch.float64, requires_grad=True)
+    x = solve_gated_upper(a, alpha, y, block=32)
+    with torch.no_grad():
+        torch.testing.assert_close(solve_gated_upper(a, alpha, y, block=32), x)
+    assert torch.autograd.gradcheck(lambda a_, al, y_: solve_gated_upper(a_, al, y_, block=32),
+                                    (a[:1, :12, :12].detach().clone().requires_grad_(), alpha,
+                                     y[:1, :12].detach().clone().requires_grad_()))

@@ -76,3 +76,13 @@ def test_resume_refuses_an_architecture_change_naming_the_key(tiny_shards: str, 
     r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=6", "checkpoint.resume=latest",
              "model.dim=8"])
     assert r.returncode != 0 and "model.dim: the checkpoint was trained with 16 but the config says 8" in r.stderr
+
+
+def test_a_signal_whose_save_overruns_the_grace_time_still_exits_with_its_code() -> None:
+    # the main thread is "stuck" (a step that never finishes): the grace timer must end the process
+    code = ("import os, signal, time; from pipeline.train.signals import PreemptionWatch; "
+            "w = PreemptionWatch(grace_s=0.5); os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
+    start = time.monotonic()
+    r = run([sys.executable, "-c", code], timeout=60)
+    assert r.returncode == 143 and time.monotonic() - start < 20
+    assert "did not finish within checkpoint.grace_s=0.5s" in r.stdout
