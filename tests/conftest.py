@@ -24,15 +24,11 @@ import pytest
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
     # MLflow, Ray and DeepSpeed write caches and stores to the working directory or $HOME by default.
     base = tmp_path_factory.mktemp("env")
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "RAY_TMPDIR")}
-    os.environ.setdefault("RAY_TMPDIR", str(base / "ray"))
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        if "RAY_TMPDIR" not in os.environ:
+            mp.setenv("RAY_TMPDIR", str(base / "ray"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
 
 
 def free_port() -> int:

@@ -50,11 +50,7 @@ class MMIMDBSource(Source):
         split_path = os.path.join(src, "split.json")
         if not os.path.exists(split_path):
             raise FileNotFoundError(f"{split_path}: no such file (MM-IMDB split)")
-        try:
-            with open(split_path, encoding="utf-8") as f:
-                split = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{split_path}: not valid JSON ({exc})") from exc
+        split = _read_json(split_path)
         if not isinstance(split, dict) or not all(isinstance(v, list) for v in split.values()):
             raise ValueError(f"{split_path}: expected {{split: [ids]}}")
         self._ids = {name: sorted(str(i) for i in ids) for name, ids in split.items()}
@@ -87,11 +83,7 @@ class MMIMDBSource(Source):
         meta_path = self.where(split, key)
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path}: no such file")
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
+        meta = _read_json(meta_path)
         plots = [p for p in meta.get("plot") or [] if isinstance(p, str) and p.strip()]
         if not plots:
             raise ValueError(f"{meta_path}: no 'plot' text")
@@ -114,3 +106,12 @@ class MMIMDBSource(Source):
 
 
 SOURCE_CLASS = MMIMDBSource
+
+
+def _read_json(path: str) -> Any:
+    """Parsed JSON; a ``ValueError`` naming the file when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
