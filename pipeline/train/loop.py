@@ -268,7 +268,9 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     if rank0:
         from tqdm import tqdm
 
-        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
+        # batch logs (SLURM, kubectl logs) get a line every 30 s instead of one per step
+        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
     tick, samples = time.monotonic(), 0
     engine.train()
     try:
