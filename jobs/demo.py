@@ -13,6 +13,7 @@ Overrides go to the config, e.g. ``python -m jobs.demo train.max_steps=40``.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CONFIG, argv if argv is not None else sys.argv[1:])
     start = time.monotonic()
     shard_stereo(cfg.data.shards)
-    train_loop(cfg)
     run_dir = Path(cfg.run.dir)
+    if (run_dir / "checkpoints").exists():  # the demo always starts fresh in its own run directory
+        print(f"[demo] removing the previous demo run's checkpoints in {run_dir}")
+        shutil.rmtree(run_dir / "checkpoints")
+    train_loop(cfg)
     weights = consolidate(run_dir, run_dir / "model.safetensors")
     val = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_bits_per_dim" in r]
     before, after = val[0], val[-1]
@@ -58,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if (run_dir / "metrics.png").exists():
         print(f"[demo] loss plot      {(run_dir / 'metrics.png').resolve()}")
     print(f"[demo] weights        {weights.resolve()} + {config_path(weights).name}")
-    uri = resolve_tracking_uri(cfg.tracking.uri)
-    print(f"[demo] MLflow UI      .venv/bin/mlflow ui --backend-store-uri {uri}  (experiment '{cfg.tracking.experiment}')")
+    if cfg.tracking.enabled:
+        uri = resolve_tracking_uri(cfg.tracking.uri)
+        print(f"[demo] MLflow UI      .venv/bin/mlflow ui --backend-store-uri {uri}  "
+              f"(experiment '{cfg.tracking.experiment}')")
     return 0
 
 

@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.train.loop import train_loop
 
-    result = train_loop(cfg)
+    try:
+        result = train_loop(cfg)
+    except ConfigError as e:  # found once the run's state is known (checkpoint vs config, shards vs config)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if result:
         print(json.dumps({k: v for k, v in result.items()}, default=str))
     return 0

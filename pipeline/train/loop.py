@@ -174,6 +174,13 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     if cfg.checkpoint.resume == "latest" and cfg.checkpoint.remote:
         _fetch_remote_latest(cfg.checkpoint.remote, run_dir, info)
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
+    if resume_from is None:
+        # A fresh run would overwrite tags that still carry an old COMPLETE marker (a kill mid-overwrite would
+        # then leave a "complete" checkpoint of mixed files): refuse instead, on every rank alike.
+        existing = dist.broadcast_object(str(ckpt.latest_complete(run_dir) or "") if rank0 else None, src=0)
+        if existing:
+            raise ConfigError(f"run.dir={str(run_dir)!r} already holds checkpoints (newest {Path(existing).name}): "
+                              "continue that run with checkpoint.resume=latest, or choose a new run.dir")
     saved: dict[str, Any] = {}
     loader_state = LoaderState(seed=cfg.run.seed)
     if resume_from is not None:
@@ -376,10 +383,15 @@ def _finish(tracker, progress, watchdog: Watchdog, watch: PreemptionWatch, statu
         sync.close()
     if progress is not None:
         progress.close()
+    png = None
+    if run_dir is not None and (run_dir / "metrics.jsonl").exists():
+        from pipeline.tracking import plot_metrics
+
+        try:  # the plot is part of the run directory, with or without a tracking server
+            png = plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+        except ValueError as e:  # no plottable keys yet: not worth failing a finished run over
+            log.warning("no metrics plot: %s", e)
     if tracker is not None:
-        if run_dir is not None and (run_dir / "metrics.jsonl").exists():
-            try:
-                tracker.log_metrics_plot(run_dir / "metrics.jsonl", run_dir / "metrics.png")
-            except ValueError as e:  # no plottable keys yet: not worth failing a finished run over
-                log.warning("no metrics plot: %s", e)
+        if png is not None:
+            tracker.log_artifact(png, "plots")
         tracker.close(status)

@@ -86,3 +86,12 @@ def test_a_signal_whose_save_overruns_the_grace_time_still_exits_with_its_code()
     r = run([sys.executable, "-c", code], timeout=60)
     assert r.returncode == 143 and time.monotonic() - start < 20
     assert "did not finish within checkpoint.grace_s=0.5s" in r.stdout
+
+
+def test_a_fresh_run_refuses_a_run_dir_that_already_holds_checkpoints(tiny_shards: str, tmp_path: Path) -> None:
+    common = [*TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "eval.every=1000",
+              "train.max_steps=2", "checkpoint.every=2"]
+    assert run([sys.executable, "-m", "jobs.train", *common]).returncode == 0
+    r = run([sys.executable, "-m", "jobs.train", *common])
+    assert r.returncode != 0 and "already holds checkpoints (newest step00000002)" in r.stderr
+    assert "checkpoint.resume=latest" in r.stderr
