@@ -211,10 +211,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place and return it (unchanged without a process group)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM, "all_reduce_sum")
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``tensor`` over ranks, in place (unchanged without a process group)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX, "all_reduce_max")
+
+
+def _all_reduce(tensor: torch.Tensor, op, name: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"all_reduce_sum: expected a torch.Tensor; got {type(tensor).__name__}")
-    if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        raise TypeError(f"{name}: expected a torch.Tensor; got {type(tensor).__name__}")
+    if not is_initialized():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        # NCCL reduces CUDA tensors only; small host-side flags and sums make the round trip
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device, op=op)
+        tensor.copy_(on_device.cpu())
+    else:
+        dist.all_reduce(tensor, op=op)
     return tensor
 
 

@@ -5,7 +5,7 @@ For x (N, L, D) split by a partition into x1, x2 (each N, n, D)::
     q = LN_q(x1 Wq), k = LN_k(x1 Wk)                  # single head; q/k width qk_dim (default D)
     s = q kᵀ · τ, masked to j ≥ i                      # upper triangular
     logp = log_softmax(s, -1);  A = exp(logp)          # a_ii ∈ (0, 1]
-    gated (default):  y2[:, :, c] = x2[:, :, c] + α_c (A x2)[:, :, c],  α = tanh(β), β = 0 at init
+    gated (default):  y2[:, :, c] = x2[:, :, c] + α_c (A x2)[:, :, c],  α = (1 − 1e-4)·tanh(β), β = 0 at init
                       logdet = Σ_c Σ_i log(1 + α_c a_ii)
     paper form:       y2 = A x2,  logdet = D · Σ_i logp_ii
     y1 = x1
@@ -35,6 +35,7 @@ from .lica import LUTokenMixer
 from .partitions import PARTITIONS, partition_index
 
 FORMS = ("gated", "paper")
+GATE_MARGIN = 1e-4
 
 
 def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -46,18 +47,21 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
     extra memory O(N·D·b²).
     """
     n, d = a.shape[-1], y.shape[-1]
-    x = torch.empty_like(y)
-    # Without autograd the per-channel diagonal blocks are written into one reused buffer (one pass, no
-    # allocation per block: building them dominated the solve); with autograd each block is a fresh tensor,
-    # because the solve saves its matrix for backward.
+    # Without autograd, solved rows go straight into x and the per-channel diagonal blocks into one reused
+    # buffer (building them dominated the solve). With autograd nothing may be written in place (the
+    # matmuls save slices of x, the solves save their matrices), so blocks are collected and concatenated.
     reuse = not (torch.is_grad_enabled() and (a.requires_grad or alpha.requires_grad or y.requires_grad))
-    buf = a.new_empty(a.shape[0], d, min(block, n), min(block, n)) if reuse else None
-    eye = torch.eye(min(block, n), dtype=a.dtype, device=a.device)
+    size = min(block, n)
+    x = torch.empty_like(y) if reuse else None
+    buf = a.new_empty(a.shape[0], d, size, size) if reuse else None
+    eye = torch.eye(size, dtype=a.dtype, device=a.device)
+    solved: list[torch.Tensor] = []  # grad path: blocks from the bottom up
     for end in range(n, 0, -block):
         start = max(0, end - block)
         rhs = y[:, start:end]
         if end < n:
-            rhs = rhs - alpha * (a[:, start:end, end:] @ x[:, end:])
+            tail = x[:, end:] if reuse else torch.cat(solved[::-1], dim=1)
+            rhs = rhs - alpha * (a[:, start:end, end:] @ tail)
         b = end - start
         blk = a[:, None, start:end, start:end]
         if reuse:
@@ -66,8 +70,12 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
         else:
             diag = eye[:b, :b] + alpha.view(1, d, 1, 1) * blk
         sol = torch.linalg.solve_triangular(diag, rhs.transpose(1, 2).unsqueeze(-1), upper=True)
-        x[:, start:end] = sol.squeeze(-1).transpose(1, 2)
-    return x
+        sol = sol.squeeze(-1).transpose(1, 2)
+        if reuse:
+            x[:, start:end] = sol
+        else:
+            solved.append(sol)
+    return x if reuse else torch.cat(solved[::-1], dim=1)
 
 
 class ICA(InvertibleModule):
@@ -137,6 +145,11 @@ class ICA(InvertibleModule):
         z = torch.cat([y1, y2], dim=1)
         return self.mixer(z, reverse=True) if self.partition == "lica" else z[:, self.scatter]
 
+    def gate(self, dtype: torch.dtype) -> torch.Tensor:
+        """α = (1 − 1e-4)·tanh(β), (D,). The factor keeps |α| < 1 in floating point: plain tanh rounds to
+        exactly ±1 in fp32 once |β| ≳ 9, and α = −1 with a_nn = 1 would make I + αA singular (log-det −inf)."""
+        return (1.0 - GATE_MARGIN) * torch.tanh(self.beta.to(dtype))
+
     # -- attention ------------------------------------------------------------------------------------
     def log_attention(self, x1: torch.Tensor) -> torch.Tensor:
         """``logp`` (N, n, n) in the compute dtype: masked log-softmax of the scores (−inf below the diagonal)."""
@@ -157,7 +170,7 @@ class ICA(InvertibleModule):
             diag = logp.diagonal(dim1=-2, dim2=-1)  # (N, n) = log a_ii
             x2c = x2.to(ct)
             if self.form == "gated":
-                alpha = torch.tanh(self.beta.to(ct))
+                alpha = self.gate(ct)
                 logdet = torch.log1p(alpha * diag.exp().unsqueeze(-1)).sum(dim=(1, 2))
                 if reverse:
                     y2 = solve_gated_upper(attn, alpha, x2c, self.solve_block)

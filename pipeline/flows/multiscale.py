@@ -34,6 +34,7 @@ from torch import nn
 
 from .base import inside_flow
 from .mango import MangoFlow
+from .partitions import resolve_partitions
 
 MODES = ("log_prob", "bits_per_dim", "encode", "decode", "sample")
 
@@ -147,6 +148,12 @@ class MultiscaleMangoFlow(nn.Module):
                 raise ValueError(f"MultiscaleMangoFlow: level {k} token width {d} is odd; cannot factor out half")
             if num_modalities == 1 and gw % 2:
                 raise ValueError(f"MultiscaleMangoFlow: single-modality level {k} needs an even grid width; got {gw}")
+            per_modality = tokens // 2
+            if per_modality % 2 and any(p.startswith(("imca", "lica")) for p in resolve_partitions(partitions)):
+                raise ValueError(
+                    f"MultiscaleMangoFlow: level {k} has a {gh}×{gw} token grid ({per_modality} tokens per "
+                    f"modality, odd); IMCA/LICA split each modality's tokens even/odd. Use fewer levels, a smaller "
+                    f"patch_size, a larger image, or partitions='mmca'")
             self.grids.append((gh, gw))
             self.flows.append(
                 MangoFlow(d, tokens, per_level[k], memory=memory, partitions=partitions, hidden=dim,

@@ -73,14 +73,35 @@ def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], 
     torch.save({**per_rank, "rng": rng_state()}, root / tag / f"trainer-rank{rank}.pt")
     dist.barrier()
     if rank == 0:
+        for f in (root / tag).iterdir():  # every rank's files reach the disk before the marker says so
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         (root / tag / STATE).write_text(json.dumps(shared, indent=1, default=str))
-        (root / tag / COMPLETE).write_text(f"{step}\n")
+        _write_durable(root / tag / COMPLETE, f"{step}\n")
         tmp = root / f".{LATEST}.tmp"
-        tmp.write_text(tag + "\n")
+        _write_durable(tmp, tag + "\n")
         os.replace(tmp, root / LATEST)
+        _fsync_dir(root)
         _prune(root, keep)
     dist.barrier()
     return root / tag
+
+
+def _write_durable(path: Path, text: str) -> None:
+    """Write and fsync: after a power loss a marker or pointer must never name unflushed data."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -110,6 +131,7 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     """``checkpoint.resume`` → a complete tag directory (or None to start fresh). Run on every rank:
     rank 0 resolves and broadcasts, so all ranks load the same checkpoint even if ``latest`` moves."""
     path: Path | None = None
+    error = ""
     if dist.get_rank() == 0 and resume:
         if resume == "latest":
             path = latest_complete(run_dir)
@@ -117,10 +139,13 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
             path = Path(resume)
             if path.is_dir() and (path / LATEST).exists():
                 path = latest_complete(path.parent) if path.name == "checkpoints" else path
-            if not (path / COMPLETE).exists():
-                raise FileNotFoundError(f"checkpoint.resume={resume!r}: not a complete checkpoint directory "
-                                        f"(no {COMPLETE} marker in {path})")
-    found = dist.broadcast_object(str(path) if path else "", src=0)
+            if path is None or not (path / COMPLETE).exists():
+                error = (f"checkpoint.resume={resume!r}: not a complete checkpoint directory "
+                         f"(no {COMPLETE} marker in {path})")
+    # the verdict travels with the answer: raising on rank 0 alone would leave the others in the broadcast
+    found, error = dist.broadcast_object((str(path) if path else "", error), src=0)
+    if error:
+        raise FileNotFoundError(error)
     return Path(found) if found else None
 
 

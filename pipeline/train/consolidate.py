@@ -5,9 +5,8 @@ permutations) in fp32 (integer/bool buffers keep their dtype); its metadata reco
 (name, shape, bits) so :func:`load_model` rebuilds the model without the shard manifest. The resolved
 config is written beside it as ``<stem>.config.yaml``.
 
-DeepSpeed's own checkpoint files are pickles and are read by DeepSpeed's loader (ZeRO 1–3) or, for ZeRO-0,
-by ``torch.load(weights_only=False)`` on a file this project's own engine wrote; everything this module
-writes is loaded back with safetensors (no pickle).
+ZeRO 1–3 shards are merged by DeepSpeed's own ``zero_to_fp32`` reader; the ZeRO-0 model file and every
+file this project writes are loaded with ``weights_only=True`` or safetensors (no arbitrary unpickling).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     state = ckpt.read_state(tag_dir)
     stage = state["config"]["deepspeed"]["zero_stage"]
     if stage == 0:
-        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -155,9 +155,11 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     from pipeline.tracking import MetricsLog, MlflowTracker
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    info = dist.init_distributed(dist.world_info_from_env(), use_deepspeed=True)
+    world = dist.world_info_from_env()
+    device = _device(cfg, world)
+    # the backend follows the device the run asked for (nccl only for CUDA runs), not what the node has
+    info = dist.init_distributed(world, backend="nccl" if device.type == "cuda" else "gloo", use_deepspeed=True)
     rank0 = info.rank == 0
-    device = _device(cfg, info)
     run_dir = Path(cfg.run.dir)
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +312,12 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 now = time.monotonic()
                 norm = stage0_norm if stage0_norm is not None else engine.get_global_grad_norm()
-                values = {"loss": loss.item(), **{k: v.item() for k, v in out.items() if k != "loss"},
+                # the logged loss / metrics are means over ranks (collective: every rank logs the same steps)
+                local = torch.stack([loss.detach().double().cpu()] + [v.detach().double().cpu().reshape(())
+                                                                     for k, v in out.items() if k != "loss"])
+                means = (dist.all_reduce_sum(local) / info.world_size).tolist()
+                names = ["loss"] + [k for k in out if k != "loss"]
+                values = {**dict(zip(names, means)),
                           "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(norm) if norm is not None else float("nan"),
                           "samples_per_s": samples / max(now - tick, 1e-9), "skipped_steps": skipped_total}

@@ -22,7 +22,6 @@ import threading
 import time
 
 import torch
-import torch.distributed as tdist
 
 from pipeline import dist
 
@@ -66,10 +65,7 @@ class PreemptionWatch:
     def exit_code(self) -> int | None:
         """Collective: None to keep training, else the exit code every rank should stop with."""
         local = 0 if self.received is None else (2 if self.received == signal.SIGTERM else 1)
-        flag = torch.tensor([local], dtype=torch.int64)
-        if dist.is_initialized():
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        code = int(flag.item())
+        code = int(dist.all_reduce_max(torch.tensor([local], dtype=torch.int64)).item())
         return None if code == 0 else (143 if code == 2 else 0)
 
     def restore(self) -> None:

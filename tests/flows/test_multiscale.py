@@ -118,6 +118,7 @@ def test_256px_forward_backward_inverse_on_cpu() -> None:
         (lambda: MultiscaleMangoFlow(3, 20, 2, 1, 8, patch_size=4), r"divisible by patch_size·2\^\(levels−1\) = 8"),
         (lambda: MultiscaleMangoFlow(3, 16, 2, 1, 8, bits=(8, 12)), r"bits must give 8 or 16"),
         (lambda: MultiscaleMangoFlow(3, 16, 2, [1, 1, 1], 8), r"one block count per level"),
+        (lambda: MultiscaleMangoFlow(3, 8, 3, 1, 8, patch_size=2), r"level 2 has a 1×1 token grid.*fewer levels"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(make, match) -> None:
