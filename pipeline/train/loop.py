@@ -213,10 +213,11 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             data_init(model, _to_device(first, device), mode="loss")
 
     engine, _, scheduler = build_engine(model, cfg, info.world_size)
-    step = 0
+    step, skipped_total = 0, 0
     ema = WeightEMA(engine.module, cfg.optim.ema) if cfg.optim.ema else None
     if resume_from is not None:
-        step = int(ckpt.load(engine, resume_from)["step"])
+        client = ckpt.load(engine, resume_from)
+        step, skipped_total = int(client["step"]), int(client.get("skipped_steps", 0))
         ckpt.set_rng_state(ckpt.read_rank_state(resume_from)["rng"])
         if ema is not None:
             ema.load_state_dict(ckpt.read_ema(resume_from))
@@ -261,7 +262,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
 
     def save(at: int) -> None:
         shared = {"step": at, "config": to_dict(cfg), "world_size": info.world_size, "modalities": specs,
-                  "mlflow_run_id": run_id}
+                  "mlflow_run_id": run_id, "skipped_steps": skipped_total}
         mine = {"loader": loader_state.state_dict()}
         if ema is not None and rank0:  # identical on every rank under ZeRO ≤ 2: rank 0's copy is stored
             mine["ema"] = ema.state_dict()
@@ -272,7 +273,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     last: dict[str, Any] = {"step": step}
     if resume_from is None:
         last |= validate(0)
-    nonfinite, skipped_total = 0, 0
+    nonfinite = 0
     progress = None
     if rank0:
         from tqdm import tqdm
