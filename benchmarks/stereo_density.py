@@ -20,12 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.demo import CONFIG, STEREO  # the demo's model and patches, so the figures speak for the demo
 from pipeline.config import load_config
 from pipeline.data import write_split
 from pipeline.train.loop import train_loop
-
-CONFIG = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.yaml"
-STEREO = {"patch": 16, "downscale": 3}
 
 
 def run(tmp: Path, name: str, modalities: str, steps: int, extra: list[str]) -> tuple[float, float]:

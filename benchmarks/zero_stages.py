@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from jobs.demo import STEREO
 from pipeline.data import write_split
 from pipeline.tracking import read_metrics
 
@@ -60,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         shards = str(Path(d) / "shards")
         for split in ("train", "val"):
-            write_split("embedded", "stereo", shards, split, options={"patch": 16, "downscale": 3},
+            write_split("embedded", "stereo", shards, split, options=STEREO,
                         samples_per_shard=8, progress=False)
         rows = {stage: measure(stage, shards, Path(d) / f"zero{stage}", args.steps) for stage in (0, 2, 3)}
     base_t, base_m = rows[0]

@@ -184,6 +184,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             raise ConfigError(f"run.dir={str(run_dir)!r} already holds checkpoints (newest {Path(existing).name}): "
                               "continue that run with checkpoint.resume=latest, or choose a new run.dir")
     saved: dict[str, Any] = {}
+    mine: dict[str, Any] = {}  # this rank's trainer state in the checkpoint (loader cursor, RNG states, EMA)
     loader_state = LoaderState(seed=cfg.run.seed)
     if resume_from is not None:
         saved = ckpt.read_state(resume_from)
@@ -195,7 +196,8 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                 f"weights with a fresh optimizer: python -m jobs.consolidate {resume_from} --out model.safetensors, "
                 f"then train with model.init_weights=model.safetensors checkpoint.resume= and a new run.dir"
             )
-        loader_state.load_state_dict(ckpt.read_rank_state(resume_from)["loader"])
+        mine = ckpt.read_rank_state(resume_from)
+        loader_state.load_state_dict(mine["loader"])
     elif cfg.model.init_weights:
         load_init_weights(model, cfg.model.init_weights)
 
@@ -218,7 +220,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     if resume_from is not None:
         client = ckpt.load(engine, resume_from)
         step, skipped_total = int(client["step"]), int(client.get("skipped_steps", 0))
-        ckpt.set_rng_state(ckpt.read_rank_state(resume_from)["rng"])
+        ckpt.set_rng_state(mine["rng"])
         if ema is not None:
             ema.load_state_dict(ckpt.read_ema(resume_from))
     else:
@@ -246,27 +248,26 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         if tracker is not None:
             tracker.log_metrics(values, at, force=force)
 
-    def validate(at: int) -> dict[str, Any]:
+    def val_pass() -> dict[str, float]:
         loader = build_eval_loader(val_manifest, cfg.data.batch_size, rank=info.rank, world_size=info.world_size,
                                    num_workers=cfg.data.num_workers, modalities=keys)
-        val = evaluate(engine, cfg, loader, device)
+        return evaluate(engine, cfg, loader, device)
+
+    def validate(at: int) -> dict[str, Any]:
+        val = val_pass()
         if ema is not None:
             with ema.swapped_in(engine.module):
-                loader = build_eval_loader(val_manifest, cfg.data.batch_size, rank=info.rank,
-                                           world_size=info.world_size, num_workers=cfg.data.num_workers,
-                                           modalities=keys)
-                val |= {k.replace("val_", "val_ema_", 1): v for k, v in evaluate(engine, cfg, loader, device).items()
-                        if k != "val_samples"}
+                val |= {k.replace("val_", "val_ema_", 1): v for k, v in val_pass().items() if k != "val_samples"}
         record(at, val, force=True)
         return val
 
     def save(at: int) -> None:
         shared = {"step": at, "config": to_dict(cfg), "world_size": info.world_size, "modalities": specs,
                   "mlflow_run_id": run_id, "skipped_steps": skipped_total}
-        mine = {"loader": loader_state.state_dict()}
+        per_rank = {"loader": loader_state.state_dict()}
         if ema is not None and rank0:  # identical on every rank under ZeRO ≤ 2: rank 0's copy is stored
-            mine["ema"] = ema.state_dict()
-        tag_dir = ckpt.save(engine, run_dir, at, shared, mine, cfg.checkpoint.keep)
+            per_rank["ema"] = ema.state_dict()
+        tag_dir = ckpt.save(engine, run_dir, at, shared, per_rank, cfg.checkpoint.keep)
         if sync is not None:
             sync.submit(tag_dir)
 

@@ -27,9 +27,19 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
             f"--master_port={free_port()}", *args]
 
 
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning", **(extra or {})}
+
+
 def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning", **kw.pop("env", {})}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    """Run ``cmd`` from the repo root to completion, capturing its output."""
+    return subprocess.run(cmd, cwd=REPO, env=_env(kw.pop("env", None)), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def popen(cmd: list[str]) -> subprocess.Popen:
+    """Start ``cmd`` from the repo root (stdout and stderr merged), e.g. to signal it mid-run."""
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import torch
 from pipeline.tracking import read_metrics
 from pipeline.train.consolidate import consolidate, load_model
 
-from .conftest import REPO, TINY_TRAIN, run, torchrun_cmd
+from .conftest import TINY_TRAIN, popen, run, torchrun_cmd
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
@@ -49,10 +49,7 @@ def _signal_workers(proc: subprocess.Popen, sig: int) -> int:
 
 
 def _start_and_signal(cmd: list[str], run_dir: Path, at_step: int, sig: int) -> tuple[int, str]:
-    import os
-
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = popen(cmd)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= at_step:

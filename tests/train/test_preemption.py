@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,17 +10,12 @@ from pathlib import Path
 from pipeline.tracking import read_metrics
 from pipeline.train.checkpoint import COMPLETE, latest_complete
 
-from .conftest import REPO, TINY_TRAIN, run
+from .conftest import TINY_TRAIN, popen, run
 
 
 def _train_cmd(shards: str, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.train", *TINY_TRAIN, f"data.shards={shards}", f"run.dir={run_dir}",
             "train.max_steps=40", "eval.every=1000", *extra]
-
-
-def _popen(cmd: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -31,7 +24,7 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 def test_sigterm_saves_and_exits_143(tiny_shards: str, tmp_path: Path) -> None:
-    proc = _popen(_train_cmd(tiny_shards, tmp_path, "checkpoint.every=1000"))
+    proc = popen(_train_cmd(tiny_shards, tmp_path, "checkpoint.every=1000"))
     deadline = time.monotonic() + 180
     while proc.poll() is None and max(_steps(tmp_path), default=0) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -47,7 +40,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_shard
     ckpts = tmp_path / "checkpoints"
     killed_mid_save = False
     for attempt in range(3):  # the save window is short: retry until the kill lands inside one
-        proc = _popen(_train_cmd(tiny_shards, tmp_path, "checkpoint.every=1", "checkpoint.keep=100"))
+        proc = popen(_train_cmd(tiny_shards, tmp_path, "checkpoint.every=1", "checkpoint.keep=100"))
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline:
             partial = [d for d in ckpts.glob("step*") if not (d / COMPLETE).exists()] if ckpts.exists() else []
