@@ -17,8 +17,11 @@ from .base import FlowSequence, InvertibleModule, inside_flow, logdet_dtype
 from .coupling import AffineCoupling
 from .ica import ICA
 from .partitions import resolve_partitions
+from .reconstruct import reconstruct_blocks
 
-MEMORY_POLICIES = ("store", "checkpoint")
+#: how the backward pass gets each block's activations: stored by the forward, recomputed from the block's
+#: stored input (activation checkpointing), or recomputed from the block's *output* through the exact inverse
+MEMORY_POLICIES = ("store", "checkpoint", "invert")
 
 
 class MangoBlock(FlowSequence):
@@ -62,7 +65,9 @@ class MangoFlow(InvertibleModule):
 
     ``memory="checkpoint"`` recomputes each block's activations in the backward pass (non-reentrant
     activation checkpointing), trading one extra forward per block for activation memory that no longer
-    grows with the block's internals. Extra keyword arguments go to every :class:`MangoBlock`.
+    grows with the block's internals. ``memory="invert"`` keeps no per-block activations at all: the backward
+    rebuilds each block's input from its output by the exact inverse (:mod:`pipeline.flows.reconstruct`),
+    so activation memory stays flat in ``num_blocks``. Extra keyword arguments go to every :class:`MangoBlock`.
     """
 
     def __init__(self, dim: int, tokens: int, num_blocks: int = 12, *, memory: str = "store", **block_kwargs):
@@ -77,6 +82,9 @@ class MangoFlow(InvertibleModule):
         )
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.memory == "invert" and not reverse and torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return reconstruct_blocks(list(self.blocks), x)
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         for block in (reversed(self.blocks) if reverse else self.blocks):
             if self.memory == "checkpoint" and torch.is_grad_enabled() and not reverse:
