@@ -179,6 +179,7 @@ class TrackingConfig:
     queue_size: int = _f(1000, ge=1)  # pending sends; the oldest is dropped when full
     timeout_s: float = _f(10.0, gt=0.0)  # per HTTP request, and for the final flush
     retries: int = _f(2, ge=0, le=10)  # per send (MLflow caps HTTP retries at 10)
+    parent_run_id: str = ""  # nest this run under that MLflow run (a sweep's parent; set by jobs.sweep per trial)
 
 
 @dataclass
@@ -459,6 +460,10 @@ def _check_cross(cfg: Config) -> None:
     if cfg.optim.ema and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("optim.ema: an EMA of ZeRO-3-partitioned weights is not supported; use "
                           "deepspeed.zero_stage ≤ 2 with EMA, or optim.ema=0")
+    if m.memory == "invert" and cfg.deepspeed.zero_stage == 3:
+        # the reconstruction backward returns gradients for ZeRO-3's partitioned parameter placeholders
+        raise ConfigError("model.memory=invert (backprop by reconstruction) is not supported with "
+                          "deepspeed.zero_stage=3; use model.memory=checkpoint with ZeRO-3, or zero_stage ≤ 2")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps})"
