@@ -1,29 +1,48 @@
-"""Task models. ``build_model(cfg, manifest)`` is the one place that maps ``model.task`` to a model.
+"""Task models. ``build_model(cfg, specs)`` is the one place that maps ``model.task`` to a model.
 
-``specs`` (name, shape, bits per modality) come from the shard manifest at training time and from the
-consolidated weights' metadata when a model is loaded for inference, so no manifest is needed then.
+``specs`` (name, shape, bits per modality) come from the shard manifest at training time
+(:func:`modality_specs`) and from the consolidated weights' metadata when a model is loaded for inference,
+so no manifest is needed then. A modality's role follows from its batched shape: (C, H, W) = image
+(8-bit colour, 16-bit depth), (H, W) = label map, (K,) = multi-hot target vector, () = text.
+
+| ``model.task`` | model | inputs → target | task loss | eval sums |
+|---|---|---|---|---|
+| density | :class:`DensityModel` (multiscale flow) | 1–2 images | bits/dim | ``bits_per_dim_sum`` |
+| segmentation | :class:`LatentTaskModel` + :class:`SegmentationHead` | 1–2 images → label | CE (ignore 255) | ``confusion`` |
+| translation | :class:`LatentTaskModel` + :class:`TranslationHead` | 1–2 images → ``model.target`` image | L1 (+GAN) | ``abs_err_sum``, ``sq_err_sum``, ``numel`` |
+| classification | :class:`LatentTaskModel` + :class:`ClassificationHead` | image and/or text → vector | BCE | ``tp``, ``fp``, ``fn``, ``samples_f1_sum`` |
 
 Every task model's ``forward(batch, mode=...)`` is its single entry point (``"loss"`` → ``{"loss", ...}``,
-``"eval"`` → sums + ``"count"`` for exact cross-rank reduction, ``"sample"`` where the task samples), so
-the DeepSpeed engine (and ZeRO-3's parameter gathering) sees every call.
+``"eval"`` → sums + ``"count"`` for exact cross-rank reduction, ``"predict"`` per-sample outputs for the
+latent tasks, ``"sample"`` for density), so the DeepSpeed engine (and ZeRO-3's parameter gathering) sees
+every call. The metrics that turn the sums into numbers live in :mod:`pipeline.metrics`.
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
 from pipeline.config import Config, ConfigError
 
+from .augment import Augment
 from .density import DensityModel, build_density
+from .encoders import MIT_SIZES, ImageEncoder, MixVisionTransformer, load_mit_weights, read_state_dict
+from .fusion import LatentTaskModel, Modality, build_head
+from .heads import decoder_steps
 
-__all__ = ["DensityModel", "build_model", "modality_specs"]
+__all__ = ["DensityModel", "LatentTaskModel", "Modality", "build_model", "modality_specs", "task_layout"]
+
+Spec = tuple[str, tuple[int, ...], int]
 
 
-def modality_specs(cfg: Config, manifest) -> list[tuple[str, tuple[int, ...], int]]:
+def modality_specs(cfg: Config, manifest) -> list[Spec]:
     """(sample key, shape (C, H, W), bits) for each of ``data.modalities``, checked against the shard manifest.
 
     A config modality name (``rgb``) matches the manifest member whose stem it is (``rgb.png``); images are
-    stored (H, W, C) / (H, W) and batched (C, H, W), so the shape is reported in the batched layout.
+    stored (H, W, C) / (H, W) and batched (C, H, W), so the shape is reported in the batched layout. For the
+    latent tasks the manifest's class names must agree with ``model.num_classes`` (ConfigError otherwise).
     """
     available = manifest.modalities
     by_stem = {key.split(".")[0]: key for key in available}
@@ -37,21 +56,134 @@ def modality_specs(cfg: Config, manifest) -> list[tuple[str, tuple[int, ...], in
         shape = tuple(spec.shape or ())
         if spec.kind in ("image", "depth") and len(shape) in (2, 3):
             shape = (shape[2] if len(shape) == 3 else 1, shape[0], shape[1])
+        if spec.kind == "meta":
+            raise ConfigError(f"data.modalities: '{name}' is metadata ({key}), not a modality a model can read")
+        if (cfg.model.task in ("segmentation", "classification") and spec.kind in ("label", "target")
+                and spec.classes is not None and len(spec.classes) != cfg.model.num_classes):
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the shards' {key} has "
+                              f"{len(spec.classes)} classes ({', '.join(spec.classes[:5])}, ...)")
         bits = {"uint8": 8, "uint16": 16}.get(spec.dtype, 0)
         out.append((key, shape, bits))
     return out
 
 
-def build_model(cfg: Config, specs: list[tuple[str, tuple[int, ...], int]]) -> nn.Module:
+def _role(shape: tuple) -> str:
+    return {3: "image", 2: "label", 1: "vector", 0: "text"}.get(len(shape), "unknown")
+
+
+def task_layout(cfg: Config, specs: list[Spec]) -> tuple[list[Modality], Modality]:
+    """(input modalities, target modality) of a latent task, or a ConfigError saying what does not fit."""
+    task, m = cfg.model.task, cfg.model
+    mods = [Modality(key, _role(tuple(shape)), (shape[0] or 0) if len(shape) == 3 else 0, bits)
+            for key, shape, bits in specs]
+    stems = {md.key.split(".")[0]: md for md in mods}
+    want = {"segmentation": "label", "translation": "image", "classification": "vector"}[task]
+    if m.target:
+        if m.target not in stems:
+            raise ConfigError(f"model.target={m.target!r} is not one of data.modalities {list(stems)}")
+        target = stems[m.target]
+        if target.kind != want:
+            raise ConfigError(f"model.target={m.target!r}: {task} predicts a {want} modality, but {target.key} is a {target.kind}")
+    else:
+        if task == "translation":
+            raise ConfigError("model.target: translation needs the modality to predict named, e.g. model.target=right")
+        cands = [md for md in mods if md.kind == want]
+        if len(cands) != 1:
+            raise ConfigError(f"data.modalities {cfg.data.modalities}: {task} needs exactly one {want} modality to "
+                              f"predict; found {[c.key for c in cands]} (name it with model.target)")
+        target = cands[0]
+    inputs = [md for md in mods if md is not target]
+    allowed = ("image", "text") if task == "classification" else ("image",)
+    bad = [md.key for md in inputs if md.kind not in allowed]
+    if bad or len(inputs) not in (1, 2):
+        raise ConfigError(f"data.modalities {cfg.data.modalities}: {task} takes 1 or 2 input modalities of kind "
+                          f"{'/'.join(allowed)} besides its target {target.key}; got {[md.key for md in inputs]}"
+                          + (f" ({bad} cannot be inputs)" if bad else ""))
+    for md in inputs:
+        if md.kind == "image" and md.bits not in (8, 16):
+            raise ConfigError(f"data.modalities: {md.key} is not an 8- or 16-bit image")
+    if task in ("segmentation", "classification") and m.num_classes < 1:
+        raise ConfigError(f"model.num_classes must be ≥ 1 for {task}")
+    if task == "classification":
+        k = dict((s[0], s[1]) for s in specs)[target.key][0]
+        if k != m.num_classes:
+            raise ConfigError(f"model.num_classes={m.num_classes} but {target.key} holds {k} labels per sample")
+    return inputs, target
+
+
+def _grid(cfg: Config) -> tuple[int, int]:
+    m = cfg.model
+    n = m.tokens or (m.image_size // m.patch_size) ** 2
+    if m.grid:
+        if len(m.grid) != 2:
+            raise ConfigError(f"model.grid must be [rows, cols] or []; got {m.grid}")
+        if m.tokens and m.grid[0] * m.grid[1] != m.tokens:
+            raise ConfigError(f"model.grid {m.grid} holds {m.grid[0] * m.grid[1]} tokens but model.tokens={m.tokens}")
+        return m.grid[0], m.grid[1]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ConfigError(f"model.tokens={n} is not a square; give the grid explicitly (model.grid=[rows,cols])")
+    return side, side
+
+
+def _flow_kwargs(cfg: Config, tokens: int, memory: str) -> dict:
+    """MangoFlow arguments for L = ``tokens``; ConfigError when the partitions cannot split that many tokens."""
+    m = cfg.model
+    per = tokens // 2  # tokens per (pseudo-)modality the partitions see
+    if tokens % 2 or per % 2:
+        raise ConfigError(f"model.tokens/model.grid: the latent flow sees {tokens} tokens; MMCA/IMCA/LICA need an even "
+                          f"count per modality, each even again (a multiple of 4 per modality half)")
+    group = 0 if m.lica_group == 0 or m.lica_group >= tokens else m.lica_group
+    if group and (tokens % group or group % 2):
+        raise ConfigError(f"model.lica_group={m.lica_group} must be even and divide the latent flow's {tokens} tokens "
+                          f"(or 0 for one full mixer)")
+    return {"num_blocks": m.num_blocks, "memory": memory, "partitions": m.partitions, "form": m.form,
+            "lica_group": group}
+
+
+def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel:
+    """The latent model (E → G → head) of ``cfg.model.task``; loads ``model.encoder_weights`` into MiT encoders."""
+    m, d = cfg.model, cfg.data
+    inputs, target = task_layout(cfg, specs)
+    grid = _grid(cfg)
+    n = grid[0] * grid[1]
+    if inputs[0].kind == "text" and len(inputs) == 1 and m.fusion == "mango" and n % 4:
+        raise ConfigError(f"model.tokens={n}: the single-modality flow splits tokens even/odd; use a multiple of 4")
+    flow_kwargs = _flow_kwargs(cfg, n * len(inputs), memory) if m.fusion == "mango" else None
+    if m.encoder_weights and m.encoder == "conv":
+        raise ConfigError("model.encoder_weights: the conv encoder trains from scratch; pretrained weights need "
+                          f"model.encoder=mit_b0..mit_b5 (one of {list(MIT_SIZES)})")
+    if m.gan_weight and m.task != "translation":
+        raise ConfigError(f"model.gan_weight: the discriminator belongs to the translation task, not {m.task}")
+    steps = decoder_steps(m.image_size, grid[0])
+    head = build_head(m.task, target, m.dim, len(inputs), steps, m.num_classes, m.gan_weight)
+    augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip)
+    model = LatentTaskModel(m.task, inputs, target, head, dim=m.dim, grid=grid, encoder=m.encoder,
+                            patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, depth_max=m.depth_max,
+                            text_trainable=m.text_trainable, augment=augment, flow_kwargs=flow_kwargs)
+    if m.encoder_weights:
+        state = read_state_dict(m.encoder_weights)
+        for enc in model.encoders.values():
+            if isinstance(enc, ImageEncoder) and isinstance(enc.encoder, MixVisionTransformer):
+                try:
+                    load_mit_weights(enc.encoder, state, source=f"model.encoder_weights={m.encoder_weights!r}")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+    return model
+
+
+def build_model(cfg: Config, specs: list[Spec]) -> nn.Module:
     """The model for ``cfg.model.task`` on modalities ``specs`` = :func:`modality_specs` (mismatch → ConfigError)."""
     task = cfg.model.task
+    # deepspeed.activation_checkpointing is the operator's switch; the flows implement it per MANGO block
+    memory = "checkpoint" if cfg.deepspeed.activation_checkpointing and cfg.model.memory == "store" else cfg.model.memory
     if task == "density":
         for name, shape, _ in specs:
             want = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
             if tuple(shape) != want:
                 raise ConfigError(f"model.channels/model.image_size: the density model expects {name} images of shape "
                                   f"{want} (C, H, W) but the shards hold {tuple(shape)}")
-        # deepspeed.activation_checkpointing is the operator's switch; the flow implements it per MANGO block
-        memory = "checkpoint" if cfg.deepspeed.activation_checkpointing and cfg.model.memory == "store" else cfg.model.memory
         return build_density(cfg.model, [s[0] for s in specs], [s[2] for s in specs], memory=memory)
-    raise ConfigError(f"model.task={task!r} is not available in this build; use 'density'")
+    if task in ("segmentation", "translation", "classification"):
+        return build_latent(cfg, specs, memory)
+    raise ConfigError(f"model.task={task!r} is not available; use density, segmentation, translation or classification")

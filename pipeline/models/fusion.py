@@ -1,0 +1,209 @@
+"""The latent task model: per-modality encoders E → tokens on a fixed grid → G (MangoFlow) → Z → fuse → head.
+
+For M = 2 input modalities A, B of n tokens each (width D), the flow input is ``x = [E_A ; E_B]`` (N, 2n, D)
+and ``z, logdet = G(x)``; Z is split back per modality, fused (segmentation/translation: the per-modality grids
+concatenated along channels and mixed by a 1×1 conv; classification: per-modality pooling in the head), and
+the task head produces the output. With M = 1 (the single-modality baseline) G runs on the one modality's
+tokens split even/odd, as the density baseline does. ``fusion="concat"`` is the no-flow baseline: the same
+encoders, fusion and head with Z = x (no G, no NLL).
+
+**Objective** ``loss = task_loss + λ · NLL(x)/(L·D)`` (λ = ``model.nll_weight``; NLL in nats, standard normal
+prior on z). The NLL's gradient is *stopped into the encoders*: E's Jacobian is not part of the likelihood, so
+letting the NLL train E would let it shrink the token scale and cheat the density (DESIGN.md §1). The flow's
+parameters receive both gradients. Implementation: one flow call on the batch ``[x ; x.detach()]`` (2N
+samples); the first half's Z feeds the head (task gradient into G and E), the second half's ``(z, logdet)``
+gives the NLL (gradient into G only). Under ``no_grad`` (eval, predict, ActNorm data init) one pass over x
+serves both.
+
+``forward(batch, mode)`` — the task-model contract (``pipeline/models/__init__.py``):
+
+- ``"loss"`` → ``{"loss", "task_loss", "nll"}`` (+ ``gan_g``/``gan_d`` when the GAN is on); all but ``loss``
+  detached. Training-time augmentation (``data.crop_size`` …) is applied here, in training mode only.
+- ``"eval"`` → the head's sums (``confusion`` | ``abs_err_sum``, ``sq_err_sum``, ``numel`` | ``tp``, ``fp``,
+  ``fn``, ``samples_f1_sum``) + ``task_loss_sum``, ``nll_sum`` (per-sample values summed) + ``count``; every
+  sum counts only samples with ``batch["__valid__"]`` True.
+- ``"predict"`` → ``{"pred"}`` (segmentation (N, H, W) int64, translation (N, C, H, W) in [0, 1]) or
+  ``{"probs"}`` (classification (N, K)); the target may be absent from the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.flows import MangoFlow
+
+from .augment import Augment
+from .encoders import ImageEncoder
+from .heads import ClassificationHead, SegmentationHead, TranslationHead
+from .text import TextEncoder
+
+FUSIONS = ("mango", "concat")
+MODES = ("loss", "eval", "predict")
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality of a task: its batch key, role and what the model needs to read it.
+
+    ``kind``: ``image`` (integer (N, C, H, W); ``bits`` 8 or 16), ``text`` (list of str), ``label`` (int64
+    (N, H, W), 255 = ignore), ``vector`` (multi-hot (N, K)).
+    """
+
+    key: str
+    kind: str
+    channels: int = 0
+    bits: int = 0
+
+
+class LatentTaskModel(nn.Module):
+    """See the module docstring. ``inputs``: 1 or 2 modalities (image/text); ``target``: the supervised one."""
+
+    def __init__(self, task: str, inputs: Sequence[Modality], target: Modality, head: nn.Module, *, dim: int,
+                 grid: tuple[int, int], encoder: str = "conv", patch_size: int = 4, fusion: str = "mango",
+                 nll_weight: float = 1e-2, depth_max: float = 10000.0, text_trainable: bool = False,
+                 augment: Augment | None = None, flow_kwargs: Mapping | None = None):
+        super().__init__()
+        if len(inputs) not in (1, 2):
+            raise ValueError(f"{task}: the latent model takes 1 or 2 input modalities; got {[m.key for m in inputs]}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"{task}: fusion must be one of {list(FUSIONS)}; got {fusion!r}")
+        self.task, self.inputs, self.target = task, tuple(inputs), target
+        self.dim, self.grid, self.fusion, self.nll_weight = dim, tuple(grid), fusion, float(nll_weight)
+        self.depth_max, self.augment = float(depth_max), augment or Augment()
+        n = grid[0] * grid[1]
+        self.tokens_per_modality = n
+        self.encoders = nn.ModuleDict()
+        for m in inputs:
+            if m.kind == "image":
+                self.encoders[_name(m.key)] = ImageEncoder(encoder, m.channels, m.bits, dim, self.grid, patch_size, depth_max)
+            elif m.kind == "text":
+                self.encoders[_name(m.key)] = TextEncoder(n, dim, trainable=text_trainable)
+            else:
+                raise ValueError(f"{task}: input {m.key!r} of kind {m.kind!r} cannot be encoded; use image or text modalities")
+        if fusion == "mango":
+            self.flow = MangoFlow(dim, n * len(inputs), **dict(flow_kwargs or {}))
+            if len(inputs) == 1:  # single modality: [even ; odd] tokens play the two "modalities"
+                order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
+                self.register_buffer("order", order, persistent=False)
+                self.register_buffer("unorder", torch.argsort(order), persistent=False)
+        else:
+            self.flow = None
+        spatial = task in ("segmentation", "translation")
+        self.fuse = nn.Conv2d(dim * len(inputs), dim, 1) if spatial else None
+        self.head = head
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def _encode(self, batch: Mapping[str, object]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        tokens, masks = [], []
+        for m in self.inputs:
+            out = self.encoders[_name(m.key)](batch[m.key])
+            if isinstance(out, tuple):
+                tokens.append(out[0])
+                masks.append(out[1])
+            else:
+                tokens.append(out)
+                masks.append(None)
+        return tokens, masks
+
+    def _flow(self, tokens: list[torch.Tensor], stop_into_encoders: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Z per modality and the per-sample NLL/(L·D) (None without a flow)."""
+        if self.flow is None:
+            return tokens, None
+        x = torch.cat(tokens, dim=1) if len(tokens) == 2 else tokens[0][:, self.order]
+        n = x.shape[0]
+        if stop_into_encoders:
+            z_all, ld_all = self.flow(torch.cat([x, x.detach()], dim=0))
+            z, nll = z_all[:n], self.nll_per_dim(z_all[n:], ld_all[n:])
+        else:
+            z, logdet = self.flow(x)
+            nll = self.nll_per_dim(z, logdet)
+        zs = list(z.chunk(2, dim=1)) if len(tokens) == 2 else [z[:, self.unorder]]
+        return zs, nll
+
+    @staticmethod
+    def nll_per_dim(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+        """(N,) −log p(x)/(L·D) in nats under a standard normal prior on z (fp32 or better)."""
+        z = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
+        ld = z.shape[1] * z.shape[2]
+        log_pz = -0.5 * (z * z).flatten(1).sum(1) - 0.5 * ld * math.log(2 * math.pi)
+        return -(log_pz + logdet.to(z.dtype)) / ld
+
+    def _head(self, zs: list[torch.Tensor], masks: list[torch.Tensor | None], size: tuple[int, int] | None) -> torch.Tensor:
+        if self.fuse is None:
+            return self.head(zs, masks)
+        n, (gh, gw) = zs[0].shape[0], self.grid
+        grids = [z.transpose(1, 2).reshape(n, self.dim, gh, gw) for z in zs]
+        return self.head(self.fuse(torch.cat(grids, dim=1)), size)
+
+    def _target(self, batch: Mapping[str, object]) -> torch.Tensor:
+        t = batch[self.target.key]
+        if self.target.kind == "label":
+            return t.long()
+        if self.target.kind == "image":
+            x = t.float()
+            return x / 255.0 if self.target.bits == 8 else (x / self.depth_max).clamp(0.0, 1.0)
+        return t.float()
+
+    def _augmented(self, batch: Mapping[str, object], with_target: bool) -> Mapping[str, object]:
+        keys = [m.key for m in self.inputs if m.kind == "image"]
+        if with_target and self.target.kind in ("image", "label"):
+            keys.append(self.target.key)
+        nearest = {m.key for m in (*self.inputs, self.target) if m.kind == "image" and m.bits == 16}
+        return {**batch, **self.augment({k: batch[k] for k in keys}, nearest)}
+
+    # -- the entry point ------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, object], mode: str = "loss"):
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}({self.task}): unknown mode {mode!r}; use one of {list(MODES)}")
+        need = [m.key for m in self.inputs] + ([self.target.key] if mode != "predict" else [])
+        missing = [k for k in need if k not in batch]
+        if missing:
+            raise ValueError(f"{self.task} batch lacks {missing}; it has {sorted(k for k in batch if not k.startswith('__'))}")
+        if mode == "loss" and self.training and self.augment.active:
+            batch = self._augmented(batch, with_target=True)
+        tokens, masks = self._encode(batch)
+        stop = mode == "loss" and torch.is_grad_enabled() and self.nll_weight > 0
+        zs, nll = self._flow(tokens, stop_into_encoders=stop)
+        size = next((tuple(batch[m.key].shape[-2:]) for m in self.inputs if m.kind == "image"), None)
+        out = self._head(zs, masks, size)
+        if mode == "predict":
+            return self.head.predict(out)
+        target = self._target(batch)
+        task_loss, per_sample, *extra = self.head.loss(out, target)
+        if mode == "loss":
+            loss = task_loss + (self.nll_weight * nll.mean() if nll is not None and self.nll_weight > 0 else 0.0)
+            result = {"loss": loss, "task_loss": task_loss.detach()}
+            if nll is not None:
+                result["nll"] = nll.mean().detach()
+            return result | (extra[0] if extra else {})
+        valid = batch.get("__valid__")
+        w = torch.ones(per_sample.shape[0], device=per_sample.device) if valid is None else \
+            torch.as_tensor(valid, device=per_sample.device).to(per_sample.dtype)
+        sums = self.head.sums(out.detach(), target, w.bool())
+        sums["task_loss_sum"] = (per_sample.detach().double() * w.double()).sum()
+        if nll is not None:
+            sums["nll_sum"] = (nll.detach().double() * w.to(nll.device).double()).sum()
+        sums["count"] = w.double().sum()
+        return sums
+
+
+def _name(key: str) -> str:
+    """A ModuleDict-safe name for a batch key (``rgb.png`` → ``rgb``)."""
+    return key.split(".")[0].replace("-", "_")
+
+
+def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: int, num_classes: int,
+               gan_weight: float = 0.0) -> nn.Module:
+    """The head for ``task`` (segmentation | translation | classification)."""
+    if task == "segmentation":
+        return SegmentationHead(dim, num_classes, steps)
+    if task == "translation":
+        return TranslationHead(dim, target.channels, steps, gan_weight)
+    if task == "classification":
+        return ClassificationHead(dim, num_classes, num_inputs)
+    raise ValueError(f"no latent head for task {task!r}")

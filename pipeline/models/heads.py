@@ -1,0 +1,194 @@
+"""Task heads of the latent models: fused Z → task output, the task loss, eval sums and predictions.
+
+Each head exposes ``forward(fused, ...)`` (the raw output), ``loss(out, target)`` (a scalar and per-sample
+values), ``sums(out, target, valid)`` (additive eval sums in :mod:`pipeline.metrics`' definitions) and
+``predict(out)`` (the per-sample outputs of the task-model contract).
+
+- :class:`SegmentationHead` — grid (N, D, gh, gw) → ×2 conv-upsampling stages → (N, K, H, W) logits,
+  bilinearly resized to the input's full resolution; cross-entropy with ``ignore_index`` 255.
+- :class:`TranslationHead` — the same decoder → (N, C, H, W) in [0, 1] (sigmoid); L1 against the target
+  scaled to [0, 1]; optional PatchGAN discriminator (``model.gan_weight > 0``).
+- :class:`ClassificationHead` — per-modality pooled Z (text pads masked out) → MLP → (N, K) logits; BCE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from pipeline import metrics
+
+IGNORE_INDEX = metrics.IGNORE_INDEX
+
+
+def decoder_steps(image_size: int, grid_side: int) -> int:
+    """Number of ×2 upsampling stages from the token grid towards ``image_size`` (at most 5; the rest bilinear)."""
+    return max(0, min(5, int(round(math.log2(max(1.0, image_size / max(grid_side, 1)))))))
+
+
+def _gn(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if c % g == 0), c)
+
+
+class UpDecoder(nn.Module):
+    """(N, D, gh, gw) → ``steps`` × (bilinear ×2 → 3×3 conv → GN → GELU) → 1×1 conv to ``out_channels``.
+
+    Widths halve per stage down to 32. The output is resized bilinearly to the requested (H, W), so any input
+    resolution (training crops, full-resolution evaluation) gets a full-resolution output.
+    """
+
+    def __init__(self, dim: int, out_channels: int, steps: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(dim, dim, 3, padding=1), _gn(dim), nn.GELU()]
+        c = dim
+        for _ in range(steps):
+            out = max(32, c // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                       nn.Conv2d(c, out, 3, padding=1), _gn(out), nn.GELU()]
+            c = out
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c, out_channels, 1)
+
+    def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        y = self.out(self.body(grid))
+        if tuple(y.shape[-2:]) != tuple(size):
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
+
+
+def _per_sample_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, ...) values and 0/1 weights → (N,) weighted means (0 where a sample has no weight)."""
+    dims = tuple(range(1, values.dim()))
+    return (values * weights).sum(dims) / weights.sum(dims).clamp_min(1)
+
+
+class SegmentationHead(nn.Module):
+    """Fused grid → (N, K, H, W) logits; CE ignoring label 255 (see module docstring)."""
+
+    def __init__(self, dim: int, num_classes: int, steps: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.decoder = UpDecoder(dim, num_classes, steps)
+
+    def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.decoder(grid, size)
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean CE over every labelled pixel of the batch, (N,) per-sample mean CE)."""
+        label = label.long()
+        bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= self.num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"segmentation: label values outside 0..{self.num_classes - 1} (and not {IGNORE_INDEX}); "
+                             f"model.num_classes={self.num_classes} does not fit the data")
+        ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")  # (N, H, W)
+        keep = (label != IGNORE_INDEX).to(ce.dtype)
+        # a batch with no labelled pixel contributes 0 (a plain mean would be 0/0 = NaN)
+        return (ce * keep).sum() / keep.sum().clamp_min(1), _per_sample_mean(ce, keep)
+
+    def sums(self, logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        conf = metrics.confusion_matrix(logits.argmax(1), label, self.num_classes, valid=valid)
+        return {"confusion": conf}
+
+    def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pred": logits.argmax(1).long()}
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN: (N, C, H, W) in [0, 1] → (N, 1, H/8, W/8) real/fake logits."""
+
+    def __init__(self, channels: int, width: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = channels
+        for i in range(3):
+            out = width * 2 ** i
+            layers += [nn.Conv2d(c, out, 4, stride=2, padding=1)]
+            if i:
+                layers += [_gn(out)]
+            layers += [nn.LeakyReLU(0.2)]
+            c = out
+        layers += [nn.Conv2d(c, 1, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(2.0 * x - 1.0)
+
+
+class TranslationHead(nn.Module):
+    """Fused grid → (N, C, H, W) in [0, 1]; L1 loss, optional adversarial term (module docstring).
+
+    With ``gan_weight > 0`` one combined objective trains generator and discriminator in the same optimizer
+    step: the generator's adversarial term runs the discriminator with *detached* parameters (so it moves
+    only the generator), the discriminator's term sees the output detached (so it moves only the
+    discriminator). Non-saturating BCE losses.
+    """
+
+    def __init__(self, dim: int, channels: int, steps: int, gan_weight: float = 0.0):
+        super().__init__()
+        self.channels, self.gan_weight = channels, gan_weight
+        self.decoder = UpDecoder(dim, channels, steps)
+        self.discriminator = PatchDiscriminator(channels) if gan_weight > 0 else None
+
+    def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(grid, size).float())
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(L1 [+ adversarial] scalar, (N,) per-sample L1, extra detached terms)."""
+        l1 = (pred - target).abs()
+        per = l1.flatten(1).mean(1)
+        total, extra = l1.mean(), {}
+        if self.discriminator is not None:
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            fake_for_g = functional_call(self.discriminator, frozen, (pred,))
+            g_adv = F.binary_cross_entropy_with_logits(fake_for_g, torch.ones_like(fake_for_g))
+            real, fake = self.discriminator(target), self.discriminator(pred.detach())
+            d_loss = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+            total = total + self.gan_weight * (g_adv + d_loss)
+            extra = {"gan_g": g_adv.detach(), "gan_d": d_loss.detach()}
+        return total, per, extra
+
+    def sums(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        return metrics.regression_sums(pred, target, valid)
+
+    def predict(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pred": pred}
+
+
+class ClassificationHead(nn.Module):
+    """Per-modality pooled Z (masked mean over real tokens) → concat → MLP → (N, K) multi-label logits; BCE."""
+
+    def __init__(self, dim: int, num_classes: int, num_modalities: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.mlp = nn.Sequential(nn.LayerNorm(dim * num_modalities), nn.Linear(dim * num_modalities, dim), nn.GELU(),
+                                 nn.Linear(dim, num_classes))
+
+    def forward(self, zs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        pooled = []
+        for z, m in zip(zs, masks, strict=True):
+            if m is None:
+                pooled.append(z.mean(1))
+            else:
+                w = m.to(z.dtype).unsqueeze(-1)
+                pooled.append((z * w).sum(1) / w.sum(1).clamp_min(1))
+        return self.mlp(torch.cat(pooled, dim=-1)).float()
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if target.shape != logits.shape:
+            raise ValueError(f"classification: target {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+        bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+        return bce.mean(), bce.mean(1)
+
+    def sums(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = metrics.multilabel_sums(torch.sigmoid(logits), target, valid)
+        out.pop("count")  # the model reports count once, for every task alike
+        return out
+
+    def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"probs": torch.sigmoid(logits)}
