@@ -86,6 +86,9 @@ class DataConfig:
     batch_size: int = _f(8, ge=1)  # per rank and micro-batch; global = batch_size · world_size · grad_accum
     num_workers: int = _f(0, ge=0)
     modalities: list[str] = _f(factory=lambda: ["rgb", "right"], nonempty=True, item_pattern=_IDENT)
+    crop_size: int = _f(0, ge=0)  # latent tasks, training only: random square crop (px); 0 = none
+    scale_range: tuple[float, float] = _f((1.0, 1.0), item_gt=0.0)  # random rescale before the crop (per batch)
+    hflip: bool = False  # random horizontal flips in training (never for stereo-geometry tasks)
 
 
 @dataclass
@@ -110,6 +113,12 @@ class ModelConfig:
     init_weights: str = ""  # consolidated model.safetensors to start a fresh run from; "" = random init
     nll_weight: float = _f(1e-2, ge=0.0)  # λ in task loss + λ·NLL/(L·D)
     num_classes: int = _f(0, ge=0)  # segmentation / classification head size
+    fusion: str = _f("mango", choices=("mango", "concat"))  # latent models: G over the fused tokens, or concat (no flow)
+    target: str = ""  # latent models: the predicted entry of data.modalities ("" = the one label / target modality)
+    grid: list[int] = _f(factory=list, item_ge=1)  # [gh, gw] token grid per modality; [] = square of model.tokens
+    text_trainable: bool = False  # fine-tune MiniLM (text modalities); false = frozen
+    gan_weight: float = _f(0.0, ge=0.0)  # translation: weight of the PatchGAN terms; 0 = no discriminator
+    depth_max: float = _f(10000.0, gt=0.0)  # 16-bit modalities: this value maps to 1.0 (mm: 10 m), clipped
 
 
 @dataclass
@@ -183,6 +192,34 @@ class TrackingConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """Cluster settings read only by ``python -m jobs.launch`` (SLURM scripts, Kubernetes manifests).
+
+    Credentials never live here: Kubernetes pods read them from the Secret ``secret`` (``envFrom``), SLURM
+    jobs from the submitting environment. ``env`` holds plain ``KEY=VALUE`` settings (e.g. NCCL_SOCKET_IFNAME).
+    """
+
+    image: str = _f("mango-pipeline", nonempty=True)  # container image repository (k8s, kuberay)
+    tag: str = ""  # image tag; required for k8s and kuberay (the tag you built with the Dockerfile)
+    partition: str = ""  # SLURM partition; "" = the cluster default
+    account: str = ""
+    qos: str = ""
+    time: str = _f("24:00:00", nonempty=True)  # SLURM time limit
+    cpus_per_gpu: int = _f(8, ge=1)
+    log_dir: str = ""  # "" = <run.dir>/logs; each job writes <log_dir>/<job name>-<job id>/
+    rdzv_port: int = _f(0, ge=0, lt=65536)  # 0 = 20000 + job id % 40000 (SLURM), 29500 (k8s)
+    python: str = _f("python", nonempty=True)  # interpreter on the nodes (SLURM)
+    setup: str = ""  # shell line(s) run first on the nodes, e.g. "source /shared/mango/.venv/bin/activate"
+    env: list[str] = _f(factory=list)  # plain KEY=VALUE settings exported to every node / pod
+    namespace: str = _f("default", nonempty=True)
+    secret: str = _f("mango-credentials", nonempty=True)  # Secret with AWS_* and MLFLOW_TRACKING_* keys
+    pvc: str = ""  # ReadWriteMany claim holding run dirs (checkpoints); "" needs checkpoint.remote=s3://...
+    pvc_mount: str = _f("/mnt/mango", nonempty=True)
+    shm_size: str = _f("16Gi", nonempty=True)  # /dev/shm (memory-backed emptyDir) per pod
+    max_restarts: int = _f(20, ge=0)  # pod restarts (preemptions) before Kubernetes gives up
+
+
+@dataclass
 class Config:
     """The whole run configuration (see the module docstring for how it is assembled)."""
 
@@ -195,6 +232,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # -- public API ---------------------------------------------------------------------------------------
