@@ -39,7 +39,8 @@ log = logging.getLogger("pipeline.train")
 # Keys that fix the architecture: a resumed run takes them from the checkpoint, and a different value in
 # the new config is an error (a silent change would load weights into the wrong shapes, or worse, not fail).
 ARCH_KEYS = ("task", "channels", "image_size", "levels", "blocks_per_level", "dim", "patch_size", "num_blocks",
-             "tokens", "partitions", "lica_group", "form", "encoder", "num_classes")
+             "tokens", "partitions", "lica_group", "form", "encoder", "num_classes", "fusion", "target", "grid",
+             "gan_weight")
 
 
 def _seed_all(seed: int) -> None:
