@@ -30,11 +30,17 @@ import math
 import torch
 from torch import nn
 
+from .attention import diag_log_softmax, upper_attention
 from .base import InvertibleModule, compute_dtype, logdet_dtype
 from .lica import LUTokenMixer
 from .partitions import PARTITIONS, partition_index
 
 FORMS = ("gated", "paper")
+#: forward attention path: ``fused`` = flipped causal SDPA for ``A x2`` + chunked diagonal log-probs
+#: (:mod:`pipeline.flows.attention`, no n×n tensor kept for backward); ``plain`` = the materialised
+#: reference; ``auto`` = fused from ``FUSED_MIN_TOKENS`` tokens per half up, where it measured faster
+ATTENTION = ("auto", "fused", "plain")
+FUSED_MIN_TOKENS = 512
 GATE_MARGIN = 1e-4
 
 
@@ -90,6 +96,7 @@ class ICA(InvertibleModule):
         learn_temperature: make log τ a parameter initialised at log(1/√qk_dim).
         lica_group: LICA token-group size (0 = one full L×L mixer).
         solve_block: row-block size of the gated inverse solve.
+        attention: forward attention path, one of ``ATTENTION`` (the inverse always uses the plain ``A``).
     """
 
     def __init__(
@@ -103,8 +110,11 @@ class ICA(InvertibleModule):
         learn_temperature: bool = False,
         lica_group: int = 0,
         solve_block: int = 64,
+        attention: str = "auto",
     ):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"ICA: unknown attention '{attention}'; use one of {list(ATTENTION)}")
         if partition not in PARTITIONS:
             raise ValueError(f"ICA: unknown partition '{partition}'; use one of {list(PARTITIONS)}")
         if form not in FORMS:
@@ -113,6 +123,7 @@ class ICA(InvertibleModule):
             raise ValueError(f"ICA: token count must be even ([A ; B], n each); got tokens={tokens}")
         self.dim, self.tokens, self.partition, self.form = dim, tokens, partition, form
         self.solve_block = solve_block
+        self.attention = attention if attention != "auto" else ("fused" if tokens // 2 >= FUSED_MIN_TOKENS else "plain")
         qk_dim = qk_dim or dim
         self.proj_q = nn.Linear(dim, qk_dim, bias=False)
         self.proj_k = nn.Linear(dim, qk_dim, bias=False)
@@ -151,18 +162,39 @@ class ICA(InvertibleModule):
         return (1.0 - GATE_MARGIN) * torch.tanh(self.beta.to(dtype))
 
     # -- attention ------------------------------------------------------------------------------------
-    def log_attention(self, x1: torch.Tensor) -> torch.Tensor:
-        """``logp`` (N, n, n) in the compute dtype: masked log-softmax of the scores (−inf below the diagonal)."""
+    def queries_keys(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q·τ, k)``, each (N, n, qk_dim) in the compute dtype (projections may run under autocast)."""
         q = self.norm_q(self.proj_q(x1))
         k = self.norm_k(self.proj_k(x1))
         ct = compute_dtype(x1)
         with torch.autocast(x1.device.type, enabled=False):
-            s = (q.to(ct) @ k.to(ct).transpose(-1, -2)) * self.log_temperature.to(ct).exp()
-            s = s.masked_fill(self.below_diag, float("-inf"))
+            return q.to(ct) * self.log_temperature.to(ct).exp(), k.to(ct)
+
+    def log_attention(self, x1: torch.Tensor) -> torch.Tensor:
+        """``logp`` (N, n, n) in the compute dtype: masked log-softmax of the scores (−inf below the diagonal)."""
+        q, k = self.queries_keys(x1)
+        with torch.autocast(x1.device.type, enabled=False):
+            s = (q @ k.transpose(-1, -2)).masked_fill(self.below_diag, float("-inf"))
             return torch.log_softmax(s, dim=-1)
+
+    def _forward_fused(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward ``(y2, logdet)`` without an n×n tensor: SDPA for ``A x2``, chunked ``logp_ii``."""
+        q, k = self.queries_keys(x1)
+        ct = compute_dtype(x1)
+        with torch.autocast(x1.device.type, enabled=False):
+            x2c = x2.to(ct)
+            diag = diag_log_softmax(q, k)  # (N, n)
+            ax = upper_attention(q, k, x2c)
+            if self.form == "gated":
+                alpha = self.gate(ct)
+                return x2c + alpha * ax, torch.log1p(alpha * diag.exp().unsqueeze(-1)).sum(dim=(1, 2))
+            return ax, self.dim * diag.sum(dim=-1)
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = self.split(x)
+        if not reverse and self.attention == "fused":
+            y2, logdet = self._forward_fused(x1, x2)
+            return self.merge(x1, y2.to(x.dtype)), logdet.to(logdet_dtype(x))
         logp = self.log_attention(x1)
         ct = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):

@@ -32,7 +32,7 @@ class MangoBlock(FlowSequence):
             partition names; one ``ActNorm → ICA`` pair per entry.
         hidden: coupling conditioner width (default ``max(dim, 16)``).
         swap: which channel half the coupling updates (alternated across blocks).
-        form, qk_dim, learn_temperature, lica_group, solve_block: passed to every :class:`ICA`.
+        form, qk_dim, learn_temperature, lica_group, solve_block, attention: passed to every :class:`ICA`.
     """
 
     def __init__(
@@ -48,13 +48,14 @@ class MangoBlock(FlowSequence):
         learn_temperature: bool = False,
         lica_group: int = 0,
         solve_block: int = 64,
+        attention: str = "auto",
     ):
         layers = []
         for name in resolve_partitions(partitions):
             layers.append(ActNorm(dim))
             layers.append(
                 ICA(dim, tokens, name, form=form, qk_dim=qk_dim, learn_temperature=learn_temperature,
-                    lica_group=lica_group, solve_block=solve_block)
+                    lica_group=lica_group, solve_block=solve_block, attention=attention)
             )
         layers.append(AffineCoupling(dim, hidden or max(dim, 16), swap=swap))
         super().__init__(layers, tokens=tokens, dim=dim)

@@ -91,7 +91,8 @@ class MultiscaleMangoFlow(nn.Module):
         partitions: the block layout (preset or names), as in :class:`~pipeline.flows.MangoBlock`.
         lica_group: LICA token-group size (clipped to the level's token count).
         num_modalities: 2 (joint) or 1 (single-modality baseline, tokens split even/odd).
-        memory, form, learn_temperature: passed to every level's :class:`~pipeline.flows.MangoFlow`.
+        memory, form, learn_temperature, attention: passed to every level's :class:`~pipeline.flows.MangoFlow`
+            (``attention="auto"`` picks the fused ICA forward per level by its token count).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class MultiscaleMangoFlow(nn.Module):
         memory: str = "store",
         form: str = "gated",
         learn_temperature: bool = False,
+        attention: str = "auto",
     ):
         super().__init__()
         if not isinstance(channels, int):
@@ -158,7 +160,7 @@ class MultiscaleMangoFlow(nn.Module):
             self.flows.append(
                 MangoFlow(d, tokens, per_level[k], memory=memory, partitions=partitions, hidden=dim,
                           qk_dim=min(dim, d), lica_group=min(lica_group, tokens) if lica_group else 0,
-                          form=form, learn_temperature=learn_temperature)
+                          form=form, learn_temperature=learn_temperature, attention=attention)
             )
             if k < levels - 1:
                 gh, gw, d = gh // 2, gw // 2, d * 2

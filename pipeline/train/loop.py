@@ -12,6 +12,7 @@ resolve world → process group → run dir + resolved config → model → resu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -28,6 +29,7 @@ import torch
 from pipeline import dist
 from pipeline.config import Config, ConfigError, save_resolved, to_dict
 from pipeline.flows import data_init
+from pipeline.metrics import finalize
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.ema import WeightEMA
 from pipeline.train.engine import autocast, build_engine
@@ -118,11 +120,14 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def evaluate(engine, cfg: Config, loader, device: torch.device) -> dict[str, float]:
-    """Collective exact pass over the validation split; returns ``val_<metric>`` means over all samples.
+    """Collective exact pass over the validation split; returns ``val_`` + :func:`pipeline.metrics.finalize`.
 
     The loader keeps ranks in step (padding batches flagged ``__valid__ = False`` once a rank runs out), so
     every rank calls forward equally often — ZeRO-3 gathers weights collectively inside forward — and the
-    models weight their sums by ``__valid__``; the sums, not per-rank means, are all-reduced.
+    models weight their sums by ``__valid__``. The eval outputs are sums of any shape (a (K, K) confusion
+    matrix, (K,) label counts, scalars); they are accumulated in float64 (integer counts stay exact below
+    2^53), flattened into one vector, all-reduced once and split back, so the split-level metric is computed
+    from the whole split's sums — never a mean of per-rank or per-batch metrics.
     """
     engine.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -131,16 +136,27 @@ def evaluate(engine, cfg: Config, loader, device: torch.device) -> dict[str, flo
             with autocast(cfg, device):
                 out = engine(_to_device(batch, device), mode="eval")
             for k, v in out.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
+                v = v.detach().double().cpu()
+                if k in sums and sums[k].shape != v.shape:
+                    raise ValueError(f"evaluate: eval output {k!r} changed shape from {tuple(sums[k].shape)} "
+                                     f"to {tuple(v.shape)} between batches")
+                sums[k] = sums[k] + v if k in sums else v
             if cfg.eval.batches and i + 1 >= cfg.eval.batches:
                 break
     engine.train()
-    keys = sorted(dist.broadcast_object(sorted(sums), src=0))
-    total = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys])
-    values = dict(zip(keys, dist.all_reduce_sum(total).tolist()))
-    count = values.pop("count", 0.0)
-    metrics = {f"val_{k.removesuffix('_sum')}": v / max(count, 1.0) for k, v in values.items() if k.endswith("_sum")}
-    return metrics | {"val_samples": count}
+    # rank 0 names the keys and shapes; a rank that saw no batch contributes zeros of those shapes
+    layout = dist.broadcast_object([(k, tuple(sums[k].shape)) for k in sorted(sums)], src=0)
+    flat = [sums[k].reshape(-1) if k in sums else torch.zeros(math.prod(shape), dtype=torch.float64)
+            for k, shape in layout]
+    total = dist.all_reduce_sum(torch.cat(flat)) if flat else torch.zeros(0, dtype=torch.float64)
+    reduced = dict(zip((k for k, _ in layout), (t.reshape(shape) for t, (_, shape) in
+                                                  zip(total.split([math.prod(s) for _, s in layout]), layout))))
+    count = float(reduced["count"]) if "count" in reduced else 0.0
+    if count <= 0:
+        raise RuntimeError(f"evaluate: the validation pass saw no valid sample (split {cfg.data.val_split!r}, "
+                           f"eval.batches={cfg.eval.batches}); check the val shards")
+    metrics = finalize(cfg.model.task, reduced)
+    return {f"val_{k}": v for k, v in metrics.items()} | {"val_samples": count}
 
 
 def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
