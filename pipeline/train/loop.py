@@ -163,7 +163,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     """Train ``cfg`` to ``train.max_steps`` (resuming per ``checkpoint.resume``); returns the last metrics.
 
     ``reporter`` (e.g. Ray Tune's ``tune.report``) receives the metrics dict at every validation, on every
-    rank. After a SIGUSR2 / SIGTERM-triggered save the process exits with 0 / 143 (``SystemExit``).
+    rank, after that step's checkpoint (if one is due) is complete. After a SIGUSR2 / SIGTERM-triggered save the process exits with 0 / 143 (``SystemExit``).
     A fresh run validates once before its first step (logged at step 0: the "before" figure).
     """
     from pipeline.data import LoaderState, build_eval_loader, build_train_loader, load_manifest, manifest_name
@@ -250,6 +250,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         if cfg.tracking.enabled:
             tracker = MlflowTracker.from_config(cfg)
             tracker.start(cfg.run.name, run_id=saved.get("mlflow_run_id") or None,
+                          parent_run_id=cfg.tracking.parent_run_id or None,
                           tags={"data.train_manifest_sha256": train_manifest.manifest_checksum(),
                                 "data.val_manifest_sha256": val_manifest.manifest_checksum(),
                                 "run.dir": str(run_dir.resolve())})
@@ -347,13 +348,16 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                     progress.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['samples_per_s']:.1f}")
             if progress is not None:
                 progress.update(1)
-            if step % cfg.eval.every == 0 or step == cfg.train.max_steps:
+            validated = step % cfg.eval.every == 0 or step == cfg.train.max_steps
+            if validated:
                 last |= validate(step) | {"step": step}
-                if reporter is not None:
-                    reporter(dict(last))
             saved_now = step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps
             if saved_now:
                 save(step)
+            if validated and reporter is not None:
+                # after the save: a sweep scheduler may stop the trial inside the report, and the checkpoint
+                # of the step it judged must exist by then
+                reporter(dict(last))
             code = watch.exit_code()
             if code is not None:
                 if not saved_now:
