@@ -3,6 +3,8 @@
     python -m jobs.shard embedded --src stereo --out shards/stereo --patch 32
     python -m jobs.shard embedded --src scenes --out shards/scenes --scenes 64 --size 64
     python -m jobs.shard nyudv2 --src /data/nyudv2 --out s3://bucket/mango/nyudv2 --workers 8
+    python -m jobs.shard make-movies --out raw/movies     # embedded image+text genres in the MM-IMDB layout
+    python -m jobs.shard mmimdb --src raw/movies --out shards/movies --image-size 32
     python -m jobs.shard taskonomy --src /data/taskonomy --out shards/taskonomy --domains reshading,edge_texture,rgb
     # SLURM array (task index/count from SLURM_ARRAY_TASK_ID/COUNT), then one merge:
     sbatch --array=0-15 --wrap "python -m jobs.shard sunrgbd --src /data/SUNRGBD --out shards/sun --split train"
@@ -66,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    choices = sorted(SOURCES) + ["merge"]
+    choices = sorted(SOURCES) + ["merge", "make-movies"]
     if not argv or argv[0] not in choices:
         print(__doc__, file=sys.stderr)
         print(f"first argument must be one of {choices}", file=sys.stderr)
         return 2
+    if argv[0] == "make-movies":  # the embedded image+text set, written in the MM-IMDB layout
+        from pipeline.data.sources.movies import main as make_movies
+
+        return make_movies(argv[1:])
     if argv[0] == "merge":
         a = _merge_parser().parse_args(argv[1:])
         m = merge_split(a.out, a.split, verify=not a.no_verify)
