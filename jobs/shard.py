@@ -2,6 +2,7 @@
 
     python -m jobs.shard embedded --src stereo --out shards/stereo --patch 32
     python -m jobs.shard embedded --src scenes --out shards/scenes --scenes 64 --size 64
+    python -m jobs.shard embedded --src scenes --view top --out shards/scenes-top   # segmentation: only depth separates low/tall boxes
     python -m jobs.shard nyudv2 --src /data/nyudv2 --out s3://bucket/mango/nyudv2 --workers 8
     python -m jobs.shard make-movies --out raw/movies     # embedded image+text genres in the MM-IMDB layout
     python -m jobs.shard mmimdb --src raw/movies --out shards/movies --image-size 32

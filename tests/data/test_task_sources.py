@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data import load_manifest
@@ -111,3 +112,27 @@ def test_segmentation_and_translation_splits_are_disjoint():
     x_val = [int(k.split("-x")[1]) for k in stereo.keys("val")]
     assert max(x_train) + 16 <= min(x_val) - 16
     assert set(stereo.modalities("val")) >= {"rgb.png", "depth.png", "right.png"}
+
+
+def test_top_view_scenes_low_and_tall_boxes_differ_only_in_depth(tmp_path):
+    m = shard("embedded", "scenes", tmp_path, "train", options={"scenes": 16, "size": 48, "view": "top"})
+    rgb, depth = {1: [], 2: []}, {1: [], 2: []}  # 1 = low_box, 2 = tall_box
+    for s in read_all(m):
+        label = s["label.png"][0]
+        assert s["depth.png"].dtype == torch.uint16  # 16-bit millimetres
+        for c in (1, 2):
+            mask = label == c
+            rgb[c].append(s["rgb.png"][0].permute(1, 2, 0)[mask].double())
+            depth[c].append(s["depth.png"][0].reshape(label.shape)[mask].double())
+    rgb = {c: torch.cat(v) for c, v in rgb.items()}
+    depth = {c: torch.cat(v) for c, v in depth.items()}
+    assert min(len(rgb[1]), len(rgb[2])) > 100
+    # same grey in RGB (a few levels of edge shading) ...
+    assert (rgb[1].mean(0) - rgb[2].mean(0)).abs().max() < 6
+    # ... while the camera sees the tall boxes' tops 16 cm closer (0.44 m vs 0.12 m high): only depth tells
+    assert depth[1].mean() - depth[2].mean() > 250
+    with pytest.raises(ValueError, match="--view must be"):
+        open_source("embedded", "scenes", view="side")
+    with pytest.raises(ValueError, match="apply only to the other"):
+        open_source("embedded", "stereo", view="top")
+

@@ -17,6 +17,11 @@ so no val pixel was ever seen in training, even through an overlapping patch.
 no object). Three classes (low box, tall box, cylinder) share one colour and footprint size and differ
 only in shape or height, so only depth separates them reliably. ``depth.png`` is metric z-depth in mm
 from the z-buffer (0 = sky).
+
+``--view top`` (the segmentation task's set) looks straight down from 8 m with a narrow (10°) field of view, light
+from above and no shadows, and draws each box's footprint size at random (half-extent 8–12 cm): a
+low box and a tall box are then the same grey square in RGB (no side faces, no shadow length, no size
+cue), so **only depth separates them**; ``--view orbit`` (default) is the oblique camera above.
 """
 
 from __future__ import annotations
@@ -79,8 +84,10 @@ class EmbeddedSource(Source):
         "downscale": (int, 1, "stereo: integer area downscale of the whole image before cutting patches"),
         "size": (int, 64, "scenes: rendered image size (square)"),
         "scenes": (int, 0, "scenes: number of scenes per split (0 = 96 train / 32 val)"),
+        "view": (str, "orbit", "scenes: camera 'orbit' (oblique) or 'top' (straight down: low and tall boxes "
+                               "look alike in RGB, only depth separates them)"),
     }
-    _FOREIGN = {"stereo": ("size", "scenes"), "scenes": ("patch", "stride", "downscale")}
+    _FOREIGN = {"stereo": ("size", "scenes", "view"), "scenes": ("patch", "stride", "downscale")}
 
     def __init__(self, src: str | None, **options: Any) -> None:
         super().__init__(src or "stereo", **options)
@@ -90,6 +97,8 @@ class EmbeddedSource(Source):
         foreign = [k for k in self._FOREIGN[self.src] if o[k] != self.OPTIONS[k][1]]
         if foreign:
             raise ValueError(f"embedded --src {self.src}: option(s) {foreign} apply only to the other embedded source")
+        if o["view"] not in ("orbit", "top"):
+            raise ValueError(f"embedded: --view must be 'orbit' or 'top', got {o['view']!r}")
         if o["patch"] < 4 or o["downscale"] < 1 or o["stride"] < 0 or o["size"] < 8 or o["scenes"] < 0:
             raise ValueError(f"embedded: invalid options {o}")
 
@@ -153,7 +162,7 @@ class EmbeddedSource(Source):
                 "rgb.png": left[win].copy(), "right.png": right[win].copy(), "depth.png": depth[win].copy(),
                 "json": {"scene": "middlebury-2014-motorcycle", "y": y, "x": x, "downscale": s, "split": split},
             }
-        return render_scene(int(key.split("-")[1]), self.options["size"])
+        return render_scene(int(key.split("-")[1]), self.options["size"], view=self.options["view"])
 
 
 # -- pybullet scenes -----------------------------------------------------------------------------------
@@ -175,11 +184,11 @@ def _client() -> int:
     return cid
 
 
-def _add_solid(pb: Any, cid: int, cls: str, xy: tuple[float, float], yaw: float) -> int:
+def _add_solid(pb: Any, cid: int, cls: str, xy: tuple[float, float], yaw: float, half: float = 0.1) -> int:
     if cls == "low_box":
-        shape, half_h = dict(shapeType=pb.GEOM_BOX, halfExtents=[0.1, 0.1, 0.06]), 0.06
+        shape, half_h = dict(shapeType=pb.GEOM_BOX, halfExtents=[half, half, 0.06]), 0.06
     elif cls == "tall_box":
-        shape, half_h = dict(shapeType=pb.GEOM_BOX, halfExtents=[0.1, 0.1, 0.22]), 0.22
+        shape, half_h = dict(shapeType=pb.GEOM_BOX, halfExtents=[half, half, 0.22]), 0.22
     elif cls == "cylinder":
         shape, half_h = dict(shapeType=pb.GEOM_CYLINDER, radius=0.1, length=0.3), 0.15
     else:  # sphere
@@ -190,8 +199,11 @@ def _add_solid(pb: Any, cid: int, cls: str, xy: tuple[float, float], yaw: float)
                               baseOrientation=pb.getQuaternionFromEuler([0, 0, yaw]), physicsClientId=cid)
 
 
-def render_scene(seed: int, size: int) -> dict[str, Any]:
-    """Render scene ``seed``: rgb (size,size,3) uint8, depth (size,size) uint16 mm, label (size,size) uint8."""
+def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
+    """Render scene ``seed``: rgb (size,size,3) uint8, depth (size,size) uint16 mm, label (size,size) uint8.
+
+    ``view``: ``"orbit"`` (oblique camera, shadows) or ``"top"`` (straight down, see the module docstring).
+    """
     import pybullet as pb
 
     cid = _client()
@@ -213,6 +225,8 @@ def render_scene(seed: int, size: int) -> dict[str, Any]:
         if cls == "duck":
             body = pb.loadURDF("duck_vhacd.urdf", [xy[0], xy[1], 0.0], pb.getQuaternionFromEuler([math.pi / 2, 0, yaw]),
                                globalScaling=2.0, physicsClientId=cid)
+        elif view == "top":  # footprint drawn per object, so square size says nothing about height
+            body = _add_solid(pb, cid, cls, xy, yaw, half=rng.uniform(0.08, 0.12))
         else:
             body = _add_solid(pb, cid, cls, xy, yaw)
         body_class[body] = SCENE_CLASSES.index(cls)
@@ -221,11 +235,16 @@ def render_scene(seed: int, size: int) -> dict[str, Any]:
     el = math.radians(elevation)
     eye = [distance * math.cos(el) * math.cos(azimuth), distance * math.cos(el) * math.sin(azimuth),
            distance * math.sin(el)]
-    view = pb.computeViewMatrix(eye, [0, 0, 0.1], [0, 0, 1], physicsClientId=cid)
-    proj = pb.computeProjectionMatrixFOV(55, 1.0, NEAR_M, FAR_M, physicsClientId=cid)
-    light = [math.cos(azimuth + 1.0), math.sin(azimuth + 1.0), 1.5]
-    _, _, rgba, zbuf, seg = pb.getCameraImage(size, size, view, proj, renderer=pb.ER_TINY_RENDERER, shadow=1,
-                                              lightDirection=light, physicsClientId=cid)
+    fov, shadow, light = 55, 1, [math.cos(azimuth + 1.0), math.sin(azimuth + 1.0), 1.5]
+    if view == "top":  # far and narrow: box sides stay out of sight; light from above, no shadows
+        eye, target, up = [0, 0, 8.0], [0, 0, 0], [math.cos(azimuth), math.sin(azimuth), 0]
+        fov, shadow, light, elevation, distance = 10, 0, [0, 0, 1], 90.0, 8.0
+    else:
+        target, up = [0, 0, 0.1], [0, 0, 1]
+    view_matrix = pb.computeViewMatrix(eye, target, up, physicsClientId=cid)
+    proj = pb.computeProjectionMatrixFOV(fov, 1.0, NEAR_M, FAR_M, physicsClientId=cid)
+    _, _, rgba, zbuf, seg = pb.getCameraImage(size, size, view_matrix, proj, renderer=pb.ER_TINY_RENDERER,
+                                              shadow=shadow, lightDirection=light, physicsClientId=cid)
     rgb = np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
     seg = np.asarray(seg, dtype=np.int64).reshape(size, size)
     zbuf = np.asarray(zbuf, dtype=np.float64).reshape(size, size)
@@ -236,7 +255,7 @@ def render_scene(seed: int, size: int) -> dict[str, Any]:
         label[body == b] = c
     depth = np.where(seg >= 0, np.clip(np.round(depth_m * 1000.0), 1, 65535), 0).astype(np.uint16)
     meta = {"seed": seed, "camera": {"azimuth": round(azimuth, 4), "elevation": round(elevation, 3),
-                                     "distance": round(distance, 4), "fov": 55},
+                                     "distance": round(distance, 4), "fov": fov, "view": view},
             "objects": objects, "classes": list(SCENE_CLASSES)}
     return {"rgb.png": rgb, "depth.png": depth, "label.png": label, "json": meta}
 
