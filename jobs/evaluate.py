@@ -1,0 +1,75 @@
+"""Evaluate a trained model on one split: metrics JSON + figures, logged to MLflow with its run.
+
+    python -m jobs.evaluate --checkpoint runs/demo --split val --out metrics.json
+    python -m jobs.evaluate --checkpoint runs/demo/model.safetensors --shards s3://bucket/stereo --split test
+    python -m jobs.evaluate --model-uri models:/mango-density@champion --split val
+    python -m jobs.evaluate --checkpoint runs/tx --inception-weights /weights/pt_inception.pth   # translation
+
+``--checkpoint``: consolidated weights, a run directory, its ``checkpoints/`` directory or a tag directory.
+``--model-uri``: ``models:/mango-<task>@<alias>`` or ``models:/mango-<task>/<version>``. The metrics and
+figures go to the training run (known from the checkpoint or the registry version) at the checkpoint's
+step, else to a new ``evaluate-<task>`` run; ``--no-tracking`` skips MLflow. The store is ``--tracking-uri``,
+else ``tracking.uri`` of the model's config, else ``MLFLOW_TRACKING_URI``, else the project's local store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model.safetensors, a run dir, checkpoints/ dir or a checkpoint tag dir")
+    src.add_argument("--model-uri", help="models:/mango-<task>@<alias> or models:/mango-<task>/<version>")
+    p.add_argument("--split", default="", help="split to evaluate (default: the config's data.val_split)")
+    p.add_argument("--shards", default="", help="shard store (local dir or s3://); default: the config's data.shards")
+    p.add_argument("--out", default="metrics.json", help="metrics JSON path (default: metrics.json)")
+    p.add_argument("--figures", default="", help="figure directory (default: <out stem>_figures beside --out)")
+    p.add_argument("--num-figures", type=int, default=8, help="samples per figure (default: 8)")
+    p.add_argument("--batch-size", type=int, default=0, help="evaluation batch size (default: data.batch_size)")
+    p.add_argument("--inception-weights", default="", help="local Inception weights for FID/KID (translation)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tracking-uri", default="", help="MLflow store (see above)")
+    p.add_argument("--no-tracking", action="store_true", help="write the JSON and figures only")
+    args = p.parse_args(argv)
+
+    from pipeline import evaluation as ev
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="mango-eval-") as scratch:
+            source = ev.resolve_source(args.checkpoint, args.model_uri, scratch, tracking_uri=args.tracking_uri)
+            cfg = source.cfg
+            tracking_uri = args.tracking_uri or cfg.tracking.uri
+            split, shards = args.split or cfg.data.val_split, args.shards or cfg.data.shards
+            if args.inception_weights and cfg.model.task != "translation":
+                raise ValueError(f"--inception-weights is for the translation task; this model is {cfg.model.task!r}")
+            device = ev.pick_device(cfg, args.device)
+            model = ev.load_source(source, device)
+            result = ev.evaluate_model(model, cfg, shards, split, device=device, batch_size=args.batch_size or None,
+                                       inception_weights=args.inception_weights or None)
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            result.extra |= {"task": cfg.model.task, "model": source.origin, "step": source.step}
+            out.write_text(result.to_json() + "\n")
+            fig_dir = Path(args.figures) if args.figures else out.with_name(out.stem + "_figures")
+            files = ev.task_figures(model, source, shards, split, fig_dir, n=args.num_figures, device=device)
+            run_id = None
+            if not args.no_tracking:
+                run_id = ev.log_evaluation(result, source, [out, *files], tracking_uri=tracking_uri)
+    except (FileNotFoundError, LookupError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in result.metrics)
+    print(f"{cfg.model.task} on {shards} split {split} ({result.samples} samples, manifest {result.manifest_sha256[:12]})")
+    for k, v in sorted(result.metrics.items()):
+        print(f"  {k:<{width}}  {v:.6g}")
+    print(f"wrote {out} and {len(files)} figure(s) in {fig_dir}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Evaluate a trained model on one split of a shard store, outside training.
+
+Three ways to name a model, all resolved to one consolidated weights file + its config (:class:`ModelSource`):
+
+- consolidated weights ``model.safetensors`` (config beside it as ``model.config.yaml``);
+- a run directory, its ``checkpoints/`` directory or one checkpoint tag directory (any ZeRO stage):
+  consolidated into a scratch directory first (the run directory is never written to);
+- a registry URI ``models:/mango-<task>@<alias>`` or ``models:/mango-<task>/<version>``: the version's
+  logged weights and config are downloaded (see :mod:`pipeline.tracking.registry`).
+
+:func:`evaluate_model` is the training loop's own reduction (:func:`pipeline.train.loop.evaluate`: sums of
+``forward(batch, mode="eval")`` over an exact pass, turned into metrics by the task's ``finalize``) on a
+single process, seeded by ``run.seed`` so that the density task's dequantisation noise — and therefore
+the reported bits/dim — is the same every time the same weights meet the same manifest (the registry gate
+compares such numbers). Metric names are ``<split>_<metric>`` (``val_bits_per_dim``, ``test_miou``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+MODELS_URI_PREFIX = "models:/"
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from. ``run_id``: the MLflow run that trained (or registered) it, if known."""
+
+    weights: Path
+    cfg: Config
+    step: int | None = None
+    run_id: str | None = None
+    model_uri: str | None = None  # models:/... when resolved through the registry
+    version: str | None = None  # registry version number
+    origin: str = ""  # what the user passed, for messages and tags
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one exact pass. ``metrics`` keys are ``<split>_<name>`` (+ ``<split>_samples``)."""
+
+    metrics: dict[str, float]
+    split: str
+    shards: str
+    manifest_sha256: str
+    samples: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"split": self.split, "shards": self.shards, "manifest_sha256": self.manifest_sha256,
+                           "samples": self.samples, "metrics": self.metrics, **self.extra}, indent=2, sort_keys=True)
+
+
+def metric_for_split(metric: str, split: str) -> str:
+    """``cfg.eval.metric`` (named for validation, ``val_…``) as computed on ``split`` (``test_…``)."""
+    return f"{split}_{metric.removeprefix('val_')}"
+
+
+def weights_config(weights: str | Path) -> Config:
+    from pipeline.config import load_config
+    from pipeline.train.consolidate import config_path
+
+    cfg_path = config_path(weights)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{weights}: no config beside the weights (expected {cfg_path}, written by "
+                                "python -m jobs.consolidate)")
+    return load_config(cfg_path, [])
+
+
+def resolve_checkpoint(path: str | Path, scratch: str | Path) -> ModelSource:
+    """Consolidated weights, or a run / checkpoints / tag directory (consolidated into ``scratch``)."""
+    from safetensors import safe_open
+
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.consolidate import consolidate, resolve_tag_dir
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"--checkpoint {path}: expected consolidated weights (*.safetensors) or a run / "
+                             "checkpoint directory")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        step = int(meta["step"]) if meta.get("step", "").isdigit() else None
+        run_id = None
+        source = Path(meta.get("source", ""))
+        # the training run's id lives in the checkpoint the weights came from, while it is still kept
+        if meta.get("source") and (source / ckpt.COMPLETE).exists():
+            run_id = ckpt.read_state(source).get("mlflow_run_id") or None
+        return ModelSource(path, weights_config(path), step=step, run_id=run_id, origin=str(path))
+    tag_dir = resolve_tag_dir(path)
+    state = ckpt.read_state(tag_dir)
+    weights = consolidate(tag_dir, Path(scratch) / "model.safetensors")
+    return ModelSource(weights, weights_config(weights), step=int(state["step"]),
+                       run_id=state.get("mlflow_run_id") or None, origin=str(tag_dir))
+
+
+def resolve_source(checkpoint: str | None, model_uri: str | None, scratch: str | Path,
+                   tracking_uri: str = "") -> ModelSource:
+    """Exactly one of ``checkpoint`` / ``model_uri`` → :class:`ModelSource` (files under ``scratch``)."""
+    if bool(checkpoint) == bool(model_uri):
+        raise ValueError("give exactly one of --checkpoint PATH or --model-uri models:/mango-<task>@<alias>")
+    if checkpoint:
+        return resolve_checkpoint(checkpoint, scratch)
+    from pipeline.tracking.registry import resolve_model_uri
+
+    return resolve_model_uri(model_uri, scratch, tracking_uri=tracking_uri)
+
+
+def load_source(source: ModelSource, device: str | torch.device = "cpu") -> torch.nn.Module:
+    from pipeline.train.consolidate import load_model
+
+    model, _ = load_model(source.weights, device=device)
+    return model
+
+
+def pick_device(cfg: Config, requested: str = "auto") -> torch.device:
+    """``requested`` (cpu / cuda / auto); auto follows ``run.device`` (cuda when available under auto)."""
+    choice = cfg.run.device if requested == "auto" else requested
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device cuda was requested but no CUDA device is available")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def eval_loader(cfg: Config, shards: str, split: str, batch_size: int | None = None):
+    """Single-process exact pass over ``split`` of ``shards``, and the split's manifest."""
+    from pipeline.data import build_eval_loader, load_manifest, manifest_name
+    from pipeline.data.storage import join
+
+    manifest = load_manifest(join(shards, manifest_name(split)))
+    keys = model_keys(cfg, manifest)
+    loader = build_eval_loader(manifest, batch_size or cfg.data.batch_size, rank=0, world_size=1,
+                               num_workers=0, modalities=keys)
+    return loader, manifest
+
+
+def model_keys(cfg: Config, manifest) -> tuple[str, ...]:
+    """The sample keys the model reads, checked against the manifest (a mismatch is a ConfigError)."""
+    from pipeline.models import modality_specs
+
+    return tuple(s[0] for s in modality_specs(cfg, manifest))
+
+
+def evaluate_model(model: torch.nn.Module, cfg: Config, shards: str, split: str, *,
+                   device: torch.device | str = "cpu", batch_size: int | None = None,
+                   inception_weights: str | None = None) -> EvalResult:
+    """One seeded exact pass of ``model`` over ``split`` of ``shards`` → :class:`EvalResult`.
+
+    The numbers are those the training loop logs for the same weights and split (same reduction); the
+    density task draws its dequantisation noise from ``torch.manual_seed(cfg.run.seed)``. Translation adds
+    FID / KID×100 over the split (``fid``/``kid`` with ``inception_weights``, else ``fid_proxy``/``kid_proxy``).
+    """
+    from pipeline.train.loop import evaluate
+
+    device = torch.device(device)
+    loader, manifest = eval_loader(cfg, shards, split, batch_size)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.run.seed)
+    try:
+        raw = evaluate(model, cfg, loader, device)
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()  # the loop's evaluate hands the model back in train mode
+    metrics = {f"{split}_{k.removeprefix('val_')}": float(v) for k, v in raw.items()}
+    samples = int(metrics.get(f"{split}_samples", 0))
+    if samples == 0:
+        raise ValueError(f"{shards} split {split!r}: the exact pass saw no samples")
+    if cfg.model.task == "translation":
+        distances = image_distances(model, cfg, shards, split, device=device, batch_size=batch_size,
+                                    inception_weights=inception_weights)
+        metrics |= {f"{split}_{k}": v for k, v in distances.items()}
+    elif inception_weights:
+        raise ValueError(f"inception weights are for the translation task; this model is {cfg.model.task!r}")
+    return EvalResult(metrics, split, str(shards), manifest.manifest_checksum(), samples)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def weights_specs(weights: str | Path) -> list[tuple[str, tuple[int, ...], int]]:
+    """(sample key, shape (C, H, W), bits) per modality, from the consolidated weights' metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return [(n, tuple(s), int(b)) for n, s, b in json.loads((f.metadata() or {}).get("modalities", "[]"))]
+
+
+def predictions(model: torch.nn.Module, cfg: Config, shards: str, split: str, *, device: torch.device | str = "cpu",
+                batch_size: int | None = None, limit: int | None = None):
+    """Yield ``(batch, forward(batch, mode="predict"))`` over the valid samples of ``split`` in manifest
+    order (at most ``limit`` samples; outputs on the CPU)."""
+    loader, _ = eval_loader(cfg, shards, split, batch_size)
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            valid = batch["__valid__"].bool()
+            if not valid.any():
+                continue
+            out = model(to_device(batch, device), mode="predict")
+            keep = valid.nonzero().flatten()
+            if limit is not None:
+                keep = keep[: limit - seen]
+            pick = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()])
+                    for k, v in batch.items()}
+            yield pick, {k: v.detach().cpu()[keep] for k, v in out.items()}
+            seen += len(keep)
+            if limit is not None and seen >= limit:
+                return
+
+
+def target_unit(model: torch.nn.Module, target: torch.Tensor) -> torch.Tensor:
+    """A translation target image in [0, 1] as the model scales it (8-bit / 255, 16-bit / depth_max)."""
+    x = target.float()
+    return x / 255.0 if model.target.bits == 8 else (x / model.depth_max).clamp(0.0, 1.0)
+
+
+def image_distances(model: torch.nn.Module, cfg: Config, shards: str, split: str, *, device: torch.device | str,
+                    batch_size: int | None, inception_weights: str | None) -> dict[str, float]:
+    """FID / KID×100 of the translation predictions against the targets over the whole split (proxies
+    ``fid_proxy`` / ``kid_proxy`` without Inception weights; see :func:`pipeline.metrics.image_distances`)."""
+    from pipeline import metrics
+
+    real, fake = [], []
+    for batch, out in predictions(model, cfg, shards, split, device=device, batch_size=batch_size):
+        real.append(target_unit(model, batch[model.target.key]))
+        fake.append(out["pred"].float())
+    as_u8 = lambda xs: (torch.cat(xs).clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)  # noqa: E731
+    return metrics.image_distances(as_u8(real), as_u8(fake), inception_weights=inception_weights)
+
+
+def task_figures(model: torch.nn.Module, source: ModelSource, shards: str, split: str, out_dir: str | Path, *,
+                 n: int = 8, device: torch.device | str = "cpu", temperature: float = 1.0) -> list[Path]:
+    """The task's figures for ``split`` as PNGs in ``out_dir``; image figures show its first ``n`` samples
+    in manifest order.
+
+    density: ``samples.png`` (``n`` joint samples, seeded by ``run.seed``); segmentation: ``overlays.png``
+    (inputs | prediction | ground truth); translation: ``triptychs.png`` (inputs | prediction | target);
+    classification: ``genre_f1.png`` (per-genre F1 over the whole split).
+    """
+    from pipeline import figures
+
+    cfg, out_dir = source.cfg, Path(out_dir)
+    task = cfg.model.task
+    model.eval()
+    if task == "density":
+        with torch.no_grad():
+            torch.manual_seed(cfg.run.seed)
+            out = model(mode="sample", n=n, temperature=temperature)
+        names = list(out)
+        bits = {s[0]: s[2] for s in weights_specs(source.weights)}
+        return [figures.density_sample_grid([out[k] for k in names], [bits[k] for k in names], names,
+                                            out_dir / "samples.png")]
+    if task == "classification":
+        return [_genre_bars(model, cfg, shards, split, out_dir / "genre_f1.png", device)]
+    batch, out = next(predictions(model, cfg, shards, split, device=device, batch_size=n, limit=n))
+    inputs = [(m.key, batch[m.key], m.bits) for m in model.inputs if m.kind == "image"]
+    if task == "segmentation":
+        return [figures.segmentation_overlays(inputs, out["pred"], batch[model.target.key], out_dir / "overlays.png")]
+    if task == "translation":
+        target = target_unit(model, batch[model.target.key])
+        return [figures.translation_triptychs(inputs, out["pred"], target, out_dir / "triptychs.png")]
+    raise ValueError(f"no figures for task {task!r}")
+
+
+def _genre_bars(model, cfg: Config, shards: str, split: str, path: Path, device) -> Path:
+    from pipeline import figures
+
+    loader, manifest = eval_loader(cfg, shards, split)
+    sums: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for batch in loader:
+            out = model(to_device(batch, device), mode="eval")
+            for k in ("tp", "fp", "fn"):
+                sums[k] = sums.get(k, 0) + out[k].detach().double().cpu()
+    spec = next((v for k, v in manifest.modalities.items() if k == model.target.key), None)
+    k = sums["tp"].shape[0]
+    names = list(spec.classes) if spec is not None and spec.classes else [str(i) for i in range(k)]
+    return figures.genre_f1_bars(sums["tp"], sums["fp"], sums["fn"], names, path, title=f"per-genre F1 ({split})")
+
+
+def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], tracking_uri: str = "") -> str:
+    """Log ``result`` (metrics at the checkpoint's step, the manifest checksum as a tag) and ``files``
+    (under ``eval/<split>/``) to the model's training run when this store knows it, else to a new
+    ``evaluate-<task>`` run; returns the run id."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.registry import client_for
+    from pipeline.tracking.store import ensure_experiment
+
+    client = client_for(tracking_uri)
+    run_id = None
+    if source.run_id:
+        try:
+            run_id = client.get_run(source.run_id).info.run_id
+        except MlflowException:
+            log.warning("run %s is not in %s; logging the evaluation in a new run", source.run_id, client.tracking_uri)
+    tags = {f"eval.{result.split}.manifest_sha256": result.manifest_sha256,
+            f"eval.{result.split}.shards": result.shards}
+    if run_id is None:
+        exp = ensure_experiment(client, source.cfg.tracking.experiment)
+        run_tags = {"mango.job": "evaluate", "mango.source": source.origin}
+        if source.run_id:
+            run_tags["mango.trained_in_run"] = source.run_id
+        run_id = client.create_run(exp, run_name=f"evaluate-{source.cfg.model.task}", tags=run_tags).info.run_id
+    now, step = int(time.time() * 1000), source.step or 0
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in result.metrics.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+    for f in files:
+        client.log_artifact(run_id, str(f), f"eval/{result.split}")
+    if client.get_run(run_id).info.status == "RUNNING" and run_id != source.run_id:
+        client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -1,0 +1,155 @@
+"""The model registry: register → aliases → load by ``models:/mango-density@champion`` in a fresh process;
+the promotion gate; and the same flow against a real ``mlflow server``.
+
+One short density training run (tracked in a local sqlite store, two checkpoints) feeds every test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline.evaluation import evaluate_model, load_source, resolve_checkpoint, resolve_source
+from pipeline.tracking import registry
+from pipeline.tracking.pyfunc_model import run_task
+from pipeline.train.consolidate import consolidate, load_model
+from tests.train.conftest import TINY_TRAIN, run, tiny_shards  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_shards):  # noqa: F811
+    """A 6-step run with checkpoints at steps 3 and 6, consolidated; its local store."""
+    root = tmp_path_factory.mktemp("registry")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    run_dir = root / "run"
+    r = run([sys.executable, "-m", "jobs.train", *TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={run_dir}",
+             "train.max_steps=6", "checkpoint.every=3", "checkpoint.keep=2", "eval.every=3",
+             "tracking.enabled=true", f"tracking.uri={store}", "tracking.experiment=registry-test"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    weights = {s: consolidate(run_dir / "checkpoints" / f"step{s:08d}", root / f"step{s}" / "model.safetensors")
+               for s in (3, 6)}
+    return {"root": root, "store": store, "run_dir": run_dir, "weights": weights, "shards": tiny_shards}
+
+
+def _register(trained, step: int, *, promote: bool, split: str = "val", uri: str | None = None, scratch: Path):
+    source = resolve_checkpoint(trained["weights"][step], scratch)
+    result = evaluate_model(load_source(source), source.cfg, trained["shards"], split)
+    return registry.register(source, result, tracking_uri=uri or trained["store"], promote=promote), result
+
+
+def _dequantised_inputs(seed: int = 0) -> dict[str, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randint(0, 256, (5, 3, 8, 8), generator=g).double() + torch.rand(5, 3, 8, 8, generator=g))
+            .div(256).sub(0.5).float().numpy() for k in ("rgb.png", "right.png")}
+
+
+def test_register_tags_aliases_and_fresh_process_load(trained, tmp_path):
+    reg, result = _register(trained, 6, promote=True, scratch=tmp_path)
+    client = MlflowClient(trained["store"])
+    mv = client.get_model_version("mango-density", reg.version)
+    train_run = client.get_run(reg.run_id)
+    # logged in the training run, tagged with what makes it comparable and reproducible
+    assert train_run.data.tags["run.dir"] == str(trained["run_dir"].resolve())
+    assert mv.run_id == reg.run_id
+    assert mv.tags["eval.manifest_sha256"] == result.manifest_sha256
+    assert mv.tags["data.train_manifest_sha256"] == train_run.data.tags["data.train_manifest_sha256"]
+    assert float(mv.tags["metric.val_bits_per_dim"]) == result.metrics["val_bits_per_dim"]
+    assert len(mv.tags["git.commit"]) == 40 and mv.tags["step"] == "6"
+    aliases = client.get_registered_model("mango-density").aliases
+    assert str(aliases["candidate"]) == str(aliases["champion"]) == reg.version
+    # evaluation is seeded: the registered number is the number a second evaluation gives
+    source = resolve_checkpoint(trained["weights"][6], tmp_path / "again")
+    again = evaluate_model(load_source(source), source.cfg, trained["shards"], "val")
+    assert again.metrics == result.metrics
+
+    inputs = _dequantised_inputs()
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    script = textwrap.dedent(f"""
+        import mlflow, numpy as np
+        mlflow.set_tracking_uri({trained['store']!r})
+        model = mlflow.pyfunc.load_model("models:/mango-density@champion")
+        x = dict(np.load({str(tmp_path / 'inputs.npz')!r}))
+        bpd = model.predict(x)["bits_per_dim"]
+        s = model.predict({{}}, params={{"mode": "sample", "n": 3, "seed": 7, "temperature": 0.8}})
+        np.savez({str(tmp_path / 'out.npz')!r}, bpd=bpd, **{{"s_" + k: v for k, v in s.items()}})
+    """)
+    # a fresh process, started outside the repository: only the installed project and MLflow
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+
+    model, _ = load_model(trained["weights"][6])
+    want = run_task(model, "density", {k: torch.from_numpy(v) for k, v in inputs.items()}, {})
+    np.testing.assert_array_equal(out["bpd"], want["bits_per_dim"])
+    with torch.no_grad():
+        direct = model.flow(*(torch.from_numpy(inputs[k]) for k in ("rgb.png", "right.png")), mode="bits_per_dim")
+    np.testing.assert_allclose(out["bpd"], direct.double().numpy(), rtol=0, atol=0)
+    samples = run_task(model, "density", {}, {"mode": "sample", "n": 3, "seed": 7, "temperature": 0.8})
+    for k, v in samples.items():
+        assert v.shape == (3, 3, 8, 8) and v.dtype == np.int64
+        np.testing.assert_array_equal(out["s_" + k], v)
+
+
+def test_gate_worse_stays_candidate_and_other_manifest_is_refused(trained, tmp_path):
+    client = MlflowClient(trained["store"])
+    champion = client.get_registered_model("mango-density").aliases.get("champion")
+    champion = None if champion is None else str(champion)
+    if champion is None:  # run alone: make the step-6 model champion first
+        champion = _register(trained, 6, promote=True, scratch=tmp_path / "c")[0].version
+    champ_bpd = float(client.get_model_version("mango-density", champion).tags["metric.val_bits_per_dim"])
+
+    worse, result = _register(trained, 3, promote=True, scratch=tmp_path / "w")
+    assert result.metrics["val_bits_per_dim"] > champ_bpd  # 3 steps fewer: a worse model on this data
+    assert worse.gate is not None and not worse.gate.promote
+    assert "worse" in worse.gate.reason and f"champion stays at version {champion}" in worse.gate.reason
+    aliases = client.get_registered_model("mango-density").aliases
+    assert str(aliases["champion"]) == champion and str(aliases["candidate"]) == worse.version
+
+    other, _ = _register(trained, 6, promote=True, split="train", scratch=tmp_path / "o")
+    assert not other.gate.promote and other.gate.reason.startswith("refused")
+    assert "manifest" in other.gate.reason and "split train" in other.gate.reason
+    assert client.get_registered_model("mango-density").aliases["champion"] == int(champion)
+
+    # the CLI says why and exits 3; a better model on the same manifest would have exit 0 (first test)
+    r = run([sys.executable, "-m", "jobs.register", "--checkpoint", str(trained["run_dir"] / "checkpoints" / "step00000003"),
+             "--promote", "--tracking-uri", trained["store"]])
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "not promoted: val_bits_per_dim (min)" in r.stdout and "worse" in r.stdout
+    assert client.get_registered_model("mango-density").aliases["champion"] == int(champion)
+
+
+def test_registry_and_lookups_against_mlflow_server(trained, mlflow_server, tmp_path):
+    reg, result = _register(trained, 6, promote=True, uri=mlflow_server, scratch=tmp_path)
+    assert reg.gate.promote
+    client = MlflowClient(mlflow_server)
+    run_info = client.get_run(reg.run_id)  # the training run lives in the local store: a register run here
+    assert run_info.data.tags["mango.trained_in_run"] and run_info.data.tags["mango.job"] == "register"
+
+    source = resolve_source(None, "models:/mango-density@champion", tmp_path / "dl", tracking_uri=mlflow_server)
+    assert source.version == reg.version and source.run_id == reg.run_id and source.step == 6
+    assert registry.file_sha256(source.weights) == registry.file_sha256(trained["weights"][6])
+    out = tmp_path / "metrics.json"
+    r = run([sys.executable, "-m", "jobs.evaluate", "--model-uri", f"models:/mango-density/{reg.version}",
+             "--out", str(out), "--tracking-uri", mlflow_server, "--num-figures", "4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text())["metrics"] == result.metrics  # same weights, same manifest, same number
+    logged = client.get_run(reg.run_id)
+    assert logged.data.metrics["val_bits_per_dim"] == result.metrics["val_bits_per_dim"]
+    assert logged.data.tags["eval.val.manifest_sha256"] == result.manifest_sha256
+    assert {a.path for a in client.list_artifacts(reg.run_id, "eval/val")} == {"eval/val/metrics.json",
+                                                                             "eval/val/samples.png"}
+
+
+def test_bad_model_uris_are_clear_errors(trained, tmp_path):
+    with pytest.raises(ValueError, match="expected models:/mango-<task>@<alias>"):
+        registry.parse_model_uri("models:/mango@champion")
+    with pytest.raises(LookupError, match="not found in the registry"):
+        resolve_source(None, "models:/mango-density@nobody", tmp_path, tracking_uri=trained["store"])
