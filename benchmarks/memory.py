@@ -1,6 +1,6 @@
 """Activation memory of a training step vs depth for model.memory = store | checkpoint | invert.
 
-Run: ``.venv/bin/python benchmarks/memory.py [--blocks 4 12 24 48] [--repeats 3] [--batch 8] [--image 16]``
+Run: ``.venv/bin/python benchmarks/memory.py [--blocks 4 12 24 48] [--repeats 3] [--batch 8] [--image 16] [--device cuda]``
 
 Setting. The density model's flow (:class:`~pipeline.flows.MultiscaleMangoFlow`) on a stereo pair
 (3 + 3 channels, ``--image``² pixels, patch 2, one level, so every block sees L = 2·(image/2)² tokens of
@@ -89,9 +89,9 @@ class _Handle:
         self.owner._release(self.key)
 
 
-def build(memory: str, blocks: int, image: int) -> MultiscaleMangoFlow:
+def build(memory: str, blocks: int, image: int, device: str = "cpu") -> MultiscaleMangoFlow:
     torch.manual_seed(0)
-    flow = MultiscaleMangoFlow(3, image, 1, blocks, 32, patch_size=2, lica_group=16, memory=memory)
+    flow = MultiscaleMangoFlow(3, image, 1, blocks, 32, patch_size=2, lica_group=16, memory=memory).to(device)
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image", type=int, default=16)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--estimate", metavar="CONFIG", help="size a config's activations instead (FakeTensorMode)")
     args = parser.parse_args()
     if args.estimate:
@@ -188,21 +189,25 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, 256, (args.batch, 3, args.image, args.image), dtype=torch.uint8, generator=gen)
             for _ in range(2))
+    a, b = a.to(args.device), b.to(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     tokens = 2 * (args.image // 2) ** 2
     print(f"activation bytes of one training step (saved_tensors_hooks, peak over fwd+bwd, params excluded)\n"
-          f"stereo {args.image}×{args.image}, 1 level, L={tokens} tokens × D=12, batch {args.batch}, fp32, CPU "
-          f"({torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}); time = min of {args.repeats}, interleaved")
+          f"stereo {args.image}×{args.image}, 1 level, L={tokens} tokens × D=12, batch {args.batch}, fp32, {args.device} "
+          f"({torch.get_num_threads()} CPU threads, load avg {os.getloadavg()[0]:.1f}); time = min of {args.repeats}, interleaved")
     mem, times = {}, {}
     for nb in args.blocks:
-        flows = {p: build(p, nb, args.image) for p in POLICIES}
+        flows = {p: build(p, nb, args.image, args.device) for p in POLICIES}
         for p, f in flows.items():
             mem[p, nb] = activation_bytes(f, a, b)
             f.zero_grad(set_to_none=True)
         best = {p: float("inf") for p in POLICIES}
         for _ in range(args.repeats):
             for p, f in flows.items():
+                sync()
                 start = time.perf_counter()
                 loss_fn(f, a, b).backward()
+                sync()
                 best[p] = min(best[p], time.perf_counter() - start)
                 f.zero_grad(set_to_none=True)
         times.update({(p, nb): best[p] for p in POLICIES})

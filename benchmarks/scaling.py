@@ -1,6 +1,6 @@
 """ICA forward time and activation memory vs tokens n: fused (SDPA + chunked diagonal) vs plain (materialised A).
 
-Run: ``.venv/bin/python benchmarks/scaling.py [--sizes 256 1024 4096] [--repeats 3] [--batch 4] [--dim 64]``
+Run: ``.venv/bin/python benchmarks/scaling.py [--sizes 256 1024 4096] [--repeats 3] [--batch 4] [--dim 64] [--device cuda]``
 
 Setting. One ``pipeline.flows.ICA`` (partition ``mmca1``, gated form) per n tokens per half (the layer sees
 L = 2n tokens), width D = 64, batch 4, fp32, CPU, torch's default thread count, seeded; ``beta ~ N(0, 1)``
@@ -44,25 +44,33 @@ def saved_bytes(layer: ICA, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    print(f"ICA (mmca1, gated) fused vs plain forward; batch {args.batch}, D {args.dim}, fp32, CPU "
-          f"({torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}); min of {args.repeats}, interleaved")
+    dev = args.device
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads"
+    print(f"ICA (mmca1, gated) fused vs plain forward; batch {args.batch}, D {args.dim}, fp32, {where}, "
+          f"load avg {os.getloadavg()[0]:.1f}); min of {args.repeats}, interleaved")
     print(f"{'n':>6}{'plain fwd ms':>14}{'fused fwd ms':>14}{'fwd p/f':>9}{'plain f+b ms':>14}{'fused f+b ms':>14}"
           f"{'f+b p/f':>9}{'plain saved MiB':>17}{'fused saved MiB':>17}{'mem p/f':>9}{'n×n MiB':>9}")
     for n in args.sizes:
         torch.manual_seed(0)
-        plain = ICA(args.dim, 2 * n, "mmca1", attention="plain")
+        plain = ICA(args.dim, 2 * n, "mmca1", attention="plain").to(dev)
         with torch.no_grad():
             plain.beta.normal_()
-        fused = ICA(args.dim, 2 * n, "mmca1", attention="fused")
+        fused = ICA(args.dim, 2 * n, "mmca1", attention="fused").to(dev)
         fused.load_state_dict(plain.state_dict())
-        x = torch.randn(args.batch, 2 * n, args.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        x = torch.randn(args.batch, 2 * n, args.dim, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_()
         with torch.no_grad():
             (yp, lp), (yf, lf) = plain(x), fused(x)
         assert ((yp - yf).norm() / yp.norm()) < 1e-4 and ((lp - lf).abs() / lp.abs().clamp_min(1)).max() < 1e-4
@@ -83,8 +91,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for what, fn in (("fwd", fwd), ("step", step)):
                 for k, layer in layers.items():
+                    sync(dev)
                     start = time.perf_counter()
                     fn(layer)
+                    sync(dev)
                     best[k, what] = min(best[k, what], time.perf_counter() - start)
         mem = {k: saved_bytes(layer, x) / 2**20 for k, layer in layers.items()}
         nn_mib = args.batch * n * n * 4 / 2**20
