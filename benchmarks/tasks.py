@@ -1,0 +1,160 @@
+"""Does each latent task learn *because of* the fusion? MANGO vs single modality vs concat, same budget.
+
+For every task the demo config (``launch/configs/<task>_demo.yaml``) is trained through the DeepSpeed
+``train_loop`` three (or four) times with the SAME config, steps, batch and seed, changing only:
+
+- ``mango``: the config as shipped (each modality → tokens → MangoFlow G → fused head);
+- ``<modality> only``: ``data.modalities`` reduced to one input (+ the target): the single-modality model;
+- ``concat``: ``model.fusion=concat`` — the same encoders and head on concatenated tokens, no flow.
+
+Data (embedded, held-out split disjoint from training):
+
+- segmentation — pybullet scenes seen from above (``embedded --src scenes --view top``): low and tall boxes
+  are the same grey square in RGB, only depth separates them; held-out = other scenes. Metric: mIoU.
+- translation — the Middlebury stereo pair, left RGB + depth → right view; held-out = image columns right of
+  the training region. Metric: MAE (target in [0, 1]).
+- classification — the embedded MM-IMDB-format genre set (``jobs.shard make-movies``): 11 genres only the
+  poster shows, 12 only the plot tells. Metrics: micro / macro F1 (threshold 0.5, sklearn semantics).
+- density — ``benchmarks/stereo_density.py``'s joint flow vs the summed single-view flows (bits/dim).
+
+    python benchmarks/tasks.py                              # every task, the demo configs' steps
+    python benchmarks/tasks.py --tasks classification --steps 150
+    python benchmarks/tasks.py --tasks segmentation train.max_steps=... (any config override after the flags)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.data import write_split
+from pipeline.data.sources.movies import write_movie_folder
+from pipeline.train.loop import train_loop
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "launch" / "configs"
+TASKS = ("segmentation", "translation", "classification", "density")
+#: the held-out metrics printed per task (first = the headline)
+METRICS = {"segmentation": ("val_miou", "val_pixacc", "val_macc"), "translation": ("val_mae", "val_mse"),
+           "classification": ("val_micro_f1", "val_macro_f1", "val_samples_f1")}
+TARGET_KEYS = {"segmentation": "label", "classification": "labels"}
+
+
+def shard_task(task: str, cfg, out: Path, scenes: int) -> None:
+    """Write the task's embedded train / held-out shards under ``out`` (seconds on CPU)."""
+    size = cfg.model.image_size
+    splits = (cfg.data.train_split, cfg.data.val_split)
+    if task == "segmentation":
+        for split in splits:
+            write_split("embedded", "scenes", str(out), split, progress=False, samples_per_shard=64,
+                        options={"scenes": scenes if split == cfg.data.train_split else max(16, scenes // 3),
+                                 "size": size, "view": "top"})
+    elif task == "translation":
+        for split in splits:
+            write_split("embedded", "stereo", str(out), split, progress=False, samples_per_shard=64,
+                        options={"patch": size, "downscale": 3})
+    elif task == "classification":
+        raw = out.parent / "movies-raw"
+        write_movie_folder(str(raw), train=512, dev=128, test=128, seed=0)
+        for split in splits:
+            write_split("mmimdb", str(raw), str(out), split, progress=False, samples_per_shard=128,
+                        options={"image_size": size})
+    else:
+        raise ValueError(f"shard_task: no embedded set for task {task!r}")
+
+
+def variants(task: str, cfg) -> dict[str, list[str]]:
+    """name → overrides: the shipped MANGO model, each single-modality model, concat fusion."""
+    mods = list(cfg.data.modalities)
+    target = cfg.model.target or TARGET_KEYS[task]
+    if target not in mods:
+        raise ValueError(f"{task}: target {target!r} is not among data.modalities {mods}")
+    inputs = [m for m in mods if m != target]
+    if len(inputs) != 2:
+        raise ValueError(f"{task}: the fusion comparison needs two input modalities, the config has {inputs}")
+    singles = inputs if task == "classification" else inputs[:1]  # genres need both: show each alone
+    out = {"mango": []}
+    for m in singles:
+        out[f"{m} only"] = [f"data.modalities=[{m},{target}]"]
+    out["concat (no flow)"] = ["model.fusion=concat"]
+    return out
+
+
+def run_task(task: str, tmp: Path, steps: int | None, overrides: list[str], scenes: int) -> list[tuple[str, dict, float]]:
+    config = CONFIGS / f"{task}_demo.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config}: the {task} demo config is not there yet")
+    shards = tmp / task / "shards"
+    base = [f"data.shards={shards}", "tracking.enabled=false", "data.num_workers=0"]
+    if steps:
+        base += [f"train.max_steps={steps}", f"eval.every={steps}", f"checkpoint.every={steps}"]
+    cfg = load_config(config, base + overrides)
+    shard_task(task, cfg, shards, scenes)
+    rows = []
+    for name, extra in variants(task, cfg).items():
+        run_cfg = load_config(config, base + overrides + extra + [f"run.dir={tmp / task / name.replace(' ', '_')}"])
+        start = time.monotonic()
+        result = train_loop(run_cfg)
+        rows.append((name, result, time.monotonic() - start))
+    return rows
+
+
+def print_table(task: str, rows: list[tuple[str, dict, float]], steps: int) -> None:
+    names = METRICS[task]
+    print(f"\n{task}: held-out split, {steps} steps each (same config, batch, seed)")
+    print(f"{'model':<20}" + "".join(f"{n.removeprefix('val_'):>12}" for n in names) + f"{'wall s':>9}")
+    for name, result, wall in rows:
+        print(f"{name:<20}" + "".join(f"{result[n]:>12.4f}" for n in names) + f"{wall:>9.0f}")
+
+
+def density_table(tmp: Path, steps: int, overrides: list[str]) -> None:
+    """Joint vs single-view flows on the stereo pair: ``benchmarks/stereo_density.py``'s runs and numbers."""
+    import importlib.util
+
+    from jobs.demo import STEREO
+
+    spec = importlib.util.spec_from_file_location("stereo_density", REPO / "benchmarks" / "stereo_density.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for split in ("train", "val"):
+        write_split("embedded", "stereo", str(tmp / "shards"), split, options=STEREO, samples_per_shard=64, progress=False)
+    rows = {name: bench.run(tmp, name, mods, steps, overrides)
+            for name, mods in (("joint", "[rgb,right]"), ("left only", "[rgb]"), ("right only", "[right]"))}
+    joint, left, right = (rows[k][0] for k in ("joint", "left only", "right only"))
+    print(f"\ndensity: held-out bits/dim, {steps} steps each (same config, batch, seed)")
+    print(f"{'model':<20}{'bits/dim':>12}{'wall s':>9}")
+    for name, (bpd, wall) in rows.items():
+        print(f"{name:<20}{bpd:>12.4f}{wall:>9.0f}")
+    print(f"{'(left + right) / 2':<20}{(left + right) / 2:>12.4f}   joint / summed singles = {joint / ((left + right) / 2):.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
+    parser.add_argument("--steps", type=int, default=0, help="training steps per model (0 = the demo config's)")
+    parser.add_argument("--scenes", type=int, default=192, help="segmentation: training scenes (held-out: a third)")
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every model (section.key=value)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        parser.error(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for task in tasks:
+            if task == "density":
+                density_table(tmp / "density", args.steps or 300, args.overrides)
+                continue
+            rows = run_task(task, tmp, args.steps or None, args.overrides, args.scenes)
+            steps = args.steps or load_config(CONFIGS / f"{task}_demo.yaml").train.max_steps
+            print_table(task, rows, steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
