@@ -23,7 +23,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="model.safetensors, a run dir, checkpoints/ dir or a checkpoint tag dir")
+    src.add_argument("--checkpoint",
+                     help="model.safetensors, a sweep's best.json, a run dir, checkpoints/ dir or a checkpoint tag dir")
     src.add_argument("--model-uri", help="models:/mango-<task>@<alias> or models:/mango-<task>/<version>")
     p.add_argument("--split", default="", help="split to evaluate (default: the config's data.val_split)")
     p.add_argument("--shards", default="", help="shard store (local dir or s3://); default: the config's data.shards")

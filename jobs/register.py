@@ -3,7 +3,7 @@
     python -m jobs.register --checkpoint runs/demo/model.safetensors
     python -m jobs.register --checkpoint runs/demo --promote                # newest complete checkpoint
     python -m jobs.register --run-id 3f2c... --promote                     # the training run's run.dir
-    MLFLOW_TRACKING_URI=http://mlflow:5000 python -m jobs.register --checkpoint best/model.safetensors --promote
+    MLFLOW_TRACKING_URI=http://mlflow:5000 python -m jobs.register --checkpoint sweeps/lr/best.json --promote
 
 The model is evaluated first (``--split``, default the config's ``data.val_split``, on ``--shards``, default
 ``data.shards``), then logged as a pyfunc model (safetensors weights + resolved config) in its training run
@@ -27,7 +27,8 @@ NOT_PROMOTED = 3
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.register", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="model.safetensors, a run dir, checkpoints/ dir or a checkpoint tag dir")
+    src.add_argument("--checkpoint",
+                     help="model.safetensors, a sweep's best.json, a run dir, checkpoints/ dir or a checkpoint tag dir")
     src.add_argument("--run-id", help="an MLflow training run of this pipeline (its run.dir tag → newest checkpoint)")
     p.add_argument("--split", default="", help="evaluation split (default: the config's data.val_split)")
     p.add_argument("--shards", default="", help="evaluation shard store (default: the config's data.shards)")

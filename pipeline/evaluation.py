@@ -80,7 +80,8 @@ def weights_config(weights: str | Path) -> Config:
 
 
 def resolve_checkpoint(path: str | Path, scratch: str | Path) -> ModelSource:
-    """Consolidated weights, or a run / checkpoints / tag directory (consolidated into ``scratch``)."""
+    """Consolidated weights, a sweep's ``best.json``, or a run / checkpoints / tag directory (consolidated
+    into ``scratch``)."""
     from safetensors import safe_open
 
     from pipeline.train import checkpoint as ckpt
@@ -89,6 +90,15 @@ def resolve_checkpoint(path: str | Path, scratch: str | Path) -> ModelSource:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
+    if path.suffix == ".json":  # a sweep's best.json (pipeline.sweep.write_best): its weights and trial run
+        info = json.loads(path.read_text())
+        if not info.get("weights"):
+            raise ValueError(f"--checkpoint {path}: a JSON checkpoint must be a sweep's best.json with 'weights'")
+        source = resolve_checkpoint(info["weights"], scratch)
+        source.run_id = info.get("mlflow_run_id") or source.run_id
+        source.step = info.get("step", source.step)
+        source.origin = f"{path} ({info['weights']})"
+        return source
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"--checkpoint {path}: expected consolidated weights (*.safetensors) or a run / "
@@ -296,7 +306,8 @@ def _genre_bars(model, cfg: Config, shards: str, split: str, path: Path, device)
 
 
 def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], tracking_uri: str = "") -> str:
-    """Log ``result`` (metrics at the checkpoint's step, the manifest checksum as a tag) and ``files``
+    """Log ``result`` (metrics as ``eval/<split>_<name>`` at the checkpoint's step, the manifest checksum as
+    tag ``eval.<split>.manifest_sha256``) and ``files``
     (under ``eval/<split>/``) to the model's training run when this store knows it, else to a new
     ``evaluate-<task>`` run; returns the run id."""
     from mlflow.entities import Metric, RunTag
@@ -321,7 +332,8 @@ def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], t
             run_tags["mango.trained_in_run"] = source.run_id
         run_id = client.create_run(exp, run_name=f"evaluate-{source.cfg.model.task}", tags=run_tags).info.run_id
     now, step = int(time.time() * 1000), source.step or 0
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in result.metrics.items()],
+    # eval/ names: the training run's own val_* history at this step stays as training logged it
+    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", float(v), now, step) for k, v in result.metrics.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
     for f in files:
         client.log_artifact(run_id, str(f), f"eval/{result.split}")

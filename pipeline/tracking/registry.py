@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+MODEL_PATH = "model"  # the pyfunc model's artifact path in its run
 _URI = re.compile(r"^models:/(?P<name>mango-[a-z]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 GIT_COMMIT_ENV = "MANGO_GIT_COMMIT"
 
@@ -189,6 +190,23 @@ def version_tags(source: ModelSource, result: EvalResult, train_sha: str) -> dic
     return tags
 
 
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create ``name`` unless it exists (safe when two registrations race)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(name, description=f"MANGO {name.removeprefix('mango-')} models")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def _logging_run(client: MlflowClient, source: ModelSource) -> str:
     """The training run when this store knows it (the model joins its lineage), else a new ``register`` run."""
     from mlflow.exceptions import MlflowException
@@ -207,33 +225,43 @@ def _logging_run(client: MlflowClient, source: ModelSource) -> str:
     return client.create_run(exp, run_name=f"register-{source.cfg.model.task}", tags=tags).info.run_id
 
 
+def pyfunc_arguments(weights: str | Path, tmp: str | Path) -> dict:
+    """The ``mlflow.pyfunc.log_model`` / ``save_model`` arguments for consolidated ``weights``: the
+    :class:`~pipeline.tracking.pyfunc_model.MangoPyfuncModel`, an artifact directory (weights + config,
+    staged under ``tmp``), the params signature and explicit pip requirements (no inference subprocess)."""
+    from pipeline.train.consolidate import config_path
+
+    from .pyfunc_model import ARTIFACT, WEIGHTS_FILE, MangoPyfuncModel, pip_requirements, signature
+
+    bundle = Path(tmp) / ARTIFACT
+    bundle.mkdir(parents=True)
+    shutil.copy2(weights, bundle / WEIGHTS_FILE)
+    shutil.copy2(config_path(weights), bundle / "model.config.yaml")
+    return {"python_model": MangoPyfuncModel(), "artifacts": {ARTIFACT: str(bundle)},
+            "pip_requirements": pip_requirements(), "signature": signature()}
+
+
 def register(source: ModelSource, result: EvalResult, *, tracking_uri: str = "", promote: bool = False) -> Registration:
     """Log ``source`` as a pyfunc model, register a new ``mango-<task>`` version tagged as above, point
     ``candidate`` at it and, with ``promote``, move ``champion`` when :func:`gate` allows it."""
     import tempfile
 
-    import mlflow
-
-    from .pyfunc_model import ARTIFACT, MangoPyfuncModel, pip_requirements, signature
+    import mlflow.pyfunc
 
     client = client_for(tracking_uri)
     name = registered_name(source.cfg.model.task)
     tags = version_tags(source, result, train_manifest_sha256(source, client))
     run_id = _logging_run(client, source)
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(client.tracking_uri)
+    # saved locally, uploaded with the client and registered from the run's artifacts: MLflow's fluent
+    # log_model would need the process-global tracking URI (set_tracking_uri also exports
+    # MLFLOW_TRACKING_URI to every later subprocess)
     with tempfile.TemporaryDirectory(prefix="mango-register-") as tmp:
-        from pipeline.train.consolidate import config_path
-
-        bundle = Path(tmp) / ARTIFACT
-        bundle.mkdir()
-        shutil.copy2(source.weights, bundle / "model.safetensors")
-        shutil.copy2(config_path(source.weights), bundle / "model.config.yaml")
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=MangoPyfuncModel(),
-                                           artifacts={ARTIFACT: str(bundle)}, pip_requirements=pip_requirements(),
-                                           signature=signature(), tags={"task": source.cfg.model.task})
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(str(local), **pyfunc_arguments(source.weights, Path(tmp) / "staging"))
+        client.log_artifacts(run_id, str(local), MODEL_PATH)
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    _ensure_registered_model(client, name)
+    mv = client.create_model_version(name, f"{artifact_uri}/{MODEL_PATH}", run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, mv.version)
     decision = None
     if promote:

@@ -17,26 +17,42 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from jobs.evaluate import main as evaluate_main
+from jobs.register import main as register_main
 from pipeline.evaluation import evaluate_model, load_source, resolve_checkpoint, resolve_source
 from pipeline.tracking import registry
 from pipeline.tracking.pyfunc_model import run_task
 from pipeline.train.consolidate import consolidate, load_model
-from tests.train.conftest import TINY_TRAIN, run, tiny_shards  # noqa: F401  (fixture)
+from pipeline.data import write_split
+from tests.train.conftest import TINY_TRAIN, run
+
+
+def trained_run(tmp_path_factory) -> dict:
+    """Tiny stereo shards and a 6-step density run (checkpoints at steps 3 and 6, both consolidated), tracked
+    in a local sqlite store. Built once per session and shared with tests/test_evaluate_sample.py."""
+    root = tmp_path_factory.getbasetemp() / "mango-registry-run"
+    info = {"root": root, "store": f"sqlite:///{root / 'mlflow.db'}", "run_dir": root / "run",
+            "shards": str(root / "shards"), "weights": {s: root / f"step{s}" / "model.safetensors" for s in (3, 6)}}
+    if (root / "DONE").exists():
+        return info
+    root.mkdir(exist_ok=True)
+    for split, per_shard in (("train", 24), ("val", 3)):
+        write_split("embedded", "stereo", info["shards"], split, options={"patch": 8, "downscale": 8},
+                    samples_per_shard=per_shard, progress=False)
+    r = run([sys.executable, "-m", "jobs.train", *TINY_TRAIN, f"data.shards={info['shards']}",
+             f"run.dir={info['run_dir']}", "train.max_steps=6", "checkpoint.every=3", "checkpoint.keep=2",
+             "eval.every=3", "tracking.enabled=true", f"tracking.uri={info['store']}",
+             "tracking.experiment=registry-test"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s, out in info["weights"].items():
+        consolidate(info["run_dir"] / "checkpoints" / f"step{s:08d}", out)
+    (root / "DONE").touch()
+    return info
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_shards):  # noqa: F811
-    """A 6-step run with checkpoints at steps 3 and 6, consolidated; its local store."""
-    root = tmp_path_factory.mktemp("registry")
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    run_dir = root / "run"
-    r = run([sys.executable, "-m", "jobs.train", *TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={run_dir}",
-             "train.max_steps=6", "checkpoint.every=3", "checkpoint.keep=2", "eval.every=3",
-             "tracking.enabled=true", f"tracking.uri={store}", "tracking.experiment=registry-test"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    weights = {s: consolidate(run_dir / "checkpoints" / f"step{s:08d}", root / f"step{s}" / "model.safetensors")
-               for s in (3, 6)}
-    return {"root": root, "store": store, "run_dir": run_dir, "weights": weights, "shards": tiny_shards}
+def trained(tmp_path_factory):
+    return trained_run(tmp_path_factory)
 
 
 def _register(trained, step: int, *, promote: bool, split: str = "val", uri: str | None = None, scratch: Path):
@@ -98,7 +114,7 @@ def test_register_tags_aliases_and_fresh_process_load(trained, tmp_path):
         np.testing.assert_array_equal(out["s_" + k], v)
 
 
-def test_gate_worse_stays_candidate_and_other_manifest_is_refused(trained, tmp_path):
+def test_gate_worse_stays_candidate_and_other_manifest_is_refused(trained, tmp_path, capsys):
     client = MlflowClient(trained["store"])
     champion = client.get_registered_model("mango-density").aliases.get("champion")
     champion = None if champion is None else str(champion)
@@ -118,11 +134,13 @@ def test_gate_worse_stays_candidate_and_other_manifest_is_refused(trained, tmp_p
     assert "manifest" in other.gate.reason and "split train" in other.gate.reason
     assert client.get_registered_model("mango-density").aliases["champion"] == int(champion)
 
-    # the CLI says why and exits 3; a better model on the same manifest would have exit 0 (first test)
-    r = run([sys.executable, "-m", "jobs.register", "--checkpoint", str(trained["run_dir"] / "checkpoints" / "step00000003"),
-             "--promote", "--tracking-uri", trained["store"]])
-    assert r.returncode == 3, r.stderr[-3000:]
-    assert "not promoted: val_bits_per_dim (min)" in r.stdout and "worse" in r.stdout
+    # the CLI on a checkpoint directory: registered as candidate, not promoted (exit 3), and it says why
+    code = register_main(["--checkpoint", str(trained["run_dir"] / "checkpoints" / "step00000003"), "--promote",
+                          "--tracking-uri", trained["store"]])
+    printed = capsys.readouterr().out
+    assert code == 3, printed
+    assert "not promoted: val_bits_per_dim (min)" in printed and "worse" in printed
+    assert "alias candidate" in printed
     assert client.get_registered_model("mango-density").aliases["champion"] == int(champion)
 
 
@@ -137,12 +155,11 @@ def test_registry_and_lookups_against_mlflow_server(trained, mlflow_server, tmp_
     assert source.version == reg.version and source.run_id == reg.run_id and source.step == 6
     assert registry.file_sha256(source.weights) == registry.file_sha256(trained["weights"][6])
     out = tmp_path / "metrics.json"
-    r = run([sys.executable, "-m", "jobs.evaluate", "--model-uri", f"models:/mango-density/{reg.version}",
-             "--out", str(out), "--tracking-uri", mlflow_server, "--num-figures", "4"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert evaluate_main(["--model-uri", f"models:/mango-density/{reg.version}", "--out", str(out),
+                          "--tracking-uri", mlflow_server, "--num-figures", "4"]) == 0
     assert json.loads(out.read_text())["metrics"] == result.metrics  # same weights, same manifest, same number
     logged = client.get_run(reg.run_id)
-    assert logged.data.metrics["val_bits_per_dim"] == result.metrics["val_bits_per_dim"]
+    assert logged.data.metrics["eval/val_bits_per_dim"] == result.metrics["val_bits_per_dim"]
     assert logged.data.tags["eval.val.manifest_sha256"] == result.manifest_sha256
     assert {a.path for a in client.list_artifacts(reg.run_id, "eval/val")} == {"eval/val/metrics.json",
                                                                              "eval/val/samples.png"}
