@@ -117,6 +117,7 @@ class ModelConfig:
     target: str = ""  # latent models: the predicted entry of data.modalities ("" = the one label / target modality)
     grid: list[int] = _f(factory=list, item_ge=1)  # [gh, gw] token grid per modality; [] = square of model.tokens
     text_trainable: bool = False  # fine-tune MiniLM (text modalities); false = frozen
+    text_cache: int = _f(0, ge=0)  # frozen MiniLM: hidden states of this many distinct texts kept in memory; 0 = off
     gan_weight: float = _f(0.0, ge=0.0)  # translation: weight of the PatchGAN terms; 0 = no discriminator
     depth_max: float = _f(10000.0, gt=0.0)  # 16-bit modalities: this value maps to 1.0 (mm: 10 m), clipped
 

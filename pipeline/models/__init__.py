@@ -153,6 +153,9 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     if m.encoder_weights and m.encoder == "conv":
         raise ConfigError("model.encoder_weights: the conv encoder trains from scratch; pretrained weights need "
                           f"model.encoder=mit_b0..mit_b5 (one of {list(MIT_SIZES)})")
+    if m.text_cache and m.text_trainable:
+        raise ConfigError("model.text_cache: cached MiniLM states need a frozen MiniLM; set model.text_trainable=false "
+                          "or model.text_cache=0")
     if m.gan_weight and m.task != "translation":
         raise ConfigError(f"model.gan_weight: the discriminator belongs to the translation task, not {m.task}")
     steps = decoder_steps(m.image_size, grid[0])
@@ -160,7 +163,8 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip)
     model = LatentTaskModel(m.task, inputs, target, head, dim=m.dim, grid=grid, encoder=m.encoder,
                             patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, depth_max=m.depth_max,
-                            text_trainable=m.text_trainable, augment=augment, flow_kwargs=flow_kwargs)
+                            text_trainable=m.text_trainable, text_cache=m.text_cache, augment=augment,
+                            flow_kwargs=flow_kwargs)
     if m.encoder_weights:
         state = read_state_dict(m.encoder_weights)
         for enc in model.encoders.values():

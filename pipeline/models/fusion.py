@@ -65,7 +65,7 @@ class LatentTaskModel(nn.Module):
 
     def __init__(self, task: str, inputs: Sequence[Modality], target: Modality, head: nn.Module, *, dim: int,
                  grid: tuple[int, int], encoder: str = "conv", patch_size: int = 4, fusion: str = "mango",
-                 nll_weight: float = 1e-2, depth_max: float = 10000.0, text_trainable: bool = False,
+                 nll_weight: float = 1e-2, depth_max: float = 10000.0, text_trainable: bool = False, text_cache: int = 0,
                  augment: Augment | None = None, flow_kwargs: Mapping | None = None):
         super().__init__()
         if len(inputs) not in (1, 2):
@@ -82,7 +82,7 @@ class LatentTaskModel(nn.Module):
             if m.kind == "image":
                 self.encoders[_name(m.key)] = ImageEncoder(encoder, m.channels, m.bits, dim, self.grid, patch_size, depth_max)
             elif m.kind == "text":
-                self.encoders[_name(m.key)] = TextEncoder(n, dim, trainable=text_trainable)
+                self.encoders[_name(m.key)] = TextEncoder(n, dim, trainable=text_trainable, cache=text_cache)
             else:
                 raise ValueError(f"{task}: input {m.key!r} of kind {m.kind!r} cannot be encoded; use image or text modalities")
         if fusion == "mango":

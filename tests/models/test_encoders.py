@@ -133,3 +133,17 @@ def test_gan_generator_term_never_trains_the_discriminator():
     d_only.backward()
     for k, p in head.discriminator.named_parameters():
         torch.testing.assert_close(d_grads[k], p.grad)
+
+
+def test_text_cache_returns_the_uncached_states(text_encoder):
+    from pipeline.models.text import TextEncoder
+
+    cached = TextEncoder(tokens=8, dim=16, cache=2)
+    cached.proj.load_state_dict(text_encoder.proj.state_dict())
+    texts = ["hello world", "a second plot", "hello world"]
+    with torch.no_grad():
+        torch.testing.assert_close(cached(texts)[0], text_encoder(texts)[0])
+        torch.testing.assert_close(cached(["a third", "hello world"])[0], text_encoder(["a third", "hello world"])[0])
+    assert list(cached._cache) == ["a third", "hello world"]  # least recently used ("a second plot") dropped
+    with pytest.raises(ValueError, match="frozen"):
+        TextEncoder(tokens=8, dim=16, trainable=True, cache=4)
