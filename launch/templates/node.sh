@@ -26,6 +26,7 @@ mango_ranks() {  # mango_ranks PID: the training ranks below PID, one per line
 
 mango_forward() {  # mango_forward SIGNAL: deliver SIGNAL to every rank of this node
     MANGO_SIGNAL=$1
+    MANGO_TRAPPED=1
     local ranks="" tries=0
     # a signal during start-up: give the launcher up to 60 s to spawn its ranks
     while ranks=$(mango_ranks "$MANGO_LAUNCHER_PID") && [ -z "$ranks" ] && [ "$tries" -lt 60 ] \
@@ -51,10 +52,13 @@ MANGO_SIGNAL=""
 MANGO_LAUNCHER_PID=$!
 trap 'mango_forward USR2' USR2
 trap 'mango_forward TERM' TERM
+# A trap cuts `wait` short (status > 128); wait again. Bash keeps a reaped child's status, so the second wait
+# returns the launcher's own exit status even if it ended while the trap ran.
 while :; do
+    MANGO_TRAPPED=""
     wait "$MANGO_LAUNCHER_PID"
     rc=$?
-    kill -0 "$MANGO_LAUNCHER_PID" 2>/dev/null || break  # still alive: the wait was cut short by a trap
+    [ -n "$MANGO_TRAPPED" ] || break
 done
 if [ "$MANGO_SIGNAL" = TERM ]; then
     exit 143

@@ -45,6 +45,7 @@ export MASTER_ADDR="$HEAD_NODE" MASTER_PORT="$PORT"
 # step (srun passes it to every task), let the ranks save, then requeue; the requeued start resumes.
 mango_preempt() {
     MANGO_PREEMPTED=1
+    MANGO_TRAPPED=1
     echo "USR2 at $(date -u +%FT%TZ): forwarding to the training step and waiting for its checkpoint"
     kill -USR2 "$STEP_PID" 2>/dev/null || true
 }
@@ -55,9 +56,11 @@ srun --kill-on-bad-exit=1 --nodes={{nodes}} --ntasks-per-node={{tasks_per_node}}
     --output="$JOB_LOG_DIR/{{task_log}}" --open-mode=append \
     {{step}} &
 STEP_PID=$!
+# the trap cuts `wait` short; wait again (bash keeps the step's status even if it ended during the trap)
 while :; do
+    MANGO_TRAPPED=""
     wait "$STEP_PID" && STEP_RC=0 || STEP_RC=$?
-    kill -0 "$STEP_PID" 2>/dev/null || break  # still running: the wait was cut short by the USR2 trap
+    [ -n "$MANGO_TRAPPED" ] || break
 done
 if [ -n "$MANGO_PREEMPTED" ]; then
     echo "training step exited $STEP_RC after the warning; requeueing job $SLURM_JOB_ID"

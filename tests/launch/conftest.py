@@ -51,6 +51,6 @@ def fake_slurm(tmp_path_factory: pytest.TempPathFactory) -> FakeSlurm:
     root = tmp_path_factory.mktemp("fake_slurm")
     bin_dir = root / "bin"
     bin_dir.mkdir()
-    for tool in ("srun", "scontrol", "sbatch"):
+    for tool in ("srun", "scontrol", "sbatch", "kubectl"):
         _stand_in(bin_dir, tool, FAKE / f"{tool}.py")
     return FakeSlurm(root, bin_dir, root / "slurm.jsonl")

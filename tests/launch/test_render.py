@@ -243,14 +243,16 @@ def test_indexed_shard_job_and_kuberay(tmp_path: Path) -> None:
 # -- CLI, submission, templates ---------------------------------------------------------------------
 
 
-def test_submit_without_the_tool_exits_2_naming_it(tmp_path: Path) -> None:
+def test_submit_without_the_tool_exits_2_naming_it(tmp_path: Path, monkeypatch, capsys) -> None:
     env = {**os.environ, "PATH": str(tmp_path)}  # no sbatch, no kubectl
     base = [sys.executable, "-m", "jobs.launch"]
     r = subprocess.run(base + ["slurm", "--config", DEMO, "--nodes", "2", "--gpus-per-node", "1", "--submit"],
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "`sbatch`" in r.stderr, r.stderr
+    monkeypatch.setenv("PATH", str(tmp_path))
     assert jobs.launch.main(["k8s", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "1", "--submit",
-                             "launch.tag=1", "launch.pvc=r", "data.shards=s3://b/s"]) == 2  # kubectl: same rule
+                             "launch.tag=1", "launch.pvc=r", "data.shards=s3://b/s"]) == 2
+    assert "`kubectl`, which is not on PATH" in capsys.readouterr().err
 
 
 def test_submit_chains_the_merge_after_the_array(fake_slurm: FakeSlurm, tmp_path: Path,
@@ -302,3 +304,27 @@ def test_rendered_files_are_written_with_out(tmp_path: Path, capsys) -> None:
                              str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*.sbatch")
     assert path.read_text().startswith("#!/bin/bash") and capsys.readouterr().out == ""
+
+
+def test_k8s_submit_applies_the_merge_only_after_the_indexed_job(fake_slurm: FakeSlurm, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", fake_slurm.env(0)["PATH"])
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(fake_slurm.log))
+    before = len(fake_slurm.records("kubectl"))
+    assert jobs.launch.main(["k8s", "--config", DEMO, "--nodes", "2", "--gpus-per-node", "0", "--tasks", "8",
+                             "--submit", "launch.tag=1", "launch.pvc=runs", "data.shards=s3://b/s", "--",
+                             "embedded", "--src", "stereo", "--out", "s3://b/x", "--split", "train"]) == 0
+    apply, wait, merge = fake_slurm.records("kubectl")[before:]
+    assert apply == {"argv": ["apply", "-f", "-"], "kinds": ["Job"]}
+    assert wait["argv"] == ["-n", "default", "wait", "--for=condition=complete", "--timeout=-1s", "job/mango-demo-shard"]
+    assert merge["kinds"] == ["Job"] and "job/mango-demo-shard-merge created" in capsys.readouterr().out
+
+
+def test_dockerfile_mirrors_the_readme_setup() -> None:
+    from pipeline.launch.kube import WORKDIR
+
+    text = (REPO / "Dockerfile").read_text()
+    assert text.startswith("#") and "FROM python:3.11" in text and f"WORKDIR {WORKDIR}\n" in text
+    assert "pip install -r requirements.txt" in text and "pip install --no-deps -e ." in text  # as the Makefile
+    assert "build-essential" in text and "procps" in text  # DeepSpeed's JIT op; pgrep for node.sh
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "runs", "mlruns"} <= set(ignored)
