@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     width = max(len(k) for k in result.metrics)
-    print(f"{cfg.model.task} on {shards} split {split} ({result.samples} samples, manifest {result.manifest_sha256[:12]})")
+    print(f"{cfg.model.task} on {shards} split {split} ({result.samples} samples, "
+          f"manifest {result.manifest_sha256[:12]})")
     for k, v in sorted(result.metrics.items()):
         print(f"  {k:<{width}}  {v:.6g}")
-    print(f"wrote {out} and {len(files)} figure(s) in {fig_dir}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
+    logged = f"; logged to MLflow run {run_id}" if run_id else ""
+    print(f"wrote {out} and {len(files)} figure(s) in {fig_dir}{logged}")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m jobs.sample --checkpoint runs/demo --n 16 --out samples.png
     python -m jobs.sample --model-uri models:/mango-density@champion --n 64 --temperature 0.7 --out s.png
-    python -m jobs.sample --checkpoint runs/demo/model.safetensors --n 16 --grids 4 --out samples.png   # samples-0..3.png
+    python -m jobs.sample --checkpoint runs/demo/model.safetensors --n 16 --grids 4 --out s.png   # s-0..3.png
 
 Sampling is exact (z ~ N(0, T²·I) through the inverse flow, quantised to each modality's bit depth).
 ``--seed`` fixes the draw: the same model, seed, n and temperature give the same PNG. ``--npz`` also

@@ -67,7 +67,8 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/mango-<task>@<alias>`` → (name, alias, None); ``models:/mango-<task>/<n>`` → (name, None, n)."""
     m = _URI.match(uri or "")
     if m is None:
-        raise ValueError(f"--model-uri {uri!r}: expected models:/mango-<task>@<alias> or models:/mango-<task>/<version>")
+        raise ValueError(f"--model-uri {uri!r}: expected models:/mango-<task>@<alias> or "
+                         "models:/mango-<task>/<version>")
     return m["name"], m["alias"], m["version"]
 
 
@@ -87,8 +88,10 @@ def resolve_model_uri(uri: str, scratch: str | Path, tracking_uri: str = "") -> 
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as e:
         raise LookupError(f"{uri}: not found in the registry at {client.tracking_uri} ({e.message})") from e
-    local = Path(download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(scratch),
-                                    tracking_uri=client.tracking_uri))
+    # the version's own artifact location, resolved by this client: a models:/ URI would be resolved against
+    # MLflow's process-global registry URI instead of ``tracking_uri``
+    where = client.get_model_version_download_uri(name, mv.version)
+    local = Path(download_artifacts(artifact_uri=where, dst_path=str(scratch), tracking_uri=client.tracking_uri))
     spec = Model.load(str(local)).flavors["python_function"]["artifacts"][ARTIFACT]
     weights = local / spec["path"] / WEIGHTS_FILE
     step = mv.tags.get("step")
