@@ -8,8 +8,10 @@ the text. The real training runs are in test_cluster_runs.py.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -328,3 +330,24 @@ def test_dockerfile_mirrors_the_readme_setup() -> None:
     assert "build-essential" in text and "procps" in text  # DeepSpeed's JIT op; pgrep for node.sh
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "runs", "mlruns"} <= set(ignored)
+
+
+def test_srun_tasks_get_usr2_and_the_job_requeues(fake_slurm: FakeSlurm, recorder: str, tmp_path: Path) -> None:
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    script = _bash_n(_one("srun", f"launch.python={recorder}", f"run.dir={tmp_path / 'run'}", nodes=2, gpus=2),
+                     tmp_path)
+    started, signalled = len(fake_slurm.records("python")), len(fake_slurm.records("signal"))
+    proc = subprocess.Popen(["bash", str(script)], env={**os.environ, **fake_slurm.env(6006), "FAKE_WAIT_FOR_USR2": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while len(fake_slurm.records("python")) < started + 4:  # 2 nodes × 2 tasks, each a rank (no torchrun)
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    ranks = fake_slurm.records("python")[started:]
+    assert sorted(r["env"]["SLURM_PROCID"] for r in ranks) == ["0", "1", "2", "3"]
+    assert all(r["argv"] == ["-m", "jobs.train", "--config", "config.yaml"] for r in ranks)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert sorted(s["procid"] for s in fake_slurm.records("signal")[signalled:]) == ["0", "1", "2", "3"]
+    assert "6006" in fake_slurm.records("requeue")
