@@ -12,6 +12,17 @@ from pipeline.flows.ica import FUSED_MIN_TOKENS
 from .checker import check_flow, randomise_parameters
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spinning
+    # threads made these tests ~10x slower; the thread count is restored for the rest of the session
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _reference(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     n = q.shape[1]
     s = (q @ k.transpose(-1, -2)).masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))

@@ -11,6 +11,17 @@ from pipeline.flows import MangoFlow, MultiscaleMangoFlow
 from .checker import randomise_parameters
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spinning
+    # threads made these tests ~10x slower; the thread count is restored for the rest of the session
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _grads(module, loss_fn, inputs):
     module.zero_grad(set_to_none=True)
     for t in inputs:
@@ -87,26 +98,34 @@ def test_invert_in_the_multiscale_flow_matches_store_and_stays_flat_in_depth() -
 
 
 def test_invert_through_the_density_model_and_a_training_step() -> None:
-    from pipeline.models.density import build_density
+    # the train loop's path: config → build_model (which maps model.memory onto the flow) → forward(batch, "loss")
+    from pipeline.models import build_model
 
-    cfg = load_config(None, ["model.memory=invert", "model.image_size=8", "model.levels=2", "model.blocks_per_level=2",
-                             "model.dim=8", "model.lica_group=4", "model.channels=1"])
+    tiny = ["model.image_size=8", "model.levels=2", "model.blocks_per_level=2", "model.dim=8", "model.lica_group=4",
+            "model.channels=1"]
+    specs = [("rgb.png", (1, 8, 8), 8), ("right.png", (1, 8, 8), 8)]
     models = {}
     for memory in ("store", "invert"):
         torch.manual_seed(0)
-        models[memory] = randomise_parameters(build_density(cfg.model, ["rgb", "right"], [8, 8], memory=memory), std=0.1)
-    assert models["invert"].flow.flows[0].memory == "invert"
-    batch = {"rgb": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8),
-             "right": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)}
-    grads = {}
+        cfg = load_config(None, [*tiny, f"model.memory={memory}"])
+        models[memory] = randomise_parameters(build_model(cfg, specs), std=0.1)
+    assert all(f.memory == "invert" for f in models["invert"].flow.flows)
+    batch = {"rgb.png": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8),
+             "right.png": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)}
+    grads, losses = {}, {}
     for memory, model in models.items():
-        torch.manual_seed(3)  # same dequantisation noise
-        out = model(batch, mode="loss")
-        out["loss"].backward()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        for step in range(2):
+            torch.manual_seed(3 + step)  # same dequantisation noise
+            opt.zero_grad()
+            out = model(batch, mode="loss")
+            out["loss"].backward()
+            opt.step()
         grads[memory] = {n: p.grad for n, p in model.named_parameters()}
-        torch.optim.SGD(model.parameters(), lr=1e-2).step()
+        losses[memory] = out["loss"].item()
+    assert abs(losses["invert"] - losses["store"]) < 1e-5, losses
     for name, g in grads["store"].items():
-        torch.testing.assert_close(grads["invert"][name], g, rtol=1e-4, atol=1e-6, msg=name)  # fp32
+        torch.testing.assert_close(grads["invert"][name], g, rtol=1e-4, atol=1e-6, msg=name)  # fp32, step 2
 
 
 def test_invert_with_zero3_is_refused_before_launch() -> None:
