@@ -19,9 +19,11 @@ from mlflow import MlflowClient
 
 from jobs.evaluate import main as evaluate_main
 from jobs.register import main as register_main
+from jobs.sample import main as sample_main
 from pipeline.evaluation import evaluate_model, load_source, resolve_checkpoint, resolve_source
 from pipeline.tracking import registry
 from pipeline.tracking.pyfunc_model import run_task
+from pipeline.train.checkpoint import read_state
 from pipeline.train.consolidate import consolidate, load_model
 from pipeline.data import write_split
 from tests.train.conftest import TINY_TRAIN, run
@@ -68,20 +70,25 @@ def _dequantised_inputs(seed: int = 0) -> dict[str, np.ndarray]:
             .div(256).sub(0.5).float().numpy() for k in ("rgb.png", "right.png")}
 
 
-def test_register_tags_aliases_and_fresh_process_load(trained, tmp_path):
-    reg, result = _register(trained, 6, promote=True, scratch=tmp_path)
+def test_register_tags_aliases_and_fresh_process_load(trained, tmp_path, capsys):
+    # by training run id: its run.dir tag leads to the newest complete checkpoint (step 6)
+    run_id = read_state(trained["run_dir"] / "checkpoints" / "step00000006")["mlflow_run_id"]
+    assert register_main(["--run-id", run_id, "--promote", "--tracking-uri", trained["store"]]) == 0
+    assert "promoted: no champion yet" in capsys.readouterr().out
     client = MlflowClient(trained["store"])
-    mv = client.get_model_version("mango-density", reg.version)
-    train_run = client.get_run(reg.run_id)
+    version = str(client.get_registered_model("mango-density").aliases["champion"])
+    mv = client.get_model_version("mango-density", version)
+    source = resolve_checkpoint(trained["weights"][6], tmp_path)
+    result = evaluate_model(load_source(source), source.cfg, trained["shards"], "val")
+    train_run = client.get_run(run_id)
     # logged in the training run, tagged with what makes it comparable and reproducible
-    assert train_run.data.tags["run.dir"] == str(trained["run_dir"].resolve())
-    assert mv.run_id == reg.run_id
+    assert mv.run_id == run_id
     assert mv.tags["eval.manifest_sha256"] == result.manifest_sha256
     assert mv.tags["data.train_manifest_sha256"] == train_run.data.tags["data.train_manifest_sha256"]
     assert float(mv.tags["metric.val_bits_per_dim"]) == result.metrics["val_bits_per_dim"]
     assert len(mv.tags["git.commit"]) == 40 and mv.tags["step"] == "6"
     aliases = client.get_registered_model("mango-density").aliases
-    assert str(aliases["candidate"]) == str(aliases["champion"]) == reg.version
+    assert str(aliases["candidate"]) == str(aliases["champion"]) == version
 
     inputs = _dequantised_inputs()
     np.savez(tmp_path / "inputs.npz", **inputs)
@@ -164,6 +171,14 @@ def test_registry_and_lookups_against_mlflow_server(trained, mlflow_server, tmp_
     assert logged.data.tags["eval.val.manifest_sha256"] == result.manifest_sha256
     assert {a.path for a in client.list_artifacts(reg.run_id, "eval/val")} == {"eval/val/metrics.json",
                                                                              "eval/val/samples.png"}
+    # sampling by registry URI draws what the weights draw locally
+    assert sample_main(["--model-uri", "models:/mango-density@champion", "--tracking-uri", mlflow_server, "--n", "3",
+                        "--seed", "5", "--out", str(tmp_path / "s.png"), "--npz", str(tmp_path / "s.npz")]) == 0
+    assert sample_main(["--checkpoint", str(trained["weights"][6]), "--n", "3", "--seed", "5",
+                        "--out", str(tmp_path / "t.png"), "--npz", str(tmp_path / "t.npz")]) == 0
+    remote, local = np.load(tmp_path / "s.npz"), np.load(tmp_path / "t.npz")
+    for k in ("rgb.png", "right.png"):
+        np.testing.assert_array_equal(remote[k], local[k])
 
 
 def test_bad_model_uris_are_clear_errors(trained, tmp_path):
