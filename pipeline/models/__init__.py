@@ -156,6 +156,11 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     if m.text_cache and m.text_trainable:
         raise ConfigError("model.text_cache: cached MiniLM states need a frozen MiniLM; set model.text_trainable=false "
                           "or model.text_cache=0")
+    if m.gan_weight and cfg.deepspeed.zero_stage == 3:
+        # the generator's adversarial term runs the discriminator with detached parameters (functional_call),
+        # which ZeRO-3's partitioned parameters do not support
+        raise ConfigError("model.gan_weight > 0 is not supported with deepspeed.zero_stage=3; use zero_stage ≤ 2 "
+                          "(the discriminator is small) or model.gan_weight=0")
     if m.gan_weight and m.task != "translation":
         raise ConfigError(f"model.gan_weight: the discriminator belongs to the translation task, not {m.task}")
     steps = decoder_steps(m.image_size, grid[0])

@@ -185,3 +185,11 @@ def test_layout_errors_are_config_errors(mods, extra, match):
     specs = TR_SPECS if "right" in mods else SEG_SPECS[:2] if "label" not in mods else SEG_SPECS
     with pytest.raises(ConfigError, match=match):
         build_model(cfg_for(task, mods, *extra), specs)
+
+
+def test_gan_with_zero3_and_gan_outside_translation_are_refused():
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        build_model(cfg_for("translation", "[rgb,depth,right]", "model.target=right", "model.gan_weight=0.1",
+                            "deepspeed.zero_stage=3"), TR_SPECS)
+    with pytest.raises(ConfigError, match="translation task"):
+        build_model(cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.gan_weight=0.1"), SEG_SPECS)
