@@ -9,8 +9,8 @@
 # whose environment defines LOCAL_RANK (every launcher sets it for its ranks, none for itself; DataLoader
 # workers below a rank inherit it but are never signalled, their rank handles the stop).
 # The ranks finish their step, save a checkpoint and exit (USR2 -> 0, TERM -> 143; pipeline/train/signals.py).
-# Exit status: the launcher's, except after a TERM, which is always 143 so that Kubernetes' ExitCode restart
-# policy restarts the pod (torchrun itself reports ranks that exited 143 as a failure, exit 1).
+# Exit status: the launcher's, except after a TERM forwarded here, which is always 143 (torchrun itself reports
+# ranks that exited 143 as a failure, exit 1). Kubernetes pods use launch/templates/pod.sh instead.
 set -u
 
 mango_ranks() {  # mango_ranks PID: the training ranks below PID, one per line

@@ -8,9 +8,10 @@ memory-backed ``/dev/shm`` (NCCL and DataLoader workers need more than the conta
 the ``launch.pvc`` ReadWriteMany claim at ``launch.pvc_mount`` for run directories (checkpoint shards of every
 rank must land in one place); without a claim, checkpoints go to ``checkpoint.remote`` on S3.
 
-Preemption: the kubelet sends SIGTERM to PID 1 (``launch/templates/node.sh``), which forwards it to the ranks;
-they save and exit 143, and ``restartPolicy: ExitCode`` restarts pods whose exit code is ≥ 128 (retryable)
-but not 0 (success) or 1–127 (permanent errors). The restarted pods resume from ``latest``.
+Preemption: the kubelet sends SIGTERM to PID 1 (``launch/templates/pod.sh``), which forwards it to the pod's
+ranks; every rank of the job stops after the same step, saves and exits 143 (also in the pods that were not
+signalled), pod.sh exits 143, and ``restartPolicy: ExitCode`` restarts pods whose exit code is ≥ 128
+(retryable) but not 0 (success) or 1–127 (permanent errors). The restarted pods resume from ``latest``.
 ``terminationGracePeriodSeconds`` = ``checkpoint.grace_s`` (after which the ranks exit on their own) + 30 s.
 """
 
@@ -38,9 +39,9 @@ def render_k8s(cfg: Config, spec: LaunchSpec) -> Rendered:
     run_cfg = _pod_config(cfg)
     name = job_name(cfg)
     procs = spec.procs_per_node
-    command = ["bash", "launch/templates/node.sh", "python", "-m", "torch.distributed.run",
-               # nnodes, node rank, master addr/port come from the operator's PET_* variables (torchrun reads them)
-               f"--nproc_per_node={procs}", "-m", "jobs.train", "--config", f"{CONFIG_DIR}/config.yaml"]
+    # pod.sh starts the pod's ranks itself from the operator's PET_* variables: torchrun would report ranks that
+    # exited 143 as 1, a permanent error for the ExitCode policy (see launch/templates/pod.sh)
+    command = ["bash", "launch/templates/pod.sh", "python", "-m", "jobs.train", "--config", f"{CONFIG_DIR}/config.yaml"]
     pod = _pod_template(cfg, spec, "pytorch", command, gpus=spec.gpus_per_node, config_map=f"{name}-config")
     replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": pod}}
     if spec.nodes > 1:

@@ -7,6 +7,7 @@ The rank starts a DataLoader-like child (which inherits LOCAL_RANK) that must ne
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -65,3 +66,62 @@ def test_the_signal_reaches_only_the_rank(tmp_path: Path, sig: int, rank_event: 
 def test_without_arguments_it_explains_itself() -> None:
     r = subprocess.run(["bash", str(TEMPLATES / "node.sh")], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+# -- pod.sh: the Kubernetes entry point -------------------------------------------------------------
+
+POD_RANK = """\
+echo "start $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR:$MASTER_PORT" >> "$1/events"
+trap 'echo "rank $RANK TERM" >> "$1/events"; exit 143' TERM
+code_var="EXIT_RANK_$RANK"
+if [ -n "${!code_var:-}" ]; then exit "${!code_var}"; fi
+while :; do sleep 0.05 & wait $!; done
+"""
+
+
+def _pod(tmp_path: Path, node_rank: int, **env: str) -> subprocess.Popen:
+    (tmp_path / "rank.sh").write_text(POD_RANK)
+    pet = {"PET_NNODES": "2", "PET_NODE_RANK": str(node_rank), "PET_NPROC_PER_NODE": "2",
+           "PET_MASTER_ADDR": "mango-demo-master-0", "PET_MASTER_PORT": "23456"}
+    return subprocess.Popen(["bash", str(TEMPLATES / "pod.sh"), "bash", str(tmp_path / "rank.sh"), str(tmp_path)],
+                            env={"PATH": os.environ["PATH"], **pet, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _events(tmp_path: Path, n: int = 0) -> list[str]:
+    deadline = time.monotonic() + 20
+    while True:
+        lines = (tmp_path / "events").read_text().splitlines() if (tmp_path / "events").exists() else []
+        if len([x for x in lines if x.startswith("start")]) >= n or time.monotonic() > deadline:
+            return lines
+
+
+def test_pod_starts_its_ranks_and_exits_143_when_evicted(tmp_path: Path) -> None:
+    proc = _pod(tmp_path, node_rank=1)
+    started = sorted(x for x in _events(tmp_path, 2) if x.startswith("start"))
+    assert started == ["start 2 0 4 2 mango-demo-master-0:23456", "start 3 1 4 2 mango-demo-master-0:23456"]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out
+    assert {"rank 2 TERM", "rank 3 TERM"} <= set(_events(tmp_path))
+
+
+def test_pod_whose_ranks_stopped_for_a_peer_also_exits_143(tmp_path: Path) -> None:
+    # the collective stop: these ranks were not signalled, but saved and exited 143 after the evicted pod's did
+    proc = _pod(tmp_path, node_rank=0, EXIT_RANK_0="143", EXIT_RANK_1="143")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out
+
+
+@pytest.mark.parametrize("codes, expected", [({"EXIT_RANK_0": "0", "EXIT_RANK_1": "0"}, 0),
+                                             ({"EXIT_RANK_0": "3"}, 3)])  # rank 1 would hang: it is killed
+def test_pod_success_and_failure(tmp_path: Path, codes: dict[str, str], expected: int) -> None:
+    proc = _pod(tmp_path, node_rank=0, **codes)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == expected, out
+
+
+def test_pod_without_the_operator_variables_says_which_is_missing(tmp_path: Path) -> None:
+    r = subprocess.run(["bash", str(TEMPLATES / "pod.sh"), "true"], env={"PATH": os.environ["PATH"]},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "PET_NNODES is not set" in r.stderr

@@ -194,7 +194,8 @@ def test_pytorchjob_manifest(tmp_path: Path) -> None:
         (c,) = pod["containers"]
         assert c["name"] == "pytorch" and c["image"] == "mango-pipeline:1.2.3"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
-        assert c["command"][:2] == ["bash", "launch/templates/node.sh"] and "jobs.train" in c["command"]
+        assert c["command"] == ["bash", "launch/templates/pod.sh", "python", "-m", "jobs.train", "--config",
+                                "/etc/mango/config.yaml"]
         assert c["envFrom"] == [{"secretRef": {"name": "mango-credentials"}}]
         assert {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"} in c["env"]
         mounts = {m["name"]: m for m in c["volumeMounts"]}
