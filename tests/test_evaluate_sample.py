@@ -160,13 +160,23 @@ def latent(tmp_path_factory, trained):
 def test_latent_task_evaluation_figures_and_pyfunc(task, latent, tmp_path):
     weights, shards, split = latent(task)
     out = tmp_path / "metrics.json"
-    assert evaluate_main(["--checkpoint", str(weights), "--out", str(out), "--no-tracking", "--num-figures", "3"]) == 0
+    # segmentation: weights without a training run in the store → a new evaluate-<task> run gets everything
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = ["--tracking-uri", store] if task == "segmentation" else ["--no-tracking"]
+    assert evaluate_main(["--checkpoint", str(weights), "--out", str(out), "--num-figures", "3", *tracking]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     want = {k.replace("val_", f"{split}_", 1) for k in TASKS[task][4]}
     assert want <= set(metrics), sorted(metrics)
     assert all(np.isfinite(v) for v in metrics.values())
     figure = tmp_path / "metrics_figures" / TASKS[task][3]
     assert Image.open(figure).size[0] > 100
+    if task == "segmentation":
+        client = MlflowClient(store)
+        (run,) = client.search_runs([client.get_experiment_by_name("mango").experiment_id])
+        assert run.info.run_name == "evaluate-segmentation" and run.info.status == "FINISHED"
+        assert run.data.metrics["eval/val_miou"] == metrics["val_miou"]
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")} == {
+            "eval/val/metrics.json", "eval/val/overlays.png"}
 
     # the registry's pyfunc wrapper runs the task exactly like the loaded model
     model, cfg = load_model(weights)

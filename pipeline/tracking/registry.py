@@ -295,6 +295,10 @@ def gate(client: MlflowClient, name: str, version: str) -> GateDecision:
     if metric != pt.get("eval.metric") or mode != pt.get("eval.mode"):
         return GateDecision(False, (f"refused: version {version} is gated on {metric} ({mode}) but {CHAMPION} "
                                     f"version {champ_version} on {pt.get('eval.metric')} ({pt.get('eval.mode')})"))
+    missing = [f"version {v} ({role})" for v, role, t in ((version, "candidate", ct), (champ_version, CHAMPION, pt))
+               if f"metric.{metric}" not in t]
+    if missing:
+        return GateDecision(False, f"refused: no metric.{metric} tag on {' and '.join(missing)}")
     new, old = float(ct[f"metric.{metric}"]), float(pt[f"metric.{metric}"])
     better = new < old if mode == "min" else new > old
     verdict = "better" if better else ("equal" if new == old else "worse")

@@ -186,3 +186,25 @@ def test_bad_model_uris_are_clear_errors(trained, tmp_path):
         registry.parse_model_uri("models:/mango@champion")
     with pytest.raises(LookupError, match="not found in the registry"):
         resolve_source(None, "models:/mango-density@nobody", tmp_path, tracking_uri=trained["store"])
+
+
+def test_gate_follows_the_metric_direction_and_needs_the_metric(tmp_path):
+    # versions carrying only the gate's tags (what register writes): mIoU is gated with mode max
+    client = MlflowClient(f"sqlite:///{tmp_path / 'gate.db'}")
+    client.create_registered_model("mango-segmentation")
+
+    def version(miou: float | None, manifest: str = "m1") -> str:
+        tags = {"eval.metric": "val_miou", "eval.mode": "max", "eval.manifest_sha256": manifest}
+        if miou is not None:
+            tags["metric.val_miou"] = repr(miou)
+        return client.create_model_version("mango-segmentation", str(tmp_path), tags=tags).version
+
+    first = version(0.40)
+    assert registry.gate(client, "mango-segmentation", first).promote  # no champion yet
+    client.set_registered_model_alias("mango-segmentation", "champion", first)
+    higher, lower, untagged = version(0.45), version(0.35), version(None)
+    decision = registry.gate(client, "mango-segmentation", higher)
+    assert decision.promote and "better" in decision.reason
+    assert not registry.gate(client, "mango-segmentation", lower).promote
+    decision = registry.gate(client, "mango-segmentation", untagged)
+    assert not decision.promote and "no metric.val_miou tag" in decision.reason
