@@ -1,6 +1,6 @@
 """Activation memory of a training step vs depth for model.memory = store | checkpoint | invert.
 
-Run: ``.venv/bin/python benchmarks/memory.py [--blocks 4 12 24 48] [--repeats 3] [--batch 8] [--image 16] [--device cuda]``
+Run: ``.venv/bin/python benchmarks/memory.py [--blocks 4 12 24 48] [--repeats 3] [--batch 8] [--image 16] [--device cuda] [--threads 1]``
 
 Setting. The density model's flow (:class:`~pipeline.flows.MultiscaleMangoFlow`) on a stereo pair
 (3 + 3 channels, ``--image``² pixels, patch 2, one level, so every block sees L = 2·(image/2)² tokens of
@@ -182,8 +182,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image", type=int, default=16)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--estimate", metavar="CONFIG", help="size a config's activations instead (FakeTensorMode)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.estimate:
         return estimate(args.estimate)
     gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """ICA forward time and activation memory vs tokens n: fused (SDPA + chunked diagonal) vs plain (materialised A).
 
-Run: ``.venv/bin/python benchmarks/scaling.py [--sizes 256 1024 4096] [--repeats 3] [--batch 4] [--dim 64] [--device cuda]``
+Run: ``.venv/bin/python benchmarks/scaling.py [--sizes 256 1024 4096] [--repeats 3] [--batch 4] [--dim 64] [--device cuda] [--threads 1]``
 
 Setting. One ``pipeline.flows.ICA`` (partition ``mmca1``, gated form) per n tokens per half (the layer sees
 L = 2n tokens), width D = 64, batch 4, fp32, CPU, torch's default thread count, seeded; ``beta ~ N(0, 1)``
@@ -56,7 +56,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = args.device
     where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads"
     print(f"ICA (mmca1, gated) fused vs plain forward; batch {args.batch}, D {args.dim}, fp32, {where}, "
