@@ -161,13 +161,13 @@ def test_ray_slurm_starts_head_workers_then_the_sweep(tmp_path: Path) -> None:
         _one("ray-slurm")
     with pytest.raises(LaunchError, match="under the repository"):
         _one("ray-slurm", space="launch/sweeps/no-such-space.yaml")
-    text = _one("ray-slurm", nodes=3, gpus=4, space="launch/configs/demo.yaml")
+    text = _one("ray-slurm", nodes=3, gpus=4, space="launch/sweeps/tiny.yaml")
     _bash_n(text, tmp_path)
     head = text.index("start --head --block")
     workers = text.index('start --block --address="$RAY_ADDRESS"')
     sweep = text.index("-m jobs.sweep --config")
     assert head < workers < sweep and "--nodes=2 --ntasks=2 --ntasks-per-node=1 --exclude=\"$HEAD_NODE\"" in text
-    assert "--space launch/configs/demo.yaml" in text and "--num-gpus=4" in text
+    assert "--space launch/sweeps/tiny.yaml" in text and "--num-gpus=4" in text
 
 
 # -- Kubernetes -------------------------------------------------------------------------------------
@@ -233,10 +233,10 @@ def test_indexed_shard_job_and_kuberay(tmp_path: Path) -> None:
     assert merge.after == work.name and "merge" in next(yaml.safe_load_all(merge.text))["spec"]["template"][
         "spec"]["containers"][0]["command"]
 
-    docs = _docs(render(cfg, LaunchSpec("kuberay", 2, 1, space="launch/configs/demo.yaml")).artifacts[0].text)
+    docs = _docs(render(cfg, LaunchSpec("kuberay", 2, 1, space="launch/sweeps/tiny.yaml")).artifacts[0].text)
     ray = docs["RayJob"]["spec"]
     assert docs["RayJob"]["apiVersion"] == "ray.io/v1"
-    assert ray["entrypoint"] == "python -m jobs.sweep --config /etc/mango/config.yaml --space launch/configs/demo.yaml"
+    assert ray["entrypoint"] == "python -m jobs.sweep --config /etc/mango/config.yaml --space launch/sweeps/tiny.yaml"
     (group,) = ray["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 2 and ray["shutdownAfterJobFinishes"] is True
     worker = group["template"]["spec"]["containers"][0]
