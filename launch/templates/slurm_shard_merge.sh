@@ -10,7 +10,9 @@
 #SBATCH --open-mode=append
 #SBATCH --output={{log_dir}}/%x-%j.log
 set -euo pipefail
+set +u  # site set-up (module load, conda activate) often reads unset variables
 {{setup}}
+set -u
 export PYTHONUNBUFFERED=1
 {{exports}}
 cd {{repo}}

@@ -11,7 +11,9 @@
 #SBATCH --signal=B:USR2@{{signal_lead_s}}
 #SBATCH --output={{log_dir}}/%x-%j.log
 set -euo pipefail
+set +u  # site set-up (module load, conda activate) often reads unset variables
 {{setup}}
+set -u
 export PYTHONUNBUFFERED=1
 {{exports}}
 REPO={{repo}}

@@ -142,10 +142,16 @@ def _exports(cfg: Config) -> str:
 
 
 def _log_dir(run_cfg: Config) -> str:
-    """Absolute: SLURM opens --output before the script runs, relative to a directory we do not control."""
+    """Absolute: SLURM opens --output before the script runs, relative to a directory we do not control.
+    It also lands unquoted in ``#SBATCH --output=`` (sbatch does not parse shell quoting there, and ``%`` is a
+    pattern), so a path with blanks, quotes or ``%`` is refused rather than silently mangled."""
     log_dir = run_cfg.launch.log_dir or f"{run_cfg.run.dir}/logs"
     if not Path(log_dir).is_absolute():
         log_dir = str(Path.cwd().resolve() / log_dir)
+    if q(log_dir) != log_dir or "%" in log_dir:
+        raise LaunchError(f"log directory {log_dir!r} (launch.log_dir, default <run.dir>/logs) must consist of "
+                          "letters, digits and ._/+=,@:- only: it goes into #SBATCH --output, where sbatch reads "
+                          "no shell quoting and '%' is a pattern; set launch.log_dir")
     return log_dir
 
 

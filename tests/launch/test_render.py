@@ -294,7 +294,10 @@ def test_fill_refuses_missing_and_unused_values() -> None:
 def test_render_time_values_are_shell_quoted(fake_slurm: FakeSlurm, recorder: str, tmp_path: Path) -> None:
     run = tmp_path / "a dir with $HOME and 'quotes'"
     (run / "logs").mkdir(parents=True)
-    script = _bash_n(_one("slurm", f"launch.python={recorder}", f"run.dir={run}", nodes=1, gpus=1), tmp_path)
+    with pytest.raises(LaunchError, match="#SBATCH --output"):
+        _one("slurm", f"run.dir={run}")  # the default log dir <run.dir>/logs cannot go into #SBATCH --output
+    script = _bash_n(_one("slurm", f"launch.python={recorder}", f"run.dir={run}", f"launch.log_dir={run.parent}/logs",
+                          nodes=1, gpus=1), tmp_path)
     r = _dry_run(fake_slurm, script, 6005, nodes=1)
     assert r.returncode == 0, r.stderr
     assert Path(r.calls[0]["cwd"]) == run / "code" / "6005"
