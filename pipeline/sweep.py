@@ -67,7 +67,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, ConfigError, apply_overrides, from_dict, save_resolved, to_dict
+from pipeline.config import Config, ConfigError, apply_overrides, from_dict, to_dict
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -444,10 +444,12 @@ def run_sweep(base: Config, spec: SweepSpec, *, sweep_name: str | None = None, v
     tuner = tune.Tuner(
         trainable,
         param_space=tune_space(spec),
+        # the concurrency cap goes to the search algorithm: Tune ignores TuneConfig.max_concurrent_trials when a
+        # BasicVariantGenerator instance (needed for the seed) is passed
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
                                     num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.max_concurrent_trials or None,
-                                    search_alg=BasicVariantGenerator(random_state=spec.seed),
+                                    search_alg=BasicVariantGenerator(random_state=spec.seed,
+                                                                     max_concurrent=spec.max_concurrent_trials),
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=verbose),
     )
@@ -550,8 +552,7 @@ def write_best(result: SweepResult, ctx: TrialContext) -> Path:
     best = result.best
     assert best is not None
     weights = consolidate(best.checkpoint_dir, result.sweep_dir / "best.safetensors")
-    cfg = trial_config(ctx, best.trial_id, best.params)
-    save_resolved(cfg, config_path(weights))  # the trial's own resolved config (same keys as the checkpoint's)
+    cfg = trial_config(ctx, best.trial_id, best.params)  # consolidate wrote the checkpoint's copy of it beside
     remote = f"{cfg.checkpoint.remote}/{Path(best.checkpoint_dir).name}" if cfg.checkpoint.remote else ""
     info = {"weights": str(weights), "config": str(config_path(weights)), "checkpoint": best.checkpoint_dir,
             "checkpoint_remote": remote, "step": best.step, "metric": result.spec.metric, "mode": result.spec.mode,
