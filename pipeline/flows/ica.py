@@ -177,6 +177,13 @@ class ICA(InvertibleModule):
             s = (q @ k.transpose(-1, -2)).masked_fill(self.below_diag, float("-inf"))
             return torch.log_softmax(s, dim=-1)
 
+    def attention_matrix(self, x1: torch.Tensor) -> torch.Tensor:
+        """``A`` (N, n, n) in the compute dtype: the masked softmax (one n×n pass fewer than ``exp(log_attention)``;
+        the gated form needs only ``a_ii`` itself, never its log, so nothing underflows)."""
+        q, k = self.queries_keys(x1)
+        with torch.autocast(x1.device.type, enabled=False):
+            return torch.softmax((q @ k.transpose(-1, -2)).masked_fill(self.below_diag, float("-inf")), dim=-1)
+
     def _forward_fused(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward ``(y2, logdet)`` without an n×n tensor: SDPA for ``A x2``, chunked ``logp_ii``."""
         q, k = self.queries_keys(x1)
@@ -195,21 +202,24 @@ class ICA(InvertibleModule):
         if not reverse and self.attention == "fused":
             y2, logdet = self._forward_fused(x1, x2)
             return self.merge(x1, y2.to(x.dtype)), logdet.to(logdet_dtype(x))
-        logp = self.log_attention(x1)
         ct = compute_dtype(x)
+        if self.form == "gated":
+            attn = self.attention_matrix(x1)
+        else:  # the paper form's log-det needs log a_ii, which exp(log_softmax) keeps exact for tiny a_ii
+            logp = self.log_attention(x1)
         with torch.autocast(x.device.type, enabled=False):
-            attn = logp.exp()
-            diag = logp.diagonal(dim1=-2, dim2=-1)  # (N, n) = log a_ii
             x2c = x2.to(ct)
             if self.form == "gated":
                 alpha = self.gate(ct)
-                logdet = torch.log1p(alpha * diag.exp().unsqueeze(-1)).sum(dim=(1, 2))
+                a_diag = attn.diagonal(dim1=-2, dim2=-1)  # (N, n) = a_ii
+                logdet = torch.log1p(alpha * a_diag.unsqueeze(-1)).sum(dim=(1, 2))
                 if reverse:
                     y2 = solve_gated_upper(attn, alpha, x2c, self.solve_block)
                 else:
                     y2 = x2c + alpha * (attn @ x2c)
             else:
-                logdet = self.dim * diag.sum(dim=-1)
+                attn = logp.exp()
+                logdet = self.dim * logp.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
                 if reverse:
                     y2 = torch.linalg.solve_triangular(attn, x2c, upper=True)
                 else:
