@@ -57,10 +57,14 @@ def test_evaluate_checkpoint_dir_writes_json_figures_and_logs_to_the_training_ru
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")}
     assert {"eval/val/metrics.json", "eval/val/samples.png"} <= artifacts
 
-    # consolidated weights, no tracking: a seeded pass gives the same number every time
+    # a sweep's best.json (consolidated weights + the trial's run): a seeded pass gives the same number again,
+    # logged to the run best.json names
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"weights": str(trained["weights"][6]), "step": 6, "mlflow_run_id": run.info.run_id}))
     again = tmp_path / "again.json"
-    assert evaluate_main(["--checkpoint", str(trained["weights"][6]), "--out", str(again), "--no-tracking"]) == 0
+    assert evaluate_main(["--checkpoint", str(best), "--out", str(again), "--tracking-uri", trained["store"]]) == 0
     assert json.loads(again.read_text())["metrics"] == report["metrics"]
+    assert f"logged to MLflow run {run.info.run_id}" in capsys.readouterr().out
 
 
 def test_evaluate_refuses_bad_inputs_with_reasons(trained, tmp_path, capsys):
@@ -157,11 +161,11 @@ def latent(tmp_path_factory, trained):
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_latent_task_evaluation_figures_and_pyfunc(task, latent, tmp_path):
+def test_latent_task_evaluation_figures_and_pyfunc(task, latent, trained, tmp_path):
     weights, shards, split = latent(task)
     out = tmp_path / "metrics.json"
     # segmentation: weights without a training run in the store → a new evaluate-<task> run gets everything
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = trained["store"]
     tracking = ["--tracking-uri", store] if task == "segmentation" else ["--no-tracking"]
     assert evaluate_main(["--checkpoint", str(weights), "--out", str(out), "--num-figures", "3", *tracking]) == 0
     metrics = json.loads(out.read_text())["metrics"]
@@ -172,13 +176,16 @@ def test_latent_task_evaluation_figures_and_pyfunc(task, latent, tmp_path):
     assert Image.open(figure).size[0] > 100
     if task == "segmentation":
         client = MlflowClient(store)
-        (run,) = client.search_runs([client.get_experiment_by_name("mango").experiment_id])
+        (run,) = client.search_runs([client.get_experiment_by_name("mango").experiment_id],
+                                    "attributes.run_name = 'evaluate-segmentation'")
         assert run.info.run_name == "evaluate-segmentation" and run.info.status == "FINISHED"
         assert run.data.metrics["eval/val_miou"] == metrics["val_miou"]
         assert {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")} == {
             "eval/val/metrics.json", "eval/val/overlays.png"}
 
-    # the registry's pyfunc wrapper runs the task exactly like the loaded model
+    if task == "translation":
+        return  # image inputs reach the pyfunc wrapper exactly as for segmentation
+    # the registry's pyfunc wrapper runs the task exactly like the loaded model (image and text inputs)
     model, cfg = load_model(weights)
     pyfunc_dir = tmp_path / "pyfunc"
     mlflow.pyfunc.save_model(str(pyfunc_dir), **pyfunc_arguments(weights, tmp_path / "staging"))

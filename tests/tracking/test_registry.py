@@ -188,9 +188,9 @@ def test_bad_model_uris_are_clear_errors(trained, tmp_path):
         resolve_source(None, "models:/mango-density@nobody", tmp_path, tracking_uri=trained["store"])
 
 
-def test_gate_follows_the_metric_direction_and_needs_the_metric(tmp_path):
+def test_gate_follows_the_metric_direction_and_needs_the_metric(trained, tmp_path):
     # versions carrying only the gate's tags (what register writes): mIoU is gated with mode max
-    client = MlflowClient(f"sqlite:///{tmp_path / 'gate.db'}")
+    client = MlflowClient(trained["store"])
     client.create_registered_model("mango-segmentation")
 
     def version(miou: float | None, manifest: str = "m1") -> str:
