@@ -193,3 +193,21 @@ def test_gan_with_zero3_and_gan_outside_translation_are_refused():
                             "deepspeed.zero_stage=3"), TR_SPECS)
     with pytest.raises(ConfigError, match="translation task"):
         build_model(cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.gan_weight=0.1"), SEG_SPECS)
+
+
+def test_manifest_modalities_are_checked_against_the_config():
+    from types import SimpleNamespace
+
+    from pipeline.data.manifest import ModalitySpec
+    from pipeline.models import modality_specs
+
+    manifest = SimpleNamespace(modalities={
+        "rgb.png": ModalitySpec("uint8", "image", (S, S, 3)), "depth.png": ModalitySpec("uint16", "depth", (S, S)),
+        "label.png": ModalitySpec("uint8", "label", (S, S), "class index", ("a", "b", "c", "d"), 255),
+        "json": ModalitySpec("json", "meta")})
+    ok = cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=4")
+    assert modality_specs(ok, manifest) == SEG_SPECS
+    with pytest.raises(ConfigError, match="num_classes=3 but the shards' label.png has 4 classes"):
+        modality_specs(cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3"), manifest)
+    with pytest.raises(ConfigError, match="'right' is not in the shards"):
+        modality_specs(cfg_for("segmentation", "[rgb,right,label]", "model.num_classes=4"), manifest)
