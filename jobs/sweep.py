@@ -2,7 +2,7 @@
 
 Every trial runs ``pipeline.train.loop.train_loop`` (one process, or a Ray Train TorchTrainer when the space
 file asks for several workers per trial); the space file holds the search space, the scheduler (ASHA by
-default), num_samples, max_concurrent_trials, per-trial resources and the storage (see ``pipeline.sweep``).
+default), num_samples, max_concurrent_trials, per-trial resources and the storage (see ``pipeline.tune``).
 
     # a local Ray cluster on this machine (2 CPUs), the tiny 4-trial ASHA sweep
     python -m jobs.sweep --config launch/configs/demo.yaml --space launch/sweeps/tiny.yaml --num-cpus 2
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no Tune progress tables while the sweep runs")
     parser.add_argument("overrides", nargs="*", help="base config overrides, e.g. data.shards=/data/stereo")
     args = parser.parse_args(argv)
-    from pipeline.sweep import load_space, run_sweep
+    from pipeline.tune import load_space, run_sweep
 
     try:
         base = load_config(args.config, args.overrides)

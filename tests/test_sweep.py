@@ -17,7 +17,7 @@ import yaml
 
 from jobs.sweep import main as sweep_main
 from pipeline.config import load_config
-from pipeline.sweep import SpaceError, load_space
+from pipeline.tune import SpaceError, load_space
 from tests.train.conftest import TINY_TRAIN, tiny_shards  # noqa: F401  (the session's tiny shards fixture)
 
 REPO = Path(__file__).resolve().parents[1]
