@@ -174,7 +174,7 @@ class ICA(InvertibleModule):
         """``logp`` (N, n, n) in the compute dtype: masked log-softmax of the scores (−inf below the diagonal)."""
         q, k = self.queries_keys(x1)
         with torch.autocast(x1.device.type, enabled=False):
-            s = (q @ k.transpose(-1, -2)).masked_fill(self.below_diag, float("-inf"))
+            s = (q @ k.transpose(-1, -2)).masked_fill_(self.below_diag, float("-inf"))
             return torch.log_softmax(s, dim=-1)
 
     def attention_matrix(self, x1: torch.Tensor) -> torch.Tensor:
@@ -182,7 +182,7 @@ class ICA(InvertibleModule):
         the gated form needs only ``a_ii`` itself, never its log, so nothing underflows)."""
         q, k = self.queries_keys(x1)
         with torch.autocast(x1.device.type, enabled=False):
-            return torch.softmax((q @ k.transpose(-1, -2)).masked_fill(self.below_diag, float("-inf")), dim=-1)
+            return torch.softmax((q @ k.transpose(-1, -2)).masked_fill_(self.below_diag, float("-inf")), dim=-1)
 
     def _forward_fused(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward ``(y2, logdet)`` without an n×n tensor: SDPA for ``A x2``, chunked ``logp_ii``."""
