@@ -167,5 +167,7 @@ def signal_lead_s(cfg: Config) -> int:
 def job_name(cfg: Config, suffix: str = "") -> str:
     """A name valid for SLURM and as a Kubernetes object name (lowercase RFC 1123 label, ≤ 52 chars so that
     operator-added suffixes such as ``-worker-12`` still fit in 63)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", f"mango-{cfg.run.name}{suffix}".lower()).strip("-")
+    base = cfg.run.name.lower()
+    base = base if base.startswith("mango") else f"mango-{base}"
+    name = re.sub(r"[^a-z0-9-]+", "-", f"{base}{suffix}").strip("-")
     return name[:52].rstrip("-")

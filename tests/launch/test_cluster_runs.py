@@ -30,6 +30,7 @@ from pipeline.config import load_config
 from pipeline.data import write_split
 from pipeline.launch import LaunchSpec, render
 from pipeline.tracking import read_metrics
+from tests.conftest import free_port
 from tests.train.conftest import TINY_TRAIN
 
 from .conftest import FakeSlurm
@@ -64,7 +65,8 @@ def _run_job(fake: FakeSlurm, run_dir: Path, shards: str, job_id: int, launcher:
              max_steps: int = MAX_STEPS) -> Job:
     cfg = load_config(DEMO, [*TINY_TRAIN, f"data.shards={shards}", f"run.dir={run_dir}", "deepspeed.zero_stage=3",
                              f"train.max_steps={max_steps}", "checkpoint.every=1000", "eval.every=1000",
-                             f"launch.python={sys.executable}"])
+                             f"launch.python={sys.executable}",
+                             f"launch.rdzv_port={free_port()}"])  # not the job-id port: other tests may hold it
     (art,) = render(cfg, LaunchSpec("slurm", 2, 0, launcher=launcher)).artifacts
     script = run_dir.parent / f"{launcher}.sbatch"
     script.write_text(art.text)
