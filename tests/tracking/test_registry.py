@@ -153,13 +153,14 @@ def test_gate_worse_stays_candidate_and_other_manifest_is_refused(trained, tmp_p
 
 
 def test_registry_and_lookups_against_mlflow_server(trained, mlflow_server, tmp_path):
-    reg, result = _register(trained, 6, promote=True, uri=mlflow_server, scratch=tmp_path)
-    assert reg.gate.promote
+    # the server is shared by the session: look the new version up as candidate (champion may be anyone's)
+    reg, result = _register(trained, 6, promote=False, uri=mlflow_server, scratch=tmp_path)
+    assert reg.gate is None
     client = MlflowClient(mlflow_server)
     run_info = client.get_run(reg.run_id)  # the training run lives in the local store: a register run here
     assert run_info.data.tags["mango.trained_in_run"] and run_info.data.tags["mango.job"] == "register"
 
-    source = resolve_source(None, "models:/mango-density@champion", tmp_path / "dl", tracking_uri=mlflow_server)
+    source = resolve_source(None, "models:/mango-density@candidate", tmp_path / "dl", tracking_uri=mlflow_server)
     assert source.version == reg.version and source.run_id == reg.run_id and source.step == 6
     assert registry.file_sha256(source.weights) == registry.file_sha256(trained["weights"][6])
     out = tmp_path / "metrics.json"
@@ -172,7 +173,7 @@ def test_registry_and_lookups_against_mlflow_server(trained, mlflow_server, tmp_
     assert {a.path for a in client.list_artifacts(reg.run_id, "eval/val")} == {"eval/val/metrics.json",
                                                                              "eval/val/samples.png"}
     # sampling by registry URI draws what the weights draw locally
-    assert sample_main(["--model-uri", "models:/mango-density@champion", "--tracking-uri", mlflow_server, "--n", "3",
+    assert sample_main(["--model-uri", "models:/mango-density@candidate", "--tracking-uri", mlflow_server, "--n", "3",
                         "--seed", "5", "--out", str(tmp_path / "s.png"), "--npz", str(tmp_path / "s.npz")]) == 0
     assert sample_main(["--checkpoint", str(trained["weights"][6]), "--n", "3", "--seed", "5",
                         "--out", str(tmp_path / "t.png"), "--npz", str(tmp_path / "t.npz")]) == 0
