@@ -71,6 +71,10 @@ class LaunchSpec:
             raise LaunchError(f"--launcher {self.launcher} applies to the slurm target only; got {self.target}")
         if self.tasks < 0:
             raise LaunchError(f"--tasks must be ≥ 1; got {self.tasks}")
+        if self.space and self.target not in ("ray-slurm", "kuberay"):
+            raise LaunchError(f"--space applies to ray-slurm and kuberay only; got {self.target}")
+        if self.tasks and not self.shard_args:
+            raise LaunchError("--tasks applies to sharding: give the jobs.shard arguments after `--`")
 
     @property
     def procs_per_node(self) -> int:

@@ -281,6 +281,9 @@ def test_cli_errors_exit_2(capsys) -> None:
                              "--launcher", "deepspeed"]) == 2
     assert jobs.launch.main(["slurm", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "1", "optim.lr=-1"]) == 2
     assert "optim.lr" in capsys.readouterr().err
+    for extra, word in ((["--space", "launch/sweeps/tiny.yaml"], "--space"), (["--tasks", "4"], "--tasks")):
+        assert jobs.launch.main(["slurm", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "1", *extra]) == 2
+        assert word in capsys.readouterr().err  # an option that does not apply is an error, not ignored
 
 
 def test_fill_refuses_missing_and_unused_values() -> None:
