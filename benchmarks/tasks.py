@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ METRICS = {"segmentation": ("val_miou", "val_pixacc", "val_macc"), "translation"
 TARGET_KEYS = {"segmentation": "label", "classification": "labels"}
 
 
-def shard_task(task: str, cfg, out: Path, scenes: int) -> None:
+def shard_task(task: str, cfg, out: Path, scenes: int, movies: int = 512) -> None:
     """Write the task's embedded train / held-out shards under ``out`` (seconds on CPU)."""
     size = cfg.model.image_size
     splits = (cfg.data.train_split, cfg.data.val_split)
@@ -59,7 +60,7 @@ def shard_task(task: str, cfg, out: Path, scenes: int) -> None:
                         options={"patch": size, "downscale": 3})
     elif task == "classification":
         raw = out.parent / "movies-raw"
-        write_movie_folder(str(raw), train=512, dev=128, test=128, seed=0)
+        write_movie_folder(str(raw), train=movies, dev=max(16, movies // 4), test=max(16, movies // 4), seed=0)
         for split in splits:
             write_split("mmimdb", str(raw), str(out), split, progress=False, samples_per_shard=128,
                         options={"image_size": size})
@@ -84,7 +85,8 @@ def variants(task: str, cfg) -> dict[str, list[str]]:
     return out
 
 
-def run_task(task: str, tmp: Path, steps: int | None, overrides: list[str], scenes: int) -> list[tuple[str, dict, float]]:
+def run_task(task: str, tmp: Path, steps: int | None, overrides: list[str], scenes: int,
+             movies: int = 512, only: list[str] | None = None) -> list[tuple[str, dict, float]]:
     config = CONFIGS / f"{task}_demo.yaml"
     if not config.exists():
         raise FileNotFoundError(f"{config}: the {task} demo config is not there yet")
@@ -93,9 +95,15 @@ def run_task(task: str, tmp: Path, steps: int | None, overrides: list[str], scen
     if steps:
         base += [f"train.max_steps={steps}", f"eval.every={steps}", f"checkpoint.every={steps}"]
     cfg = load_config(config, base + overrides)
-    shard_task(task, cfg, shards, scenes)
+    shard_task(task, cfg, shards, scenes, movies)
     rows = []
-    for name, extra in variants(task, cfg).items():
+    chosen = variants(task, cfg)
+    missing = [v for v in only or [] if v not in chosen]
+    if missing:
+        raise ValueError(f"{task}: unknown variant(s) {missing}; this task has {list(chosen)}")
+    for name, extra in chosen.items():
+        if only and name not in only:
+            continue
         run_cfg = load_config(config, base + overrides + extra + [f"run.dir={tmp / task / name.replace(' ', '_')}"])
         start = time.monotonic()
         result = train_loop(run_cfg)
@@ -109,6 +117,7 @@ def print_table(task: str, rows: list[tuple[str, dict, float]], steps: int) -> N
     print(f"{'model':<20}" + "".join(f"{n.removeprefix('val_'):>12}" for n in names) + f"{'wall s':>9}")
     for name, result, wall in rows:
         print(f"{name:<20}" + "".join(f"{result[n]:>12.4f}" for n in names) + f"{wall:>9.0f}")
+    sys.stdout.flush()
 
 
 def density_table(tmp: Path, steps: int, overrides: list[str]) -> None:
@@ -130,6 +139,7 @@ def density_table(tmp: Path, steps: int, overrides: list[str]) -> None:
     for name, (bpd, wall) in rows.items():
         print(f"{name:<20}{bpd:>12.4f}{wall:>9.0f}")
     print(f"{'(left + right) / 2':<20}{(left + right) / 2:>12.4f}   joint / summed singles = {joint / ((left + right) / 2):.4f}")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
     parser.add_argument("--steps", type=int, default=0, help="training steps per model (0 = the demo config's)")
     parser.add_argument("--scenes", type=int, default=192, help="segmentation: training scenes (held-out: a third)")
+    parser.add_argument("--movies", type=int, default=512, help="classification: training movies (dev/test: a quarter)")
+    parser.add_argument("--variants", default="", help="comma-separated subset of the variants, e.g. 'mango,rgb only'")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every model (section.key=value)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -150,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             if task == "density":
                 density_table(tmp / "density", args.steps or 300, args.overrides)
                 continue
-            rows = run_task(task, tmp, args.steps or None, args.overrides, args.scenes)
+            only = [v.strip() for v in args.variants.split(",") if v.strip()] or None
+            rows = run_task(task, tmp, args.steps or None, args.overrides, args.scenes, args.movies, only)
             steps = args.steps or load_config(CONFIGS / f"{task}_demo.yaml").train.max_steps
             print_table(task, rows, steps)
     return 0
