@@ -242,6 +242,7 @@ def _evaluate_worker(rank: int, init: str, out: str) -> None:
     from pipeline.config import Config
     from pipeline.train.loop import evaluate
 
+    torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     cfg = Config()
     cfg.model.task = "segmentation"
@@ -253,7 +254,10 @@ def _evaluate_worker(rank: int, init: str, out: str) -> None:
 def test_evaluate_reduces_arbitrary_shaped_sums_exactly_across_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_evaluate_worker, args=(f"file://{tmp_path}/store", str(tmp_path / "out")), nprocs=2, join=True)
+    import pipeline.train.loop  # noqa: F401  (imported once here; the forked ranks inherit it)
+
+    mp.start_processes(_evaluate_worker, args=(f"file://{tmp_path}/store", str(tmp_path / "out")), nprocs=2,
+                       join=True, start_method="fork")
     label, pred, loss = _split()
     expected = {f"val_{k}": v for k, v in metrics.finalize("segmentation", {
         "confusion": metrics.confusion_matrix(pred, label, 3), "task_loss_sum": loss.sum(),
