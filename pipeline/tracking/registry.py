@@ -101,9 +101,15 @@ def resolve_model_uri(uri: str, scratch: str | Path, tracking_uri: str = "") -> 
 
 def source_from_run(run_id: str, scratch: str | Path, tracking_uri: str = "") -> ModelSource:
     """The newest complete checkpoint of the training run ``run_id`` (its ``run.dir`` tag)."""
+    from mlflow.exceptions import MlflowException
+
     from pipeline.evaluation import resolve_checkpoint
 
-    run = client_for(tracking_uri).get_run(run_id)
+    client = client_for(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise LookupError(f"--run-id {run_id}: no such run at {client.tracking_uri} ({e.message})") from e
     run_dir = run.data.tags.get("run.dir")
     if not run_dir:
         raise LookupError(f"run {run_id} has no run.dir tag (not a training run of this pipeline?)")

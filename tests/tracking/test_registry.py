@@ -182,11 +182,13 @@ def test_registry_and_lookups_against_mlflow_server(trained, mlflow_server, tmp_
         np.testing.assert_array_equal(remote[k], local[k])
 
 
-def test_bad_model_uris_are_clear_errors(trained, tmp_path):
+def test_bad_model_uris_and_run_ids_are_clear_errors(trained, tmp_path, capsys):
     with pytest.raises(ValueError, match="expected models:/mango-<task>@<alias>"):
         registry.parse_model_uri("models:/mango@champion")
     with pytest.raises(LookupError, match="not found in the registry"):
         resolve_source(None, "models:/mango-density@nobody", tmp_path, tracking_uri=trained["store"])
+    assert register_main(["--run-id", "0" * 32, "--tracking-uri", trained["store"]]) == 2
+    assert "no such run" in capsys.readouterr().err
 
 
 def test_gate_follows_the_metric_direction_and_needs_the_metric(trained, tmp_path):
