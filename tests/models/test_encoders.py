@@ -26,20 +26,30 @@ PUBLISHED_B0 = {
 }
 
 
-def synthetic_b0(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with the published key set of mit_b0.pth (the encoder's keys + the ImageNet head)."""
-    g = torch.Generator().manual_seed(seed)
+@pytest.fixture(scope="module")
+def b0_shapes() -> dict[str, tuple[int, ...]]:
+    """The published key set of mit_b0.pth: the encoder's keys + the ImageNet head, checked against PUBLISHED_B0."""
     shapes = {k: tuple(v.shape) for k, v in MixVisionTransformer("mit_b0").state_dict().items()}
     shapes |= {"head.weight": (1000, 256), "head.bias": (1000,)}
     for k, shape in PUBLISHED_B0.items():  # the encoder really uses the published names and shapes
         assert shapes.get(k) == shape, (k, shapes.get(k), shape)
     assert not any("attn.sr" in k for k in shapes if k.startswith("block4."))  # sr ratio 1 in stage 4
+    return shapes
+
+
+def synthetic_b0(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
-def test_mit_loader_consumes_every_key():
+@pytest.fixture(scope="module")
+def b0_encoder() -> MixVisionTransformer:
+    return MixVisionTransformer("mit_b0")
+
+
+def test_mit_loader_consumes_every_key(b0_shapes):
     enc = MixVisionTransformer("mit_b0")
-    state = synthetic_b0()
+    state = synthetic_b0(b0_shapes)
     dropped = load_mit_weights(enc, state)
     assert dropped == sorted(MIT_DROPPED_KEYS)
     own = enc.state_dict()
@@ -55,18 +65,18 @@ def test_mit_loader_consumes_every_key():
     (lambda s: s.__setitem__("block9.0.attn.q.weight", torch.zeros(1)), "unexpected [1]: block9.0.attn.q.weight"),
     (lambda s: s.__setitem__("norm3.weight", torch.zeros(320)), "norm3.weight: file (320,) vs mit_b0 (160,)"),
 ])
-def test_mit_loader_names_every_mismatch_and_copies_nothing(damage, named):
-    enc = MixVisionTransformer("mit_b0")
+def test_mit_loader_names_every_mismatch_and_copies_nothing(damage, named, b0_shapes, b0_encoder):
+    enc = b0_encoder
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    state = synthetic_b0()
+    state = synthetic_b0(b0_shapes)
     damage(state)
     with pytest.raises(WeightsMismatchError, match=named.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         load_mit_weights(enc, state)
     assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items())
 
 
-def test_encoder_weights_from_a_local_file_reach_every_mit_encoder(tmp_path):
-    state = synthetic_b0(seed=1)
+def test_encoder_weights_from_a_local_file_reach_every_mit_encoder(tmp_path, b0_shapes):
+    state = synthetic_b0(b0_shapes, seed=1)
     path = tmp_path / "mit_b0.pth"
     torch.save(state, path)
     specs = [("rgb.png", (3, 32, 32), 8), ("depth.png", (1, 32, 32), 16), ("label.png", (32, 32), 8)]
@@ -84,8 +94,9 @@ def test_encoder_weights_from_a_local_file_reach_every_mit_encoder(tmp_path):
     bad = dict(state)
     bad.pop("norm2.bias")
     torch.save(bad, path)
-    with pytest.raises(ConfigError, match="missing.*norm2.bias"):
-        build_model(load_config(None, over + [f"model.encoder_weights={path}"]), specs)
+    single = [o.replace("[rgb,depth,label]", "[rgb,label]") for o in over]  # one MiT to build, not two
+    with pytest.raises(ConfigError, match="missing.*norm2.bias"):  # the loader's error, as a config error
+        build_model(load_config(None, single + [f"model.encoder_weights={path}"]), specs[::2])
     with pytest.raises(ConfigError, match="conv encoder trains from scratch"):
         build_model(load_config(None, over[:-1] + [f"model.encoder_weights={path}"]), specs)
 
