@@ -34,9 +34,10 @@ def _run_of(client: MlflowClient, run_dir: Path):
 
 
 def test_training_run_logs_over_http_and_a_server_killed_mid_run_costs_seconds(
-        mlflow_server, mlflow_server_factory, tiny_shards, tmp_path):  # noqa: F811
+        mlflow_server, mlflow_server_factory, tiny_shards, tmp_path, monkeypatch):  # noqa: F811
     # Two identical runs start together, so they see the same load on a shared machine: one against a live
     # server, one against a server that is killed as soon as the run's first step metrics reached it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one core each: two 2-thread runs on 2 cores thrash
     server = mlflow_server_factory()
     private = MlflowClient(server.uri)
     start = time.monotonic()
