@@ -8,7 +8,7 @@
         --submit -- sunrgbd --src /data/SUNRGBD --out /shared/shards/sun --split train
     python -m jobs.launch ray-slurm --config launch/configs/demo.yaml --nodes 4 --gpus-per-node 4 \\
         --space launch/sweeps/<name>.yaml
-    # Kubernetes (image from the Dockerfile; credentials in the Secret launch.secret)
+    # Kubernetes (image from the Dockerfile; credentials in the Secret named by launch.env_from)
     python -m jobs.launch k8s --config launch/configs/mango_256.yaml --nodes 2 --gpus-per-node 8 \\
         launch.tag=0.1.0 launch.pvc=mango-runs --submit
     python -m jobs.launch kuberay --config launch/configs/demo.yaml --nodes 2 --gpus-per-node 1 \\

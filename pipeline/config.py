@@ -213,7 +213,7 @@ class LaunchConfig:
     setup: str = ""  # shell line(s) run first on the nodes, e.g. "source /shared/mango/.venv/bin/activate"
     env: list[str] = _f(factory=list)  # plain KEY=VALUE settings exported to every node / pod
     namespace: str = _f("default", nonempty=True)
-    secret: str = _f("mango-credentials", nonempty=True)  # Secret with AWS_* and MLFLOW_TRACKING_* keys
+    env_from: str = _f("mango-credentials", nonempty=True)  # k8s Secret (its name; envFrom) with AWS_* and MLFLOW_TRACKING_* keys
     pvc: str = ""  # ReadWriteMany claim holding run dirs (checkpoints); "" needs checkpoint.remote=s3://...
     pvc_mount: str = _f("/mnt/mango", nonempty=True)
     shm_size: str = _f("16Gi", nonempty=True)  # /dev/shm (memory-backed emptyDir) per pod

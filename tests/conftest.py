@@ -31,6 +31,26 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
+_WORLD_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group():
+    # An in-process train_loop starts a process group and exports MASTER_PORT etc.; left behind, the port is
+    # inherited by every later torchrun/jobs.train subprocess (EADDRINUSE) and later tests see a live group.
+    saved = {k: os.environ.get(k) for k in _WORLD_VARS}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for test servers and torchrun rendezvous)."""
     with socket.socket() as s:

@@ -2,7 +2,7 @@
 
 Built as Python data and dumped with ``yaml.safe_dump_all`` (no text templating, so no YAML escaping bugs).
 Shared by every pod: the image ``launch.image:launch.tag`` (built from the repo's ``Dockerfile``, code in
-``/opt/mango``), credentials only through ``envFrom: secretRef`` (``launch.secret``: ``AWS_*``,
+``/opt/mango``), credentials only through ``envFrom: secretRef`` (``launch.env_from``: ``AWS_*``,
 ``MLFLOW_TRACKING_*``), the resolved config from a ConfigMap mounted read-only at ``/etc/mango``, a
 memory-backed ``/dev/shm`` (NCCL and DataLoader workers need more than the container default of 64 MiB), and
 the ``launch.pvc`` ReadWriteMany claim at ``launch.pvc_mount`` for run directories (checkpoint shards of every
@@ -148,7 +148,7 @@ def _container(cfg: Config, name: str, command: list[str] | None, gpus: int) -> 
     c: dict[str, Any] = {
         "name": name, "image": _image(cfg), "imagePullPolicy": "IfNotPresent", "workingDir": WORKDIR,
         "env": env,
-        "envFrom": [{"secretRef": {"name": cfg.launch.secret}}],  # credentials: never inline
+        "envFrom": [{"secretRef": {"name": cfg.launch.env_from}}],  # credentials: never inline
         "resources": {"requests": {"cpu": cfg.launch.cpus_per_gpu * max(gpus, 1)}, "limits": limits},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
                          {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],

@@ -157,7 +157,7 @@ def plain_env(cfg: Config) -> list[tuple[str, str]]:
             raise LaunchError(f"launch.env: entry {item!r} must look like KEY=VALUE")
         if _SECRET_KEY.search(key):
             raise LaunchError(f"launch.env: {key} looks like a credential; put it in the Secret "
-                              f"launch.secret={cfg.launch.secret!r} (k8s) or the submitting environment (SLURM), "
+                              f"launch.env_from={cfg.launch.env_from!r} (k8s) or the submitting environment (SLURM), "
                               "never in a rendered file")
         pairs.append((key, value))
     return pairs
