@@ -38,7 +38,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.flows.ica import FORMS
+from pipeline.flows.ica import ATTENTION, FORMS
 from pipeline.flows.mango import MEMORY_POLICIES
 from pipeline.flows.partitions import resolve_partitions
 
@@ -108,6 +108,7 @@ class ModelConfig:
     lica_group: int = _f(64, ge=0)  # LICA token-group size; 0 = one full L×L mixer
     memory: str = _f("store", choices=MEMORY_POLICIES)
     form: str = _f("gated", choices=FORMS)
+    attention: str = _f("auto", choices=ATTENTION)  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
     encoder: str = _f("conv", choices=ENCODERS)
     encoder_weights: str = ""  # local path to pretrained encoder weights; "" = random init
     init_weights: str = ""  # consolidated model.safetensors to start a fresh run from; "" = random init

@@ -70,6 +70,7 @@ def build_density(model_cfg, modalities: Sequence[str], bits: Sequence[int], mem
         partitions=model_cfg.partitions,
         lica_group=model_cfg.lica_group,
         memory=memory or model_cfg.memory,
+        attention=model_cfg.attention,
         form=model_cfg.form,
     )
     return DensityModel(modalities, flow)

@@ -117,3 +117,16 @@ def test_auto_picks_fused_from_the_measured_size_and_bad_names_fail() -> None:
     assert ICA(4, 2 * FUSED_MIN_TOKENS - 4).attention == "plain"
     with pytest.raises(ValueError, match=r"unknown attention 'flash'"):
         ICA(4, 8, attention="flash")
+
+
+@pytest.mark.parametrize("attention", ["fused", "plain"])
+def test_model_attention_key_reaches_every_ica_layer(attention: str) -> None:
+    # config → build_model → every ICA runs the chosen forward path
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+
+    density = build_model(load_config(None, ["model.image_size=8", "model.levels=1", "model.blocks_per_level=1",
+                                             "model.dim=8", "model.lica_group=4", f"model.attention={attention}"]),
+                          [("rgb.png", (3, 8, 8), 8), ("right.png", (3, 8, 8), 8)])
+    layers = [m for m in density.modules() if isinstance(m, ICA)]
+    assert layers and {m.attention for m in layers} == {attention}
