@@ -27,6 +27,11 @@ fi
 nproc=$PET_NPROC_PER_NODE
 export MASTER_ADDR=$PET_MASTER_ADDR MASTER_PORT=$PET_MASTER_PORT
 export WORLD_SIZE=$((PET_NNODES * nproc)) LOCAL_WORLD_SIZE=$nproc
+# A signal that arrives while the ranks are being started is held and forwarded once all of them run: without
+# this, a TERM in that window killed pod.sh by default and orphaned the ranks it had started.
+pending=""
+trap 'pending=TERM' TERM
+trap 'pending=USR2' USR2
 pids=()
 for ((i = 0; i < nproc; i++)); do
     RANK=$((PET_NODE_RANK * nproc + i)) LOCAL_RANK=$i "$@" &
@@ -40,6 +45,9 @@ forward() {  # forward SIGNAL: to every rank still running
 }
 trap 'forward TERM' TERM
 trap 'forward USR2' USR2
+if [ -n "$pending" ]; then
+    forward "$pending"
+fi
 
 status="" preempted=""
 while [ "${#running[@]}" -gt 0 ]; do

@@ -71,8 +71,8 @@ def test_without_arguments_it_explains_itself() -> None:
 # -- pod.sh: the Kubernetes entry point -------------------------------------------------------------
 
 POD_RANK = """\
-echo "start $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR:$MASTER_PORT" >> "$1/events"
 trap 'echo "rank $RANK TERM" >> "$1/events"; exit 143' TERM
+echo "start $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR:$MASTER_PORT" >> "$1/events"
 code_var="EXIT_RANK_$RANK"
 if [ -n "${!code_var:-}" ]; then exit "${!code_var}"; fi
 while :; do sleep 0.05 & wait $!; done
