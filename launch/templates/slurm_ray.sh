@@ -8,12 +8,7 @@
 {{sbatch_resources}}#SBATCH --time={{time}}
 #SBATCH --open-mode=append
 #SBATCH --output={{log_dir}}/%x-%j.log
-set -euo pipefail
-set +u  # site set-up (module load, conda activate) often reads unset variables
-{{setup}}
-set -u
-export PYTHONUNBUFFERED=1
-{{exports}}
+{{include slurm_env.sh}}
 REPO={{repo}}
 RUN_DIR={{run_dir}}
 JOB_LOG_DIR={{log_dir}}/"$SLURM_JOB_NAME-$SLURM_JOB_ID"

@@ -10,12 +10,7 @@
 {{sbatch_resources}}#SBATCH --time={{time}}
 #SBATCH --open-mode=append
 #SBATCH --output={{log_dir}}/%x-%A_%a.log
-set -euo pipefail
-set +u  # site set-up (module load, conda activate) often reads unset variables
-{{setup}}
-set -u
-export PYTHONUNBUFFERED=1
-{{exports}}
+{{include slurm_env.sh}}
 cd {{repo}}
 # $SLURM_ARRAY_TASK_ID is this array task's own index (each task runs its own copy of this script)
 {{python}} -m jobs.shard {{shard_args}} --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks {{tasks}} --quiet

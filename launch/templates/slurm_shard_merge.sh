@@ -9,11 +9,6 @@
 {{sbatch_resources}}#SBATCH --time={{time}}
 #SBATCH --open-mode=append
 #SBATCH --output={{log_dir}}/%x-%j.log
-set -euo pipefail
-set +u  # site set-up (module load, conda activate) often reads unset variables
-{{setup}}
-set -u
-export PYTHONUNBUFFERED=1
-{{exports}}
+{{include slurm_env.sh}}
 cd {{repo}}
 {{python}} -m jobs.shard merge {{out}} --split {{split}}

@@ -10,12 +10,7 @@
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR2@{{signal_lead_s}}
 #SBATCH --output={{log_dir}}/%x-%j.log
-set -euo pipefail
-set +u  # site set-up (module load, conda activate) often reads unset variables
-{{setup}}
-set -u
-export PYTHONUNBUFFERED=1
-{{exports}}
+{{include slurm_env.sh}}
 REPO={{repo}}
 RUN_DIR={{run_dir}}
 JOB_LOG_DIR={{log_dir}}/"$SLURM_JOB_NAME-$SLURM_JOB_ID"

@@ -120,7 +120,13 @@ def fill(template: str, values: dict[str, object], name: str = "template") -> st
 
 
 def load_template(name: str) -> str:
-    return (TEMPLATES / name).read_text()
+    """A template's text, with each ``{{include FILE}}`` line replaced by FILE's lines (minus its ``#`` header)."""
+
+    def include(m: re.Match) -> str:
+        lines = (TEMPLATES / m.group(1)).read_text().splitlines(keepends=True)
+        return "".join(line for line in lines if not line.startswith("# "))
+
+    return re.sub(r"^\{\{include ([\w.]+)\}\}\n", include, (TEMPLATES / name).read_text(), flags=re.M)
 
 
 def q(value: object) -> str:
