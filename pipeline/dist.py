@@ -34,6 +34,7 @@ import itertools
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -235,9 +236,28 @@ def _all_reduce(tensor: torch.Tensor, op, name: str) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if one is running (safe to call twice)."""
+    """Destroy the default process group if one is running (safe to call twice).
+
+    DeepSpeed caches groups cloned from the default one (``deepspeed.utils.groups``); they die with it, so the
+    cache is emptied too, or the next group started in this process (a second in-process run) would be handed
+    the dead clones ("Group ... is not registered").
+    """
     if is_initialized():
         dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:  # the group caches of the pinned DeepSpeed (0.19): dicts of groups, or one group
+        for name in _DEEPSPEED_GROUP_CACHES:
+            value = getattr(groups, name, None)
+            if isinstance(value, dict):
+                value.clear()
+            elif value is not None:
+                setattr(groups, name, None)
+
+
+_DEEPSPEED_GROUP_CACHES = ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                           "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+                           "_ALL_TO_ALL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
+                           "_DATA_PARALLEL_GROUP")
 
 
 # -- hostlists --------------------------------------------------------------------------------------

@@ -40,10 +40,9 @@ def _no_leaked_process_group():
     # inherited by every later torchrun/jobs.train subprocess (EADDRINUSE) and later tests see a live group.
     saved = {k: os.environ.get(k) for k in _WORLD_VARS}
     yield
-    import torch.distributed as dist
+    from pipeline import dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    dist.cleanup()  # the group and DeepSpeed's clones of it
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

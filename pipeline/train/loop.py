@@ -175,6 +175,8 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     world = dist.world_info_from_env()
     device = _device(cfg, world)
     # the backend follows the device the run asked for (nccl only for CUDA runs), not what the node has
+    # a group this call starts, it also destroys on the way out (a launcher's or Ray Train's group is theirs)
+    owned = not dist.is_initialized()
     info = dist.init_distributed(world, backend="nccl" if device.type == "cuda" else "gloo", use_deepspeed=True)
     rank0 = info.rank == 0
     run_dir = Path(cfg.run.dir)
@@ -365,13 +367,26 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                 log.warning("received %s: saved step %d; exiting with %d", watch.received.name if watch.received
                             else "a signal on another rank", step, code)
                 _finish(tracker, progress, watchdog, watch, "KILLED" if code else "FINISHED", None, sync, cfg.checkpoint.grace_s)
+                _release(owned)
                 raise SystemExit(code)
     except BaseException:
         if not isinstance(sys.exc_info()[1], SystemExit):
             _finish(tracker, progress, watchdog, watch, "FAILED", None, sync, cfg.checkpoint.grace_s)
         raise
     _finish(tracker, progress, watchdog, watch, "FINISHED", run_dir if rank0 else None, sync, cfg.checkpoint.grace_s)
+    _release(owned)
     return last
+
+
+def _release(owned: bool) -> None:
+    """End a group this run started, on the paths where every rank gets here together (done, or the agreed
+    preemption exit). Left to interpreter shutdown, gloo's worker threads outlive the interpreter and the
+    process dies with SIGABRT ("terminate called without an active exception") after a finished run. After
+    an error the group is left alone: the other ranks may be inside a collective, and destroying it would hang.
+    """
+    if owned and dist.is_initialized():
+        dist.barrier()  # no rank closes its sockets while a peer still reads the last collective's bytes
+        dist.cleanup()
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:

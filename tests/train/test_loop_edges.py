@@ -95,3 +95,21 @@ def test_a_fresh_run_refuses_a_run_dir_that_already_holds_checkpoints(tiny_shard
     r = run([sys.executable, "-m", "jobs.train", *common])
     assert r.returncode != 0 and "already holds checkpoints (newest step00000002)" in r.stderr
     assert "checkpoint.resume=latest" in r.stderr
+
+
+def test_a_run_ends_the_process_group_it_started_and_keeps_one_it_was_given(tiny_shards: str, tmp_path: Path) -> None:
+    # a group left to interpreter shutdown takes a finished gloo rank down with SIGABRT ("terminate called without
+    # an active exception", seen on a 2-node run after its last step): the run destroys what it started ...
+    import torch.distributed as tdist
+
+    from pipeline.config import load_config
+    from pipeline.train.loop import train_loop
+
+    common = [*TINY_TRAIN, f"data.shards={tiny_shards}", "train.max_steps=2", "eval.every=1000",
+              "checkpoint.every=1000"]
+    train_loop(load_config(None, [*common, f"run.dir={tmp_path / 'own'}"]))
+    assert not tdist.is_initialized()
+    # ... and leaves a group someone else started (Ray Train's) to its owner
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    train_loop(load_config(None, [*common, f"run.dir={tmp_path / 'given'}"]))
+    assert tdist.is_initialized()
