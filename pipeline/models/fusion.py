@@ -39,10 +39,11 @@ from pipeline.flows import MangoFlow
 
 from .augment import Augment
 from .encoders import ImageEncoder
-from .heads import ClassificationHead, SegmentationHead, TranslationHead
+from .heads import ClassificationHead, SegmentationHead, TranslationHead, WarpTranslationHead
 from .text import TextEncoder
 
 FUSIONS = ("mango", "concat")
+DECODERS = ("direct", "warp")  # translation heads: TranslationHead, WarpTranslationHead
 MODES = ("loss", "eval", "predict")
 
 
@@ -96,6 +97,14 @@ class LatentTaskModel(nn.Module):
         spatial = task in ("segmentation", "translation")
         self.fuse = nn.Conv2d(dim * len(inputs), dim, 1) if spatial else None
         self.head = head
+        self.source = None  # the input a warping head moves pixels of: one of the target's kind
+        if getattr(head, "needs_source", False):
+            fits = [m for m in inputs if m.kind == "image" and (m.channels, m.bits) == (target.channels, target.bits)]
+            if not fits:
+                raise ValueError(f"{task}: model.decoder=warp warps an input image like the target {target.key} "
+                                 f"({target.channels} channels, {target.bits}-bit); the inputs are "
+                                 f"{[(m.key, m.channels, m.bits) for m in inputs]}")
+            self.source = fits[0]
 
     # -- pieces ---------------------------------------------------------------------------------------
     def _encode(self, batch: Mapping[str, object]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -133,12 +142,17 @@ class LatentTaskModel(nn.Module):
         log_pz = -0.5 * (z * z).flatten(1).sum(1) - 0.5 * ld * math.log(2 * math.pi)
         return -(log_pz + logdet.to(z.dtype)) / ld
 
-    def _head(self, zs: list[torch.Tensor], masks: list[torch.Tensor | None], size: tuple[int, int] | None) -> torch.Tensor:
+    def _head(self, zs: list[torch.Tensor], masks: list[torch.Tensor | None], size: tuple[int, int] | None,
+              batch: Mapping[str, object]) -> torch.Tensor:
         if self.fuse is None:
             return self.head(zs, masks)
         n, (gh, gw) = zs[0].shape[0], self.grid
         grids = [z.transpose(1, 2).reshape(n, self.dim, gh, gw) for z in zs]
-        return self.head(self.fuse(torch.cat(grids, dim=1)), size)
+        fused = self.fuse(torch.cat(grids, dim=1))
+        if self.source is None:
+            return self.head(fused, size)
+        source = self.encoders[_name(self.source.key)].scaled(batch[self.source.key])  # [0, 1], like the target
+        return self.head(fused, size, source)
 
     def _target(self, batch: Mapping[str, object]) -> torch.Tensor:
         t = batch[self.target.key]
@@ -170,7 +184,7 @@ class LatentTaskModel(nn.Module):
         stop = mode == "loss" and torch.is_grad_enabled() and self.nll_weight > 0
         zs, nll = self._flow(tokens, stop_into_encoders=stop)
         size = next((tuple(batch[m.key].shape[-2:]) for m in self.inputs if m.kind == "image"), None)
-        out = self._head(zs, masks, size)
+        out = self._head(zs, masks, size, batch)
         if mode == "predict":
             return self.head.predict(out)
         target = self._target(batch)
@@ -198,11 +212,17 @@ def _name(key: str) -> str:
 
 
 def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: int, num_classes: int,
-               gan_weight: float = 0.0) -> nn.Module:
-    """The head for ``task`` (segmentation | translation | classification)."""
+               gan_weight: float = 0.0, decoder: str = "direct", warp_range: int = 16) -> nn.Module:
+    """The head for ``task`` (segmentation | translation | classification); ``decoder`` picks translation's."""
+    if decoder not in DECODERS:
+        raise ValueError(f"{task}: model.decoder must be one of {list(DECODERS)}; got {decoder!r}")
+    if decoder != "direct" and task != "translation":
+        raise ValueError(f"model.decoder={decoder!r} is a translation head; {task} has no {decoder} decoder")
     if task == "segmentation":
         return SegmentationHead(dim, num_classes, steps)
     if task == "translation":
+        if decoder == "warp":
+            return WarpTranslationHead(dim, target.channels, steps, warp_range, gan_weight)
         return TranslationHead(dim, target.channels, steps, gan_weight)
     if task == "classification":
         return ClassificationHead(dim, num_classes, num_inputs)

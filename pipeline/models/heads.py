@@ -8,6 +8,11 @@ values), ``sums(out, target, valid)`` (additive eval sums in :mod:`pipeline.metr
   bilinearly resized to the input's full resolution; cross-entropy with ``ignore_index`` 255.
 - :class:`TranslationHead` — the same decoder → (N, C, H, W) in [0, 1] (sigmoid); L1 against the target
   scaled to [0, 1]; optional PatchGAN discriminator (``model.gan_weight > 0``).
+- :class:`WarpTranslationHead` (``model.decoder=warp``) — view synthesis on a rectified stereo pair (Deep3D's
+  selection layer): the same decoder → per-pixel logits over the 2R+1 horizontal shifts −R..R of the *source*
+  image (an input modality of the target's kind) plus one generated candidate (a direct RGB output for occluded
+  and out-of-patch pixels); output = Σ_k p_k · shift_k(source) + p_gen · generated. Shifts whose source pixel
+  lies outside the image are masked out of the softmax. Same loss, sums and predictions as TranslationHead.
 - :class:`ClassificationHead` — per-modality pooled Z (text pads masked out) → MLP → (N, K) logits; BCE.
 """
 
@@ -128,10 +133,12 @@ class TranslationHead(nn.Module):
     discriminator). Non-saturating BCE losses.
     """
 
-    def __init__(self, dim: int, channels: int, steps: int, gan_weight: float = 0.0):
+    needs_source = False  # forward(grid, size); the warp head also takes the source image
+
+    def __init__(self, dim: int, channels: int, steps: int, gan_weight: float = 0.0, decoder_channels: int = 0):
         super().__init__()
         self.channels, self.gan_weight = channels, gan_weight
-        self.decoder = UpDecoder(dim, channels, steps)
+        self.decoder = UpDecoder(dim, decoder_channels or channels, steps)
         self.discriminator = PatchDiscriminator(channels) if gan_weight > 0 else None
 
     def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -158,6 +165,50 @@ class TranslationHead(nn.Module):
 
     def predict(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pred": pred}
+
+
+class WarpTranslationHead(TranslationHead):
+    """Fused grid + source image → (N, C, H, W) in [0, 1] by a soft per-pixel choice of horizontal shifts.
+
+    ``out[..., x] = Σ_k p_k(x) · source[..., x + k] + p_gen(x) · generated(x)`` for k in −R..R (``max_shift``
+    = R, pixels of the input resolution), ``p = softmax`` over the 2R+1 shift logits and one "generate" logit,
+    with the shifts whose source column ``x + k`` falls outside the image masked out. Every candidate gets a
+    gradient from the first step (unlike a regressed flow field warped with ``grid_sample``, whose bilinear
+    sampling only sees ±1 px), so disparities of many pixels are found from a uniform start. The source is
+    only ever an *input* (the model picks it; the target is never warped). See Xie et al., Deep3D (2016).
+    """
+
+    needs_source = True
+
+    def __init__(self, dim: int, channels: int, steps: int, max_shift: int, gan_weight: float = 0.0):
+        if max_shift < 1:
+            raise ValueError(f"WarpTranslationHead: max_shift must be ≥ 1 px; got {max_shift}")
+        super().__init__(dim, channels, steps, gan_weight, decoder_channels=2 * max_shift + 2 + channels)
+        self.max_shift = int(max_shift)
+
+    def forward(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = source.shape
+        if c != self.channels or (h, w) != tuple(size):
+            raise ValueError(f"WarpTranslationHead: source {tuple(source.shape)} must be (N, {self.channels}, "
+                             f"{size[0]}, {size[1]})")
+        y = self.decoder(grid, size).float()
+        k = 2 * self.max_shift + 1
+        p, generated = self._probs(y[:, : k + 1]), torch.sigmoid(y[:, k + 1:])
+        padded = F.pad(source.float(), (self.max_shift, self.max_shift))  # (n, c, h, w + 2R)
+        windows = padded.unfold(-1, w, 1)  # (n, c, h, k, w), a view: windows[..., j, x] = source[..., x + j − R]
+        warped = torch.einsum("nchkw,nkhw->nchw", windows, p[:, :k])
+        return warped + p[:, k:] * generated
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, 2R+2, H, W) logits → candidate probabilities, shifts reading outside the image masked out."""
+        r, k, w = self.max_shift, 2 * self.max_shift + 1, logits.shape[-1]
+        col = torch.arange(w, device=logits.device).view(1, w) + torch.arange(-r, r + 1, device=logits.device).view(k, 1)
+        inside = torch.cat([(col >= 0) & (col < w), torch.ones(1, w, dtype=torch.bool, device=logits.device)])
+        return torch.softmax(logits.masked_fill(~inside.view(1, k + 1, 1, w), float("-inf")), dim=1)
+
+    def shift_probs(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(N, 2R+2, H, W) candidate probabilities (shifts −R..R, then generate), for inspection."""
+        return self._probs(self.decoder(grid, size).float()[:, : 2 * self.max_shift + 2])
 
 
 class ClassificationHead(nn.Module):
