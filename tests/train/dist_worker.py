@@ -105,3 +105,5 @@ if __name__ == "__main__":
         outputs(sys.argv[2], sys.argv[3])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+    dist.barrier()
+    dist.cleanup()  # not left to interpreter shutdown, where gloo's threads can abort a finished rank
