@@ -125,6 +125,7 @@ class ModelConfig:
     # over horizontal shifts of the source image plus one generated candidate (Deep3D's selection layer)
     decoder: str = _f("direct", choices=("direct", "warp"))
     warp_range: int = _f(16, ge=1)  # translation, decoder=warp: candidate shifts -R..R px of the source image
+    warp_generate: bool = False  # decoder=warp: one more candidate, a directly decoded RGB image (off: it memorises)
 
 
 @dataclass
