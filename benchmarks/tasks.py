@@ -43,8 +43,9 @@ TASKS = ("segmentation", "translation", "classification", "density")
 METRICS = {"segmentation": ("val_miou", "val_pixacc", "val_macc"), "translation": ("val_mae", "val_mse"),
            "classification": ("val_micro_f1", "val_macro_f1", "val_samples_f1")}
 #: translation shards (as translation_demo.yaml): at downscale 5 the disparity is ~2-12 px (median 8) inside the
-#: 16 px patch (at 3 it was ~3-20, median 13); stride 2 = 4x the training windows of the default P/2
-STEREO_DOWNSCALE, STEREO_STRIDE = 5, 2
+#: 16 px patch (at 3 it was ~3-20, median 13); stride 2 = 4x the training windows of the default P/2. Held out: the
+#: right 35% of the columns, patches every 4 px (the default 1/4 at stride P leaves 6 patches at this downscale)
+STEREO = {"downscale": 5, "stride": 2, "holdout": 0.35, "val_stride": 4}
 TARGET_KEYS = {"segmentation": "label", "classification": "labels"}
 
 
@@ -60,7 +61,7 @@ def shard_task(task: str, cfg, out: Path, scenes: int, movies: int = 512) -> Non
     elif task == "translation":
         for split in splits:
             write_split("embedded", "stereo", str(out), split, progress=False, samples_per_shard=64,
-                        options={"patch": size, "downscale": STEREO_DOWNSCALE, "stride": STEREO_STRIDE})
+                        options={"patch": size, **STEREO})
     elif task == "classification":
         raw = out.parent / "movies-raw"
         write_movie_folder(str(raw), train=movies, dev=max(16, movies // 4), test=max(16, movies // 4), seed=0)
@@ -114,12 +115,49 @@ def run_task(task: str, tmp: Path, steps: int | None, overrides: list[str], scen
     return rows
 
 
-def print_table(task: str, rows: list[tuple[str, dict, float]], steps: int) -> None:
+def stereo_references(patch: int, split: str = "val") -> dict[str, dict[str, float]]:
+    """Reference rows for translation (no model): the held-out patches' MAE/MSE of
+
+    - ``copy left patch``: the left view as the prediction of the right one;
+    - ``oracle depth warp``: the left patch warped by the *true* disparity of its depth map
+      (``d = (f·B/Z − doffs)/s``, right[x] ≈ left[x + d(x)], bilinear, clamped at the patch edge; pixels without
+      depth take the patch's median disparity) — an upper reference for what depth can tell, not a model.
+    """
+    import numpy as np
+
+    from pipeline.data.sources.embedded import BASELINE_MM, DOFFS_PX, FOCAL_PX, EmbeddedSource, stereo_arrays
+
+    src = EmbeddedSource("stereo", patch=patch, **STEREO)
+    left, right, depth = stereo_arrays(STEREO["downscale"])
+    err = {"copy left patch": [], "oracle depth warp": []}
+    cols = np.arange(patch, dtype=np.float64)
+    for key in src.keys(split):
+        y, x = (int(part[1:]) for part in key.split("-")[-2:])
+        win = (slice(y, y + patch), slice(x, x + patch))
+        lp, rp, z = left[win] / 255.0, right[win] / 255.0, depth[win].astype(np.float64)
+        valid = z > 0
+        disp = np.where(valid, (FOCAL_PX * BASELINE_MM / np.where(valid, z, 1.0) - DOFFS_PX) / STEREO["downscale"], 0.0)
+        disp[~valid] = np.median(disp[valid]) if valid.any() else 0.0
+        src_x = np.clip(cols[None, :] + disp, 0, patch - 1)  # (P, P) source column per output pixel
+        x0 = np.floor(src_x).astype(int)
+        x1, t = np.minimum(x0 + 1, patch - 1), (src_x - x0)[..., None]
+        rows = np.arange(patch)[:, None]
+        warped = (1 - t) * lp[rows, x0] + t * lp[rows, x1]
+        err["copy left patch"].append(lp - rp)
+        err["oracle depth warp"].append(warped - rp)
+    return {k: {"val_mae": float(np.mean(np.abs(v))), "val_mse": float(np.mean(np.square(v)))} for k, v in err.items()}
+
+
+def print_table(task: str, rows: list[tuple[str, dict, float]], steps: int, patch: int = 0) -> None:
     names = METRICS[task]
     print(f"\n{task}: held-out split, {steps} steps each (same config, batch, seed)")
     print(f"{'model':<20}" + "".join(f"{n.removeprefix('val_'):>12}" for n in names) + f"{'wall s':>9}")
     for name, result, wall in rows:
         print(f"{name:<20}" + "".join(f"{result[n]:>12.4f}" for n in names) + f"{wall:>9.0f}")
+    if task == "translation":
+        print("references (no model, same held-out patches):")
+        for name, result in stereo_references(patch).items():
+            print(f"  {name:<18}" + "".join(f"{result[n]:>12.4f}" for n in names))
     sys.stdout.flush()
 
 
@@ -167,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             only = [v.strip() for v in args.variants.split(",") if v.strip()] or None
             rows = run_task(task, tmp, args.steps or None, args.overrides, args.scenes, args.movies, only)
-            steps = args.steps or load_config(CONFIGS / f"{task}_demo.yaml").train.max_steps
-            print_table(task, rows, steps)
+            cfg = load_config(CONFIGS / f"{task}_demo.yaml", args.overrides)
+            print_table(task, rows, args.steps or cfg.train.max_steps, cfg.model.image_size)
     return 0
 
 

@@ -166,7 +166,8 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     steps = decoder_steps(m.image_size, grid[0])
     if m.decoder != "direct" and m.task != "translation":
         raise ConfigError(f"model.decoder={m.decoder!r} is a translation head; {m.task} has only model.decoder=direct")
-    head = build_head(m.task, target, m.dim, len(inputs), steps, m.num_classes, m.gan_weight, m.decoder, m.warp_range)
+    head = build_head(m.task, target, m.dim, len(inputs), steps, m.num_classes, m.gan_weight, m.decoder, m.warp_range,
+                      m.warp_generate)
     augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip)
     if m.decoder == "warp" and not any(md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits)
                                        for md in inputs):

@@ -212,7 +212,8 @@ def _name(key: str) -> str:
 
 
 def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: int, num_classes: int,
-               gan_weight: float = 0.0, decoder: str = "direct", warp_range: int = 16) -> nn.Module:
+               gan_weight: float = 0.0, decoder: str = "direct", warp_range: int = 16,
+               warp_generate: bool = False) -> nn.Module:
     """The head for ``task`` (segmentation | translation | classification); ``decoder`` picks translation's."""
     if decoder not in DECODERS:
         raise ValueError(f"{task}: model.decoder must be one of {list(DECODERS)}; got {decoder!r}")
@@ -222,7 +223,7 @@ def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: in
         return SegmentationHead(dim, num_classes, steps)
     if task == "translation":
         if decoder == "warp":
-            return WarpTranslationHead(dim, target.channels, steps, warp_range, gan_weight)
+            return WarpTranslationHead(dim, target.channels, steps, warp_range, gan_weight, warp_generate)
         return TranslationHead(dim, target.channels, steps, gan_weight)
     if task == "classification":
         return ClassificationHead(dim, num_classes, num_inputs)

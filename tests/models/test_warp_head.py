@@ -16,9 +16,9 @@ from .test_latent_models import SEG_SPECS, TR_SPECS, N, S, batch, cfg_for, fit
 WARP = ("model.target=right", "model.decoder=warp", "model.warp_range=4")
 
 
-def _pinned_head(choice: int, r: int = 3, c: int = 3) -> WarpTranslationHead:
+def _pinned_head(choice: int, r: int = 3, c: int = 3, generate: bool = False) -> WarpTranslationHead:
     """A head whose decoder ignores its input and puts (almost) all mass on candidate ``choice``."""
-    head = WarpTranslationHead(8, c, 1, r)
+    head = WarpTranslationHead(8, c, 1, r, generate=generate)
     with torch.no_grad():
         head.decoder.out.weight.zero_()
         head.decoder.out.bias.zero_()
@@ -26,10 +26,10 @@ def _pinned_head(choice: int, r: int = 3, c: int = 3) -> WarpTranslationHead:
     return head
 
 
-@pytest.mark.parametrize("shift", [-3, -1, 0, 2, 3])
-def test_one_candidate_is_an_exact_shift_of_the_source_and_outside_columns_are_masked(shift):
+@pytest.mark.parametrize("shift, generate", [(-3, False), (-1, True), (0, False), (2, True), (3, False)])
+def test_one_candidate_is_an_exact_shift_of_the_source_and_outside_columns_are_masked(shift, generate):
     r, w = 3, 10
-    head = _pinned_head(shift + r, r)
+    head = _pinned_head(shift + r, r, generate=generate)
     src = torch.rand(2, 3, 5, w)
     out = head(torch.randn(2, 8, 4, 4), (5, w), src)
     assert out.shape == src.shape
@@ -37,7 +37,7 @@ def test_one_candidate_is_an_exact_shift_of_the_source_and_outside_columns_are_m
     torch.testing.assert_close(out[..., cols], src[..., [x + shift for x in cols]], atol=1e-6, rtol=0)
     with torch.no_grad():
         p = head.shift_probs(torch.randn(2, 8, 4, 4), (5, w))
-    assert p.shape == (2, 2 * r + 2, 5, w)
+    assert p.shape == (2, 2 * r + 1 + generate, 5, w)
     torch.testing.assert_close(p.sum(1), torch.ones(2, 5, w))
     for j, k in enumerate(range(-r, r + 1)):  # a shift reading outside the image never gets probability
         outside = [x for x in range(w) if not 0 <= x + k < w]
@@ -45,7 +45,8 @@ def test_one_candidate_is_an_exact_shift_of_the_source_and_outside_columns_are_m
 
 
 def test_generated_candidate_fills_in_and_source_is_checked():
-    head = _pinned_head(2 * 3 + 1)  # the "generate" logit
+    assert _pinned_head(0).decoder.out.out_channels == 7  # shifts only (the default): no generated image
+    head = _pinned_head(2 * 3 + 1, generate=True)  # the "generate" logit
     with torch.no_grad():
         head.decoder.out.bias[-3:] = torch.tensor([-20.0, 0.0, 20.0])  # sigmoid → (0, 0.5, 1) per channel
     out = head(torch.randn(1, 8, 4, 4), (6, 6), torch.rand(1, 3, 6, 6))
@@ -89,6 +90,14 @@ def test_warp_model_learns_a_depth_dependent_shift():
     b["right.png"] = torch.where(near, torch.roll(left, -1, -1), torch.roll(left, -3, -1))
     losses = fit(model, b, steps=30)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_generated_candidate_is_a_config_choice():
+    on = build_model(cfg_for("translation", "[rgb,depth,right]", *WARP, "model.warp_generate=true"), TR_SPECS)
+    assert on.head.generate and on.head.candidates == 10
+    out = on(batch(), mode="loss")
+    out["loss"].backward()
+    assert float(on.head.decoder.out.weight.grad[-3:].abs().sum()) > 0  # the generated image is trained
 
 
 def test_bad_decoder_values_fail_clearly():
