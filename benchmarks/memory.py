@@ -13,11 +13,15 @@ optimizer state do not blur it). The hooks stay active through the backward pass
 is released when autograd frees its graph node, so the figure is the *peak* of live saved bytes over the
 whole step (for ``invert`` that includes the one-block graph rebuilt in backward).
 
-``checkpoint`` needs one composed term: torch's non-reentrant checkpoint installs its own saved-tensor
-hooks inside each block (so ours cannot see its recompute) and keeps each block's input alive by
-reference. Its peak is therefore counted as (bytes our hooks saw outside the blocks) + (every block's
-input, recorded by a forward pre-hook) + (the largest single block's saved bytes, counted with our hooks
-on that block run in ``store`` mode) — what the last block's recompute holds at the start of backward.
+``checkpoint`` is selective, at layer granularity (:class:`~pipeline.flows.MangoFlow`): each ICA saves only its
+inputs and rebuilds q, k and the n×n attention inside its own backward, each coupling saves its input and
+recomputes its conditioner (torch's non-reentrant checkpoint), ActNorm saves its output (shared with the
+next layer). What the ICA and ActNorm nodes keep goes through ``ctx.save_for_backward``, so our hooks count it
+directly; the one-layer q/k/A rebuilt inside an ICA's backward are transient (like any backward buffer of
+``store``), not saved tensors. torch's checkpoint installs its own saved-tensor hooks around each conditioner
+and keeps the conditioner's input by reference, so its part is added as a composed term: (every conditioner's
+input, recorded by a forward pre-hook) + (the largest single conditioner's saved bytes, counted with our hooks
+on that conditioner run alone), which is what one conditioner's recompute holds during backward.
 
 Step time: forward + backward (no optimizer), min over ``--repeats`` repetitions, policies interleaved
 within each repetition (store, checkpoint, invert, store, …) after one untimed warm-up each.
@@ -41,7 +45,7 @@ import time
 
 import torch
 
-from pipeline.flows import MangoBlock, MultiscaleMangoFlow
+from pipeline.flows import AffineCoupling, MangoBlock, MultiscaleMangoFlow
 
 POLICIES = ("store", "checkpoint", "invert")
 
@@ -105,15 +109,17 @@ def loss_fn(flow, a, b):
 
 def activation_bytes(flow: MultiscaleMangoFlow, a, b) -> int:
     params = {p.untyped_storage().data_ptr() for p in flow.parameters()}
+    params |= {t.untyped_storage().data_ptr() for t in flow.buffers()}  # model state, not activations
     counter = SavedBytes(params)
+    nets = [m.net for m in flow.modules() if isinstance(m, AffineCoupling)]
     held: list[int] = []
-    handles = []
     phase = {"forward": True}
+    handles = []
     if flow.flows[0].memory == "checkpoint":
         def pre(module, args):  # the inputs the checkpoint frames keep (not the recompute calls in backward)
             if phase["forward"]:
-                held.append(args[0].untyped_storage().nbytes())
-        handles = [m.register_forward_pre_hook(pre) for m in flow.modules() if isinstance(m, MangoBlock)]
+                held.append(args[0].numel() * args[0].element_size())
+        handles = [n.register_forward_pre_hook(pre) for n in nets]
     with counter.hooks():
         loss = loss_fn(flow, a, b)
         phase["forward"] = False
@@ -122,16 +128,14 @@ def activation_bytes(flow: MultiscaleMangoFlow, a, b) -> int:
         h.remove()
     if flow.flows[0].memory != "checkpoint":
         return counter.peak
-    # largest block's stored activations (the recompute at the start of backward), counted with our hooks
     biggest = 0
-    x = flow._tokens([a.float() / 256 - 0.5, b.float() / 256 - 0.5]).detach().requires_grad_()
-    for block in flow.flows[0].blocks:
+    for net, inp in zip(nets, held):
         one = SavedBytes(params)
+        x = torch.randn(inp // 4 // (net[0].in_channels * flow.flows[0].tokens), net[0].in_channels,
+                        flow.flows[0].tokens, requires_grad=True)
         with one.hooks():
-            y, ld = block(x)
-            (y.sum() + ld.sum()).backward()
+            net(x).sum().backward()
         biggest = max(biggest, one.peak)
-        x = y.detach().requires_grad_()
     return counter.peak + sum(held) + biggest
 
 
@@ -178,7 +182,7 @@ def estimate(path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 12, 24, 48])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image", type=int, default=16)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -21,7 +21,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import InvertibleModule, compute_dtype, logdet_dtype
+from .base import InvertibleModule, compute_dtype, logdet_dtype, no_autocast
+
+
+class ActNormAffine(torch.autograd.Function):
+    """``y = (x + loc) · exp(log_scale)`` saving ``y`` (∂y/∂log_scale = y, ∂y/∂x = ∂y/∂loc = exp(log_scale))."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        scale = torch.exp(log_scale)
+        y = (x + loc) * scale
+        ctx.save_for_backward(y, scale)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        y, scale = ctx.saved_tensors
+        gx = grad * scale
+        reduce = tuple(range(grad.ndim - 1))
+        dloc = gx.sum(dim=reduce) if ctx.needs_input_grad[1] else None
+        dlog = (grad * y).sum(dim=reduce) if ctx.needs_input_grad[2] else None
+        return gx, dloc, dlog
 
 
 class ActNorm(InvertibleModule):
@@ -54,12 +75,15 @@ class ActNorm(InvertibleModule):
         if self._collect_init and not bool(self.initialized):
             self.initialize_from(x)
         ct = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             loc, log_scale = self.loc.to(ct), self.log_scale.to(ct)
             logdet = (x.shape[1] * log_scale.sum()).to(logdet_dtype(x)).expand(x.shape[0])
             if reverse:
                 y = x.to(ct) * torch.exp(-log_scale) - loc
                 return y.to(x.dtype), -logdet
+            if torch.is_grad_enabled() and x.dtype == ct:
+                # one node that saves its output (which the next layer keeps anyway), not its shifted input
+                return ActNormAffine.apply(x, loc, log_scale), logdet
             y = (x.to(ct) + loc) * torch.exp(log_scale)
             return y.to(x.dtype), logdet
 

@@ -46,6 +46,17 @@ def inside_flow() -> Iterator[None]:
         _INSIDE_FLOW.reset(token)
 
 
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)`` when autocast is on, else a no-op context.
+
+    Entering an autocast context costs about as much as a small tensor op; the flow enters one per layer
+    for its fp32 arithmetic, so it is skipped where there is nothing to switch off.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def logdet_dtype(x: torch.Tensor) -> torch.dtype:
     """fp64 for fp64 input, fp32 otherwise (bf16/fp16 log-dets lose whole nats at L*D ~ 1e5)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .base import InvertibleModule, compute_dtype, logdet_dtype
+from .base import InvertibleModule, compute_dtype, logdet_dtype, no_autocast
 
 
 class AffineCoupling(InvertibleModule):
@@ -43,6 +44,8 @@ class AffineCoupling(InvertibleModule):
         )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+        #: keep only the conditioner's input and recompute it in backward (set by ``MangoFlow(memory="checkpoint")``)
+        self.recompute_conditioner = False
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.swap:
@@ -56,9 +59,15 @@ class AffineCoupling(InvertibleModule):
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         xa, xb = self._split(x)
-        h = self.net(xa.transpose(1, 2)).transpose(1, 2)  # (N, L, 2·out_dim), may be bf16 under autocast
+        if (self.recompute_conditioner and torch.is_grad_enabled() and not hasattr(self.net[0].weight, "ds_id")
+                and (xa.requires_grad or self.net[0].weight.requires_grad)):
+            # torch's non-reentrant checkpoint: works with autograd.grad and with module-hook tools
+            # (FlopCounterMode), unlike a Function that calls autograd.grad in its backward
+            h = checkpoint(self.net, xa.transpose(1, 2), use_reentrant=False).transpose(1, 2)
+        else:
+            h = self.net(xa.transpose(1, 2)).transpose(1, 2)  # (N, L, 2·out_dim), may be bf16 under autocast
         ct = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             h = h.to(ct)
             raw_s, t = h[..., : self.out_dim], h[..., self.out_dim:]
             log_s = self.scale_bound * torch.tanh(raw_s / self.scale_bound)

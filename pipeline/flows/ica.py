@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .attention import diag_log_softmax, upper_attention
-from .base import InvertibleModule, compute_dtype, logdet_dtype
+from .base import InvertibleModule, compute_dtype, logdet_dtype, no_autocast
 from .lica import LUTokenMixer
 from .partitions import PARTITIONS, partition_index
 
@@ -86,6 +86,167 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
     return x if reuse else torch.cat(solved[::-1], dim=1)
 
 
+class GatedUpperAttention(torch.autograd.Function):
+    """``(y2, a_diag)`` of the gated ICA update with the masked softmax materialised once.
+
+    Forward, for q (pre-scaled), k (N, n, E), x2 (N, n, D), α (D,) and the additive mask ``bias`` (n, n)
+    (0 on and above the diagonal, −inf below)::
+
+        A = softmax(bias + q kᵀ);  y2 = x2 + A (x2 ⊙ α);  a_diag = diag(A)
+
+    (α scales channels and A mixes tokens, so ``α ⊙ (A x2) = A (x2 ⊙ α)`` and the residual add fuses into one
+    ``baddbmm``.) Saves A, q, k, x2, α. The hand-written backward adds the diagonal's gradient onto dA in place
+    (autograd would scatter it into a dense n×n zero tensor and add that), and A = 0 below the diagonal makes
+    the softmax backward zero there, so the mask needs no backward pass of its own. The composed reference,
+    :func:`gated_upper_attention_reference`, is what the tests compare it with (values and gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, x2, alpha, bias):
+        a = torch.softmax(torch.baddbmm(bias, q, k.transpose(-1, -2)), dim=-1)
+        y2 = torch.baddbmm(x2, a, x2 * alpha)
+        ctx.save_for_backward(a, q, k, x2, alpha)
+        return y2, a.diagonal(dim1=-2, dim2=-1).clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_y, g_diag):
+        a, q, k, x2, alpha = ctx.saved_tensors
+        need_q, need_k, need_x, need_alpha = ctx.needs_input_grad[:4]
+        dq = dk = dx = dalpha = None
+        if g_y is None:
+            g_y = torch.zeros_like(x2)
+        with no_autocast(a.device.type):  # the gradients stay in the compute dtype, like the forward
+            if need_x or need_alpha:
+                at_g = a.transpose(-1, -2) @ g_y  # Aᵀ g_y (N, n, D)
+                if need_x:
+                    dx = torch.addcmul(g_y, at_g, alpha)
+                if need_alpha:
+                    dalpha = (at_g * x2).sum(dim=(0, 1))
+            if need_q or need_k:
+                da = (g_y * alpha) @ x2.transpose(-1, -2)  # (N, n, n)
+                if g_diag is not None:
+                    da.diagonal(dim1=-2, dim2=-1).add_(g_diag)
+                ds = torch._softmax_backward_data(da, a, -1, a.dtype)  # A ⊙ (dA − rowsum(dA ⊙ A)); 0 where masked
+                if need_q:
+                    dq = ds @ k
+                if need_k:
+                    dk = ds.transpose(-1, -2) @ q
+        return dq, dk, dx, dalpha, None
+
+
+_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+
+
+def _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, bias, eps_q, eps_k):
+    """Queries, keys and A of one gated ICA layer, with what their backward needs (see :class:`GatedICACore`)."""
+    e = wq.shape[0]
+    pq, pk = x1 @ wq.t(), x1 @ wk.t()
+    qn, mq, rq = torch.native_layer_norm(pq, (e,), lnq_w, lnq_b, eps_q)
+    kn, mk, rk = torch.native_layer_norm(pk, (e,), lnk_w, lnk_b, eps_k)
+    tau = log_tau.exp()
+    q = qn * tau
+    a = torch.softmax(torch.baddbmm(bias, q, kn.transpose(-1, -2)), dim=-1)
+    return pq, mq, rq, pk, mk, rk, tau, q, kn, a
+
+
+class GatedICACore(torch.autograd.Function):
+    """The whole gated ICA layer ``x → (y, logdet)`` (split, update, merge) as one autograd node.
+
+    ``x`` (N, L, D) is the layer's input (or, for LICA, the mixed tokens ``W x``); ``z = x[:, gather]`` (all of
+    ``x`` when ``gather`` is None) holds ``[x1 ; x2]``, or ``[x2 ; x1]`` with ``swap`` (mmca2); the output is
+``[x1 ; y2]`` (``[y2 ; x1]``) put back in token order by ``scatter``. Same arithmetic
+    as the composed path (``queries_keys`` → masked softmax → ``x2 + α (A x2)``, log-det
+    ``Σ log(1 + α_c a_ii)``), with a hand-written backward: a MANGO layer is a few hundred tiny ops, and on
+    small token grids the per-op cost of autograd's graph (one node per op, dense n×n zeros for the
+    diagonal's gradient, a masked_fill backward) was most of the training step. It saves ``x`` itself (which
+    the preceding ActNorm keeps anyway), never a gathered copy. The tests compare it with the composed
+    reference in values and gradients (fp64) and gradcheck it.
+
+    ``recompute=True`` (``model.memory=checkpoint``) saves nothing else and rebuilds q, k and A inside the
+    backward (two projections, two LayerNorms, one score matmul and a softmax — the only part of the layer
+    whose activations are large) instead of saving the n×n attention and the q/k activations.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias,
+                eps_q, eps_k, recompute):
+        x1, x2 = _halves(x, gather, swap)
+        pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
+                                                                bias, eps_q, eps_k)
+        alpha = (1.0 - GATE_MARGIN) * torch.tanh(beta)
+        y2 = torch.baddbmm(x2, a, x2 * alpha)
+        logdet = torch.log1p(a.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * alpha).sum(dim=(1, 2))
+        out = torch.cat([y2, x1] if swap else [x1, y2], dim=1)  # the merge, in the same node
+        out = out if scatter is None else out.index_select(1, scatter)
+        # the mask and the permutations are buffers, not activations: held by reference, not saved
+        ctx.eps, ctx.recompute, ctx.bias, ctx.swap = (eps_q, eps_k), recompute, bias, swap
+        ctx.gather, ctx.scatter = gather, scatter
+        params = (wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta)
+        if recompute:
+            ctx.save_for_backward(x, *params)
+        else:
+            ctx.save_for_backward(x, *params, pq, mq, rq, pk, mk, rk, q, kn, a)
+        return out, logdet
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_logdet):
+        g_y1, g_y = _halves(g_out, ctx.gather, ctx.swap)
+        saved = ctx.saved_tensors
+        x, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta = saved[:9]
+        x1, x2 = _halves(x, ctx.gather, ctx.swap)
+        if ctx.recompute:
+            pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
+                                                                    ctx.bias, *ctx.eps)
+        else:
+            pq, mq, rq, pk, mk, rk, q, kn, a = saved[9:]
+            tau = log_tau.exp()
+        need = ctx.needs_input_grad
+        th = torch.tanh(beta)
+        alpha = (1.0 - GATE_MARGIN) * th
+        diag = a.diagonal(dim1=-2, dim2=-1)  # (N, n)
+        # y2 = x2 + A (x2 ⊙ α)
+        at_g = a.transpose(-1, -2) @ g_y
+        dx2 = torch.addcmul(g_y, at_g, alpha)
+        # logdet = Σ log1p(α_c a_ii): ∂/∂a_ii = Σ_c α_c / (1 + α_c a_ii), ∂/∂α_c = Σ_i a_ii / (1 + α_c a_ii)
+        w = g_logdet.view(-1, 1, 1) / (1.0 + diag.unsqueeze(-1) * alpha)  # (N, n, D)
+        dalpha = (at_g * x2).sum(dim=(0, 1)) + (w * diag.unsqueeze(-1)).sum(dim=(0, 1))
+        dbeta = dalpha * ((1.0 - GATE_MARGIN) * (1.0 - th * th)) if need[11] else None
+        da = (g_y * alpha) @ x2.transpose(-1, -2)
+        da.diagonal(dim1=-2, dim2=-1).add_((w * alpha).sum(dim=-1))
+        ds = torch._softmax_backward_data(da, a, -1, a.dtype)  # zero below the diagonal (A = 0 there)
+        dq = ds @ kn
+        dkn = ds.transpose(-1, -2) @ q
+        dlog_tau = (dq * q).sum().view_as(log_tau) if need[10] else None
+        mask = [True, need[6] or need[7], need[6] or need[7]]
+        e, d = wq.shape
+        dpq, dlnq_w, dlnq_b = _layer_norm_backward(dq * tau, pq, (e,), mq, rq, lnq_w, lnq_b, mask)
+        dpk, dlnk_w, dlnk_b = _layer_norm_backward(dkn, pk, (e,), mk, rk, lnk_w, lnk_b, mask)
+        flat_x1 = x1.reshape(-1, d)
+        dwq = dpq.reshape(-1, e).t() @ flat_x1 if need[4] else None
+        dwk = dpk.reshape(-1, e).t() @ flat_x1 if need[5] else None
+        dx = None
+        if need[0]:
+            dx1 = (dpq @ wq).add_(dpk @ wk).add_(g_y1)
+            dz = torch.cat([dx2, dx1] if ctx.swap else [dx1, dx2], dim=1)
+            dx = dz if ctx.scatter is None else dz.index_select(1, ctx.scatter)
+        return (dx, None, None, None, dwq, dwk, dlnq_w, dlnq_b, dlnk_w, dlnk_b, dlog_tau, dbeta,
+                None, None, None, None)
+
+
+def _halves(x: torch.Tensor, gather: torch.Tensor | None, swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    z = x if gather is None else x.index_select(1, gather)
+    first, second = z.chunk(2, dim=1)
+    return (second, first) if swap else (first, second)
+
+
+def gated_upper_attention_reference(q, k, x2, alpha, below_diag):
+    """The composed (autograd) form of :class:`GatedUpperAttention`, kept as its tested reference."""
+    a = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(below_diag, float("-inf")), dim=-1)
+    return x2 + alpha * (a @ x2), a.diagonal(dim1=-2, dim2=-1)
+
+
 class ICA(InvertibleModule):
     """Invertible cross-attention on (N, tokens, dim) for one partition (see module docstring).
 
@@ -125,6 +286,8 @@ class ICA(InvertibleModule):
             raise ValueError(f"ICA: token count must be even ([A ; B], n each); got tokens={tokens}")
         self.dim, self.tokens, self.partition, self.form = dim, tokens, partition, form
         self.solve_block = solve_block
+        #: rebuild q, k and A in the backward instead of saving them (set by ``MangoFlow(memory="checkpoint")``)
+        self.recompute_attention = False
         self.attention = attention if attention != "auto" else ("fused" if tokens // 2 >= FUSED_MIN_TOKENS else "plain")
         qk_dim = qk_dim or dim
         self.proj_q = nn.Linear(dim, qk_dim, bias=False)
@@ -146,17 +309,35 @@ class ICA(InvertibleModule):
             self.register_buffer("scatter", torch.argsort(index), persistent=False)
         n = tokens // 2
         self.register_buffer("below_diag", torch.ones(n, n, dtype=torch.bool).tril(-1), persistent=False)
+        # additive form of the mask for the fused score matmul (baddbmm): 0 on/above the diagonal, −inf below
+        self.register_buffer("mask_bias", torch.zeros(n, n).masked_fill_(self.below_diag, float("-inf")),
+                             persistent=False)
 
     # -- partition ------------------------------------------------------------------------------------
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # mmca1 is the identity permutation and mmca2 swaps the halves: both are views (no gather); imca uses one
+    # index_select each way (a quarter of advanced indexing's cost on small tensors). LICA's mixer factors and
+    # their inverse are built once per layer call and shared by split and merge (``ops``).
+    def split(self, x: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, L, D) → (x1, x2), each (N, L/2, D)."""
-        z = self.mixer(x) if self.partition == "lica" else x[:, self.gather]
+        if self.partition == "lica":
+            z = self.mixer.mix(x, (ops or self.mixer.operators(compute_dtype(x)))[0])
+        elif self.partition == "mmca1":
+            z = x
+        elif self.partition == "mmca2":
+            x2, x1 = x.chunk(2, dim=1)
+            return x1, x2
+        else:
+            z = x.index_select(1, self.gather)
         return z.chunk(2, dim=1)
 
-    def merge(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    def merge(self, y1: torch.Tensor, y2: torch.Tensor, ops=None) -> torch.Tensor:
         """Exact inverse of :meth:`split`."""
+        if self.partition == "mmca2":
+            return torch.cat([y2, y1], dim=1)
         z = torch.cat([y1, y2], dim=1)
-        return self.mixer(z, reverse=True) if self.partition == "lica" else z[:, self.scatter]
+        if self.partition == "lica":
+            return self.mixer.unmix(z, (ops or self.mixer.operators(compute_dtype(z)))[1])
+        return z if self.partition == "mmca1" else z.index_select(1, self.scatter)
 
     def gate(self, dtype: torch.dtype) -> torch.Tensor:
         """α = (1 − 1e-4)·tanh(β), (D,). The factor keeps |α| < 1 in floating point: plain tanh rounds to
@@ -169,13 +350,13 @@ class ICA(InvertibleModule):
         q = self.norm_q(self.proj_q(x1))
         k = self.norm_k(self.proj_k(x1))
         ct = compute_dtype(x1)
-        with torch.autocast(x1.device.type, enabled=False):
+        with no_autocast(x1.device.type):
             return q.to(ct) * self.log_temperature.to(ct).exp(), k.to(ct)
 
     def log_attention(self, x1: torch.Tensor) -> torch.Tensor:
         """``logp`` (N, n, n) in the compute dtype: masked log-softmax of the scores (−inf below the diagonal)."""
         q, k = self.queries_keys(x1)
-        with torch.autocast(x1.device.type, enabled=False):
+        with no_autocast(x1.device.type):
             s = (q @ k.transpose(-1, -2)).masked_fill_(self.below_diag, float("-inf"))
             return torch.log_softmax(s, dim=-1)
 
@@ -183,14 +364,14 @@ class ICA(InvertibleModule):
         """``A`` (N, n, n) in the compute dtype: the masked softmax (one n×n pass fewer than ``exp(log_attention)``;
         the gated form needs only ``a_ii`` itself, never its log, so nothing underflows)."""
         q, k = self.queries_keys(x1)
-        with torch.autocast(x1.device.type, enabled=False):
+        with no_autocast(x1.device.type):
             return torch.softmax((q @ k.transpose(-1, -2)).masked_fill_(self.below_diag, float("-inf")), dim=-1)
 
     def _forward_fused(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward ``(y2, logdet)`` without an n×n tensor: SDPA for ``A x2``, chunked ``logp_ii``."""
         q, k = self.queries_keys(x1)
         ct = compute_dtype(x1)
-        with torch.autocast(x1.device.type, enabled=False):
+        with no_autocast(x1.device.type):
             x2c = x2.to(ct)
             diag = diag_log_softmax(q, k)  # (N, n)
             ax = upper_attention(q, k, x2c)
@@ -199,26 +380,65 @@ class ICA(InvertibleModule):
                 return x2c + alpha * ax, torch.log1p(alpha * diag.exp().unsqueeze(-1)).sum(dim=(1, 2))
             return ax, self.dim * diag.sum(dim=-1)
 
-    def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        x1, x2 = self.split(x)
-        if not reverse and self.attention == "fused":
-            y2, logdet = self._forward_fused(x1, x2)
-            return self.merge(x1, y2.to(x.dtype)), logdet.to(logdet_dtype(x))
+    def _fast_path(self, x: torch.Tensor) -> bool:
+        """Whether the forward can be one :class:`GatedICACore` node: gated form, materialised attention, no
+        autocast (bf16 projections take the composed path, as before) and ordinary parameters (DeepSpeed
+        ZeRO-3 flags partitioned ones with ``ds_id`` and gathers them only inside each submodule's forward)."""
+        return (self.form == "gated" and self.attention == "plain" and not torch.is_autocast_enabled(x.device.type)
+                and not hasattr(self.proj_q.weight, "ds_id"))
+
+    def _core(self, z: torch.Tensor, gather, scatter, swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ct = z.dtype
+        return GatedICACore.apply(
+            z, gather, scatter, swap, self.proj_q.weight.to(ct), self.proj_k.weight.to(ct),
+            self.norm_q.weight.to(ct), self.norm_q.bias.to(ct), self.norm_k.weight.to(ct), self.norm_k.bias.to(ct),
+            self.log_temperature.to(ct), self.beta.to(ct), self.mask_bias.to(ct), self.norm_q.eps, self.norm_k.eps,
+            self.recompute_attention)
+
+    def _forward_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward through :class:`GatedICACore` (LICA: between the mixer and its inverse)."""
         ct = compute_dtype(x)
+        xc = x.to(ct)
+        if self.partition == "lica":
+            w, w_inv = self.mixer.operators(ct)
+            z, logdet = self._core(self.mixer.mix(xc, w), None, None, False)
+            y = self.mixer.unmix(z, w_inv)
+        elif self.partition in ("mmca1", "mmca2"):
+            y, logdet = self._core(xc, None, None, self.partition == "mmca2")
+        else:
+            y, logdet = self._core(xc, self.gather, self.scatter, False)
+        return y.to(x.dtype), logdet.to(logdet_dtype(x))
+
+    def _forward_plain_gated(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Composed forward ``(y2, logdet)`` of the gated form with A materialised (autocast / ZeRO-3 path)."""
+        ct = compute_dtype(x1)
+        q, k = self.queries_keys(x1)
+        with no_autocast(x1.device.type):
+            alpha = self.gate(ct)
+            y2, a_diag = GatedUpperAttention.apply(q, k, x2.to(ct), alpha, self.mask_bias.to(ct))
+            return y2, torch.log1p(alpha * a_diag.unsqueeze(-1)).sum(dim=(1, 2))
+
+    def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not reverse and self._fast_path(x):
+            return self._forward_fast(x)
+        ct = compute_dtype(x)
+        ops = self.mixer.operators(ct) if self.partition == "lica" else None
+        x1, x2 = self.split(x, ops)
+        if not reverse and (self.attention == "fused" or self.form == "gated"):
+            fwd = self._forward_fused if self.attention == "fused" else self._forward_plain_gated
+            y2, logdet = fwd(x1, x2)
+            return self.merge(x1, y2.to(x.dtype), ops), logdet.to(logdet_dtype(x))
         if self.form == "gated":
             attn = self.attention_matrix(x1)
         else:  # the paper form's log-det needs log a_ii, which exp(log_softmax) keeps exact for tiny a_ii
             logp = self.log_attention(x1)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             x2c = x2.to(ct)
-            if self.form == "gated":
+            if self.form == "gated":  # reverse: the blocked per-channel solve
                 alpha = self.gate(ct)
                 a_diag = attn.diagonal(dim1=-2, dim2=-1)  # (N, n) = a_ii
                 logdet = torch.log1p(alpha * a_diag.unsqueeze(-1)).sum(dim=(1, 2))
-                if reverse:
-                    y2 = solve_gated_upper(attn, alpha, x2c, self.solve_block)
-                else:
-                    y2 = x2c + alpha * (attn @ x2c)
+                y2 = solve_gated_upper(attn, alpha, x2c, self.solve_block)
             else:
                 attn = logp.exp()
                 logdet = self.dim * logp.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
@@ -226,6 +446,6 @@ class ICA(InvertibleModule):
                     y2 = torch.linalg.solve_triangular(attn, x2c, upper=True)
                 else:
                     y2 = attn @ x2c
-        y = self.merge(x1, y2.to(x.dtype))
+        y = self.merge(x1, y2.to(x.dtype), ops)
         logdet = logdet.to(logdet_dtype(x))
         return y, -logdet if reverse else logdet

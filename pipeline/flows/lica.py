@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import compute_dtype
+from .base import compute_dtype, no_autocast
 from .partitions import partition_index
 
 
@@ -64,17 +64,47 @@ class LUTokenMixer(nn.Module):
         eye = torch.eye(self.tokens, dtype=torch.float64, device=blocks.device)
         return eye[self.gather_out] @ blocks @ eye[self.gather_in]
 
+    def operators(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group blocks of W and of W⁻¹, each (K, G, G), in ``dtype``.
+
+        ``W⁻¹ = U⁻¹ L⁻¹`` comes from two triangular solves against the identity (K·G³ work, independent of
+        the batch), so applying it is one batched matmul like W itself; :class:`~pipeline.flows.ica.ICA`
+        builds both once per layer call for its split and merge.
+        """
+        with no_autocast(self.lower.device.type):
+            low, up = self.factors(dtype)
+            eye = torch.eye(self.group, dtype=dtype, device=low.device).expand_as(low)
+            inv = torch.linalg.solve_triangular(low, eye, upper=False, unitriangular=True)
+            return low @ up, torch.linalg.solve_triangular(up, inv, upper=True)
+
+    def _blockwise(self, x: torch.Tensor, blocks: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        n, length, d = x.shape
+        with no_autocast(x.device.type):
+            z = x.to(blocks.dtype).index_select(1, gather).view(n, blocks.shape[0], self.group, d)
+            z = torch.einsum("kij,nkjd->nkid", blocks, z)
+            return z.reshape(n, length, d).index_select(1, scatter).to(x.dtype)
+
+    def mix(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``W x`` for x (N, L, D), with ``w`` the first of :meth:`operators`."""
+        return self._blockwise(x, w, self.gather_in, self.gather_out)
+
+    def unmix(self, x: torch.Tensor, w_inv: torch.Tensor) -> torch.Tensor:
+        """``W⁻¹ x`` for x (N, L, D), with ``w_inv`` the second of :meth:`operators`."""
+        return self._blockwise(x, w_inv, self.scatter_out, self.scatter_in)
+
     def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-        """``W x`` (or ``W⁻¹ x`` with ``reverse=True``) for x (N, L, D); returns x's dtype."""
+        """``W x`` (or ``W⁻¹ x`` with ``reverse=True``) for x (N, L, D); returns x's dtype.
+
+        The reverse direction here is the reference: two triangular solves on the data (the flow itself
+        uses :meth:`operators` with :meth:`unmix`; the tests check that the two agree).
+        """
         n, length, d = x.shape
         ct = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             low, up = self.factors(ct)
             k, g = low.shape[0], self.group
             if not reverse:
-                z = x.to(ct)[:, self.gather_in].reshape(n, k, g, d)
-                z = torch.einsum("kij,nkjd->nkid", low @ up, z)
-                return z.reshape(n, length, d)[:, self.gather_out].to(x.dtype)
+                return self.mix(x, low @ up)
             z = x.to(ct)[:, self.scatter_out].reshape(n, k, g, d).permute(1, 2, 0, 3).reshape(k, g, n * d)
             z = torch.linalg.solve_triangular(low, z, upper=False, unitriangular=True)
             z = torch.linalg.solve_triangular(up, z, upper=True)

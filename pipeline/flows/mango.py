@@ -64,9 +64,13 @@ class MangoBlock(FlowSequence):
 class MangoFlow(InvertibleModule):
     """G: ``num_blocks`` MANGO blocks on (N, tokens, dim); coupling halves alternate between blocks.
 
-    ``memory="checkpoint"`` recomputes each block's activations in the backward pass (non-reentrant
-    activation checkpointing), trading one extra forward per block for activation memory that no longer
-    grows with the block's internals. ``memory="invert"`` keeps no per-block activations at all: the backward
+    ``memory="checkpoint"`` is selective activation checkpointing at layer granularity: every ICA keeps
+    only its inputs and rebuilds q, k and the n×n attention inside its own backward
+    (:class:`~pipeline.flows.ica.GatedICACore`), every coupling keeps only its input and recomputes its
+    conditioner; the small per-channel and permutation activations are stored. No block runs twice, and the
+    recompute runs without autograd's graph, so it costs a fraction of a forward (``benchmarks/memory.py``).
+    Under DeepSpeed ZeRO-3 (parameters flagged ``ds_id``, which the fused layer paths do not take) it is
+    torch's non-reentrant checkpoint per block instead. ``memory="invert"`` keeps no per-block activations at all: the backward
     rebuilds each block's input from its output by the exact inverse (:mod:`pipeline.flows.reconstruct`),
     so activation memory stays flat in ``num_blocks``. Extra keyword arguments go to every :class:`MangoBlock`.
     """
@@ -77,26 +81,53 @@ class MangoFlow(InvertibleModule):
             raise ValueError(f"MangoFlow: num_blocks must be ≥ 1; got {num_blocks}")
         if memory not in MEMORY_POLICIES:
             raise ValueError(f"MangoFlow: memory must be one of {list(MEMORY_POLICIES)}; got '{memory}'")
-        self.dim, self.tokens, self.memory = dim, tokens, memory
+        self.dim, self.tokens = dim, tokens
         self.blocks = torch.nn.ModuleList(
             MangoBlock(dim, tokens, swap=bool(i % 2), **block_kwargs) for i in range(num_blocks)
         )
+        self.memory = memory
+
+    @property
+    def memory(self) -> str:
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: str) -> None:
+        """Set the policy and tell the layers (checkpoint: each ICA rebuilds its attention in backward,
+        each coupling recomputes its conditioner)."""
+        if value not in MEMORY_POLICIES:
+            raise ValueError(f"MangoFlow: memory must be one of {list(MEMORY_POLICIES)}; got '{value}'")
+        self._memory = value
+        for m in self.blocks.modules():
+            if isinstance(m, ICA):
+                m.recompute_attention = value == "checkpoint"
+            elif isinstance(m, AffineCoupling):
+                m.recompute_conditioner = value == "checkpoint"
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.memory == "invert" and not reverse and torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return reconstruct_blocks(list(self.blocks), x)
+        if self.memory != "store" and not reverse and torch.is_grad_enabled():
+            params = list(self.parameters())
+            if x.requires_grad or any(p.requires_grad for p in params):
+                if self.memory == "invert":
+                    return reconstruct_blocks(list(self.blocks), x)
+                if any(hasattr(p, "ds_id") for p in params):
+                    return self._forward_torch_checkpoint(x)
+        # store, and checkpoint outside ZeRO-3: the layers themselves rebuild their large activations
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         for block in (reversed(self.blocks) if reverse else self.blocks):
-            if self.memory == "checkpoint" and torch.is_grad_enabled() and not reverse:
-                x, logdet = checkpoint(_nested_call, block, x, use_reentrant=False)
-            else:
-                x, logdet = block(x, reverse=reverse)
+            x, logdet = block(x, reverse=reverse)
             total = total + logdet
         return x, total
 
+    def _forward_torch_checkpoint(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block non-reentrant ``torch.utils.checkpoint`` (the path for DeepSpeed ZeRO-3).
 
-def _nested_call(block: MangoBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # the recompute in backward runs outside the flow's context; keep it a nested call (no input re-check)
-    with inside_flow():
-        return block(x)
+        ZeRO-3 partitions the parameters (they carry ``ds_id``) and gathers them only inside module forward
+        hooks, so their gradients must come from autograd's own accumulation, not be returned by an
+        ``autograd.Function`` as :func:`~pipeline.flows.reconstruct.reconstruct_blocks` does.
+        """
+        total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
+        for block in self.blocks:
+            x, logdet = checkpoint(_nested_call, block, x, use_reentrant=False)
+            total = total + logdet
+        return x, total
