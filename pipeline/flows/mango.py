@@ -131,3 +131,9 @@ class MangoFlow(InvertibleModule):
             x, logdet = checkpoint(_nested_call, block, x, use_reentrant=False)
             total = total + logdet
         return x, total
+
+
+def _nested_call(block: MangoBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the recompute in backward runs outside the flow's context; keep it a nested call (no input re-check)
+    with inside_flow():
+        return block(x)

@@ -1,9 +1,9 @@
 """Run under torchrun (or plain python for the 1-rank reference) by tests/train/test_distributed.py.
 
-``python dist_worker.py equivalence OUT.json STAGE[,STAGE…]`` trains the tiny density model on a fixed
+``python dist_worker.py equivalence OUT.json STAGE[:MEMORY][,…]`` trains the tiny density model on a fixed
 sequence of *global* batches (each rank takes its slice; inputs are pre-dequantised so no per-rank noise
 enters) through the real ``build_model`` / ``data_init`` / ``build_engine`` path, and rank 0 writes the
-global per-step losses per ZeRO stage to OUT.json.
+global per-step losses per ZeRO stage (and ``model.memory``, default store) to OUT.json.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ def global_batches() -> list[torch.Tensor]:
     return out
 
 
-def equivalence(path: str, stages: list[int]) -> None:
+def equivalence(path: str, stages: list[str]) -> None:
     info = dist.init_distributed(dist.world_info_from_env(), use_deepspeed=True)
     rank, world = info.rank, info.world_size
     local_bs = GLOBAL_BATCH // world
     results: dict[str, list[float]] = {}
-    for stage in stages:
-        cfg = load_config(None, TINY + [f"deepspeed.zero_stage={stage}", f"data.batch_size={local_bs}"])
+    for spec in stages:
+        stage, _, memory = spec.partition(":")
+        cfg = load_config(None, TINY + [f"deepspeed.zero_stage={stage}", f"data.batch_size={local_bs}",
+                                        f"model.memory={memory or 'store'}"])
         torch.manual_seed(0)
         model = build_model(cfg, SPECS)
         batches = global_batches()
@@ -61,7 +63,7 @@ def equivalence(path: str, stages: list[int]) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(dist.all_reduce_sum(loss.detach().clone().double()).item() / world)
-        results[f"zero{stage}"] = losses
+        results[f"zero{spec}"] = losses
     if rank == 0:
         with open(path, "w") as f:
             json.dump({"world_size": world, **results}, f)
@@ -100,7 +102,7 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore", category=FutureWarning)
     mode = sys.argv[1]
     if mode == "equivalence":
-        equivalence(sys.argv[2], [int(s) for s in sys.argv[3].split(",")])
+        equivalence(sys.argv[2], sys.argv[3].split(","))
     elif mode == "outputs":
         outputs(sys.argv[2], sys.argv[3])
     else:
