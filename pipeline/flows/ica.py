@@ -138,16 +138,31 @@ class GatedUpperAttention(torch.autograd.Function):
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
 
 
-def _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, bias, eps_q, eps_k):
-    """Queries, keys and A of one gated ICA layer, with what their backward needs (see :class:`GatedICACore`)."""
+#: query rows per block of the fused ICA node's attention: A is upper triangular, so row block [r0, r1) only
+#: needs the key columns [r0, n) — with 4 blocks the n×n work (scores, softmax, the products with A) is 5/8 of
+#: the dense matrix. Below 2 blocks' worth of tokens it is one dense block.
+ROW_BLOCK = 64
+
+
+def _row_blocks(n: int, block: int) -> list[tuple[int, int]]:
+    return [(r0, min(n, r0 + block)) for r0 in range(0, n, block)]
+
+
+def _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, bias, eps_q, eps_k, block):
+    """Queries, keys and A's row blocks of one gated ICA layer, with what their backward needs.
+
+    A's row block ``[r0, r1)`` is ``softmax(bias[r0:r1, r0:] + q[r0:r1] k[r0:]ᵀ)`` (N, r1 − r0, n − r0): the
+    columns left of r0 are masked for all its rows, so they are never formed (see :class:`GatedICACore`).
+    """
     e = wq.shape[0]
     pq, pk = x1 @ wq.t(), x1 @ wk.t()
     qn, mq, rq = torch.native_layer_norm(pq, (e,), lnq_w, lnq_b, eps_q)
     kn, mk, rk = torch.native_layer_norm(pk, (e,), lnk_w, lnk_b, eps_k)
     tau = log_tau.exp()
     q = qn * tau
-    a = torch.softmax(torch.baddbmm(bias, q, kn.transpose(-1, -2)), dim=-1)
-    return pq, mq, rq, pk, mk, rk, tau, q, kn, a
+    blocks = [torch.softmax(torch.baddbmm(bias[r0:r1, r0:], q[:, r0:r1], kn[:, r0:].transpose(-1, -2)), dim=-1)
+              for r0, r1 in _row_blocks(q.shape[1], block)]
+    return pq, mq, rq, pk, mk, rk, tau, q, kn, blocks
 
 
 class GatedICACore(torch.autograd.Function):
@@ -163,6 +178,9 @@ class GatedICACore(torch.autograd.Function):
     the preceding ActNorm keeps anyway), never a gathered copy. The tests compare it with the composed
     reference in values and gradients (fp64) and gradcheck it.
 
+    A is kept as row blocks of ``block`` query rows (:data:`ROW_BLOCK`), each only over the key columns it can
+    see, which skips the masked lower-left part of every product with A.
+
     ``recompute=True`` (``model.memory=checkpoint``) saves nothing else and rebuilds q, k and A inside the
     backward (two projections, two LayerNorms, one score matmul and a softmax — the only part of the layer
     whose activations are large) instead of saving the n×n attention and the q/k activations.
@@ -170,23 +188,26 @@ class GatedICACore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias,
-                eps_q, eps_k, recompute):
+                eps_q, eps_k, recompute, block=ROW_BLOCK):
         x1, x2 = _halves(x, gather, swap)
         pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
-                                                                bias, eps_q, eps_k)
+                                                                bias, eps_q, eps_k, block)
         alpha = (1.0 - GATE_MARGIN) * torch.tanh(beta)
-        y2 = torch.baddbmm(x2, a, x2 * alpha)
-        logdet = torch.log1p(a.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * alpha).sum(dim=(1, 2))
+        xa = x2 * alpha
+        rows = _row_blocks(x2.shape[1], block)
+        y2 = _cat1([torch.baddbmm(x2[:, r0:r1], a_i, xa[:, r0:]) for (r0, r1), a_i in zip(rows, a)])
+        diag = _cat1([a_i[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1) for (r0, r1), a_i in zip(rows, a)])
+        logdet = torch.log1p(diag.unsqueeze(-1) * alpha).sum(dim=(1, 2))
         out = torch.cat([y2, x1] if swap else [x1, y2], dim=1)  # the merge, in the same node
         out = out if scatter is None else out.index_select(1, scatter)
         # the mask and the permutations are buffers, not activations: held by reference, not saved
-        ctx.eps, ctx.recompute, ctx.bias, ctx.swap = (eps_q, eps_k), recompute, bias, swap
+        ctx.eps, ctx.recompute, ctx.bias, ctx.swap, ctx.block = (eps_q, eps_k), recompute, bias, swap, block
         ctx.gather, ctx.scatter = gather, scatter
         params = (wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta)
         if recompute:
             ctx.save_for_backward(x, *params)
         else:
-            ctx.save_for_backward(x, *params, pq, mq, rq, pk, mk, rk, q, kn, a)
+            ctx.save_for_backward(x, *params, pq, mq, rq, pk, mk, rk, q, kn, *a)
         return out, logdet
 
     @staticmethod
@@ -198,26 +219,37 @@ class GatedICACore(torch.autograd.Function):
         x1, x2 = _halves(x, ctx.gather, ctx.swap)
         if ctx.recompute:
             pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
-                                                                    ctx.bias, *ctx.eps)
+                                                                    ctx.bias, *ctx.eps, ctx.block)
         else:
-            pq, mq, rq, pk, mk, rk, q, kn, a = saved[9:]
+            pq, mq, rq, pk, mk, rk, q, kn = saved[9:17]
+            a = saved[17:]
             tau = log_tau.exp()
+        rows = _row_blocks(x2.shape[1], ctx.block)
         need = ctx.needs_input_grad
         th = torch.tanh(beta)
         alpha = (1.0 - GATE_MARGIN) * th
-        diag = a.diagonal(dim1=-2, dim2=-1)  # (N, n)
-        # y2 = x2 + A (x2 ⊙ α)
-        at_g = a.transpose(-1, -2) @ g_y
+        diag = _cat1([a_i[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1) for (r0, r1), a_i in zip(rows, a)])  # (N, n)
+        # y2 = x2 + A (x2 ⊙ α);  Aᵀ g_y: block 0 spans every column, the others add onto columns [r0, n)
+        at_g = a[0].transpose(-1, -2) @ g_y[:, : rows[0][1]]
+        for (r0, r1), a_i in zip(rows[1:], a[1:]):
+            at_g[:, r0:].baddbmm_(a_i.transpose(-1, -2), g_y[:, r0:r1])
         dx2 = torch.addcmul(g_y, at_g, alpha)
         # logdet = Σ log1p(α_c a_ii): ∂/∂a_ii = Σ_c α_c / (1 + α_c a_ii), ∂/∂α_c = Σ_i a_ii / (1 + α_c a_ii)
         w = g_logdet.view(-1, 1, 1) / (1.0 + diag.unsqueeze(-1) * alpha)  # (N, n, D)
         dalpha = (at_g * x2).sum(dim=(0, 1)) + (w * diag.unsqueeze(-1)).sum(dim=(0, 1))
         dbeta = dalpha * ((1.0 - GATE_MARGIN) * (1.0 - th * th)) if need[11] else None
-        da = (g_y * alpha) @ x2.transpose(-1, -2)
-        da.diagonal(dim1=-2, dim2=-1).add_((w * alpha).sum(dim=-1))
-        ds = torch._softmax_backward_data(da, a, -1, a.dtype)  # zero below the diagonal (A = 0 there)
-        dq = ds @ kn
-        dkn = ds.transpose(-1, -2) @ q
+        g_alpha, g_diag = g_y * alpha, (w * alpha).sum(dim=-1)
+        dq, dkn = [], None
+        for (r0, r1), a_i in zip(rows, a):
+            da = g_alpha[:, r0:r1] @ x2[:, r0:].transpose(-1, -2)
+            da[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1).add_(g_diag[:, r0:r1])
+            ds = torch._softmax_backward_data(da, a_i, -1, a_i.dtype)  # zero below the diagonal (A = 0 there)
+            dq.append(ds @ kn[:, r0:])
+            if dkn is None:
+                dkn = ds.transpose(-1, -2) @ q[:, r0:r1]
+            else:
+                dkn[:, r0:].baddbmm_(ds.transpose(-1, -2), q[:, r0:r1])
+        dq = _cat1(dq)
         dlog_tau = (dq * q).sum().view_as(log_tau) if need[10] else None
         mask = [True, need[6] or need[7], need[6] or need[7]]
         e, d = wq.shape
@@ -232,7 +264,11 @@ class GatedICACore(torch.autograd.Function):
             dz = torch.cat([dx2, dx1] if ctx.swap else [dx1, dx2], dim=1)
             dx = dz if ctx.scatter is None else dz.index_select(1, ctx.scatter)
         return (dx, None, None, None, dwq, dwk, dlnq_w, dlnq_b, dlnk_w, dlnk_b, dlog_tau, dbeta,
-                None, None, None, None)
+                None, None, None, None, None)
+
+
+def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _halves(x: torch.Tensor, gather: torch.Tensor | None, swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +324,8 @@ class ICA(InvertibleModule):
         self.solve_block = solve_block
         #: rebuild q, k and A in the backward instead of saving them (set by ``MangoFlow(memory="checkpoint")``)
         self.recompute_attention = False
+        #: query rows per block of the fused node's triangular attention (:data:`ROW_BLOCK`)
+        self.row_block = ROW_BLOCK
         self.attention = attention if attention != "auto" else ("fused" if tokens // 2 >= FUSED_MIN_TOKENS else "plain")
         qk_dim = qk_dim or dim
         self.proj_q = nn.Linear(dim, qk_dim, bias=False)
@@ -393,16 +431,18 @@ class ICA(InvertibleModule):
             z, gather, scatter, swap, self.proj_q.weight.to(ct), self.proj_k.weight.to(ct),
             self.norm_q.weight.to(ct), self.norm_q.bias.to(ct), self.norm_k.weight.to(ct), self.norm_k.bias.to(ct),
             self.log_temperature.to(ct), self.beta.to(ct), self.mask_bias.to(ct), self.norm_q.eps, self.norm_k.eps,
-            self.recompute_attention)
+            self.recompute_attention, self.row_block)
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward through :class:`GatedICACore` (LICA: between the mixer and its inverse)."""
         ct = compute_dtype(x)
         xc = x.to(ct)
-        if self.partition == "lica":
-            w, w_inv = self.mixer.operators(ct)
-            z, logdet = self._core(self.mixer.mix(xc, w), None, None, False)
-            y = self.mixer.unmix(z, w_inv)
+        if self.partition == "lica":  # W's output gather and W⁻¹'s input gather are the core's partition step
+            m = self.mixer
+            w, w_inv = m.operators(ct)
+            z, logdet = self._core(m.apply_blocks(xc.index_select(1, m.gather_in), w), m.gather_out, m.scatter_out,
+                                   False)
+            y = m.apply_blocks(z, w_inv).index_select(1, m.scatter_in)
         elif self.partition in ("mmca1", "mmca2"):
             y, logdet = self._core(xc, None, None, self.partition == "mmca2")
         else:

@@ -78,11 +78,17 @@ class LUTokenMixer(nn.Module):
             return low @ up, torch.linalg.solve_triangular(up, inv, upper=True)
 
     def _blockwise(self, x: torch.Tensor, blocks: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
-        n, length, d = x.shape
         with no_autocast(x.device.type):
-            z = x.to(blocks.dtype).index_select(1, gather).view(n, blocks.shape[0], self.group, d)
-            z = torch.einsum("kij,nkjd->nkid", blocks, z)
-            return z.reshape(n, length, d).index_select(1, scatter).to(x.dtype)
+            return self.apply_blocks(x.to(blocks.dtype).index_select(1, gather), blocks).index_select(1, scatter).to(x.dtype)
+
+    def apply_blocks(self, z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The block-diagonal part alone on tokens already in group order: (N, L, D) → (N, L, D), blocks (K, G, G).
+
+        ``W x = apply_blocks(x[:, gather_in], w)[:, gather_out]``; :class:`~pipeline.flows.ica.ICA` folds the
+        outer gathers into its own partition step.
+        """
+        n, length, d = z.shape
+        return torch.einsum("kij,nkjd->nkid", blocks, z.view(n, blocks.shape[0], self.group, d)).reshape(n, length, d)
 
     def mix(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``W x`` for x (N, L, D), with ``w`` the first of :meth:`operators`."""

@@ -44,11 +44,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("row_block", [64, 3], ids=["one-block", "row-blocks-of-3"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["store", "recompute"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_core_equals_composed_reference(case: str, recompute: bool) -> None:
+def test_fused_core_equals_composed_reference(case: str, recompute: bool, row_block: int) -> None:
     layer = randomise_parameters(ICA(6, 20, attention="plain", **CASES[case]), std=0.3).double()
-    layer.recompute_attention = recompute
+    layer.recompute_attention, layer.row_block = recompute, row_block  # 10 rows per half: 4 ragged blocks of 3
     x = torch.randn(3, 20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
     w = torch.randn(3, 20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     outs = {}
@@ -74,11 +75,11 @@ def test_gradcheck_fast_nodes_in_fp64() -> None:
     n, d, e = 6, 4, 3
     bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))
     gather = torch.randperm(2 * n, generator=gen)
-    for recompute, swap, index in ((False, False, None), (True, True, None), (True, False, gather)):
+    for recompute, swap, index, block in ((False, False, None, 64), (True, True, None, 4), (False, False, gather, 2)):
         args = (r(2, 2 * n, d), r(e, d), r(e, d), r(e), r(e), r(e), r(e), r(()), r(d))
         perm = (index, None if index is None else torch.argsort(index), swap)
         assert torch.autograd.gradcheck(
-            lambda x, *p: GatedICACore.apply(x, *perm, *p, bias, 1e-5, 1e-5, recompute), args)
+            lambda x, *p: GatedICACore.apply(x, *perm, *p, bias, 1e-5, 1e-5, recompute, block), args)
     q, k, v, alpha = r(2, n, e), r(2, n, e), r(2, n, d), r(d)
     assert torch.autograd.gradcheck(lambda *a: GatedUpperAttention.apply(*a, bias), (q, k, v, alpha))
 
