@@ -121,11 +121,12 @@ class ModelConfig:
     text_cache: int = _f(0, ge=0)  # frozen MiniLM: hidden states of this many distinct texts kept in memory; 0 = off
     gan_weight: float = _f(0.0, ge=0.0)  # translation: weight of the PatchGAN terms; 0 = no discriminator
     depth_max: float = _f(10000.0, gt=0.0)  # 16-bit modalities: this value maps to 1.0 (mm: 10 m), clipped
-    # translation head: direct = pixels decoded from the token grid; warp = (rectified stereo) a per-pixel softmax
-    # over horizontal shifts of the source image plus one generated candidate (Deep3D's selection layer)
-    decoder: str = _f("direct", choices=("direct", "warp"))
-    warp_range: int = _f(16, ge=1)  # translation, decoder=warp: candidate shifts -R..R px of the source image
-    warp_generate: bool = False  # decoder=warp: one more candidate, a directly decoded RGB image (off: it memorises)
+    # translation head: direct = pixels decoded from the token grid; on a rectified stereo pair, warp = one regressed
+    # horizontal shift per pixel, the source image warped by it (grid_sample); select = a per-pixel softmax over
+    # the shifts -R..R of the source image (Deep3D's selection layer)
+    decoder: str = _f("direct", choices=("direct", "warp", "select"))
+    warp_range: int = _f(16, ge=1)  # decoder=warp|select: shifts bounded by / candidates in -R..R px
+    warp_generate: bool = False  # decoder=warp|select: add a directly decoded image (occlusion term / candidate)
 
 
 @dataclass
