@@ -9,7 +9,7 @@ so no manifest is needed then. A modality's role follows from its batched shape:
 |---|---|---|---|---|
 | density | :class:`DensityModel` (multiscale flow) | 1–2 images | bits/dim | ``bits_per_dim_sum`` |
 | segmentation | :class:`LatentTaskModel` + :class:`SegmentationHead` | 1–2 images → label | CE (ignore 255) | ``confusion`` |
-| translation | :class:`LatentTaskModel` + :class:`TranslationHead` (``model.decoder=warp``: :class:`WarpTranslationHead`) | 1–2 images → ``model.target`` image | L1 (+GAN) | ``abs_err_sum``, ``sq_err_sum``, ``numel`` |
+| translation | :class:`LatentTaskModel` + :class:`TranslationHead` (``model.decoder=warp|select``: :class:`WarpTranslationHead`, :class:`SelectTranslationHead`) | 1–2 images → ``model.target`` image | L1 (+GAN) | ``abs_err_sum``, ``sq_err_sum``, ``numel`` |
 | classification | :class:`LatentTaskModel` + :class:`ClassificationHead` | image and/or text → vector | BCE | ``tp``, ``fp``, ``fn``, ``samples_f1_sum`` |
 
 Every task model's ``forward(batch, mode=...)`` is its single entry point (``"loss"`` → ``{"loss", ...}``,
@@ -169,9 +169,9 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     head = build_head(m.task, target, m.dim, len(inputs), steps, m.num_classes, m.gan_weight, m.decoder, m.warp_range,
                       m.warp_generate)
     augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip)
-    if m.decoder == "warp" and not any(md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits)
+    if m.decoder != "direct" and not any(md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits)
                                        for md in inputs):
-        raise ConfigError(f"model.decoder=warp moves pixels of an input image like the target {target.key}; none of "
+        raise ConfigError(f"model.decoder={m.decoder} moves pixels of an input image like the target {target.key}; none of "
                           f"{[md.key for md in inputs]} has its {target.channels} channels and {target.bits} bits")
     model = LatentTaskModel(m.task, inputs, target, head, dim=m.dim, grid=grid, encoder=m.encoder,
                             patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, depth_max=m.depth_max,

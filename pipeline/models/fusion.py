@@ -39,11 +39,11 @@ from pipeline.flows import MangoFlow
 
 from .augment import Augment
 from .encoders import ImageEncoder
-from .heads import ClassificationHead, SegmentationHead, TranslationHead, WarpTranslationHead
+from .heads import ClassificationHead, SegmentationHead, SelectTranslationHead, TranslationHead, WarpTranslationHead
 from .text import TextEncoder
 
 FUSIONS = ("mango", "concat")
-DECODERS = ("direct", "warp")  # translation heads: TranslationHead, WarpTranslationHead
+DECODERS = ("direct", "warp", "select")  # translation heads: TranslationHead, WarpTranslationHead, SelectTranslationHead
 MODES = ("loss", "eval", "predict")
 
 
@@ -101,7 +101,7 @@ class LatentTaskModel(nn.Module):
         if getattr(head, "needs_source", False):
             fits = [m for m in inputs if m.kind == "image" and (m.channels, m.bits) == (target.channels, target.bits)]
             if not fits:
-                raise ValueError(f"{task}: model.decoder=warp warps an input image like the target {target.key} "
+                raise ValueError(f"{task}: model.decoder={type(head).__name__} warps an input image like the target {target.key} "
                                  f"({target.channels} channels, {target.bits}-bit); the inputs are "
                                  f"{[(m.key, m.channels, m.bits) for m in inputs]}")
             self.source = fits[0]
@@ -222,8 +222,9 @@ def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: in
     if task == "segmentation":
         return SegmentationHead(dim, num_classes, steps)
     if task == "translation":
-        if decoder == "warp":
-            return WarpTranslationHead(dim, target.channels, steps, warp_range, gan_weight, warp_generate)
+        if decoder != "direct":
+            cls = WarpTranslationHead if decoder == "warp" else SelectTranslationHead
+            return cls(dim, target.channels, steps, warp_range, gan_weight, warp_generate)
         return TranslationHead(dim, target.channels, steps, gan_weight)
     if task == "classification":
         return ClassificationHead(dim, num_classes, num_inputs)

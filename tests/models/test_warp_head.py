@@ -1,5 +1,6 @@
-"""The translation task's warp decoder (``model.decoder=warp``, Deep3D's selection layer) and the stereo held-out
-options it is measured on: exact shifts, masking, forward/backward through every variant, and clear errors."""
+"""The translation task's view-synthesis decoders (``model.decoder=warp``: one regressed shift per pixel and
+grid_sample; ``select``: Deep3D's selection layer) and the stereo held-out options they are measured on: exact
+shifts, masking, gradients, forward/backward through every variant, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,16 +10,49 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.sources import open_source
 from pipeline.models import build_model
-from pipeline.models.heads import WarpTranslationHead
+from pipeline.models.heads import SelectTranslationHead, WarpTranslationHead, warp_rows
 
 from .test_latent_models import SEG_SPECS, TR_SPECS, N, S, batch, cfg_for, fit
 
 WARP = ("model.target=right", "model.decoder=warp", "model.warp_range=4")
+SELECT = ("model.target=right", "model.decoder=select", "model.warp_range=4")
 
 
-def _pinned_head(choice: int, r: int = 3, c: int = 3, generate: bool = False) -> WarpTranslationHead:
+def test_warp_rows_is_an_exact_integer_shift_inside_and_clamps_outside():
+    src = torch.rand(2, 3, 5, 10)
+    for k in (-3, 0, 2):
+        out = warp_rows(src, torch.full((2, 5, 10), float(k)))
+        cols = [x for x in range(10) if 0 <= x + k < 10]
+        torch.testing.assert_close(out[..., cols], src[..., [x + k for x in cols]], atol=1e-6, rtol=0)
+        edge = [x for x in range(10) if x + k >= 10]
+        torch.testing.assert_close(out[..., edge], src[..., [9] * len(edge)], atol=1e-6, rtol=0)
+    half = warp_rows(src, torch.full((2, 5, 10), 0.5))  # bilinear between neighbours
+    torch.testing.assert_close(half[..., :9], 0.5 * (src[..., :9] + src[..., 1:]), atol=1e-6, rtol=0)
+    shift = torch.zeros(2, 5, 10, requires_grad=True)
+    warp_rows(torch.linspace(0, 1, 10).expand(2, 3, 5, 10), shift).sum().backward()
+    assert float(shift.grad[..., 1:-1].abs().min()) > 0  # every inner pixel's shift gets a gradient (a ramp)
+
+
+def test_warp_head_shift_is_bounded_and_generate_starts_mostly_warped():
+    head = WarpTranslationHead(8, 3, 1, 4)
+    assert head.decoder.out.out_channels == 1
+    with torch.no_grad():
+        head.decoder.out.bias.fill_(100.0)
+        assert float(head.shifts(torch.randn(1, 8, 4, 4), (8, 8)).max()) <= 4.0
+    gen = WarpTranslationHead(8, 3, 1, 4, generate=True)
+    assert gen.decoder.out.out_channels == 5 and float(gen.decoder.out.bias[1].detach()) == -3.0
+    with torch.no_grad():
+        out = gen(torch.randn(2, 8, 4, 4), (8, 8), torch.rand(2, 3, 8, 8))
+    assert out.shape == (2, 3, 8, 8) and 0 <= float(out.min()) and float(out.max()) <= 1
+    with pytest.raises(ValueError, match="source"):
+        head(torch.randn(1, 8, 4, 4), (8, 8), torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="max_shift"):
+        WarpTranslationHead(8, 3, 1, 0)
+
+
+def _pinned_head(choice: int, r: int = 3, c: int = 3, generate: bool = False) -> SelectTranslationHead:
     """A head whose decoder ignores its input and puts (almost) all mass on candidate ``choice``."""
-    head = WarpTranslationHead(8, c, 1, r, generate=generate)
+    head = SelectTranslationHead(8, c, 1, r, generate=generate)
     with torch.no_grad():
         head.decoder.out.weight.zero_()
         head.decoder.out.bias.zero_()
@@ -27,7 +61,7 @@ def _pinned_head(choice: int, r: int = 3, c: int = 3, generate: bool = False) ->
 
 
 @pytest.mark.parametrize("shift, generate", [(-3, False), (-1, True), (0, False), (2, True), (3, False)])
-def test_one_candidate_is_an_exact_shift_of_the_source_and_outside_columns_are_masked(shift, generate):
+def test_select_one_candidate_is_an_exact_shift_of_the_source_and_outside_columns_are_masked(shift, generate):
     r, w = 3, 10
     head = _pinned_head(shift + r, r, generate=generate)
     src = torch.rand(2, 3, 5, w)
@@ -44,7 +78,7 @@ def test_one_candidate_is_an_exact_shift_of_the_source_and_outside_columns_are_m
         assert float(p[..., j, :, outside].abs().sum()) == 0.0
 
 
-def test_generated_candidate_fills_in_and_source_is_checked():
+def test_select_generated_candidate_fills_in_and_source_is_checked():
     assert _pinned_head(0).decoder.out.out_channels == 7  # shifts only (the default): no generated image
     head = _pinned_head(2 * 3 + 1, generate=True)  # the "generate" logit
     with torch.no_grad():
@@ -54,18 +88,20 @@ def test_generated_candidate_fills_in_and_source_is_checked():
     with pytest.raises(ValueError, match="source"):
         head(torch.randn(1, 8, 4, 4), (6, 6), torch.rand(1, 1, 6, 6))
     with pytest.raises(ValueError, match="max_shift"):
-        WarpTranslationHead(8, 3, 1, 0)
+        SelectTranslationHead(8, 3, 1, 0)
 
 
+@pytest.mark.parametrize("decoder", [WARP, SELECT])
 @pytest.mark.parametrize("mods, specs, extra", [
     ("[rgb,depth,right]", TR_SPECS, ()),                      # MANGO
     ("[rgb,right]", TR_SPECS[::2], ()),                       # single modality
     ("[rgb,depth,right]", TR_SPECS, ("model.fusion=concat",)),  # concat, no flow
 ])
-def test_warp_model_forward_backward_shapes_in_every_variant(mods, specs, extra):
+def test_warp_model_forward_backward_shapes_in_every_variant(mods, specs, extra, decoder):
     torch.manual_seed(0)
-    model = build_model(cfg_for("translation", mods, *WARP, *extra), specs)
-    assert isinstance(model.head, WarpTranslationHead) and model.source.key == "rgb.png"
+    model = build_model(cfg_for("translation", mods, *decoder, *extra), specs)
+    kind = WarpTranslationHead if decoder is WARP else SelectTranslationHead
+    assert type(model.head) is kind and model.source.key == "rgb.png"
     b = batch()
     out = model(b, mode="loss")
     out["loss"].backward()
@@ -79,11 +115,16 @@ def test_warp_model_forward_backward_shapes_in_every_variant(mods, specs, extra)
     assert float(sums["numel"]) == N * 3 * S * S and float(sums["count"]) == N
 
 
-def test_warp_model_learns_a_depth_dependent_shift():
+@pytest.mark.parametrize("decoder", [WARP, SELECT])
+def test_warp_model_learns_a_depth_dependent_shift(decoder):
     # right[x] = left[x + d] with d = 1 px where the depth is near, 3 px where it is far: only depth tells which
     torch.manual_seed(0)
-    model = build_model(cfg_for("translation", "[rgb,depth,right]", *WARP), TR_SPECS)
+    model = build_model(cfg_for("translation", "[rgb,depth,right]", *decoder), TR_SPECS)
     b = batch()
+    g = torch.Generator().manual_seed(1)  # smooth texture (a 4×4 random image upsampled), as photographs are
+    coarse = torch.rand(N, 3, 4, 4, generator=g)
+    b["rgb.png"] = (255 * torch.nn.functional.interpolate(coarse, size=(S, S), mode="bicubic", align_corners=False)
+                    .clamp(0, 1)).round().to(torch.uint8)
     near = torch.arange(N).view(N, 1, 1, 1) % 2 == 0
     b["depth.png"] = torch.where(near, 1500, 6000).expand(N, 1, S, S).to(torch.uint16).clone()
     left = b["rgb.png"]
@@ -93,7 +134,7 @@ def test_warp_model_learns_a_depth_dependent_shift():
 
 
 def test_generated_candidate_is_a_config_choice():
-    on = build_model(cfg_for("translation", "[rgb,depth,right]", *WARP, "model.warp_generate=true"), TR_SPECS)
+    on = build_model(cfg_for("translation", "[rgb,depth,right]", *SELECT, "model.warp_generate=true"), TR_SPECS)
     assert on.head.generate and on.head.candidates == 10
     out = on(batch(), mode="loss")
     out["loss"].backward()
@@ -101,7 +142,7 @@ def test_generated_candidate_is_a_config_choice():
 
 
 def test_bad_decoder_values_fail_clearly():
-    with pytest.raises(ConfigError, match=r"model\.decoder must be one of \['direct', 'warp'\]; got 'wrap'"):
+    with pytest.raises(ConfigError, match=r"model\.decoder must be one of \['direct', 'warp', 'select'\]; got 'wrap'"):
         cfg_for("translation", "[rgb,depth,right]", "model.target=right", "model.decoder=wrap")
     with pytest.raises(ConfigError, match=r"model\.warp_range"):
         cfg_for("translation", "[rgb,depth,right]", "model.target=right", "model.decoder=warp", "model.warp_range=0")
