@@ -37,10 +37,15 @@ from .partitions import PARTITIONS, partition_index
 
 FORMS = ("gated", "paper")
 #: forward attention path: ``fused`` = flipped causal SDPA for ``A x2`` + chunked diagonal log-probs
-#: (:mod:`pipeline.flows.attention`, no n×n tensor kept for backward); ``plain`` = the materialised
-#: reference; ``auto`` = fused from ``FUSED_MIN_TOKENS`` tokens per half up: there the training step
-#: (forward + backward) measured faster on CPU (benchmarks/scaling.py: 1.33x at n=1024, 1.79x at 4096, parity
-#: at 256) and saves 2-6x activation memory; a no-grad forward alone is faster only at n of a few thousand
+#: (:mod:`pipeline.flows.attention`, no n×n tensor kept for backward); ``plain`` = A materialised (the
+#: :class:`GatedICACore` node; the composed reference path under autocast or ZeRO-3); ``auto`` = fused from
+#: ``FUSED_MIN_TOKENS`` tokens per half up: there the training step (forward + backward) measured faster on CPU
+#: (benchmarks/scaling.py, against the composed plain path: 1.33x at n=1024, 1.79x at 4096, parity at 256) and
+#: saves 2-6x activation memory; a no-grad forward alone is faster only at n of a few thousand. Against the
+#: GatedICACore node (row-blocked A) the CPU picture changed: benchmarks/scaling.py, 1 thread, batch 4, D 64,
+#: plain/fused training-step time 0.44 / 0.41 / 0.49 / 0.53 / 0.56 at n = 256 / 512 / 1024 / 2048 / 4096 (plain
+#: faster everywhere) at 0.7 / 0.9 / 1.2 / 1.9 / 3.2x the fused path's saved bytes. The threshold is kept: it
+#: sets the GPU recipe (mango_256, n = 4096 and 1024 fused), where SDPA's kernels were not re-measured.
 ATTENTION = ("auto", "fused", "plain")
 FUSED_MIN_TOKENS = 512
 GATE_MARGIN = 1e-4
@@ -155,6 +160,7 @@ def _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, bias, eps_q
     columns left of r0 are masked for all its rows, so they are never formed (see :class:`GatedICACore`).
     """
     e = wq.shape[0]
+    x1 = x1.contiguous()  # a half of x is a strided view: one copy here instead of one inside each matmul
     pq, pk = x1 @ wq.t(), x1 @ wk.t()
     qn, mq, rq = torch.native_layer_norm(pq, (e,), lnq_w, lnq_b, eps_q)
     kn, mk, rk = torch.native_layer_norm(pk, (e,), lnk_w, lnk_b, eps_k)
