@@ -29,6 +29,23 @@ import torch
 from torch import nn
 
 _INSIDE_FLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_flow", default=False)
+_BLOCK_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("block_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def block_checkpointed() -> Iterator[None]:
+    """Mark the enclosed calls as running inside a per-block activation checkpoint (forward and recompute):
+    layers then skip their own layer-level recompute, which would only repeat the block's."""
+    token = _BLOCK_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _BLOCK_CHECKPOINT.reset(token)
+
+
+def in_block_checkpoint() -> bool:
+    """Whether the caller runs inside :func:`block_checkpointed`."""
+    return _BLOCK_CHECKPOINT.get()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import InvertibleModule, compute_dtype, logdet_dtype, no_autocast
+from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, no_autocast
 
 
 class AffineCoupling(InvertibleModule):
@@ -59,8 +59,8 @@ class AffineCoupling(InvertibleModule):
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         xa, xb = self._split(x)
-        if (self.recompute_conditioner and torch.is_grad_enabled() and not hasattr(self.net[0].weight, "ds_id")
-                and (xa.requires_grad or self.net[0].weight.requires_grad)):
+        if (self.recompute_conditioner and torch.is_grad_enabled() and not in_block_checkpoint()
+                and not hasattr(self.net[0].weight, "ds_id") and (xa.requires_grad or self.net[0].weight.requires_grad)):
             # torch's non-reentrant checkpoint: works with autograd.grad and with module-hook tools
             # (FlopCounterMode), unlike a Function that calls autograd.grad in its backward
             h = checkpoint(self.net, xa.transpose(1, 2), use_reentrant=False).transpose(1, 2)

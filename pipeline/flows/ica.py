@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .attention import diag_log_softmax, upper_attention
-from .base import InvertibleModule, compute_dtype, logdet_dtype, no_autocast
+from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, no_autocast
 from .lica import LUTokenMixer
 from .partitions import PARTITIONS, partition_index
 
@@ -437,7 +437,7 @@ class ICA(InvertibleModule):
             z, gather, scatter, swap, self.proj_q.weight.to(ct), self.proj_k.weight.to(ct),
             self.norm_q.weight.to(ct), self.norm_q.bias.to(ct), self.norm_k.weight.to(ct), self.norm_k.bias.to(ct),
             self.log_temperature.to(ct), self.beta.to(ct), self.mask_bias.to(ct), self.norm_q.eps, self.norm_k.eps,
-            self.recompute_attention, self.row_block)
+            self.recompute_attention and not in_block_checkpoint(), self.row_block)
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward through :class:`GatedICACore` (LICA: between the mixer and its inverse)."""

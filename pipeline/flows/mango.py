@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .actnorm import ActNorm
-from .base import FlowSequence, InvertibleModule, inside_flow, logdet_dtype
+from .base import FlowSequence, InvertibleModule, block_checkpointed, inside_flow, logdet_dtype
 from .coupling import AffineCoupling
 from .ica import ICA
 from .partitions import resolve_partitions
@@ -69,8 +69,9 @@ class MangoFlow(InvertibleModule):
     (:class:`~pipeline.flows.ica.GatedICACore`), every coupling keeps only its input and recomputes its
     conditioner; the small per-channel and permutation activations are stored. No block runs twice, and the
     recompute runs without autograd's graph, so it costs a fraction of a forward (``benchmarks/memory.py``).
-    Under DeepSpeed ZeRO-3 (parameters flagged ``ds_id``, which the fused layer paths do not take) it is
-    torch's non-reentrant checkpoint per block instead. ``memory="invert"`` keeps no per-block activations at all: the backward
+    Under DeepSpeed ZeRO-3 (parameters flagged ``ds_id``, which the fused layer paths do not take), under
+    autocast, and with ICA paths other than the plain gated one it is torch's non-reentrant checkpoint per
+    block instead. ``memory="invert"`` keeps no per-block activations at all: the backward
     rebuilds each block's input from its output by the exact inverse (:mod:`pipeline.flows.reconstruct`),
     so activation memory stays flat in ``num_blocks``. Extra keyword arguments go to every :class:`MangoBlock`.
     """
@@ -110,21 +111,31 @@ class MangoFlow(InvertibleModule):
             if x.requires_grad or any(p.requires_grad for p in params):
                 if self.memory == "invert":
                     return reconstruct_blocks(list(self.blocks), x)
-                if any(hasattr(p, "ds_id") for p in params):
+                if any(hasattr(p, "ds_id") for p in params) or not self._layers_recompute(x):
                     return self._forward_torch_checkpoint(x)
-        # store, and checkpoint outside ZeRO-3: the layers themselves rebuild their large activations
+        # store, and layer-selective checkpoint: the layers themselves rebuild their large activations
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         for block in (reversed(self.blocks) if reverse else self.blocks):
             x, logdet = block(x, reverse=reverse)
             total = total + logdet
         return x, total
 
+    def _layers_recompute(self, x: torch.Tensor) -> bool:
+        """Whether every ICA takes the fused node that rebuilds its attention in backward: gated form, plain
+        attention, autocast off. Otherwise (bf16 autocast, the SDPA ``fused`` path, the paper form) the ICA
+        stores its activations, so ``checkpoint`` falls back to the per-block checkpoint."""
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        return all(m.form == "gated" and m.attention == "plain" for m in self.blocks.modules() if isinstance(m, ICA))
+
     def _forward_torch_checkpoint(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-block non-reentrant ``torch.utils.checkpoint`` (the path for DeepSpeed ZeRO-3).
+        """Per-block non-reentrant ``torch.utils.checkpoint``: under DeepSpeed ZeRO-3, and wherever the ICA
+        layers cannot rebuild their own attention (see :meth:`_layers_recompute`).
 
         ZeRO-3 partitions the parameters (they carry ``ds_id``) and gathers them only inside module forward
-        hooks, so their gradients must come from autograd's own accumulation, not be returned by an
-        ``autograd.Function`` as :func:`~pipeline.flows.reconstruct.reconstruct_blocks` does.
+        hooks, so their gradients must come from autograd's own accumulation. Inside the block the layers'
+        own recompute is switched off (:func:`~pipeline.flows.base.block_checkpointed`), in the forward and in
+        the recompute alike.
         """
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         for block in self.blocks:
@@ -135,5 +146,5 @@ class MangoFlow(InvertibleModule):
 
 def _nested_call(block: MangoBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # the recompute in backward runs outside the flow's context; keep it a nested call (no input re-check)
-    with inside_flow():
+    with inside_flow(), block_checkpointed():
         return block(x)

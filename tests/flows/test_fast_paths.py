@@ -149,3 +149,41 @@ def test_checkpoint_saves_at_least_3x_fewer_activation_bytes_than_store() -> Non
         return sum(seen.values())
 
     assert saved("store") >= 3 * saved("checkpoint")
+
+
+def _saved_activation_bytes(flow, a, b, autocast: bool = False) -> int:
+    params = {p.untyped_storage().data_ptr() for p in flow.parameters()}
+    params |= {t.untyped_storage().data_ptr() for t in flow.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = -flow.log_prob(a, b).mean()
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("case", ["bf16-autocast", "sdpa-attention"])
+def test_checkpoint_falls_back_to_per_block_where_layers_cannot_recompute(case: str) -> None:
+    # bf16 autocast and the SDPA path store the ICA activations; checkpoint must still save memory there
+    # (per-block recompute, layers' own recompute off inside it) and keep the gradients
+    attention = "fused" if case == "sdpa-attention" else "plain"
+    autocast = case == "bf16-autocast"
+    flows = {}
+    for memory in ("store", "checkpoint"):
+        torch.manual_seed(0)
+        flows[memory] = randomise_parameters(
+            MultiscaleMangoFlow(3, 16, 1, 2, 32, patch_size=2, lica_group=16, memory=memory, attention=attention),
+            std=0.05)
+    a, b = torch.rand(2, 4, 3, 16, 16) - 0.5
+    saved = {m: _saved_activation_bytes(f, a, b, autocast) for m, f in flows.items()}
+    assert saved["store"] >= 5 * saved["checkpoint"], saved  # torch's checkpoint hides the block internals
+    grads = {m: [p.grad.clone() for p in f.parameters()] for m, f in flows.items()}
+    for g_c, g_s in zip(grads["checkpoint"], grads["store"]):
+        torch.testing.assert_close(g_c, g_s, rtol=1e-4, atol=1e-6)
