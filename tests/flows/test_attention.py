@@ -13,14 +13,7 @@ from .checker import check_flow, randomise_parameters
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spinning
-    # threads made these tests ~10x slower; the thread count is restored for the rest of the session
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/flows/conftest.py
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,7 @@ from pipeline.flows.ica import GatedICACore, GatedUpperAttention, gated_upper_at
 from .checker import check_flow, randomise_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/flows/conftest.py
 
 
 def _composed(layer: ICA, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,20 +128,7 @@ def test_checkpoint_saves_at_least_3x_fewer_activation_bytes_than_store() -> Non
         torch.manual_seed(0)
         flow = randomise_parameters(MultiscaleMangoFlow(3, 16, 1, 2, 32, patch_size=2, lica_group=16, memory=memory),
                                     std=0.05)
-        params = {p.untyped_storage().data_ptr() for p in flow.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        a, b = torch.rand(2, 4, 3, 16, 16) - 0.5
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = -flow.log_prob(a, b).mean()
-        loss.backward()
-        return sum(seen.values())
+        return _saved_activation_bytes(flow, *(torch.rand(2, 4, 3, 16, 16) - 0.5))
 
     assert saved("store") >= 3 * saved("checkpoint")
 
