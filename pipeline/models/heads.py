@@ -148,6 +148,13 @@ class TranslationHead(nn.Module):
     def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return torch.sigmoid(self.decoder(grid, size).float())
 
+    def _decode_with_source(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor) -> torch.Tensor:
+        """The decoder's fp32 output, after checking ``source`` (the image a source-taking head moves) fits."""
+        if source.shape[1] != self.channels or tuple(source.shape[2:]) != tuple(size):
+            raise ValueError(f"{type(self).__name__}: source {tuple(source.shape)} must be (N, {self.channels}, "
+                             f"{size[0]}, {size[1]})")
+        return self.decoder(grid, size).float()
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(L1 [+ adversarial] scalar, (N,) per-sample L1, extra detached terms)."""
         l1 = (pred - target).abs()
@@ -201,11 +208,7 @@ class WarpTranslationHead(TranslationHead):
         return self.max_shift * torch.tanh(y[:, 0] / self.max_shift)
 
     def forward(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = source.shape
-        if c != self.channels or (h, w) != tuple(size):
-            raise ValueError(f"WarpTranslationHead: source {tuple(source.shape)} must be (N, {self.channels}, "
-                             f"{size[0]}, {size[1]})")
-        y = self.decoder(grid, size).float()
+        y = self._decode_with_source(grid, size, source)
         warped = warp_rows(source.float(), self.disparity(y))
         if not self.generate:
             return warped
@@ -257,11 +260,8 @@ class SelectTranslationHead(TranslationHead):
         self.candidates = 2 * self.max_shift + 1 + int(self.generate)
 
     def forward(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = source.shape
-        if c != self.channels or (h, w) != tuple(size):
-            raise ValueError(f"{type(self).__name__}: source {tuple(source.shape)} must be (N, {self.channels}, "
-                             f"{size[0]}, {size[1]})")
-        y = self.decoder(grid, size).float()
+        y = self._decode_with_source(grid, size, source)
+        w = source.shape[-1]
         k = 2 * self.max_shift + 1
         p = self._probs(y[:, : self.candidates])
         padded = F.pad(source.float(), (self.max_shift, self.max_shift))  # (n, c, h, w + 2R)
