@@ -91,6 +91,7 @@ class ModelConfig:
     lica_group: int = _f(64, ge=0)  # LICA token-group size; 0 = one full L×L mixer
     memory: str = _f("store", choices=MEMORY_POLICIES)
     form: str = _f("gated", choices=FORMS)
+    channel_mix: bool = True  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
     attention: str = _f("auto", choices=ATTENTION)  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
     encoder: str = _f("conv", choices=ENCODERS)
     encoder_weights: str = ""  # local path to pretrained encoder weights; "" = random init

@@ -3,6 +3,7 @@
 from .actnorm import ActNorm, data_init
 from .attention import diag_log_softmax, upper_attention
 from .base import FlowSequence, InvertibleModule
+from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ATTENTION, ICA, solve_gated_upper
 from .lica import LUTokenMixer
@@ -14,6 +15,7 @@ __all__ = [
     "ATTENTION",
     "ActNorm",
     "AffineCoupling",
+    "ChannelMixer",
     "FlowSequence",
     "ICA",
     "InvertibleModule",

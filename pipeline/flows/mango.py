@@ -1,8 +1,10 @@
 """The MANGO block and G, the stack of blocks (the paper's flow over fused tokens).
 
-A block runs, for each partition of its layout (default: mmca1, mmca2, imca1…imca4, lica, lica),
-``ActNorm → partition → ICA → merge``, then one channel affine coupling. Every block is the exact identity
-at initialisation (α = 0 in every ICA, zero-initialised last conditioner layer, ActNorm before its data init).
+A block runs one invertible channel mixer (:class:`~pipeline.flows.channel_mix.ChannelMixer`, ours: the paper's
+block has none; ``channel_mix=False`` drops it), then, for each partition of its layout (default: mmca1, mmca2,
+imca1…imca4, lica, lica), ``ActNorm → partition → ICA → merge``, then one channel affine coupling. Every block is
+the exact identity at initialisation (W = I in the mixer, α = 0 in every ICA, zero-initialised last conditioner
+layer, ActNorm before its data init).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .actnorm import ActNorm
 from .base import FlowSequence, InvertibleModule, block_checkpointed, inside_flow, logdet_dtype
+from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ICA
 from .partitions import resolve_partitions
@@ -32,6 +35,7 @@ class MangoBlock(FlowSequence):
             partition names; one ``ActNorm → ICA`` pair per entry.
         hidden: coupling conditioner width (default ``max(dim, 16)``).
         swap: which channel half the coupling updates (alternated across blocks).
+        channel_mix: start the block with a learned invertible D×D channel mixer (default; False = the paper's block).
         form, qk_dim, learn_temperature, lica_group, solve_block, attention: passed to every :class:`ICA`.
     """
 
@@ -49,8 +53,9 @@ class MangoBlock(FlowSequence):
         lica_group: int = 0,
         solve_block: int = 64,
         attention: str = "auto",
+        channel_mix: bool = True,
     ):
-        layers = []
+        layers: list[torch.nn.Module] = [ChannelMixer(dim)] if channel_mix else []
         for name in resolve_partitions(partitions):
             layers.append(ActNorm(dim))
             layers.append(

@@ -91,6 +91,7 @@ class MultiscaleMangoFlow(nn.Module):
         partitions: the block layout (preset or names), as in :class:`~pipeline.flows.MangoBlock`.
         lica_group: LICA token-group size (clipped to the level's token count).
         num_modalities: 2 (joint) or 1 (single-modality baseline, tokens split even/odd).
+        channel_mix: start every block with a learned invertible channel mixer (False = the paper's block).
         memory, form, learn_temperature, attention: passed to every level's :class:`~pipeline.flows.MangoFlow`
             (``attention="auto"`` picks the fused ICA forward per level by its token count).
     """
@@ -112,6 +113,7 @@ class MultiscaleMangoFlow(nn.Module):
         form: str = "gated",
         learn_temperature: bool = False,
         attention: str = "auto",
+        channel_mix: bool = True,
     ):
         super().__init__()
         if not isinstance(channels, int):
@@ -160,7 +162,8 @@ class MultiscaleMangoFlow(nn.Module):
             self.flows.append(
                 MangoFlow(d, tokens, per_level[k], memory=memory, partitions=partitions, hidden=dim,
                           qk_dim=min(dim, d), lica_group=min(lica_group, tokens) if lica_group else 0,
-                          form=form, learn_temperature=learn_temperature, attention=attention)
+                          form=form, learn_temperature=learn_temperature, attention=attention,
+                          channel_mix=channel_mix)
             )
             if k < levels - 1:
                 gh, gw, d = gh // 2, gw // 2, d * 2

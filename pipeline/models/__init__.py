@@ -138,7 +138,7 @@ def _flow_kwargs(cfg: Config, tokens: int, memory: str) -> dict:
         raise ConfigError(f"model.lica_group={m.lica_group} must be even and divide the latent flow's {tokens} tokens "
                           f"(or 0 for one full mixer)")
     return {"num_blocks": m.num_blocks, "memory": memory, "partitions": m.partitions, "form": m.form,
-            "lica_group": group, "attention": m.attention}
+            "lica_group": group, "attention": m.attention, "channel_mix": m.channel_mix}
 
 
 def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel:

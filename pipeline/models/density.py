@@ -72,5 +72,6 @@ def build_density(model_cfg, modalities: Sequence[str], bits: Sequence[int], mem
         memory=memory or model_cfg.memory,
         attention=model_cfg.attention,
         form=model_cfg.form,
+        channel_mix=model_cfg.channel_mix,
     )
     return DensityModel(modalities, flow)

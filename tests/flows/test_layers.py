@@ -12,6 +12,7 @@ from pipeline.flows import (
     PARTITIONS,
     ActNorm,
     AffineCoupling,
+    ChannelMixer,
     LUTokenMixer,
     MangoBlock,
     MangoFlow,
@@ -32,10 +33,12 @@ def _layers(tokens: int, dim: int) -> dict[str, torch.nn.Module]:
     layers["ica-lica-grouped"] = ICA(dim, tokens, "lica", lica_group=4)
     layers["ica-learned-tau"] = ICA(dim, tokens, "mmca2", learn_temperature=True, qk_dim=5)
     layers["actnorm"] = ActNorm(dim)
+    layers["channel-mix"] = ChannelMixer(dim)
     layers["coupling"] = AffineCoupling(dim, 8)
     layers["coupling-swap"] = AffineCoupling(dim, 8, swap=True)
     layers["block"] = MangoBlock(dim, tokens)
     layers["block-imca"] = MangoBlock(dim, tokens, "imca", lica_group=4)
+    layers["block-paper-layout"] = MangoBlock(dim, tokens, channel_mix=False)
     layers["G"] = MangoFlow(dim, tokens, num_blocks=2)
     return layers
 
@@ -50,7 +53,7 @@ def test_contract(name: str, dtype: torch.dtype, shape: tuple[int, int]) -> None
     tokens, dim = shape
     module = randomise_parameters(_layers(tokens, dim)[name]).to(dtype)
     x = torch.randn(3, tokens, dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    composite = name in ("block", "block-imca", "G")
+    composite = name in ("block", "block-imca", "block-paper-layout", "G")
     tol = {torch.float32: 1e-4 if composite else 1e-5, torch.float64: 1e-9 if composite else 1e-10}[dtype]
     check_flow(module, x, roundtrip_tol=tol)
 
@@ -222,3 +225,17 @@ def test_gate_stays_inside_the_unit_interval_for_huge_beta() -> None:
     y, logdet = layer(x)
     assert torch.isfinite(logdet).all() and torch.isfinite(y).all()
     torch.testing.assert_close(layer(y, reverse=True)[0], x, atol=1e-2, rtol=1e-2)
+
+
+def test_channel_mixer_is_its_dense_matrix_with_either_sign() -> None:
+    mixer = randomise_parameters(ChannelMixer(5)).double()
+    mixer.sign.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0], dtype=torch.float64))
+    x = torch.randn(2, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y, logdet = mixer(x)
+    w = mixer.matrix()
+    torch.testing.assert_close(y, x @ w.t())
+    # log|det| of the whole (L·D) map is L · log|det W|, whatever the signs
+    torch.testing.assert_close(logdet, torch.full((2,), 7 * torch.linalg.slogdet(w)[1].item(), dtype=torch.float64))
+    back, logdet_rev = mixer(y, reverse=True)
+    torch.testing.assert_close(back, x)
+    torch.testing.assert_close(logdet_rev, -logdet)

@@ -143,5 +143,5 @@ def test_non_finite_input_is_an_error_but_a_non_finite_activation_is_a_non_finit
     with pytest.raises(ValueError, match="modality 'a' has non-finite values"):
         flow.log_prob(a.clone().fill_(float("nan")), b)
     with torch.no_grad():
-        flow.flows[0].blocks[0].layers[0].loc[0] = float("nan")  # a weight blew up during training
+        flow.flows[0].blocks[0].layers[1].loc[0] = float("nan")  # a weight blew up during training
     assert torch.isnan(flow.log_prob(a, b)).all()

@@ -54,7 +54,7 @@ def test_non_finite_losses_abort_after_k_in_a_row_with_a_clear_message(tiny_shar
     cfg = load_config(None, overrides)
     model = build_model(cfg, modality_specs(cfg, load_manifest(f"{tiny_shards}/{manifest_name('train')}")))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["flow.flows.0.blocks.0.layers.0.loc"][0] = float("nan")
+    state["flow.flows.0.blocks.0.layers.1.loc"][0] = float("nan")
     save_file(state, str(tmp_path / "nan.safetensors"))
     r = run([sys.executable, "-m", "jobs.train", *overrides, f"model.init_weights={tmp_path / 'nan.safetensors'}"])
     assert r.returncode != 0
