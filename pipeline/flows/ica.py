@@ -237,13 +237,28 @@ class ICA(InvertibleModule):
         return (self.form == "gated" and self.attention == "plain" and not torch.is_autocast_enabled(x.device.type)
                 and not hasattr(self.proj_q.weight, "ds_id"))
 
-    def _core(self, z: torch.Tensor, gather, scatter, swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _core(self, z: torch.Tensor, gather, scatter, swap: bool, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
         ct = z.dtype
+        loc, log_scale = (None, None) if norm is None else (norm.loc.to(ct), norm.log_scale.to(ct))
         return GatedICACore.apply(
             z, gather, scatter, swap, self.proj_q.weight.to(ct), self.proj_k.weight.to(ct),
             self.norm_q.weight.to(ct), self.norm_q.bias.to(ct), self.norm_k.weight.to(ct), self.norm_k.bias.to(ct),
             self.log_temperature.to(ct), self.beta.to(ct), self.mask_bias.to(ct), self.norm_q.eps, self.norm_k.eps,
-            self.recompute_attention and not in_block_checkpoint(), self.row_block)
+            self.recompute_attention and not in_block_checkpoint(), self.row_block, loc, log_scale)
+
+    def takes_norm(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_normed` can fuse a preceding ActNorm into this layer's node for input ``x``:
+        the fast path, a fixed partition (LICA's mixer sits between the two) and x already in the compute dtype."""
+        return self.partition != "lica" and x.dtype == compute_dtype(x) and self._fast_path(x)
+
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self(norm(x))`` as one :class:`GatedICACore` node (log-dets summed); only where :meth:`takes_norm`.
+        Called by :class:`~pipeline.flows.MangoBlock` on validated input (no checks of its own)."""
+        if self.partition in ("mmca1", "mmca2"):
+            y, logdet = self._core(x, None, None, self.partition == "mmca2", norm)
+        else:
+            y, logdet = self._core(x, self.gather, self.scatter, False, norm)
+        return y, logdet.to(logdet_dtype(x))
 
     def _forward_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward through :class:`GatedICACore` (LICA: between the mixer and its inverse)."""

@@ -114,6 +114,10 @@ class GatedICACore(torch.autograd.Function):
     A is kept as row blocks of ``block`` query rows (:data:`ROW_BLOCK`), each only over the key columns it can
     see, which skips the masked lower-left part of every product with A.
 
+    ``loc, log_scale`` fuse the ActNorm that precedes the layer in its block (``x = (x_in + loc)·exp(log_scale)``,
+    log-det term ``L·Σ log_scale``): the node then saves the ActNorm's input and rebuilds its output in backward
+    (one elementwise op), so the pair is one node instead of two (see :meth:`MangoBlock._forward`).
+
     ``recompute=True`` (``model.memory=checkpoint``) saves nothing else and rebuilds q, k and A inside the
     backward (two projections, two LayerNorms, one score matmul and a softmax — the only part of the layer
     whose activations are large) instead of saving the n×n attention and the q/k activations.
@@ -121,7 +125,10 @@ class GatedICACore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias,
-                eps_q, eps_k, recompute, block=ROW_BLOCK):
+                eps_q, eps_k, recompute, block=ROW_BLOCK, loc=None, log_scale=None):
+        x_in = x
+        if loc is not None:  # the preceding ActNorm, fused: x = (x_in + loc)·exp(log_scale)
+            x = (x_in + loc) * log_scale.exp()
         x1, x2 = _halves(x, gather, swap)
         pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
                                                                 bias, eps_q, eps_k, block)
@@ -131,16 +138,19 @@ class GatedICACore(torch.autograd.Function):
         y2 = _cat1([torch.baddbmm(x2[:, r0:r1], a_i, xa[:, r0:]) for (r0, r1), a_i in zip(rows, a)])
         diag = _cat1([a_i[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1) for (r0, r1), a_i in zip(rows, a)])
         logdet = torch.log1p(diag.unsqueeze(-1) * alpha).sum(dim=(1, 2))
+        if loc is not None:
+            logdet = logdet + x.shape[1] * log_scale.sum()
         out = torch.cat([y2, x1] if swap else [x1, y2], dim=1)  # the merge, in the same node
         out = out if scatter is None else out.index_select(1, scatter)
         # the mask and the permutations are buffers, not activations: held by reference, not saved
         ctx.eps, ctx.recompute, ctx.bias, ctx.swap, ctx.block = (eps_q, eps_k), recompute, bias, swap, block
         ctx.gather, ctx.scatter = gather, scatter
-        params = (wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta)
-        if recompute:
-            ctx.save_for_backward(x, *params)
+        ctx.norm = loc is not None
+        params = (wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta) + ((loc, log_scale) if ctx.norm else ())
+        if recompute:  # the layer's input only (the ActNorm's input when fused: its output is rebuilt)
+            ctx.save_for_backward(x_in, *params)
         else:
-            ctx.save_for_backward(x, *params, pq, mq, rq, pk, mk, rk, q, kn, *a)
+            ctx.save_for_backward(x_in, *params, pq, mq, rq, pk, mk, rk, q, kn, *a)
         return out, logdet
 
     @staticmethod
@@ -149,13 +159,18 @@ class GatedICACore(torch.autograd.Function):
         g_y1, g_y = _halves(g_out, ctx.gather, ctx.swap)
         saved = ctx.saved_tensors
         x, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta = saved[:9]
+        np_ = 11 if ctx.norm else 9
+        if ctx.norm:
+            loc, log_scale = saved[9:11]
+            scale = log_scale.exp()
+            x = (x + loc) * scale  # the fused ActNorm's output, rebuilt from its saved input
         x1, x2 = _halves(x, ctx.gather, ctx.swap)
         if ctx.recompute:
             pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
                                                                     ctx.bias, *ctx.eps, ctx.block)
         else:
-            pq, mq, rq, pk, mk, rk, q, kn = saved[9:17]
-            a = saved[17:]
+            pq, mq, rq, pk, mk, rk, q, kn = saved[np_:np_ + 8]
+            a = saved[np_ + 8:]
             tau = log_tau.exp()
         rows = _row_blocks(x2.shape[1], ctx.block)
         need = ctx.needs_input_grad
@@ -191,13 +206,17 @@ class GatedICACore(torch.autograd.Function):
         flat_x1 = x1.reshape(-1, d)
         dwq = dpq.reshape(-1, e).t() @ flat_x1 if need[4] else None
         dwk = dpk.reshape(-1, e).t() @ flat_x1 if need[5] else None
-        dx = None
-        if need[0]:
+        dx = dloc = dlog_scale = None
+        if need[0] or (ctx.norm and (need[17] or need[18])):
             dx1 = (dpq @ wq).add_(dpk @ wk).add_(g_y1)
             dz = torch.cat([dx2, dx1] if ctx.swap else [dx1, dx2], dim=1)
             dx = dz if ctx.scatter is None else dz.index_select(1, ctx.scatter)
+            if ctx.norm:  # through x = (x_in + loc)·s: ∂/∂x_in = s, ∂/∂loc = Σ s, ∂/∂log_s = Σ x (+ the log-det's L)
+                dlog_scale = (dx * x).sum(dim=(0, 1)) + x.shape[1] * g_logdet.sum() if need[18] else None
+                dx = dx * scale
+                dloc = dx.sum(dim=(0, 1)) if need[17] else None
         return (dx, None, None, None, dwq, dwk, dlnq_w, dlnq_b, dlnk_w, dlnk_b, dlog_tau, dbeta,
-                None, None, None, None, None)
+                None, None, None, None, None, dloc, dlog_scale)
 
 
 def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.flows import ICA, LUTokenMixer, MangoFlow, MultiscaleMangoFlow
+from pipeline.flows import ICA, LUTokenMixer, MangoBlock, MangoFlow, MultiscaleMangoFlow
+from pipeline.flows.base import FlowSequence
 from pipeline.flows.ica import GatedICACore, GatedUpperAttention, gated_upper_attention_reference
 
 from .checker import check_flow, randomise_parameters
@@ -75,8 +76,49 @@ def test_gradcheck_fast_nodes_in_fp64() -> None:
         perm = (index, None if index is None else torch.argsort(index), swap)
         assert torch.autograd.gradcheck(
             lambda x, *p: GatedICACore.apply(x, *perm, *p, bias, 1e-5, 1e-5, recompute, block), args)
+    # with the preceding ActNorm fused in (loc, log_scale), stored and recomputed
+    for recompute, index in ((False, None), (True, gather)):
+        args = (r(2, 2 * n, d), r(e, d), r(e, d), r(e), r(e), r(e), r(e), r(()), r(d), r(d), r(d))
+        perm = (index, None if index is None else torch.argsort(index), False)
+        assert torch.autograd.gradcheck(
+            lambda x, *p: GatedICACore.apply(x, *perm, *p[:8], bias, 1e-5, 1e-5, recompute, 3, *p[8:]), args)
     q, k, v, alpha = r(2, n, e), r(2, n, e), r(2, n, d), r(d)
     assert torch.autograd.gradcheck(lambda *a: GatedUpperAttention.apply(*a, bias), (q, k, v, alpha))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["store", "recompute"])
+def test_block_fusing_actnorm_into_ica_equals_the_layer_by_layer_forward(recompute: bool) -> None:
+    block = randomise_parameters(MangoBlock(6, 16, lica_group=4), std=0.3).double()
+    for m in block.modules():
+        if isinstance(m, ICA):
+            m.recompute_attention = recompute
+    x = torch.randn(3, 16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    w = torch.randn(3, 16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    outs = {}
+    for name, fn in (("fused", block), ("layer by layer", lambda z: FlowSequence._forward(block, z, False))):
+        y, logdet = fn(x)
+        nodes = _graph_node_names(y)
+        outs[name] = (y, logdet, torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *block.parameters()]))
+        # 8 ActNorm → ICA pairs: fused, the two before LICA stay separate nodes; layer by layer, all 8
+        assert nodes.count("ActNormAffineBackward") == (2 if name == "fused" else 8), nodes
+        assert nodes.count("GatedICACoreBackward") == 8
+    torch.testing.assert_close(outs["fused"][0], outs["layer by layer"][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(outs["fused"][1], outs["layer by layer"][1], atol=1e-11, rtol=1e-12)
+    names = ["input"] + [n for n, _ in block.named_parameters()]
+    for name, a, b in zip(names, outs["fused"][2], outs["layer by layer"][2]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def _graph_node_names(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
 
 
 def test_composed_path_under_autocast_still_used_and_close() -> None:
