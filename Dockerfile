@@ -7,7 +7,7 @@
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=""
-# build-essential: DeepSpeed JIT-compiles a CPU op on first use; procps: pgrep for launch/templates/node.sh;
+# build-essential: DeepSpeed JIT-compiles a CPU op on first use, and the flow's C++ ICA node is built below; procps: pgrep for launch/templates/node.sh;
 # git: the code snapshot records the commit
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential procps git \
@@ -22,7 +22,8 @@ RUN python -m pip install --upgrade pip \
     && python -m pip install -r requirements.txt
 COPY . .
 RUN python -m pip install --no-deps -e . \
-    && python -c "import pipeline, jobs.train, jobs.launch"
+    && python -c "import pipeline, jobs.train, jobs.launch" \
+    && python -c "from pipeline.flows import native; assert native.load() is not None, 'C++ ICA node build failed'"
 
 # every launcher's entry point is jobs.train; the manifests set the command (node.sh + torchrun)
 CMD ["python", "-m", "jobs.train", "--help"]

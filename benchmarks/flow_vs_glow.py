@@ -14,7 +14,8 @@ Models (parameter counts equal within ±5 %: Glow's hidden width is searched to 
 
 - MANGO: :class:`~pipeline.flows.MultiscaleMangoFlow` over (left, right), 3 levels × 2 blocks, conditioner
   width 48, LICA groups of 64, patch 4 at both sizes (the patch of ``launch/configs/mango_256.yaml``; the demo
-  configs use 2), default ``attention="auto"`` and ``memory="store"``. Level 0 then has 8×8 = 64 tokens per
+  configs use 2), default ``attention="auto"`` and ``memory="store"``, and every block's learned channel mixer
+  (``--no-channel-mix``: the paper's block without it, for the A/B). Level 0 then has 8×8 = 64 tokens per
   modality at 32² and 16×16 = 256 at 64², token width 48. Why patch 4 at 32² (an earlier version used 2, i.e.
   256 tokens per modality there): the token count is MANGO's choice, and ICA's cost is quadratic in it — at 32²
   patch 2 made level 0's 256-token attention ~80 % of the step (5.4× Glow's step time, 1 pinned core) while
@@ -72,9 +73,9 @@ def dequantise(v: torch.Tensor, seed: int) -> torch.Tensor:
 PATCH = 4
 
 
-def mango(size: int, patch: int = PATCH, dim: int = DIM) -> MultiscaleMangoFlow:
+def mango(size: int, patch: int = PATCH, dim: int = DIM, channel_mix: bool = True) -> MultiscaleMangoFlow:
     torch.manual_seed(0)
-    return MultiscaleMangoFlow(3, size, LEVELS, BLOCKS, dim, patch_size=patch, lica_group=64)
+    return MultiscaleMangoFlow(3, size, LEVELS, BLOCKS, dim, patch_size=patch, lica_group=64, channel_mix=channel_mix)
 
 
 def glow(size: int, hidden: int):
@@ -111,9 +112,9 @@ def matched_glow(size: int, target: int):
 class Pair:
     """Uniform calls into both models: bits/dim of dequantised (N, 6, S, S) input, and sampling."""
 
-    def __init__(self, size: int, device: str, patch: int = PATCH, dim: int = DIM):
+    def __init__(self, size: int, device: str, patch: int = PATCH, dim: int = DIM, channel_mix: bool = True):
         self.size = size
-        self.mango = mango(size, patch, dim)
+        self.mango = mango(size, patch, dim, channel_mix)
         self.glow, self.hidden = matched_glow(size, count(self.mango))
         self.mango.to(device), self.glow.to(device)
         self.dims = 6 * size * size
@@ -144,7 +145,7 @@ def bench(size: int, args) -> list[str]:
     dev = args.device
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     train, val = stereo_patches(size, "train"), stereo_patches(size, "val")
-    pair = Pair(size, dev, args.patch, args.dim)
+    pair = Pair(size, dev, args.patch, args.dim, args.channel_mix)
     gen = torch.Generator().manual_seed(0)
     first = dequantise(train[torch.randperm(len(train), generator=gen)[:64]], 0).to(dev)
     data_init(pair.mango, first[:, :3], first[:, 3:], mode="bits_per_dim")
@@ -207,7 +208,8 @@ def bench(size: int, args) -> list[str]:
             held[k] = torch.cat([pair.bpd(k, xv[j:j + 64]) for j in range(0, len(xv), 64)]).mean().item()
 
     pm, pg = count(pair.mango), count(pair.glow)
-    rows = [f"{size}×{size}: MANGO {pm:,} params (patch {pair.mango.patch_size}), Glow {pg:,} params (hidden "
+    mix = "" if args.channel_mix else ", no channel mixer"
+    rows = [f"{size}×{size}: MANGO {pm:,} params (patch {pair.mango.patch_size}{mix}), Glow {pg:,} params (hidden "
             f"{pair.hidden}), ratio {pm / pg:.3f}; {len(train)} train / {len(val)} held-out patches"]
     rows.append(f"  {'operation':<14}{'MANGO ms':>10}{'Glow ms':>10}{'MANGO/Glow':>12}")
     for w in whats:
@@ -228,6 +230,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--patch", type=int, default=PATCH, help="MANGO patch size (2 or 4: the shipped configs' settings)")
     parser.add_argument("--dim", type=int, default=DIM, help="MANGO conditioner width (q/k and coupling hidden)")
+    parser.add_argument("--no-channel-mix", dest="channel_mix", action="store_false",
+                        help="MANGO blocks without the learned channel mixer (the paper's block)")
     args = parser.parse_args()
     if args.patch not in (2, 4):
         parser.error(f"--patch must be 2 or 4 (the patch sizes of the shipped MANGO configs); got {args.patch}")

@@ -226,6 +226,9 @@ class MlflowTracker:
             self._queue.clear()
         if self._thread.is_alive():
             log.info("MLflow tracking: gave up waiting for a send after %.0f s", self.timeout_s)
+            # a send still hanging at the end is the store being unreachable too (a server that died late in
+            # the run never got to fail a send): the run's one warning says so if nothing else did
+            self._warn_unreachable(TimeoutError(f"a send did not finish within {self.timeout_s:.0f} s"))
         if self.stats.dropped:
             log.info("MLflow tracking: %s", self.stats)
         if self._staging is not None and not self._thread.is_alive():
@@ -407,8 +410,9 @@ class MlflowTracker:
                 time.sleep(0.2 * 2 ** attempt)
 
     def _warn_unreachable(self, error: BaseException) -> None:
-        if not self._warned:
-            self._warned = True
+        with self._cond:  # the worker and close() may both get here
+            first, self._warned = not self._warned, True
+        if first:
             log.warning(
                 "MLflow tracking at %s is unreachable or failing (%s); training continues and what cannot be "
                 "sent is dropped (this warning is shown once per run)", self.uri, _short(error),

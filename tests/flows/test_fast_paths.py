@@ -101,7 +101,7 @@ def test_block_fusing_actnorm_into_ica_equals_the_layer_by_layer_forward(recompu
         outs[name] = (y, logdet, torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *block.parameters()]))
         # 8 ActNorm → ICA pairs: fused, the two before LICA stay separate nodes; layer by layer, all 8
         assert nodes.count("ActNormAffineBackward") == (2 if name == "fused" else 8), nodes
-        assert nodes.count("GatedICACoreBackward") == 8
+        assert sum("GatedICACore" in n for n in nodes) == 8
     torch.testing.assert_close(outs["fused"][0], outs["layer by layer"][0], atol=1e-12, rtol=0)
     torch.testing.assert_close(outs["fused"][1], outs["layer by layer"][1], atol=1e-11, rtol=1e-12)
     names = ["input"] + [n for n, _ in block.named_parameters()]
@@ -116,7 +116,7 @@ def _graph_node_names(t: torch.Tensor) -> list[str]:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        names.append(type(fn).__name__)
+        names.append(fn.name())
         stack.extend(f for f, _ in fn.next_functions)
     return names
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -67,3 +69,30 @@ def test_server_killed_mid_run_costs_seconds_and_one_warning(mlflow_server_facto
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
     assert run_id and tracker.stats.sent == 10 and tracker.stats.dropped_unreachable >= 30
+
+
+def test_server_frozen_at_the_end_of_a_run_still_gets_its_one_warning(mlflow_server_factory, tmp_path, caplog):
+    # a server that stops answering just before the run ends never fails a send (it hangs): close() gives up
+    # after timeout_s, and that is the store being unreachable too — the run's one warning must say so
+    caplog.set_level(logging.DEBUG)
+    server = mlflow_server_factory()
+    tracker = MlflowTracker("frozen", uri=server.uri, retries=2, timeout_s=2)
+    run_id = tracker.start("frozen")
+    for step in range(5):
+        tracker.log_metrics({"loss": float(step)}, step)
+    _wait_sent(tracker, 5)
+
+    os.killpg(server.proc.pid, signal.SIGSTOP)  # frozen, not dead: connections are accepted, nothing answers
+    try:
+        for step in range(5, 10):
+            tracker.log_metrics({"loss": float(step)}, step)
+        t0 = time.monotonic()
+        stats = tracker.close()
+        elapsed = time.monotonic() - t0
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    assert elapsed < 2 + 1.0, f"close took {elapsed:.1f} s with timeout_s=2"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+    assert "did not finish within 2 s" in warnings[0].getMessage()
+    assert run_id and stats.sent == 5

@@ -1,0 +1,70 @@
+"""The flow's C++ autograd nodes, built on first use with torch's extension builder (ninja + the C++ compiler).
+
+:func:`gated_ica_core` is :class:`~pipeline.flows.ica_nodes.GatedICACore` (same arguments, same arithmetic, same
+hand-written backward) as one C++ ``torch::autograd::Function`` (``csrc/gated_ica_core.cpp``): on small token grids
+a MANGO layer is ~70 tiny ATen ops, and calling them from Python (plus the Python ``autograd.Function`` around
+them) cost more than the ops. The build runs once per machine and torch version into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; ranks of one job wait on its lock) and takes
+about a minute; later imports load the cached library.
+
+When the build is impossible (no compiler, a read-only cache) the Python node is used and one warning says why;
+``MANGO_NATIVE=0`` selects the Python node outright (the tests run both and hold them equal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .ica_nodes import GatedICACore
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "gated_ica_core.cpp"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}  # "module" once built or loaded, "error" once a build failed
+
+
+def enabled() -> bool:
+    """Whether the C++ node may be used (``MANGO_NATIVE=0`` turns it off)."""
+    return os.environ.get("MANGO_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load():
+    """The built extension module, or None (disabled, or the build failed: warned once)."""
+    if not enabled():
+        return None
+    if "module" in _STATE or "error" in _STATE:
+        return _STATE.get("module")
+    with _LOCK:
+        if "module" not in _STATE and "error" not in _STATE:
+            try:
+                from torch.utils.cpp_extension import load as build
+
+                _STATE["module"] = build(name="mango_gated_ica_core", sources=[str(_SOURCE)],
+                                         extra_cflags=["-O3"], verbose=False)
+            except Exception as exc:  # noqa: BLE001 - any build failure falls back to the Python node
+                _STATE["error"] = exc
+                warnings.warn(f"pipeline.flows: the C++ ICA node could not be built ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using the Python "
+                              "node (same results, slower on small token grids). Set MANGO_NATIVE=0 to skip the build.",
+                              RuntimeWarning, stacklevel=2)
+    return _STATE.get("module")
+
+
+def gated_ica_core(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias, eps_q, eps_k,
+                   recompute, block, loc=None, log_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GatedICACore.apply(...)`` through the C++ node when it is available (see the module docstring)."""
+    mod = load()
+    if mod is None:
+        return GatedICACore.apply(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias,
+                                  eps_q, eps_k, recompute, block, loc, log_scale)
+    out, logdet = mod.gated_ica_core(x, gather, scatter, bool(swap), wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
+                                     beta, bias, float(eps_q), float(eps_k), bool(recompute), int(block), loc,
+                                     log_scale)
+    return out, logdet

@@ -1,0 +1,104 @@
+"""The C++ ICA node (pipeline/flows/native.py) equals the Python node, and a failed build falls back clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.flows import ICA, MangoBlock, native
+from pipeline.flows.ica_nodes import GatedICACore
+
+from .checker import randomise_parameters
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/flows/conftest.py
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    mod = native.load()
+    if mod is None:  # the suite must exercise the node it ships: a broken build is a failure here, not a skip
+        pytest.fail(f"the C++ ICA node did not build: {native._STATE.get('error')!r}")
+    return mod
+
+
+def _args(gen: torch.Generator, n: int, d: int, e: int, norm: bool):
+    def r(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).mul_(0.5).requires_grad_()
+
+    return [r(3, 2 * n, d), r(e, d), r(e, d), r(e), r(e), r(e), r(e), r(()), r(d)], ([r(d), r(d)] if norm else [None, None])
+
+
+# (recompute, swap, gathered, row block, fused ActNorm)
+CASES = [(False, False, False, 64, False), (True, True, False, 3, True), (False, False, True, 4, True),
+         (True, False, True, 64, False), (False, True, False, 4, False)]
+
+
+@pytest.mark.parametrize("recompute, swap, gathered, block, norm", CASES)
+def test_cpp_node_equals_the_python_node_in_values_and_gradients(cpp, recompute, swap, gathered, block, norm) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, d, e = 10, 6, 5
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))
+    index = torch.randperm(2 * n, generator=gen) if gathered else None
+    perm = (index, None if index is None else torch.argsort(index), swap)
+    args, extra = _args(gen, n, d, e, norm)
+    inputs = args + [t for t in extra if t is not None]
+    w = torch.randn(3, 2 * n, d, dtype=torch.float64, generator=gen)
+    outs = []
+    for fn in (GatedICACore.apply, cpp.gated_ica_core):
+        y, logdet = fn(args[0], *perm, *args[1:], bias, 1e-5, 1e-5, recompute, block, *extra)
+        outs.append((y, logdet, torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), inputs)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-13, rtol=0)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-12, rtol=0)
+    for a, b in zip(outs[1][2], outs[0][2]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    # and the C++ node's own gradients are right (not only equal to the Python ones)
+    assert torch.autograd.gradcheck(
+        lambda x, *p: cpp.gated_ica_core(x, *perm, *p[:8], bias, 1e-5, 1e-5, recompute, block,
+                                         *(p[8:] if norm else (None, None)))[0].sum(), tuple(inputs))
+
+
+def test_cpp_node_only_computes_gradients_that_are_asked_for(cpp) -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, d, e = 6, 4, 3
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))
+    args, extra = _args(gen, n, d, e, True)
+    x = args[0].detach()  # the flow's first layer: data needs no gradient
+    y, logdet = cpp.gated_ica_core(x, None, None, False, *args[1:], bias, 1e-5, 1e-5, False, 64, *extra)
+    (y.sum() + logdet.sum()).backward()
+    assert x.grad is None and all(t.grad is not None for t in args[1:] + extra)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_a_block_runs_the_selected_ica_node(cpp, monkeypatch, backend: str) -> None:
+    monkeypatch.setenv("MANGO_NATIVE", "1" if backend == "cpp" else "0")
+    block = randomise_parameters(MangoBlock(6, 16, lica_group=4), std=0.3)
+    y, _ = block(torch.randn(2, 16, 6))
+    names, seen, stack = [], set(), [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            names.append(fn.name())
+            stack.extend(f for f, _ in fn.next_functions)
+    cpp_nodes = sum("GatedICACoreNative" in n for n in names)
+    py_nodes = names.count("GatedICACoreBackward")
+    assert (cpp_nodes, py_nodes) == ((8, 0) if backend == "cpp" else (0, 8)), names
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_the_python_node(tmp_path, monkeypatch) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error this source is deliberately broken\n")
+    monkeypatch.setattr(native, "_SOURCE", broken)
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("MANGO_NATIVE", "1")
+    layer = randomise_parameters(ICA(4, 8, "imca1", attention="plain"), std=0.3)
+    x = torch.randn(2, 8, 4)
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ ICA node could not be built .*using the Python node"):
+        y, logdet = layer(x)
+    assert y.grad_fn.name() == "GatedICACoreBackward"  # the Python node did the work
+    assert native.load() is None and "error" in native._STATE  # remembered: no second build, no second warning
+    monkeypatch.setenv("MANGO_NATIVE", "0")
+    y0, logdet0 = layer(x)
+    torch.testing.assert_close(y, y0, atol=0, rtol=0)
+    torch.testing.assert_close(logdet, logdet0, atol=0, rtol=0)
