@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import native
 from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, no_autocast
 
 
@@ -57,7 +58,19 @@ class AffineCoupling(InvertibleModule):
     def _join(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         return torch.cat([xb, xa] if self.swap else [xa, xb], dim=-1)
 
+    def _native_ok(self, x: torch.Tensor, reverse: bool) -> bool:
+        """Whether the forward can be the C++ node (:func:`pipeline.flows.native.affine_coupling`): not under
+        autocast (the module path runs the convolutions in bf16 there), ordinary parameters (ZeRO-3 gathers
+        partitioned ones inside each submodule's forward) in x's dtype, the conditioner as built here."""
+        w = self.net[0].weight
+        return (not reverse and not torch.is_autocast_enabled(x.device.type) and not hasattr(w, "ds_id")
+                and w.dtype == x.dtype and x.dtype == compute_dtype(x) and isinstance(self.net[2], nn.GELU))
+
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._native_ok(x, reverse):
+            out = native.affine_coupling(self, x, self.recompute_conditioner and not in_block_checkpoint())
+            if out is not None:
+                return out[0], out[1].to(logdet_dtype(x))
         xa, xb = self._split(x)
         if (self.recompute_conditioner and torch.is_grad_enabled() and not in_block_checkpoint()
                 and not hasattr(self.net[0].weight, "ds_id") and (xa.requires_grad or self.net[0].weight.requires_grad)):

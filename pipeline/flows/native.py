@@ -1,9 +1,11 @@
 """The flow's C++ autograd nodes, built on first use with torch's extension builder (ninja + the C++ compiler).
 
 :func:`gated_ica_core` is :class:`~pipeline.flows.ica_nodes.GatedICACore` (same arguments, same arithmetic, same
-hand-written backward) as one C++ ``torch::autograd::Function`` (``csrc/gated_ica_core.cpp``): on small token grids
-a MANGO layer is ~70 tiny ATen ops, and calling them from Python (plus the Python ``autograd.Function`` around
-them) cost more than the ops. The build runs once per machine and torch version into torch's extension cache
+hand-written backward) as one C++ ``torch::autograd::Function`` (``csrc/gated_ica_core.cpp``), and
+:func:`affine_coupling` the :class:`~pipeline.flows.AffineCoupling` forward (conditioner convolutions as matmuls
+over shifted tokens, GroupNorms, GELUs, the bounded affine update) with a hand-written backward: on small token grids
+a MANGO layer is ~70 tiny ATen ops, and calling them from Python (plus autograd's per-op graph) cost more than
+the ops. The build runs once per machine and torch version into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; ranks of one job wait on its lock) and takes
 about a minute; later imports load the cached library.
 
@@ -68,3 +70,17 @@ def gated_ica_core(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b,
                                      beta, bias, float(eps_q), float(eps_k), bool(recompute), int(block), loc,
                                      log_scale)
     return out, logdet
+
+
+def affine_coupling(layer, x: torch.Tensor, recompute: bool):
+    """``layer``'s forward ``(y, logdet)`` (an :class:`~pipeline.flows.AffineCoupling`) as the C++ node, or None when
+    the node is not available (the caller then runs the module path)."""
+    mod = load()
+    if mod is None:
+        return None
+    conv0, norm0, act0, conv1, norm1, _, conv2 = layer.net
+    y, logdet = mod.affine_coupling(x, conv0.weight, conv0.bias, norm0.weight, norm0.bias, conv1.weight, conv1.bias,
+                                    norm1.weight, norm1.bias, conv2.weight, conv2.bias, bool(layer.swap),
+                                    int(layer.cond_dim), float(layer.scale_bound), float(norm0.eps), float(norm1.eps),
+                                    act0.approximate, bool(recompute))
+    return y, logdet

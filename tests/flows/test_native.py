@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.flows import ICA, MangoBlock, native
+from pipeline.flows import ICA, AffineCoupling, MangoBlock, native
 from pipeline.flows.ica_nodes import GatedICACore
 
 from .checker import randomise_parameters
@@ -102,3 +102,40 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_python_node(tmp_path, m
     y0, logdet0 = layer(x)
     torch.testing.assert_close(y, y0, atol=0, rtol=0)
     torch.testing.assert_close(logdet, logdet0, atol=0, rtol=0)
+
+
+def _without_native(layer, x):
+    """``layer(x)`` on the Python / module path (what the C++ nodes must equal)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MANGO_NATIVE", "0")
+        return layer(x)
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["store", "recompute"])
+@pytest.mark.parametrize("dim, kernel", [(6, 3), (7, 5), (5, 1)])
+def test_cpp_coupling_equals_the_module_path_in_values_and_gradients(cpp, swap, recompute, dim, kernel) -> None:
+    layer = randomise_parameters(AffineCoupling(dim, 8, swap=swap, kernel_size=kernel), std=0.4).double()
+    layer.recompute_conditioner = recompute
+    x = torch.randn(3, 9, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    w = torch.randn(3, 9, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    outs = {}
+    for name, fn in (("cpp", layer), ("modules", lambda z: _without_native(layer, z))):
+        y, logdet = fn(x)
+        outs[name] = (y, logdet, torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *layer.parameters()]),
+                      y.grad_fn.name())
+    assert "AffineCouplingNative" in outs["cpp"][3] and "AffineCouplingNative" not in outs["modules"][3]
+    torch.testing.assert_close(outs["cpp"][0], outs["modules"][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(outs["cpp"][1], outs["modules"][1], atol=1e-11, rtol=0)
+    names = ["input"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, outs["cpp"][2], outs["modules"][2]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
+    params = list(layer.parameters())
+
+    def through_node(z, *ps):
+        conv0, norm0, act0, conv1, norm1, _, conv2 = layer.net
+        return cpp.affine_coupling(z, *ps, swap, layer.cond_dim, layer.scale_bound, norm0.eps, norm1.eps,
+                                   act0.approximate, recompute)
+
+    assert torch.autograd.gradcheck(lambda z, *ps: through_node(z, *ps)[0].sum() + through_node(z, *ps)[1].sum(),
+                                    (x.detach()[:1].requires_grad_(), *[p.detach().requires_grad_() for p in params]))

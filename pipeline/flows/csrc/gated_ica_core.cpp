@@ -232,8 +232,183 @@ std::vector<Tensor> gated_ica_core(const Tensor& x, const std::optional<Tensor>&
                                    eps_q, eps_k, recompute, block, loc, log_scale);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// The affine coupling (pipeline/flows/coupling.py) as one node: conditioner Conv1d(k) → GroupNorm(1) → GELU →
+// Conv1d(1) → GroupNorm(1) → GELU → Conv1d(k) on the conditioning half, then yb = xb·exp(log_s) + t with
+// log_s = B·tanh(raw/B). Tokens stay last-but-one (N, L, C): each k-wide convolution is one matmul over the k
+// shifted copies of its input (zero "same" padding), each GroupNorm(1, ·) a normalisation over (L, C) per sample
+// and a per-channel affine. Same parameters and values as the module path (tested).
+
+struct ConvParams {
+  Tensor w0, b0, g0, be0, w1, b1, g1, be1, w2, b2;  // w0: (H, k·Ci) tap-major, w1: (H, H), w2: (2Co, k·H)
+};
+
+Tensor unfold_tokens(const Tensor& x, int64_t k) {  // (N, L, C) → (N, L, k·C), tap-major
+  if (k == 1) return x;
+  const int64_t pad = k / 2, length = x.size(1);
+  Tensor padded = at::constant_pad_nd(x, {0, 0, pad, pad});
+  std::vector<Tensor> taps;
+  for (int64_t i = 0; i < k; ++i) taps.push_back(padded.slice(1, i, i + length));
+  return at::cat(taps, -1);
+}
+
+Tensor fold_tokens(const Tensor& du, int64_t k, int64_t c) {  // adjoint of unfold_tokens: (N, L, k·C) → (N, L, C)
+  if (k == 1) return du;
+  const int64_t pad = k / 2, length = du.size(1);
+  Tensor padded = at::zeros({du.size(0), length + 2 * pad, c}, du.options());
+  for (int64_t i = 0; i < k; ++i) padded.slice(1, i, i + length).add_(du.slice(2, i * c, (i + 1) * c));
+  return padded.slice(1, pad, pad + length);
+}
+
+struct GroupNormOut {
+  Tensor normed, rstd;  // normed = (h − mean)·rstd over (L, C) per sample
+};
+
+GroupNormOut group_norm_tokens(const Tensor& h, double eps) {
+  auto [normed, mean, rstd] = at::native_layer_norm(h, {h.size(1), h.size(2)}, {}, {}, eps);
+  return {normed, rstd};
+}
+
+Tensor group_norm_tokens_backward(const Tensor& dn, const Tensor& normed, const Tensor& rstd) {
+  // d/dh of (h − mean)·rstd over (L, C):  rstd · (dn − mean(dn) − normed · mean(dn ⊙ normed))
+  Tensor m1 = dn.mean({1, 2}, true), m2 = (dn * normed).mean({1, 2}, true);
+  return (dn - m1 - normed * m2) * rstd.view({-1, 1, 1});
+}
+
+struct Conditioner {
+  Tensor u0, n0, r0, a0, e0, n1, r1, a1, e1, u2, h;
+};
+
+Conditioner conditioner(const Tensor& xa, const ConvParams& p, int64_t k, double eps0, double eps1,
+                        const std::string& approx) {
+  Conditioner c;
+  c.u0 = unfold_tokens(xa, k);
+  auto g0 = group_norm_tokens(at::linear(c.u0, p.w0, p.b0), eps0);
+  c.n0 = g0.normed; c.r0 = g0.rstd;
+  c.a0 = at::addcmul(p.be0, c.n0, p.g0);
+  c.e0 = at::gelu(c.a0, approx);
+  auto g1 = group_norm_tokens(at::linear(c.e0, p.w1, p.b1), eps1);
+  c.n1 = g1.normed; c.r1 = g1.rstd;
+  c.a1 = at::addcmul(p.be1, c.n1, p.g1);
+  c.e1 = at::gelu(c.a1, approx);
+  c.u2 = unfold_tokens(c.e1, k);
+  c.h = at::linear(c.u2, p.w2, p.b2);
+  return c;
+}
+
+struct AffineCouplingNative : public torch::autograd::Function<AffineCouplingNative> {
+  // weights arrive in the modules' layouts: conv0 (H, Ci, k), conv1 (H, H, 1), conv2 (2Co, H, k)
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor conv0_w, Tensor conv0_b, Tensor gn0_w,
+                               Tensor gn0_b, Tensor conv1_w, Tensor conv1_b, Tensor gn1_w, Tensor gn1_b, Tensor conv2_w,
+                               Tensor conv2_b, bool swap, int64_t cond_dim, double bound, double eps0, double eps1,
+                               std::string approx, bool recompute) {
+    const int64_t d = x.size(2), out_dim = d - cond_dim, k = conv0_w.size(2);
+    Tensor xa = swap ? x.slice(2, out_dim) : x.slice(2, 0, cond_dim);
+    Tensor xb = swap ? x.slice(2, 0, out_dim) : x.slice(2, cond_dim);
+    ConvParams p = params(conv0_w, conv0_b, gn0_w, gn0_b, conv1_w, conv1_b, gn1_w, gn1_b, conv2_w, conv2_b);
+    Conditioner c = conditioner(xa, p, k, eps0, eps1, approx);
+    Tensor th = at::tanh(c.h.slice(2, 0, out_dim) / bound);
+    Tensor log_s = th * bound;
+    Tensor yb = at::addcmul(c.h.slice(2, out_dim), xb, log_s.exp());
+    Tensor logdet = log_s.sum({1, 2});
+    Tensor y = swap ? at::cat({yb, xa}, 2) : at::cat({xa, yb}, 2);
+    ctx->saved_data["swap"] = swap;
+    ctx->saved_data["cond_dim"] = cond_dim;
+    ctx->saved_data["bound"] = bound;
+    ctx->saved_data["eps0"] = eps0;
+    ctx->saved_data["eps1"] = eps1;
+    ctx->saved_data["approx"] = approx;
+    ctx->saved_data["recompute"] = recompute;
+    variable_list saved = {x, conv0_w, conv0_b, gn0_w, gn0_b, conv1_w, conv1_b, gn1_w, gn1_b, conv2_w, conv2_b};
+    if (!recompute) {
+      for (const Tensor& t : {c.u0, c.n0, c.r0, c.a0, c.e0, c.n1, c.r1, c.a1, c.u2, th}) saved.push_back(t);
+    }
+    ctx->save_for_backward(saved);
+    return {y, logdet};
+  }
+
+  static ConvParams params(const Tensor& conv0_w, const Tensor& conv0_b, const Tensor& gn0_w, const Tensor& gn0_b,
+                           const Tensor& conv1_w, const Tensor& conv1_b, const Tensor& gn1_w, const Tensor& gn1_b,
+                           const Tensor& conv2_w, const Tensor& conv2_b) {
+    ConvParams p;
+    p.w0 = conv0_w.permute({0, 2, 1}).reshape({conv0_w.size(0), -1});
+    p.w1 = conv1_w.select(2, 0);
+    p.w2 = conv2_w.permute({0, 2, 1}).reshape({conv2_w.size(0), -1});
+    p.b0 = conv0_b; p.g0 = gn0_w; p.be0 = gn0_b; p.b1 = conv1_b; p.g1 = gn1_w; p.be1 = gn1_b; p.b2 = conv2_b;
+    return p;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    Tensor gy = grads[0], gl = grads[1];
+    const bool swap = ctx->saved_data["swap"].toBool(), recompute = ctx->saved_data["recompute"].toBool();
+    const int64_t cond_dim = ctx->saved_data["cond_dim"].toInt();
+    const double bound = ctx->saved_data["bound"].toDouble();
+    const std::string approx = ctx->saved_data["approx"].toStringRef();
+    variable_list s = ctx->get_saved_variables();
+    Tensor x = s[0], conv0_w = s[1], conv2_w = s[9];
+    ConvParams p = params(s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10]);
+    const int64_t d = x.size(2), out_dim = d - cond_dim, k = conv0_w.size(2), hidden = conv0_w.size(0);
+    Tensor xa = swap ? x.slice(2, out_dim) : x.slice(2, 0, cond_dim);
+    Tensor xb = swap ? x.slice(2, 0, out_dim) : x.slice(2, cond_dim);
+    Conditioner c;
+    Tensor th;
+    if (recompute) {
+      c = conditioner(xa, p, k, ctx->saved_data["eps0"].toDouble(), ctx->saved_data["eps1"].toDouble(), approx);
+      th = at::tanh(c.h.slice(2, 0, out_dim) / bound);
+    } else {
+      c.u0 = s[11]; c.n0 = s[12]; c.r0 = s[13]; c.a0 = s[14]; c.e0 = s[15];
+      c.n1 = s[16]; c.r1 = s[17]; c.a1 = s[18]; c.u2 = s[19]; th = s[20];
+    }
+    // edges: x 0, conv0_w 1, conv0_b 2, gn0_w 3, gn0_b 4, conv1_w 5, conv1_b 6, gn1_w 7, gn1_b 8, conv2_w 9, conv2_b 10
+    auto need = [&](size_t i) { return ctx->needs_input_grad(i); };
+    Tensor gya = swap ? gy.slice(2, out_dim) : gy.slice(2, 0, cond_dim);
+    Tensor gyb = swap ? gy.slice(2, 0, out_dim) : gy.slice(2, cond_dim);
+    Tensor es = (th * bound).exp();
+    Tensor dxb = gyb * es;
+    // ∂/∂log_s = gyb·xb·e^s (+ g_logdet), ∂log_s/∂raw = 1 − th²;  ∂/∂t = gyb
+    Tensor d_raw = at::addcmul(gl.view({-1, 1, 1}), dxb, xb) * (1.0 - th * th);
+    Tensor dh = at::cat({d_raw, gyb}, 2);  // (N, L, 2Co)
+    auto flat = [](const Tensor& t) { return t.reshape({-1, t.size(-1)}); };
+    Tensor dw2, db2, dw1, db1, dg1, dbe1, dw0, db0, dg0, dbe0;
+    if (need(9)) dw2 = at::mm(flat(dh).t(), flat(c.u2)).view({conv2_w.size(0), k, hidden}).permute({0, 2, 1}).contiguous();
+    if (need(10)) db2 = dh.sum({0, 1});
+    Tensor de1 = fold_tokens(at::matmul(dh, p.w2), k, hidden);
+    Tensor da1 = at::gelu_backward(de1, c.a1, approx);
+    if (need(7)) dg1 = (da1 * c.n1).sum({0, 1});
+    if (need(8)) dbe1 = da1.sum({0, 1});
+    Tensor dh1 = group_norm_tokens_backward(da1 * p.g1, c.n1, c.r1);
+    if (need(5)) dw1 = at::mm(flat(dh1).t(), flat(c.e0)).unsqueeze(-1);
+    if (need(6)) db1 = dh1.sum({0, 1});
+    Tensor de0 = at::matmul(dh1, p.w1);
+    Tensor da0 = at::gelu_backward(de0, c.a0, approx);
+    if (need(3)) dg0 = (da0 * c.n0).sum({0, 1});
+    if (need(4)) dbe0 = da0.sum({0, 1});
+    Tensor dh0 = group_norm_tokens_backward(da0 * p.g0, c.n0, c.r0);
+    if (need(1)) dw0 = at::mm(flat(dh0).t(), flat(c.u0)).view({hidden, k, cond_dim}).permute({0, 2, 1}).contiguous();
+    if (need(2)) db0 = dh0.sum({0, 1});
+    Tensor dx;
+    if (need(0)) {
+      Tensor dxa = fold_tokens(at::matmul(dh0, p.w0), k, cond_dim) + gya;
+      dx = swap ? at::cat({dxb, dxa}, 2) : at::cat({dxa, dxb}, 2);
+    }
+    return {dx, dw0, db0, dg0, dbe0, dw1, db1, dg1, dbe1, dw2, db2, Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::vector<Tensor> affine_coupling(const Tensor& x, const Tensor& conv0_w, const Tensor& conv0_b, const Tensor& gn0_w,
+                                    const Tensor& gn0_b, const Tensor& conv1_w, const Tensor& conv1_b,
+                                    const Tensor& gn1_w, const Tensor& gn1_b, const Tensor& conv2_w,
+                                    const Tensor& conv2_b, bool swap, int64_t cond_dim, double bound, double eps0,
+                                    double eps1, const std::string& approx, bool recompute) {
+  return AffineCouplingNative::apply(x, conv0_w, conv0_b, gn0_w, gn0_b, conv1_w, conv1_b, gn1_w, gn1_b, conv2_w,
+                                     conv2_b, swap, cond_dim, bound, eps0, eps1, approx, recompute);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_ica_core", &gated_ica_core, "The gated ICA layer as one autograd node (see gated_ica_core.cpp)");
+  m.def("affine_coupling", &affine_coupling, "The affine coupling as one autograd node (see gated_ica_core.cpp)");
 }
