@@ -36,6 +36,7 @@ from .ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd 
     GATE_MARGIN, ROW_BLOCK, GatedICACore, GatedUpperAttention, gated_upper_attention_reference,
 )
 from .lica import LUTokenMixer
+from . import native
 from .native import gated_ica_core
 from .partitions import PARTITIONS, partition_index
 
@@ -249,28 +250,39 @@ class ICA(InvertibleModule):
 
     def takes_norm(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward_normed` can fuse a preceding ActNorm into this layer's node for input ``x``:
-        the fast path, a fixed partition (LICA's mixer sits between the two) and x already in the compute dtype."""
-        return self.partition != "lica" and x.dtype == compute_dtype(x) and self._fast_path(x)
+        the fast path, x already in the compute dtype, and for LICA the C++ mixer node (the norm goes into its
+        first node, before the token mixer)."""
+        return (x.dtype == compute_dtype(x) and self._fast_path(x)
+                and (self.partition != "lica" or native.load() is not None))
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """``self(norm(x))`` as one :class:`GatedICACore` node (log-dets summed); only where :meth:`takes_norm`.
-        Called by :class:`~pipeline.flows.MangoBlock` on validated input (no checks of its own)."""
+        """``self(norm(x))`` with the ActNorm inside this layer's first node (log-dets summed); only where
+        :meth:`takes_norm`. Called by :class:`~pipeline.flows.MangoBlock` on validated input (no checks of its own)."""
+        if self.partition == "lica":
+            y, logdet = self._forward_fast(x, norm)
+            return y, logdet + x.shape[1] * norm.log_scale.to(logdet.dtype).sum()
         if self.partition in ("mmca1", "mmca2"):
             y, logdet = self._core(x, None, None, self.partition == "mmca2", norm)
         else:
             y, logdet = self._core(x, self.gather, self.scatter, False, norm)
         return y, logdet.to(logdet_dtype(x))
 
-    def _forward_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward through :class:`GatedICACore` (LICA: between the mixer and its inverse)."""
+    def _forward_fast(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward through :class:`GatedICACore` (LICA: between the mixer and its inverse; ``norm``, LICA only: a
+        preceding ActNorm fused into the mixer's node — its log-det is the caller's)."""
         ct = compute_dtype(x)
         xc = x.to(ct)
         if self.partition == "lica":  # W's output gather and W⁻¹'s input gather are the core's partition step
             m = self.mixer
             w, w_inv = m.operators(ct)
-            z, logdet = self._core(m.apply_blocks(xc.index_select(1, m.gather_in), w), m.gather_out, m.scatter_out,
-                                   False)
-            y = m.apply_blocks(z, w_inv).index_select(1, m.scatter_in)
+            loc, log_scale = (None, None) if norm is None else (norm.loc.to(ct), norm.log_scale.to(ct))
+            zm = native.block_mix(xc, w, m.gather_in, m.scatter_in, None, None, loc, log_scale)
+            if zm is None:  # no C++ node (norm is None here: takes_norm said no)
+                zm = m.apply_blocks(xc.index_select(1, m.gather_in), w)
+            z, logdet = self._core(zm, m.gather_out, m.scatter_out, False)
+            y = native.block_mix(z, w_inv, None, None, m.scatter_in, m.gather_in)
+            if y is None:
+                y = m.apply_blocks(z, w_inv).index_select(1, m.scatter_in)
         elif self.partition in ("mmca1", "mmca2"):
             y, logdet = self._core(xc, None, None, self.partition == "mmca2")
         else:

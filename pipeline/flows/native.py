@@ -2,6 +2,7 @@
 
 :func:`gated_ica_core` is :class:`~pipeline.flows.ica_nodes.GatedICACore` (same arguments, same arithmetic, same
 hand-written backward) as one C++ ``torch::autograd::Function`` (``csrc/gated_ica_core.cpp``), and
+:func:`block_mix` LICA's block-diagonal token mixer with its gathers (and a fused ActNorm), and
 :func:`affine_coupling` the :class:`~pipeline.flows.AffineCoupling` forward (conditioner convolutions as matmuls
 over shifted tokens, GroupNorms, GELUs, the bounded affine update) with a hand-written backward: on small token grids
 a MANGO layer is ~70 tiny ATen ops, and calling them from Python (plus autograd's per-op graph) cost more than
@@ -70,6 +71,16 @@ def gated_ica_core(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b,
                                      beta, bias, float(eps_q), float(eps_k), bool(recompute), int(block), loc,
                                      log_scale)
     return out, logdet
+
+
+def block_mix(x, w, gather=None, gather_inv=None, scatter=None, scatter_inv=None, loc=None, log_scale=None):
+    """LICA's ``y = (blockdiag(w) · norm(x)[:, gather])[:, scatter]`` as the C++ node (``gather_inv`` / ``scatter_inv``:
+    the inverse permutations, for the backward; ``loc, log_scale``: a fused preceding ActNorm), or None when the
+    node is not available (the caller then runs :meth:`~pipeline.flows.LUTokenMixer.apply_blocks`)."""
+    mod = load()
+    if mod is None:
+        return None
+    return mod.block_mix(x, w, gather, gather_inv, scatter, scatter_inv, loc, log_scale)
 
 
 def affine_coupling(layer, x: torch.Tensor, recompute: bool):

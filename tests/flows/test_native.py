@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.flows import ICA, AffineCoupling, MangoBlock, native
+from pipeline.flows import ICA, AffineCoupling, LUTokenMixer, MangoBlock, native
 from pipeline.flows.ica_nodes import GatedICACore
 
 from .checker import randomise_parameters
@@ -139,3 +139,37 @@ def test_cpp_coupling_equals_the_module_path_in_values_and_gradients(cpp, swap, 
 
     assert torch.autograd.gradcheck(lambda z, *ps: through_node(z, *ps)[0].sum() + through_node(z, *ps)[1].sum(),
                                     (x.detach()[:1].requires_grad_(), *[p.detach().requires_grad_() for p in params]))
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "fused-actnorm"])
+def test_cpp_block_mix_equals_the_lica_mixer_in_values_and_gradients(cpp, norm: bool) -> None:
+    mixer = randomise_parameters(LUTokenMixer(16, 4), std=0.3).double()
+    x = torch.randn(3, 16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    loc, log_scale = (torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(3, 16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+
+    def both_ways(use_cpp: bool) -> torch.Tensor:
+        xn = (x + loc) * log_scale.exp() if norm and not use_cpp else x
+        ops = mixer.operators(torch.float64)
+        if use_cpp:
+            mixed = native.block_mix(x, ops[0], mixer.gather_in, mixer.scatter_in, None, None,
+                                     *((loc, log_scale) if norm else (None, None)))
+            mixed = mixed.index_select(1, mixer.gather_out)
+            return native.block_mix(mixed.index_select(1, mixer.scatter_out), ops[1], None, None, mixer.scatter_in,
+                                    mixer.gather_in) + mixed
+        mixed = mixer.mix(xn, ops[0])
+        return mixer.unmix(mixed, ops[1]) + mixed
+
+    inputs = [x, *mixer.parameters()] + ([loc, log_scale] if norm else [])
+    outs = []
+    for use_cpp in (True, False):
+        y = both_ways(use_cpp)
+        outs.append((y, torch.autograd.grad((w * y).sum(), inputs)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=0)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    wb = mixer.operators(torch.float64)[0].detach().requires_grad_()
+    args = (x.detach()[:1].requires_grad_(), wb)
+    assert torch.autograd.gradcheck(lambda z, m: native.block_mix(z, m, mixer.gather_in, mixer.scatter_in), args)
+    assert torch.autograd.gradcheck(
+        lambda z, m: native.block_mix(z, m, None, None, mixer.scatter_in, mixer.gather_in), args)

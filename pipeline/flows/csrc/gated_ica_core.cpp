@@ -253,46 +253,43 @@ Tensor unfold_tokens(const Tensor& x, int64_t k) {  // (N, L, C) → (N, L, k·C
   return at::cat(taps, -1);
 }
 
-Tensor fold_tokens(const Tensor& du, int64_t k, int64_t c) {  // adjoint of unfold_tokens: (N, L, k·C) → (N, L, C)
-  if (k == 1) return du;
-  const int64_t pad = k / 2, length = du.size(1);
-  Tensor padded = at::zeros({du.size(0), length + 2 * pad, c}, du.options());
-  for (int64_t i = 0; i < k; ++i) padded.slice(1, i, i + length).add_(du.slice(2, i * c, (i + 1) * c));
-  return padded.slice(1, pad, pad + length);
+Tensor flip_taps(const Tensor& w, int64_t k, int64_t c_in) {
+  // w (C_out, k·C_in) tap-major → the "same" convolution's adjoint as a convolution: (C_in, k·C_out) with the
+  // taps reversed, so that d/dx = unfold_tokens(dy, k) @ flip_taps(w)ᵀ
+  const int64_t c_out = w.size(0);
+  return w.view({c_out, k, c_in}).flip({1}).permute({2, 1, 0}).reshape({c_in, k * c_out});
 }
 
-struct GroupNormOut {
-  Tensor normed, rstd;  // normed = (h − mean)·rstd over (L, C) per sample
+struct GroupNormAffine {
+  Tensor out, mean, rstd, weight, bias;  // weight/bias: the per-channel affine broadcast to (L, C) (contiguous)
 };
 
-GroupNormOut group_norm_tokens(const Tensor& h, double eps) {
-  auto [normed, mean, rstd] = at::native_layer_norm(h, {h.size(1), h.size(2)}, {}, {}, eps);
-  return {normed, rstd};
-}
-
-Tensor group_norm_tokens_backward(const Tensor& dn, const Tensor& normed, const Tensor& rstd) {
-  // d/dh of (h − mean)·rstd over (L, C):  rstd · (dn − mean(dn) − normed · mean(dn ⊙ normed))
-  Tensor m1 = dn.mean({1, 2}, true), m2 = (dn * normed).mean({1, 2}, true);
-  return (dn - m1 - normed * m2) * rstd.view({-1, 1, 1});
+GroupNormAffine group_norm_tokens(const Tensor& h, const Tensor& g, const Tensor& b, double eps) {
+  // GroupNorm(1, C) on channels-last tokens: a layer norm over (L, C) per sample, the per-channel affine fused in
+  GroupNormAffine r;
+  const int64_t length = h.size(1), c = h.size(2);
+  r.weight = g.expand({length, c}).contiguous();
+  r.bias = b.expand({length, c}).contiguous();
+  std::tie(r.out, r.mean, r.rstd) = at::native_layer_norm(h, {length, c}, r.weight, r.bias, eps);
+  return r;
 }
 
 struct Conditioner {
-  Tensor u0, n0, r0, a0, e0, n1, r1, a1, e1, u2, h;
+  Tensor u0, h0, m0, r0, a0, e0, h1, m1, r1, a1, u2, h;
 };
 
 Conditioner conditioner(const Tensor& xa, const ConvParams& p, int64_t k, double eps0, double eps1,
                         const std::string& approx) {
   Conditioner c;
   c.u0 = unfold_tokens(xa, k);
-  auto g0 = group_norm_tokens(at::linear(c.u0, p.w0, p.b0), eps0);
-  c.n0 = g0.normed; c.r0 = g0.rstd;
-  c.a0 = at::addcmul(p.be0, c.n0, p.g0);
+  c.h0 = at::linear(c.u0, p.w0, p.b0);
+  auto g0 = group_norm_tokens(c.h0, p.g0, p.be0, eps0);
+  c.a0 = g0.out; c.m0 = g0.mean; c.r0 = g0.rstd;
   c.e0 = at::gelu(c.a0, approx);
-  auto g1 = group_norm_tokens(at::linear(c.e0, p.w1, p.b1), eps1);
-  c.n1 = g1.normed; c.r1 = g1.rstd;
-  c.a1 = at::addcmul(p.be1, c.n1, p.g1);
-  c.e1 = at::gelu(c.a1, approx);
-  c.u2 = unfold_tokens(c.e1, k);
+  c.h1 = at::linear(c.e0, p.w1, p.b1);
+  auto g1 = group_norm_tokens(c.h1, p.g1, p.be1, eps1);
+  c.a1 = g1.out; c.m1 = g1.mean; c.r1 = g1.rstd;
+  c.u2 = unfold_tokens(at::gelu(c.a1, approx), k);
   c.h = at::linear(c.u2, p.w2, p.b2);
   return c;
 }
@@ -322,7 +319,7 @@ struct AffineCouplingNative : public torch::autograd::Function<AffineCouplingNat
     ctx->saved_data["recompute"] = recompute;
     variable_list saved = {x, conv0_w, conv0_b, gn0_w, gn0_b, conv1_w, conv1_b, gn1_w, gn1_b, conv2_w, conv2_b};
     if (!recompute) {
-      for (const Tensor& t : {c.u0, c.n0, c.r0, c.a0, c.e0, c.n1, c.r1, c.a1, c.u2, th}) saved.push_back(t);
+      for (const Tensor& t : {c.u0, c.h0, c.m0, c.r0, c.a0, c.e0, c.h1, c.m1, c.r1, c.a1, c.u2, th}) saved.push_back(t);
     }
     ctx->save_for_backward(saved);
     return {y, logdet};
@@ -357,8 +354,8 @@ struct AffineCouplingNative : public torch::autograd::Function<AffineCouplingNat
       c = conditioner(xa, p, k, ctx->saved_data["eps0"].toDouble(), ctx->saved_data["eps1"].toDouble(), approx);
       th = at::tanh(c.h.slice(2, 0, out_dim) / bound);
     } else {
-      c.u0 = s[11]; c.n0 = s[12]; c.r0 = s[13]; c.a0 = s[14]; c.e0 = s[15];
-      c.n1 = s[16]; c.r1 = s[17]; c.a1 = s[18]; c.u2 = s[19]; th = s[20];
+      c.u0 = s[11]; c.h0 = s[12]; c.m0 = s[13]; c.r0 = s[14]; c.a0 = s[15]; c.e0 = s[16];
+      c.h1 = s[17]; c.m1 = s[18]; c.r1 = s[19]; c.a1 = s[20]; c.u2 = s[21]; th = s[22];
     }
     // edges: x 0, conv0_w 1, conv0_b 2, gn0_w 3, gn0_b 4, conv1_w 5, conv1_b 6, gn1_w 7, gn1_b 8, conv2_w 9, conv2_b 10
     auto need = [&](size_t i) { return ctx->needs_input_grad(i); };
@@ -373,23 +370,29 @@ struct AffineCouplingNative : public torch::autograd::Function<AffineCouplingNat
     Tensor dw2, db2, dw1, db1, dg1, dbe1, dw0, db0, dg0, dbe0;
     if (need(9)) dw2 = at::mm(flat(dh).t(), flat(c.u2)).view({conv2_w.size(0), k, hidden}).permute({0, 2, 1}).contiguous();
     if (need(10)) db2 = dh.sum({0, 1});
-    Tensor de1 = fold_tokens(at::matmul(dh, p.w2), k, hidden);
+    const int64_t length = x.size(1);
+    Tensor de1 = at::matmul(unfold_tokens(dh, k), flip_taps(p.w2, k, hidden).t());
     Tensor da1 = at::gelu_backward(de1, c.a1, approx);
-    if (need(7)) dg1 = (da1 * c.n1).sum({0, 1});
-    if (need(8)) dbe1 = da1.sum({0, 1});
-    Tensor dh1 = group_norm_tokens_backward(da1 * p.g1, c.n1, c.r1);
+    const std::array<bool, 3> all = {true, true, true};
+    auto [dh1, dg1_full, dbe1_full] = at::native_layer_norm_backward(
+        da1, c.h1, {length, hidden}, c.m1, c.r1, p.g1.expand({length, hidden}).contiguous(),
+        p.be1.expand({length, hidden}).contiguous(), all);
+    if (need(7)) dg1 = dg1_full.sum(0);
+    if (need(8)) dbe1 = dbe1_full.sum(0);
     if (need(5)) dw1 = at::mm(flat(dh1).t(), flat(c.e0)).unsqueeze(-1);
     if (need(6)) db1 = dh1.sum({0, 1});
     Tensor de0 = at::matmul(dh1, p.w1);
     Tensor da0 = at::gelu_backward(de0, c.a0, approx);
-    if (need(3)) dg0 = (da0 * c.n0).sum({0, 1});
-    if (need(4)) dbe0 = da0.sum({0, 1});
-    Tensor dh0 = group_norm_tokens_backward(da0 * p.g0, c.n0, c.r0);
+    auto [dh0, dg0_full, dbe0_full] = at::native_layer_norm_backward(
+        da0, c.h0, {length, hidden}, c.m0, c.r0, p.g0.expand({length, hidden}).contiguous(),
+        p.be0.expand({length, hidden}).contiguous(), all);
+    if (need(3)) dg0 = dg0_full.sum(0);
+    if (need(4)) dbe0 = dbe0_full.sum(0);
     if (need(1)) dw0 = at::mm(flat(dh0).t(), flat(c.u0)).view({hidden, k, cond_dim}).permute({0, 2, 1}).contiguous();
     if (need(2)) db0 = dh0.sum({0, 1});
     Tensor dx;
     if (need(0)) {
-      Tensor dxa = fold_tokens(at::matmul(dh0, p.w0), k, cond_dim) + gya;
+      Tensor dxa = at::addmm(flat(gya), flat(unfold_tokens(dh0, k)), flip_taps(p.w0, k, cond_dim).t()).view_as(gya);
       dx = swap ? at::cat({dxb, dxa}, 2) : at::cat({dxa, dxb}, 2);
     }
     return {dx, dw0, db0, dg0, dbe0, dw1, db1, dg1, dbe1, dw2, db2, Tensor(), Tensor(), Tensor(), Tensor(),
@@ -406,9 +409,90 @@ std::vector<Tensor> affine_coupling(const Tensor& x, const Tensor& conv0_w, cons
                                      conv2_b, swap, cond_dim, bound, eps0, eps1, approx, recompute);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// LICA's block-diagonal token mixer as one node: y = P_s · blockdiag(W_1 … W_K) · P_g · norm(x) on (N, L, D), where
+// P_g / P_s are optional token gathers (index_select) and norm the optional fused ActNorm (x + loc)·exp(log_scale);
+// w is (K, G, G) with K·G = L. The ICA layer calls it twice: W on the way in, W⁻¹ on the way out.
+
+struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, std::optional<Tensor> gather_opt,
+                               std::optional<Tensor> gather_inv_opt, std::optional<Tensor> scatter_opt,
+                               std::optional<Tensor> scatter_inv_opt, std::optional<Tensor> loc_opt,
+                               std::optional<Tensor> log_scale_opt) {
+    auto opt = [](const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); };
+    const Tensor gather = opt(gather_opt), gather_inv = opt(gather_inv_opt), scatter = opt(scatter_opt),
+                 scatter_inv = opt(scatter_inv_opt), loc = opt(loc_opt), log_scale = opt(log_scale_opt);
+    const int64_t n = x.size(0), length = x.size(1), d = x.size(2), k = w.size(0), g = w.size(1);
+    TORCH_CHECK(k * g == length, "BlockMix: ", k, " blocks of ", g, " tokens do not cover ", length, " tokens");
+    Tensor xn = loc.defined() ? (x + loc) * log_scale.exp() : x;
+    Tensor z = gather.defined() ? xn.index_select(1, gather) : xn;
+    Tensor y = at::matmul(w, z.reshape({n, k, g, d})).reshape({n, length, d});
+    if (scatter.defined()) y = y.index_select(1, scatter);
+    ctx->saved_data["gather"] = gather;
+    ctx->saved_data["gather_inv"] = gather_inv;
+    ctx->saved_data["scatter_inv"] = scatter_inv;
+    ctx->saved_data["norm"] = loc.defined();
+    variable_list saved = {x, w};
+    if (loc.defined()) {
+      saved.push_back(loc);
+      saved.push_back(log_scale);
+    }
+    ctx->save_for_backward(saved);  // the input, not the gathered copy: rebuilt in backward
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto tensor_or_none = [&](const char* key) {
+      const auto& v = ctx->saved_data[key];
+      return v.isTensor() ? v.toTensor() : Tensor();
+    };
+    const Tensor gather = tensor_or_none("gather"), gather_inv = tensor_or_none("gather_inv"),
+                 scatter_inv = tensor_or_none("scatter_inv");
+    const bool norm = ctx->saved_data["norm"].toBool();
+    variable_list s = ctx->get_saved_variables();
+    Tensor x = s[0], w = s[1], loc, log_scale, scale;
+    const int64_t n = x.size(0), length = x.size(1), d = x.size(2), k = w.size(0), g = w.size(1);
+    Tensor xn = x;
+    if (norm) {
+      loc = s[2];
+      log_scale = s[3];
+      scale = log_scale.exp();
+      xn = (x + loc) * scale;
+    }
+    // edges: x, w, [gather, gather_inv], [scatter, scatter_inv], [loc, log_scale] — the tensors present
+    size_t edge = 2 + (gather.defined() ? 2 : 0) + (scatter_inv.defined() ? 2 : 0);
+    Tensor gy = grads[0];
+    Tensor dzm = (scatter_inv.defined() ? gy.index_select(1, scatter_inv) : gy).reshape({n, k, g, d});
+    Tensor z = (gather.defined() ? xn.index_select(1, gather) : xn).reshape({n, k, g, d});
+    Tensor dw;
+    if (ctx->needs_input_grad(1)) dw = at::matmul(dzm, z.transpose(-1, -2)).sum(0);
+    Tensor dx, dloc, dlog_scale;
+    const bool need_norm = norm && (ctx->needs_input_grad(edge) || ctx->needs_input_grad(edge + 1));
+    if (ctx->needs_input_grad(0) || need_norm) {
+      Tensor dz = at::matmul(w.transpose(-1, -2), dzm).reshape({n, length, d});
+      dx = gather.defined() ? dz.index_select(1, gather_inv) : dz;
+      if (norm) {
+        if (ctx->needs_input_grad(edge + 1)) dlog_scale = (dx * xn).sum({0, 1});
+        dx = dx * scale;
+        if (ctx->needs_input_grad(edge)) dloc = dx.sum({0, 1});
+      }
+    }
+    return {dx, dw, Tensor(), Tensor(), Tensor(), Tensor(), dloc, dlog_scale};
+  }
+};
+
+Tensor block_mix(const Tensor& x, const Tensor& w, const std::optional<Tensor>& gather,
+                 const std::optional<Tensor>& gather_inv, const std::optional<Tensor>& scatter,
+                 const std::optional<Tensor>& scatter_inv, const std::optional<Tensor>& loc,
+                 const std::optional<Tensor>& log_scale) {
+  return BlockMixNative::apply(x, w, gather, gather_inv, scatter, scatter_inv, loc, log_scale)[0];
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_ica_core", &gated_ica_core, "The gated ICA layer as one autograd node (see gated_ica_core.cpp)");
+  m.def("block_mix", &block_mix, "LICA's block-diagonal token mixer as one autograd node (see gated_ica_core.cpp)");
   m.def("affine_coupling", &affine_coupling, "The affine coupling as one autograd node (see gated_ica_core.cpp)");
 }
