@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import native
 from .base import InvertibleModule, compute_dtype, logdet_dtype, no_autocast
 
 
@@ -52,6 +53,11 @@ class ChannelMixer(InvertibleModule):
         return low @ up
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if (not reverse and not torch.is_autocast_enabled(x.device.type) and not hasattr(self.lu, "ds_id")
+                and x.dtype == self.lu.dtype == compute_dtype(x)):
+            out = native.channel_mix(self, x)  # one C++ node (pipeline/flows/native.py); None without it
+            if out is not None:
+                return out
         ct = compute_dtype(x)
         with no_autocast(x.device.type):
             low, up = self.factors(ct)

@@ -2,7 +2,8 @@
 
 :func:`gated_ica_core` is :class:`~pipeline.flows.ica_nodes.GatedICACore` (same arguments, same arithmetic, same
 hand-written backward) as one C++ ``torch::autograd::Function`` (``csrc/gated_ica_core.cpp``), and
-:func:`block_mix` LICA's block-diagonal token mixer with its gathers (and a fused ActNorm), and
+:func:`block_mix` LICA's block-diagonal token mixer with its gathers (and a fused ActNorm), :func:`channel_mix`
+the :class:`~pipeline.flows.ChannelMixer`, and
 :func:`affine_coupling` the :class:`~pipeline.flows.AffineCoupling` forward (conditioner convolutions as matmuls
 over shifted tokens, GroupNorms, GELUs, the bounded affine update) with a hand-written backward: on small token grids
 a MANGO layer is ~70 tiny ATen ops, and calling them from Python (plus autograd's per-op graph) cost more than
@@ -81,6 +82,15 @@ def block_mix(x, w, gather=None, gather_inv=None, scatter=None, scatter_inv=None
     if mod is None:
         return None
     return mod.block_mix(x, w, gather, gather_inv, scatter, scatter_inv, loc, log_scale)
+
+
+def channel_mix(layer, x: torch.Tensor):
+    """``layer``'s forward ``(y, logdet)`` (a :class:`~pipeline.flows.ChannelMixer`) as the C++ node, or None."""
+    mod = load()
+    if mod is None:
+        return None
+    y, logdet = mod.channel_mix(x, layer.lu, layer.log_s, layer.sign)
+    return y, logdet
 
 
 def affine_coupling(layer, x: torch.Tensor, recompute: bool):

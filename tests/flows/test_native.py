@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.flows import ICA, AffineCoupling, LUTokenMixer, MangoBlock, native
+from pipeline.flows import ICA, AffineCoupling, ChannelMixer, LUTokenMixer, MangoBlock, native
 from pipeline.flows.ica_nodes import GatedICACore
 
 from .checker import randomise_parameters
@@ -173,3 +173,23 @@ def test_cpp_block_mix_equals_the_lica_mixer_in_values_and_gradients(cpp, norm: 
     assert torch.autograd.gradcheck(lambda z, m: native.block_mix(z, m, mixer.gather_in, mixer.scatter_in), args)
     assert torch.autograd.gradcheck(
         lambda z, m: native.block_mix(z, m, None, None, mixer.scatter_in, mixer.gather_in), args)
+
+
+def test_cpp_channel_mixer_equals_the_python_path_with_either_sign(cpp) -> None:
+    mixer = randomise_parameters(ChannelMixer(5)).double()
+    mixer.sign.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0], dtype=torch.float64))
+    x = torch.randn(3, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    w = torch.randn(3, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    outs = {}
+    for name, fn in (("cpp", mixer), ("python", lambda z: _without_native(mixer, z))):
+        y, logdet = fn(x)
+        outs[name] = (y, logdet, torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *mixer.parameters()]),
+                      y.grad_fn.name())
+    assert "ChannelMixerNative" in outs["cpp"][3] and "ChannelMixerNative" not in outs["python"][3]
+    torch.testing.assert_close(outs["cpp"][0], outs["python"][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(outs["cpp"][1], outs["python"][1], atol=1e-12, rtol=0)
+    for a, b in zip(outs["cpp"][2], outs["python"][2]):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+    args = (x.detach()[:1].requires_grad_(), *[p.detach().requires_grad_() for p in mixer.parameters()])
+    assert torch.autograd.gradcheck(
+        lambda z, lu, log_s: sum(t.sum() for t in cpp.channel_mix(z, lu, log_s, mixer.sign)), args)

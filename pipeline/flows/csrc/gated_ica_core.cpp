@@ -489,10 +489,55 @@ Tensor block_mix(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
   return BlockMixNative::apply(x, w, gather, gather_inv, scatter, scatter_inv, loc, log_scale)[0];
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// The channel mixer (pipeline/flows/channel_mix.py): y = x Wᵀ on every token, W = (L + I)(U + diag(sign·e^log_s))
+// with L / U the strict lower / upper triangles of one (D, D) tensor; log-det L_tokens·Σ log_s.
+
+std::pair<Tensor, Tensor> lu_factors(const Tensor& lu, const Tensor& log_s, const Tensor& sign) {
+  Tensor low = at::tril(lu, -1) + at::eye(lu.size(0), lu.options());
+  Tensor up = at::triu(lu, 1) + at::diag(sign * log_s.exp());
+  return {low, up};
+}
+
+struct ChannelMixerNative : public torch::autograd::Function<ChannelMixerNative> {
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor lu, Tensor log_s, Tensor sign) {
+    auto [low, up] = lu_factors(lu, log_s, sign);
+    const int64_t d = x.size(2);
+    Tensor y = at::mm(x.reshape({-1, d}), at::mm(low, up).t()).view(x.sizes());
+    Tensor logdet = (log_s.sum() * static_cast<double>(x.size(1))).expand({x.size(0)}).contiguous();
+    ctx->save_for_backward({x, lu, log_s, sign});
+    return {y, logdet};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables();
+    Tensor x = s[0], lu = s[1], log_s = s[2], sign = s[3];
+    auto [low, up] = lu_factors(lu, log_s, sign);
+    const int64_t d = x.size(2);
+    Tensor g = grads[0].reshape({-1, d});
+    Tensor dx, dlu, dlog_s;
+    if (ctx->needs_input_grad(0)) dx = at::mm(g, at::mm(low, up)).view(x.sizes());
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      Tensor dw = at::mm(g.t(), x.reshape({-1, d}));  // ∂/∂W of y = x Wᵀ
+      Tensor dup = at::mm(low.t(), dw);                // W = low · up
+      if (ctx->needs_input_grad(1)) dlu = at::tril(at::mm(dw, up.t()), -1) + at::triu(dup, 1);
+      if (ctx->needs_input_grad(2))
+        dlog_s = dup.diagonal() * sign * log_s.exp() + grads[1].sum() * static_cast<double>(x.size(1));
+    }
+    return {dx, dlu, dlog_s, Tensor()};
+  }
+};
+
+std::vector<Tensor> channel_mix(const Tensor& x, const Tensor& lu, const Tensor& log_s, const Tensor& sign) {
+  return ChannelMixerNative::apply(x, lu, log_s, sign);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_ica_core", &gated_ica_core, "The gated ICA layer as one autograd node (see gated_ica_core.cpp)");
+  m.def("channel_mix", &channel_mix, "The channel mixer as one autograd node (see gated_ica_core.cpp)");
   m.def("block_mix", &block_mix, "LICA's block-diagonal token mixer as one autograd node (see gated_ica_core.cpp)");
   m.def("affine_coupling", &affine_coupling, "The affine coupling as one autograd node (see gated_ica_core.cpp)");
 }
