@@ -30,6 +30,12 @@ std::pair<Tensor, Tensor> halves(const Tensor& x, const Tensor& gather, bool swa
   return swap ? std::make_pair(parts[1], parts[0]) : std::make_pair(parts[0], parts[1]);
 }
 
+// an optional tensor kept in ctx->saved_data (an undefined tensor when it was absent)
+Tensor saved_tensor_or_none(AutogradContext* ctx, const char* key) {
+  const auto& v = ctx->saved_data[key];
+  return v.isTensor() ? v.toTensor() : Tensor();
+}
+
 Tensor cat1(const std::vector<Tensor>& parts) { return parts.size() == 1 ? parts[0] : at::cat(parts, 1); }
 
 struct Attention {
@@ -118,10 +124,7 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     Tensor g_out = grads[0], g_logdet = grads[1];
-    auto tensor_or_none = [&](const char* key) {
-      const auto& v = ctx->saved_data[key];
-      return v.isTensor() ? v.toTensor() : Tensor();
-    };
+    auto tensor_or_none = [&](const char* key) { return saved_tensor_or_none(ctx, key); };
     const Tensor gather = tensor_or_none("gather"), scatter = tensor_or_none("scatter");
     const bool swap = ctx->saved_data["swap"].toBool(), norm = ctx->saved_data["norm"].toBool();
     const bool recompute = ctx->saved_data["recompute"].toBool();
@@ -443,10 +446,7 @@ struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto tensor_or_none = [&](const char* key) {
-      const auto& v = ctx->saved_data[key];
-      return v.isTensor() ? v.toTensor() : Tensor();
-    };
+    auto tensor_or_none = [&](const char* key) { return saved_tensor_or_none(ctx, key); };
     const Tensor gather = tensor_or_none("gather"), gather_inv = tensor_or_none("gather_inv"),
                  scatter_inv = tensor_or_none("scatter_inv");
     const bool norm = ctx->saved_data["norm"].toBool();
