@@ -19,7 +19,7 @@ Models (parameter counts equal within ±5 %: Glow's hidden width is searched to 
   modality at 32² and 16×16 = 256 at 64², token width 48. Why patch 4 at 32² (an earlier version used 2, i.e.
   256 tokens per modality there): the token count is MANGO's choice, and ICA's cost is quadratic in it — at 32²
   patch 2 made level 0's 256-token attention ~80 % of the step (5.4× Glow's step time, 1 pinned core) while
-  patch 4 runs the same 3×2 blocks at ~1.5× (see the commit history for the figures). Patch 8 (64 tokens at
+  patch 4 ran the same 3×2 blocks at ~1.5× then (0.97× since the flow's C++ nodes, see the README). Patch 8 (64 tokens at
   64²) is not used: no shipped config uses it, and its token width 192 would inflate MANGO's parameter count
   (2.8M) and with it the matched Glow's width, which is not a fair way to win the time ratio.
 - Glow: normflows 1.7.3 ``MultiscaleFlow`` of ``GlowBlock``s, built as in the normflows Glow example: the

@@ -30,14 +30,13 @@ import math
 import torch
 from torch import nn
 
+from . import native
 from .attention import diag_log_softmax, upper_attention
 from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, no_autocast
 from .ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
     GATE_MARGIN, ROW_BLOCK, GatedICACore, GatedUpperAttention, gated_upper_attention_reference,
 )
 from .lica import LUTokenMixer
-from . import native
-from .native import gated_ica_core
 from .partitions import PARTITIONS, partition_index
 
 FORMS = ("gated", "paper")
@@ -242,7 +241,7 @@ class ICA(InvertibleModule):
     def _core(self, z: torch.Tensor, gather, scatter, swap: bool, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
         ct = z.dtype
         loc, log_scale = (None, None) if norm is None else (norm.loc.to(ct), norm.log_scale.to(ct))
-        return gated_ica_core(
+        return native.gated_ica_core(
             z, gather, scatter, swap, self.proj_q.weight.to(ct), self.proj_k.weight.to(ct),
             self.norm_q.weight.to(ct), self.norm_q.bias.to(ct), self.norm_k.weight.to(ct), self.norm_k.bias.to(ct),
             self.log_temperature.to(ct), self.beta.to(ct), self.mask_bias.to(ct), self.norm_q.eps, self.norm_k.eps,

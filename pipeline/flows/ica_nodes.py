@@ -6,6 +6,9 @@
   attention, update, log-det terms, merge); with ``recompute`` it keeps only its input and rebuilds q, k and A
   in backward (``model.memory=checkpoint``);
 - :func:`gated_upper_attention_reference` — the composed autograd form the tests hold the nodes to.
+
+:class:`GatedICACore` also exists as a C++ node (``csrc/gated_ica_core.cpp``, :mod:`pipeline.flows.native`), which the
+layer uses when it is built; this Python node is its tested reference and the fallback.
 """
 
 from __future__ import annotations
