@@ -74,6 +74,13 @@ def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def fused_path_ok(x: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether a layer may run its fused node (a hand-written backward) for input ``x``: autocast off on x's
+    device (under autocast the composed path keeps its bf16/fp32 split), and ``param`` not partitioned by
+    DeepSpeed ZeRO-3 (flagged ``ds_id``; such weights are gathered only inside each submodule's forward)."""
+    return not torch.is_autocast_enabled(x.device.type) and not hasattr(param, "ds_id")
+
+
 def logdet_dtype(x: torch.Tensor) -> torch.dtype:
     """fp64 for fp64 input, fp32 otherwise (bf16/fp16 log-dets lose whole nats at L*D ~ 1e5)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import native
-from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, no_autocast
+from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_checkpoint, logdet_dtype, no_autocast
 
 
 class AffineCoupling(InvertibleModule):
@@ -61,16 +61,15 @@ class AffineCoupling(InvertibleModule):
     def _native_ok(self, x: torch.Tensor, reverse: bool) -> bool:
         """Whether the forward can be the C++ node (:func:`pipeline.flows.native.affine_coupling`): not under
         autocast (the module path runs the convolutions in bf16 there), ordinary parameters (ZeRO-3 gathers
-        partitioned ones inside each submodule's forward) in x's dtype, the conditioner as built here."""
+        partitioned ones inside each submodule's forward) in x's dtype."""
         w = self.net[0].weight
-        return (not reverse and not torch.is_autocast_enabled(x.device.type) and not hasattr(w, "ds_id")
-                and w.dtype == x.dtype and x.dtype == compute_dtype(x) and isinstance(self.net[2], nn.GELU))
+        return not reverse and fused_path_ok(x, w) and w.dtype == x.dtype == compute_dtype(x)
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self._native_ok(x, reverse):
             out = native.affine_coupling(self, x, self.recompute_conditioner and not in_block_checkpoint())
             if out is not None:
-                return out[0], out[1].to(logdet_dtype(x))
+                return out
         xa, xb = self._split(x)
         if (self.recompute_conditioner and torch.is_grad_enabled() and not in_block_checkpoint()
                 and not hasattr(self.net[0].weight, "ds_id") and (xa.requires_grad or self.net[0].weight.requires_grad)):

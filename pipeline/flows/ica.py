@@ -32,7 +32,7 @@ from torch import nn
 
 from . import native
 from .attention import diag_log_softmax, upper_attention
-from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, no_autocast
+from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_checkpoint, logdet_dtype, no_autocast
 from .ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
     GATE_MARGIN, ROW_BLOCK, GatedICACore, GatedUpperAttention, gated_upper_attention_reference,
 )
@@ -235,8 +235,7 @@ class ICA(InvertibleModule):
         """Whether the forward can be one :class:`GatedICACore` node: gated form, materialised attention, no
         autocast (bf16 projections take the composed path, as before) and ordinary parameters (DeepSpeed
         ZeRO-3 flags partitioned ones with ``ds_id`` and gathers them only inside each submodule's forward)."""
-        return (self.form == "gated" and self.attention == "plain" and not torch.is_autocast_enabled(x.device.type)
-                and not hasattr(self.proj_q.weight, "ds_id"))
+        return self.form == "gated" and self.attention == "plain" and fused_path_ok(x, self.proj_q.weight)
 
     def _core(self, z: torch.Tensor, gather, scatter, swap: bool, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
         ct = z.dtype

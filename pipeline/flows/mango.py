@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .actnorm import ActNorm
-from .base import FlowSequence, InvertibleModule, block_checkpointed, inside_flow, logdet_dtype
+from .base import FlowSequence, InvertibleModule, block_checkpointed, fused_path_ok, inside_flow, logdet_dtype
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ICA
@@ -77,7 +77,7 @@ class MangoBlock(FlowSequence):
         while i < len(layers):
             layer, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             if (isinstance(layer, ActNorm) and isinstance(nxt, ICA) and not layer._collect_init
-                    and not hasattr(layer.loc, "ds_id") and nxt.takes_norm(x)):
+                    and fused_path_ok(x, layer.loc) and nxt.takes_norm(x)):
                 x, logdet = nxt.forward_normed(x, layer)
                 i += 2
             else:

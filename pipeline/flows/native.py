@@ -17,7 +17,6 @@ When the build is impossible (no compiler, a read-only cache) the Python node is
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import warnings
@@ -26,8 +25,6 @@ from pathlib import Path
 import torch
 
 from .ica_nodes import GatedICACore
-
-log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "gated_ica_core.cpp"
 _LOCK = threading.Lock()
