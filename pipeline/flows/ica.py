@@ -33,6 +33,7 @@ from torch import nn
 from . import native
 from .attention import diag_log_softmax, upper_attention
 from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_checkpoint, logdet_dtype, no_autocast
+from .kernels import upper_attention_lse
 from .ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
     GATE_MARGIN, ROW_BLOCK, GatedICACore, GatedUpperAttention, gated_upper_attention_reference,
 )
@@ -137,6 +138,9 @@ class ICA(InvertibleModule):
         self.solve_block = solve_block
         #: rebuild q, k and A in the backward instead of saving them (set by ``MangoFlow(memory="checkpoint")``)
         self.recompute_attention = False
+        #: under bf16/fp16 autocast, run q/k/v and the attention in that dtype through one attention pass that
+        #: also yields the log-det's diagonal (:meth:`_forward_lowp`); False = the fp32 attention (set by the plan)
+        self.lowp_attention = True
         #: query rows per block of the fused node's triangular attention (:data:`ROW_BLOCK`)
         self.row_block = ROW_BLOCK
         self.attention = attention if attention != "auto" else ("fused" if tokens // 2 >= FUSED_MIN_TOKENS else "plain")
@@ -231,6 +235,31 @@ class ICA(InvertibleModule):
                 return x2c + alpha * ax, torch.log1p(alpha * diag.exp().unsqueeze(-1)).sum(dim=(1, 2))
             return ax, self.dim * diag.sum(dim=-1)
 
+    def _lowp_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The autocast dtype when this forward runs its attention in low precision (:meth:`_forward_lowp`), else None."""
+        dev = x.device.type
+        if not (self.lowp_attention and torch.is_autocast_enabled(dev) and x.dtype != torch.float64):
+            return None
+        dt = torch.get_autocast_dtype(dev)
+        return dt if dt in (torch.bfloat16, torch.float16) else None
+
+    def _forward_lowp(self, x1: torch.Tensor, x2: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward ``(y2, logdet)`` with q, k, v and the attention in ``dt`` (bf16 tensor-core work on a GPU):
+        one attention pass gives ``A x2`` and the row log-sum-exp; ``log a_ii = s_ii − lse_i`` and the log-det
+        are fp32 (the update's residual add too, so y2 keeps x2's precision where α·A x2 is small)."""
+        ct = compute_dtype(x1)
+        q = self.norm_q(self.proj_q(x1))
+        k = self.norm_k(self.proj_k(x1))
+        with no_autocast(x1.device.type):
+            qs = (q.to(ct) * self.log_temperature.to(ct).exp()).to(dt)
+            kl = k.to(dt)
+            ax, lse = upper_attention_lse(qs, kl, x2.to(dt))
+            diag = (qs.to(ct) * kl.to(ct)).sum(-1) - lse.to(ct)  # log a_ii, from the same scores as A
+            if self.form == "gated":
+                alpha = self.gate(ct)
+                return x2.to(ct) + alpha * ax.to(ct), torch.log1p(alpha * diag.exp().unsqueeze(-1)).sum(dim=(1, 2))
+            return ax.to(ct), self.dim * diag.sum(dim=-1)
+
     def _fast_path(self, x: torch.Tensor) -> bool:
         """Whether the forward can be one :class:`GatedICACore` node: gated form, materialised attention, no
         autocast (bf16 projections take the composed path, as before) and ordinary parameters (DeepSpeed
@@ -302,6 +331,10 @@ class ICA(InvertibleModule):
         ct = compute_dtype(x)
         ops = self.mixer.operators(ct) if self.partition == "lica" else None
         x1, x2 = self.split(x, ops)
+        lowp = None if reverse else self._lowp_dtype(x)
+        if lowp is not None:
+            y2, logdet = self._forward_lowp(x1, x2, lowp)
+            return self.merge(x1, y2.to(x.dtype), ops), logdet.to(logdet_dtype(x))
         if not reverse and (self.attention == "fused" or self.form == "gated"):
             fwd = self._forward_fused if self.attention == "fused" else self._forward_plain_gated
             y2, logdet = fwd(x1, x2)
