@@ -12,8 +12,11 @@ The same entry point serves every launcher (they only set the environment; see `
     # resume the newest complete checkpoint of a run
     python -m jobs.train --config launch/configs/demo.yaml run.dir=runs/demo checkpoint.resume=latest
 
-A bad key or type fails here, before any process group starts. Exit codes: 0 done (or saved after
-SIGUSR2, requeue me), 143 saved after SIGTERM (restart me), 3 watchdog, 1 error.
+A bad key or type, and bad data (a missing or empty shard store, a missing manifest, too few samples, too
+many shards that fail their manifest check), fail before any process group starts with one line. Exit
+codes: 0 done (or saved after SIGUSR2, requeue me), 143 saved after SIGTERM (restart me), 2 bad config /
+data / checkpoint (one line naming it), 3 watchdog, 1 error (a lost rank or a collective past
+``train.collective_timeout_s``: one line naming the lost rank).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from pipeline.config import ConfigError, load_config
@@ -39,11 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.train.loop import train_loop
 
+    from pipeline import dist
+    from pipeline.data.verify import DataError
+    from pipeline.train.checkpoint import CheckpointError
+
     try:
         result = train_loop(cfg)
-    except ConfigError as e:  # found once the run's state is known (checkpoint vs config, shards vs config)
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError) as e:  # found once the run's state is known (checkpoint / shards vs config)
+        kind = "data" if isinstance(e, DataError) else "checkpoint" if isinstance(e, CheckpointError) else "config"
+        print(f"{kind} error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            os._exit(2)  # every rank raised alike; tearing the group down could wait on a peer
         return 2
+    except Exception as e:
+        line = dist.describe_collective_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # never wait on the lost peer (interpreter shutdown would join gloo's threads)
     if result:
         print(json.dumps({k: v for k, v in result.items()}, default=str))
     return 0

@@ -72,6 +72,10 @@ class DataConfig:
     crop_size: int = _f(0, ge=0)  # latent tasks, training only: random square crop (px); 0 = none
     scale_range: tuple[float, float] = _f((1.0, 1.0), item_gt=0.0)  # random rescale before the crop (per batch)
     hflip: bool = False  # random horizontal flips in training (never for stereo-geometry tasks)
+    # each shard is checked against its manifest entry before its samples are used: size (stat), sha256 (read
+    # once), off; a bad shard is skipped whole, logged once and counted (data_bad_shards)
+    verify: str = _f("size", choices=("size", "sha256", "off"))
+    max_bad_fraction: float = _f(0.05, ge=0.0, le=1.0)  # stop when more of a split's samples sit in bad shards
 
 
 @dataclass
@@ -137,6 +141,7 @@ class TrainConfig:
     log_every: int = _f(10, ge=1)  # metrics.jsonl and progress cadence
     max_nonfinite: int = _f(5, ge=1)  # this many skipped (non-finite) steps in a row abort the run
     watchdog_s: float = _f(1800.0, ge=0.0)  # abort when no step completes for this long; 0 = off
+    collective_timeout_s: float = _f(600.0, gt=0.0)  # bound of every collective / barrier (a lost rank, a hang)
 
 
 @dataclass

@@ -30,11 +30,15 @@ checks launchers in this order — the first that matches wins:
 from __future__ import annotations
 
 import datetime
+import glob
 import itertools
+import logging
 import os
 import re
 import socket
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 20000, 40000
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ def init_distributed(
             "(e.g. `mpirun -x MASTER_ADDR=<host> -x MASTER_PORT=<port>`) or pass use_deepspeed=True for "
             "deepspeed's mpi4py discovery"
         )
+    if info.local_rank == 0:
+        clear_stale_build_locks()  # a build killed half-way would make init_distributed wait forever
     port = info.master_port or _free_port()
     if info.master_addr:
         os.environ.update({
@@ -153,8 +160,169 @@ def init_distributed(
             backend=backend, init_method=f"tcp://{_host_for_url(info.master_addr)}:{port}",
             rank=info.rank, world_size=info.world_size, timeout=timeout,
         )
+    global _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
+    if info.world_size > 1:
+        _HEARTBEAT.start(info.rank, info.world_size)
     return WorldInfo(info.rank, info.local_rank, info.world_size, info.local_world_size,
                      info.master_addr or os.environ.get("MASTER_ADDR", ""), port, info.launcher)
+
+
+# -- never a silent hang ----------------------------------------------------------------------------
+
+_TIMEOUT_S = 0.0  # the bound the running group was started with (train.collective_timeout_s)
+
+
+def extension_build_root() -> str:
+    """torch's JIT extension cache (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def _lock_holders(path: str) -> list[int] | None:
+    """PIDs of local processes with ``path`` open (torch's build lock keeps its fd open while building);
+    None where /proc cannot tell."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    real, holders = os.path.realpath(path), []
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            for fd in os.listdir(fd_dir):
+                if os.readlink(os.path.join(fd_dir, fd)) == real:
+                    holders.append(int(fd_dir.split("/")[2]))
+                    break
+        except OSError:  # gone, or not ours to look at
+            continue
+    return holders
+
+
+def clear_stale_build_locks(root: str | None = None) -> list[str]:
+    """Report and remove torch extension-build locks (``<root>/*/<op>/lock``) that no live process holds
+    (a build killed half-way leaves one, and every later build waits on it forever); report, and leave, a
+    lock a live build holds. Only processes on this host are seen: a shared cache directory built from
+    several hosts at once is not supported. Returns the removed paths."""
+    root = root or extension_build_root()
+    removed = []
+    for lock in sorted(glob.glob(os.path.join(root, "*", "*", "lock")) + glob.glob(os.path.join(root, "*", "lock"))):
+        try:
+            before = os.stat(lock)
+        except OSError:
+            continue
+        holders = _lock_holders(lock)
+        if holders is None:
+            continue
+        if holders:
+            msg = (f"extension build lock {lock} is held by pid {holders[0]} (a build in progress); "
+                   "waiting for it")
+            log.warning(msg)
+            print(msg, file=sys.stderr, flush=True)
+            continue
+        try:
+            after = os.stat(lock)
+            if (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns):
+                continue  # replaced meanwhile by a live build
+            os.unlink(lock)
+        except OSError:
+            continue
+        removed.append(lock)
+        age = time.time() - before.st_mtime
+        msg = (f"removed a stale extension build lock {lock} ({age:.0f}s old, no live process holds it: a build "
+               "was killed half-way); the op is rebuilt")
+        log.warning(msg)
+        print(msg, file=sys.stderr, flush=True)
+    return removed
+
+
+class _Heartbeat:
+    """Each rank stamps ``mango/hb/<rank>`` in the rendezvous store every ``interval`` seconds, so a rank
+    whose collective fails can name the peer that stopped (:func:`lost_ranks`)."""
+
+    interval = 1.0
+
+    def __init__(self) -> None:
+        self.rank, self.world = 0, 1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _store(self):
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+
+    def start(self, rank: int, world: int) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self.rank, self.world = rank, world
+        self._stop.clear()
+        try:
+            store = self._store()
+        except Exception:  # no default store (a group started elsewhere): no heartbeats, plain messages
+            return
+
+        def beat() -> None:
+            while not self._stop.is_set():
+                try:
+                    store.set(f"mango/hb/{rank}", repr(time.time()))
+                except Exception:
+                    return  # the store is gone (its host died): lost_ranks says so
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=beat, name="mango-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.interval)
+        self._thread = None
+
+    def lost(self, stale_s: float) -> tuple[list[int], str]:
+        """(ranks whose heartbeat is older than ``stale_s``, a note); all ranks unknown when the store is gone."""
+        try:
+            store = self._store()
+            keys = [f"mango/hb/{r}" for r in range(self.world)]
+            now, lost = time.time(), []
+            for r, key in enumerate(keys):
+                if r == self.rank:
+                    continue
+                if not store.check([key]) or now - float(store.get(key).decode()) > stale_s:
+                    lost.append(r)
+            return lost, ""
+        except Exception:
+            return [], "the rendezvous store is unreachable (its host, usually rank 0 or the launcher, is gone)"
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+def lost_ranks(stale_s: float | None = None) -> tuple[list[int], str]:
+    """Peers that stopped beating (see :class:`_Heartbeat`); waits a few intervals first so that a peer
+    that died a moment ago is told apart from a live one."""
+    stale = stale_s if stale_s is not None else 4 * _HEARTBEAT.interval
+    time.sleep(stale + _HEARTBEAT.interval)
+    return _HEARTBEAT.lost(stale)
+
+
+_COLLECTIVE_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|timed out|"
+                                 r"Timed out|DistBackendError|NCCL communicator was aborted|watchdog|"
+                                 r"Connection refused|ProcessGroupGloo", re.I)
+
+
+def describe_collective_failure(exc: BaseException) -> str | None:
+    """One line for a collective that failed because a peer was lost or hung (else None): which rank is
+    lost, and the bound (``train.collective_timeout_s``) that ended the wait."""
+    text = f"{type(exc).__name__}: {exc}"
+    if not is_initialized() or get_world_size() < 2 or not _COLLECTIVE_FAILURE.search(text):
+        return None
+    rank = get_rank()
+    _HEARTBEAT.stop()
+    lost, note = lost_ranks()
+    who = (f"lost rank(s) {', '.join(map(str, lost))} (no heartbeat)" if lost else
+           (note or "no peer stopped beating: a hung collective"))
+    first = " ".join(str(exc).split())[:160]
+    return (f"rank {rank}: a collective failed or timed out — {who}; train.collective_timeout_s={_TIMEOUT_S:g} bounds "
+            f"every collective ({first})")
 
 
 def cuda_device_index(info: WorldInfo, visible: int | None = None) -> int:
@@ -242,6 +410,7 @@ def cleanup() -> None:
     cache is emptied too, or the next group started in this process (a second in-process run) would be handed
     the dead clones ("Group ... is not registered").
     """
+    _HEARTBEAT.stop()
     if is_initialized():
         dist.destroy_process_group()
     groups = sys.modules.get("deepspeed.utils.groups")

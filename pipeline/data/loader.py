@@ -45,8 +45,9 @@ once, partial last batches included. Every batch carries ``__valid__`` (bool (N,
 keeps yielding a padding batch (a real sample, ``__valid__`` all False) until the all-reduced "anyone still
 has data" flag is 0 on every rank, so all ranks run the same number of steps (collectives inside the model
 forward — ZeRO-3 parameter gathers — cannot hang) and weighting by ``__valid__`` counts nothing twice.
-Fewer shards than ``world_size × max(1, num_workers)`` raises ``ValueError`` before anything starts. An
-exact pass always starts from its beginning (no mid-pass resume); padding batches hold one sample.
+Fewer shards than ranks is fine: a rank without a shard yields only padding batches (shaped from the
+manifest) and contributes nothing to the sums. An exact pass always starts from its beginning (no mid-pass
+resume); padding batches hold one sample.
 
 **Corruption**: an unreadable or truncated shard, a sample missing a modality, or an undecodable image is
 skipped, counted (``loader.skipped_samples`` / ``loader.shard_errors``, summed over workers) and logged; a
@@ -98,6 +99,26 @@ class LoaderState:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches, self.seed = int(state["epoch"]), int(state["batches"]), int(state["seed"])
 
+    def resplit(self, old_world: int, new_world: int, total_samples: int, batch_size: int) -> None:
+        """Carry the epoch position to another world size (elastic resume).
+
+        Rule: the position is kept in *global* batches. ``batches`` per rank at ``old_world`` ranks is
+        ``batches · old_world`` global batches of ``batch_size`` samples; at ``new_world`` ranks each rank
+        resumes at ``ceil(that / new_world)`` of the epoch's ``total_samples // (batch_size · new_world)``
+        batches (rounding up: the epoch never trains more batches than it has; at most ``new_world − 1``
+        global batches of the epoch are not drawn), moving to the next epoch when that is all of them. The
+        streams after the resize are re-derived from ``(seed, epoch, rank, worker)`` as on any resume.
+        """
+        if old_world == new_world:
+            return
+        global_done = self.batches * old_world
+        per_rank = -(-global_done // new_world)
+        epoch_batches = max(1, total_samples // (batch_size * new_world))
+        if per_rank >= epoch_batches:
+            self.epoch, self.batches = self.epoch + 1, 0
+        else:
+            self.batches = per_rank
+
 
 # -- input resolution ----------------------------------------------------------------------------------
 
@@ -107,6 +128,10 @@ class _Input:
     modalities: dict[str, ModalitySpec] | None
     shard_samples: tuple[int, ...] | None
     manifest: ShardManifest | None
+
+    @property
+    def expected(self) -> tuple[tuple[int, str], ...] | None:
+        return None if self.manifest is None else tuple((s.size, s.sha256) for s in self.manifest.shards)
 
 
 def _resolve(source: ShardSource) -> _Input:
@@ -126,9 +151,12 @@ def _resolve(source: ShardSource) -> _Input:
 # -- the loaders ---------------------------------------------------------------------------------------
 
 class _LoaderBase:
-    def __init__(self, plan: StreamPlan, num_workers: int, pin_memory: bool) -> None:
+    def __init__(self, plan: StreamPlan, num_workers: int, pin_memory: bool,
+                 shard_samples: tuple[int, ...] | None = None) -> None:
         self.plan, self.num_workers, self.pin_memory = plan, num_workers, pin_memory
+        self._samples = shard_samples
         self._stats: dict[tuple[int, int], tuple[int, int]] = {}  # (epoch, worker) -> (skipped, shard errors)
+        self._bad: set[str] = set()  # shards that failed the manifest check (data.verify), any worker
 
     def _dataloader(self, plan: StreamPlan) -> DataLoader:
         # Workers are forked explicitly: a rank started by torch.multiprocessing.spawn inherits "spawn" as
@@ -144,9 +172,21 @@ class _LoaderBase:
 
     def _record(self, epoch: int, batch: dict[str, Any]) -> dict[str, Any]:
         batch.pop("__index__", None)
-        worker, skipped, errors = batch.pop("__stats__")
+        worker, skipped, errors, bad = batch.pop("__stats__")
         self._stats[(epoch, worker)] = (skipped, errors)
+        self._bad.update(bad)
         return batch
+
+    @property
+    def bad_shards(self) -> set[str]:
+        """URLs of shards skipped whole because they did not match the manifest (``verify``)."""
+        return set(self._bad)
+
+    def bad_samples(self) -> int:
+        """Samples the manifest lists in :attr:`bad_shards` (0 when built without a manifest)."""
+        if self.plan.expected is None or self._samples is None:
+            return 0
+        return sum(n for url, n in zip(self.plan.urls, self._samples) if url in self._bad)
 
     @property
     def skipped_samples(self) -> int:
@@ -166,8 +206,9 @@ class TrainLoader(_LoaderBase):
     the next undelivered batch.
     """
 
-    def __init__(self, plan: StreamPlan, num_workers: int, state: LoaderState, pin_memory: bool = False) -> None:
-        super().__init__(plan, num_workers, pin_memory)
+    def __init__(self, plan: StreamPlan, num_workers: int, state: LoaderState, pin_memory: bool = False,
+                 shard_samples: tuple[int, ...] | None = None) -> None:
+        super().__init__(plan, num_workers, pin_memory, shard_samples)
         self.state = state
 
     def __len__(self) -> int:
@@ -196,7 +237,7 @@ class EvalLoader(_LoaderBase):
 
     def __init__(self, plan: StreamPlan, num_workers: int, shard_samples: tuple[int, ...] | None,
                  flag_device: str | torch.device | None, pin_memory: bool = False) -> None:
-        super().__init__(plan, num_workers, pin_memory)
+        super().__init__(plan, num_workers, pin_memory, shard_samples)
         self.shard_samples = shard_samples
         self.flag_device = flag_device
         self.epoch = plan.epoch
@@ -294,13 +335,16 @@ def build_train_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: 
                        num_workers: int, seed: int | None = None, epoch_batches: int | None = None,
                        decode: Decode = "torch",
                        state: LoaderState | None = None, shuffle_buffer: int = 256,
-                       modalities: tuple[str, ...] | None = None, pin_memory: bool = False) -> TrainLoader:
+                       modalities: tuple[str, ...] | None = None, pin_memory: bool = False,
+                       verify: str = "off") -> TrainLoader:
     """Resampled training loader with a fixed number of batches per rank per epoch (see module docstring).
 
     ``state``, when given, is used (and advanced) in place and its seed is the seed — restore a checkpoint
     with ``state.load_state_dict(...)`` before building; without it a fresh ``LoaderState(seed=seed or 0)``
     is created (``loader.state``). ``modalities`` names the members every sample must have (default: the
-    manifest's; samples lacking one are skipped and counted). ``shuffle_buffer`` is in samples.
+    manifest's; samples lacking one are skipped and counted). ``shuffle_buffer`` is in samples. ``verify``
+    (``size``/``sha256``/``off``, manifest input only): each shard checked before its samples are used, a bad
+    one skipped whole (``loader.bad_shards``).
     """
     _check_common(batch_size, rank, world_size, num_workers, decode)
     inp = _resolve(urls_or_manifest)
@@ -321,28 +365,27 @@ def build_train_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: 
     elif seed is not None and seed != state.seed:
         raise ValueError(f"seed={seed} disagrees with the restored state's seed {state.seed}; pass one of them")
     plan = StreamPlan("train", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
-                      state.seed, state.epoch, decode, epoch_batches=epoch_batches, shuffle_buffer=shuffle_buffer)
-    return TrainLoader(plan, num_workers, state, pin_memory)
+                      state.seed, state.epoch, decode, epoch_batches=epoch_batches, shuffle_buffer=shuffle_buffer,
+                      verify=verify, expected=inp.expected)
+    return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
 
 
 def build_eval_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: int, world_size: int,
                       num_workers: int, decode: Decode = "torch", shuffle_seed: int | None = None, epoch: int = 0,
                       modalities: tuple[str, ...] | None = None, flag_device: str | torch.device | None = None,
-                      pin_memory: bool = False) -> EvalLoader:
+                      pin_memory: bool = False, verify: str = "off") -> EvalLoader:
     """Exact pass: every listed sample once across all ranks; equal step counts via the all-reduced flag.
 
     ``shuffle_seed`` shuffles the shard order per ``epoch`` (for exact training epochs); ``None`` keeps
     manifest order. ``flag_device`` is where the flag is all-reduced (default: cuda under NCCL, else cpu).
+    Any number of shards works at any world size: a rank (or worker) without a shard reads nothing and
+    only steps with padding batches, contributing nothing to the sums. ``verify`` as for training.
     """
     _check_common(batch_size, rank, world_size, num_workers, decode)
     inp = _resolve(urls_or_manifest)
-    needed = world_size * max(1, num_workers)
-    if len(inp.urls) < needed:
-        raise ValueError(f"exact pass needs at least world_size x workers = {world_size} x {max(1, num_workers)} = "
-                         f"{needed} shards, got {len(inp.urls)}; re-shard with a smaller --samples-per-shard or "
-                         "use fewer workers")
     plan = StreamPlan("exact", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
-                 shuffle_seed or 0, epoch, decode, shuffle_shards=shuffle_seed is not None)
+                      shuffle_seed or 0, epoch, decode, shuffle_shards=shuffle_seed is not None, verify=verify,
+                      expected=inp.expected)
     return EvalLoader(plan, num_workers, inp.shard_samples, flag_device, pin_memory)
 
 

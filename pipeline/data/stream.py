@@ -19,7 +19,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -101,6 +101,7 @@ class Counters:
 
     skipped_samples: int = 0
     shard_errors: int = 0
+    bad_shards: list[str] = field(default_factory=list)  # failed the manifest check: skipped whole
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class StreamPlan:
     consumed: int = 0
     shuffle_buffer: int = 0
     shuffle_shards: bool = False
+    verify: str = "off"  # data.verify: size | sha256 | off (see pipeline.data.verify.check_shard)
+    expected: tuple[tuple[int, str], ...] | None = None  # (size, sha256) per url, from the manifest
 
 
 def worker_batches(total: int, worker: int, workers: int) -> int:
@@ -147,6 +150,20 @@ class ShardStream(IterableDataset):
 
     # samples of one shard; structurally bad samples/shards are counted and dropped here
     def _read(self, url: str, counters: Counters) -> Iterator[dict[str, Any]]:
+        p = self.plan
+        if p.verify != "off" and p.expected is not None:
+            from .verify import _CHECKED, check_shard
+
+            size, sha = p.expected[p.urls.index(url)]
+            known = (url, p.verify) in _CHECKED
+            reason = check_shard(url, size, sha, p.verify)
+            if reason:
+                if url not in counters.bad_shards:
+                    counters.bad_shards.append(url)
+                if not known:  # once per process
+                    log.warning("shard %s does not match its manifest (%s): skipped whole (data.verify=%s)",
+                                url, reason, p.verify)
+                return
         errors: list[Exception] = []
 
         def handler(exc: Exception) -> bool:
@@ -179,7 +196,7 @@ class ShardStream(IterableDataset):
     def _batch(self, samples: list[dict[str, Any]], index: int, worker: int, counters: Counters) -> dict[str, Any]:
         batch = collate(samples)
         batch["__index__"] = index
-        batch["__stats__"] = (worker, counters.skipped_samples, counters.shard_errors)
+        batch["__stats__"] = (worker, counters.skipped_samples, counters.shard_errors, tuple(counters.bad_shards))
         return batch
 
     def _train(self, worker: int, workers: int, counters: Counters) -> Iterator[dict[str, Any]]:
@@ -237,7 +254,8 @@ class ShardStream(IterableDataset):
         if samples:
             yield self._batch(samples, j * workers + worker, worker, counters)
         # Counts travel with batches; this trailer reports damage found after the last batch.
-        yield {"__stats__": (worker, counters.skipped_samples, counters.shard_errors), "__trailer__": True}
+        yield {"__stats__": (worker, counters.skipped_samples, counters.shard_errors, tuple(counters.bad_shards)),
+               "__trailer__": True}
 
 
 def shuffled(items: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:

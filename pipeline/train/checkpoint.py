@@ -8,11 +8,22 @@ the tag directory and atomically replaces ``latest`` (temp file + rename). A ``k
 therefore leaves ``latest`` naming the previous, complete checkpoint, and a reader never trusts a tag
 directory without ``COMPLETE``. Old checkpoints beyond ``checkpoint.keep`` are pruned after the pointer
 moves.
+
+History is never lost silently: ``state.json`` records the size and sha256 of every file of the tag
+(``files``), verified on resume (:func:`resolve_resume`) and by ``jobs.consolidate``
+(:func:`verify_files`); a mismatch or an unreadable file is one :class:`CheckpointError` line naming the file
+and the previous complete checkpoint. ``latest`` naming a missing or incomplete tag falls back to the
+newest complete one with one warning naming both; ``resume=latest`` in a run directory whose ``latest``
+pointer exists (a checkpoint was completed once) but with no complete checkpoint left stops (exit 2) rather
+than starting over. Every ``torch.load`` here is ``weights_only=True`` and a file that fails to load is
+reported as corrupt by name (never with torch's advice to retry with ``weights_only=False``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,10 +34,81 @@ import numpy as np
 import torch
 
 from pipeline import dist
+from pipeline.config_rules import ConfigError
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 STATE = "state.json"  # step, resolved config, world size: readable without torch or DeepSpeed
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used as asked (corrupt file, history without a complete checkpoint):
+    one line naming the file or what is missing (``jobs.train`` / ``jobs.consolidate`` exit 2)."""
+
+
+def file_checksums(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file of a tag directory except state.json / COMPLETE."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(Path(tag_dir).rglob("*")):
+        if f.is_file() and f.name not in (STATE, COMPLETE):
+            size, sha = file_checksums_one(f)
+            out[str(f.relative_to(tag_dir))] = {"size": size, "sha256": sha}
+    return out
+
+
+def verify_files(tag_dir: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first file of ``tag_dir`` that is missing or differs from
+    the checksums in its ``state.json`` (checkpoints written before checksums were recorded pass)."""
+    tag_dir = Path(tag_dir)
+    try:
+        state = json.loads((tag_dir / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{tag_dir / STATE} is unreadable or corrupt ({type(e).__name__}){_previous(tag_dir)}") from None
+    for rel, want in state.get("files", {}).items():
+        f = tag_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing from the checkpoint{_previous(tag_dir)}")
+        got = file_checksums_one(f)
+        if got != (want["size"], want["sha256"]):
+            what = "truncated" if got[0] != want["size"] else "corrupt (sha256 differs from state.json)"
+            raise CheckpointError(f"{f} is {what}{_previous(tag_dir)}")
+
+
+def file_checksums_one(f: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return f.stat().st_size, h.hexdigest()
+
+
+def _previous(tag_dir: Path) -> str:
+    """'; the previous complete checkpoint is X: …' for a message about ``tag_dir``."""
+    tag_dir = Path(tag_dir)
+    root = tag_dir.parent
+    older = sorted(p for p in root.glob("step*") if p.name < tag_dir.name and (p / COMPLETE).exists()) \
+        if root.exists() else []
+    if not older:
+        return "; no earlier complete checkpoint is left in " + str(root)
+    return (f"; the previous complete checkpoint is {older[-1]}: resume from it with "
+            f"checkpoint.resume={older[-1]} (or move {tag_dir.name} aside)")
+
+
+def safe_load(path: Path, **kw: Any) -> Any:
+    """``torch.load(weights_only=True)``; a file that does not load is a :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=True, **kw)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...: a corrupt file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in first or "Weights only" in first:
+            first = "not a valid weights-only checkpoint file"
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {first[:120]})"
+                              f"{_previous(path.parent) if path.parent.name.startswith('step') else ''}") from None
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -77,7 +159,9 @@ def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], 
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        (root / tag / STATE).write_text(json.dumps(shared, indent=1, default=str))
+        # one checksum per file, verified on resume and by jobs.consolidate
+        _write_durable(root / tag / STATE, json.dumps({**shared, "files": file_checksums(root / tag)}, indent=1,
+                                                      default=str))
         _write_durable(root / tag / COMPLETE, f"{step}\n")
         tmp = root / f".{LATEST}.tmp"
         _write_durable(tmp, tag + "\n")
@@ -115,16 +199,23 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def latest_complete(run_dir: str | os.PathLike) -> Path | None:
-    """The tag directory ``latest`` names, if it is complete; else the newest complete one; else None."""
+def latest_complete(run_dir: str | os.PathLike, warn: bool = False) -> Path | None:
+    """The tag directory ``latest`` names, if it is complete; else the newest complete one (with ``warn``:
+    one warning naming both); else None."""
     root = checkpoint_root(run_dir)
     pointer = root / LATEST
+    named = None
     if pointer.exists():
-        tag = root / pointer.read_text().strip()
-        if (tag / COMPLETE).exists():
-            return tag
+        named = root / pointer.read_text().strip()
+        if (named / COMPLETE).exists():
+            return named
     tags = sorted(p for p in root.glob("step*") if (p / COMPLETE).exists()) if root.exists() else []
-    return tags[-1] if tags else None
+    found = tags[-1] if tags else None
+    if warn and named is not None and found is not None:
+        state = "missing" if not named.exists() else f"incomplete (no {COMPLETE})"
+        log.warning("checkpoint %s named by %s is %s: falling back to %s, the newest complete checkpoint",
+                    named, pointer, state, found)
+    return found
 
 
 def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
@@ -134,7 +225,13 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     error = ""
     if dist.get_rank() == 0 and resume:
         if resume == "latest":
-            path = latest_complete(run_dir)
+            path = latest_complete(run_dir, warn=True)
+            pointer = checkpoint_root(run_dir) / LATEST
+            if path is None and pointer.exists():
+                # a checkpoint was completed here once: starting over would silently drop that history
+                error = (f"checkpoint.resume=latest: {pointer} names {pointer.read_text().strip()!r} but no complete "
+                         f"checkpoint is left in {pointer.parent} (deleted or never finished copying?); restore it, "
+                         "or start over deliberately with checkpoint.resume= and a new run.dir")
         else:
             path = Path(resume)
             if path.is_dir() and (path / LATEST).exists():
@@ -142,10 +239,15 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
             if path is None or not (path / COMPLETE).exists():
                 error = (f"checkpoint.resume={resume!r}: not a complete checkpoint directory "
                          f"(no {COMPLETE} marker in {path})")
+        if path is not None and not error:
+            try:
+                verify_files(path)
+            except CheckpointError as e:
+                error = str(e)
     # the verdict travels with the answer: raising on rank 0 alone would leave the others in the broadcast
     found, error = dist.broadcast_object((str(path) if path else "", error), src=0)
     if error:
-        raise FileNotFoundError(error)
+        raise CheckpointError(error)
     return Path(found) if found else None
 
 
@@ -154,7 +256,7 @@ def read_rank_state(tag_dir: Path) -> dict[str, Any]:
     mine = Path(tag_dir) / f"trainer-rank{dist.get_rank()}.pt"
     if not mine.exists():
         raise FileNotFoundError(f"{mine} is missing: the checkpoint was written by fewer ranks than this run has")
-    return torch.load(mine, weights_only=True)
+    return safe_load(mine)
 
 
 def load(engine, tag_dir: Path) -> dict[str, Any]:
@@ -172,7 +274,7 @@ def read_state(tag_dir: Path) -> dict[str, Any]:
 
 def read_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The EMA weights stored with a checkpoint (in rank 0's trainer state)."""
-    state = torch.load(Path(tag_dir) / "trainer-rank0.pt", weights_only=True)
+    state = safe_load(Path(tag_dir) / "trainer-rank0.pt")
     if "ema" not in state:
         raise FileNotFoundError(f"{tag_dir} holds no EMA weights (it was trained with optim.ema=0)")
     return state["ema"]

@@ -29,10 +29,12 @@ import torch
 from pipeline import dist
 from pipeline.config import Config, ConfigError, save_resolved, to_dict
 from pipeline.flows import data_init
+from pipeline.flows.plan import decide_plan
 from pipeline.metrics import finalize
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.ema import WeightEMA
 from pipeline.train.engine import autocast, build_engine
+from pipeline.train.speed import SpeedMeter, count_step_flops
 from pipeline.train.remote import RemoteSync, download, latest_remote
 from pipeline.train.signals import PreemptionWatch
 
@@ -166,18 +168,23 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     rank, after that step's checkpoint (if one is due) is complete. After a SIGUSR2 / SIGTERM-triggered save the process exits with 0 / 143 (``SystemExit``).
     A fresh run validates once before its first step (logged at step 0: the "before" figure).
     """
-    from pipeline.data import LoaderState, build_eval_loader, build_train_loader, load_manifest, manifest_name
-    from pipeline.data.storage import join
+    from pipeline.data import LoaderState, build_eval_loader, build_train_loader
+    from pipeline.data.verify import preflight
     from pipeline.models import build_model, modality_specs
     from pipeline.tracking import MetricsLog, MlflowTracker
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     world = dist.world_info_from_env()
     device = _device(cfg, world)
+    # bad data is refused here, before any process group starts (DataError: one line, jobs.train exits 2)
+    train_split, val_split = preflight(cfg.data.shards, cfg.data.train_split, cfg.data.val_split,
+                                       batch_size=cfg.data.batch_size, world_size=world.world_size,
+                                       verify=cfg.data.verify, max_bad_fraction=cfg.data.max_bad_fraction)
     # the backend follows the device the run asked for (nccl only for CUDA runs), not what the node has
     # a group this call starts, it also destroys on the way out (a launcher's or Ray Train's group is theirs)
     owned = not dist.is_initialized()
-    info = dist.init_distributed(world, backend="nccl" if device.type == "cuda" else "gloo", use_deepspeed=True)
+    info = dist.init_distributed(world, backend="nccl" if device.type == "cuda" else "gloo", use_deepspeed=True,
+                                 timeout_s=cfg.train.collective_timeout_s)
     rank0 = info.rank == 0
     run_dir = Path(cfg.run.dir)
     if rank0:
@@ -185,12 +192,16 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         save_resolved(cfg, run_dir / "config.yaml")
     dist.barrier()
 
-    train_manifest = load_manifest(join(cfg.data.shards, manifest_name(cfg.data.train_split)))
-    val_manifest = load_manifest(join(cfg.data.shards, manifest_name(cfg.data.val_split)))
+    # the committed manifests identify the data (tags); the loaders read only the shards that passed preflight
+    train_manifest, val_manifest = train_split.manifest, val_split.manifest
     specs = modality_specs(cfg, train_manifest)
     keys = tuple(s[0] for s in specs)
     _seed_all(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg, specs).to(device)
+    plan = decide_plan(cfg, device)  # how the flows run: decided once here, logged once
+    plan.apply(model)
+    if rank0:
+        log.info("%s", plan.describe(model))
 
     if cfg.checkpoint.resume == "latest" and cfg.checkpoint.remote:
         _fetch_remote_latest(cfg.checkpoint.remote, run_dir, info)
@@ -208,21 +219,26 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     if resume_from is not None:
         saved = ckpt.read_state(resume_from)
         check_architecture(saved["config"], cfg)
-        if saved["world_size"] != info.world_size:
-            raise RuntimeError(
-                f"checkpoint {resume_from} was written by {saved['world_size']} ranks, this run has "
-                f"{info.world_size}. Resume at the same world size, or continue at the new size from consolidated "
-                f"weights with a fresh optimizer: python -m jobs.consolidate {resume_from} --out model.safetensors, "
-                f"then train with model.init_weights=model.safetensors checkpoint.resume= and a new run.dir"
-            )
-        mine = ckpt.read_rank_state(resume_from)
-        loader_state.load_state_dict(mine["loader"])
+        resized = saved["world_size"] != info.world_size
+        if resized:
+            _check_elastic(saved, cfg, info, resume_from)
+            # the ranks' cursors are equal (lockstep); rank 0's is re-split over the new ranks
+            mine = ckpt.safe_load(resume_from / "trainer-rank0.pt")
+            loader_state.load_state_dict(mine["loader"])
+            loader_state.resplit(saved["world_size"], info.world_size, train_split.usable.total_samples,
+                                 cfg.data.batch_size)
+            log.warning("resuming %s (written by %d ranks) on %d ranks: weights, optimizer moments, step and "
+                        "schedule reloaded; data cursor re-split to epoch %d batch %d per rank", resume_from,
+                        saved["world_size"], info.world_size, loader_state.epoch, loader_state.batches)
+        else:
+            mine = ckpt.read_rank_state(resume_from)
+            loader_state.load_state_dict(mine["loader"])
     elif cfg.model.init_weights:
         load_init_weights(model, cfg.model.init_weights)
 
-    train_loader = build_train_loader(train_manifest, cfg.data.batch_size, rank=info.rank,
+    train_loader = build_train_loader(train_split.usable, cfg.data.batch_size, rank=info.rank,
                                       world_size=info.world_size, num_workers=cfg.data.num_workers,
-                                      seed=cfg.run.seed, state=loader_state, modalities=keys)
+                                      seed=cfg.run.seed, state=loader_state, modalities=keys, verify=cfg.data.verify)
     batches = _forever(train_loader)
     first = None
     if resume_from is None and not cfg.model.init_weights:
@@ -233,13 +249,23 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         with autocast(cfg, device):
             data_init(model, _to_device(first, device), mode="loss")
 
+    if first is None:
+        first = next(batches)  # the FLOP count's sample; trained on as the first step
+    # model FLOPs for achieved_tflops / mfu: counted once, on a copy, before DeepSpeed wraps or partitions the model
+    flops_per_sample, bf16_share = count_step_flops(model, first, lambda: autocast(cfg, device), device)
+    if rank0:
+        log.info("model FLOPs per sample (forward + backward, no recompute): %.4g; bf16 share %.3f",
+                 flops_per_sample, bf16_share)
     engine, _, scheduler = build_engine(model, cfg, info.world_size)
     step, skipped_total = 0, 0
     ema = WeightEMA(engine.module, cfg.optim.ema) if cfg.optim.ema else None
     if resume_from is not None:
         client = ckpt.load(engine, resume_from)
         step, skipped_total = int(client["step"]), int(client.get("skipped_steps", 0))
-        ckpt.set_rng_state(mine["rng"])
+        if resized:  # RNG streams re-derived per rank from (seed, step, rank)
+            _seed_all(cfg.run.seed * 1000 + info.rank + 1 + 7919 * step)
+        else:
+            ckpt.set_rng_state(mine["rng"])
         if ema is not None:
             ema.load_state_dict(ckpt.read_ema(resume_from))
     else:
@@ -248,6 +274,8 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl") if rank0 else None
     tracker = None
     if rank0:
+        if resume_from is None:
+            _set_aside(run_dir / "metrics.jsonl")  # a fresh start never truncates an earlier run's history
         metrics_log.truncate_after(step)  # a resumed run repeats the steps after its checkpoint
         if cfg.tracking.enabled:
             tracker = MlflowTracker.from_config(cfg)
@@ -269,12 +297,37 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             tracker.log_metrics(values, at, force=force)
 
     def val_pass() -> dict[str, float]:
-        loader = build_eval_loader(val_manifest, cfg.data.batch_size, rank=info.rank, world_size=info.world_size,
-                                   num_workers=cfg.data.num_workers, modalities=keys)
-        return evaluate(engine, cfg, loader, device)
+        loader = build_eval_loader(val_split.usable, cfg.data.batch_size, rank=info.rank,
+                                   world_size=info.world_size, num_workers=cfg.data.num_workers, modalities=keys,
+                                   verify=cfg.data.verify)
+        out = evaluate(engine, cfg, loader, device)
+        val_bad.update(loader.bad_shards)
+        return out
+
+    val_bad: set[str] = set()
+
+    def data_health() -> dict[str, float]:
+        """Collective: shards found bad (preflight + the loaders' checks, any rank), as metrics; stops the run
+        on every rank alike when a split lost more than data.max_bad_fraction of its samples."""
+        t_urls = dict(zip(train_split.usable.shard_urls(), (s.samples for s in train_split.usable.shards)))
+        v_urls = dict(zip(val_split.usable.shard_urls(), (s.samples for s in val_split.usable.shards)))
+        lost = torch.tensor([sum(t_urls.get(u, 0) for u in train_loader.bad_shards),
+                             sum(v_urls.get(u, 0) for u in val_bad),
+                             len(train_loader.bad_shards), len(val_bad)], dtype=torch.float64)
+        lost = dist.all_reduce_max(lost).tolist()
+        t_frac = (train_split.bad_samples + lost[0]) / max(1, train_manifest.total_samples)
+        v_frac = (val_split.bad_samples + lost[1]) / max(1, val_manifest.total_samples)
+        bad = len(train_split.bad) + len(val_split.bad) + int(lost[2]) + int(lost[3])
+        if max(t_frac, v_frac) > cfg.data.max_bad_fraction:
+            from pipeline.data.verify import DataError
+
+            raise DataError(f"shards failing the manifest check (data.verify={cfg.data.verify}) hold {t_frac:.1%} of "
+                            f"split {cfg.data.train_split!r} and {v_frac:.1%} of {cfg.data.val_split!r}, more than "
+                            f"data.max_bad_fraction={cfg.data.max_bad_fraction:g}: re-copy or re-shard the data")
+        return {"data_bad_shards": float(bad), "data_bad_fraction": max(t_frac, v_frac)} if bad else {}
 
     def validate(at: int) -> dict[str, Any]:
-        val = val_pass()
+        val = val_pass() | data_health()
         if ema is not None:
             with ema.swapped_in(engine.module):
                 val |= {k.replace("val_", "val_ema_", 1): v for k, v in val_pass().items() if k != "val_samples"}
@@ -303,10 +356,11 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True,
                         mininterval=0.1 if sys.stderr.isatty() else 30.0)
     tick, samples = time.monotonic(), 0
+    meter = SpeedMeter(flops_per_sample, device)
     engine.train()
     try:
         while step < cfg.train.max_steps:
-            batch = first if first is not None else next(batches)
+            batch = first if first is not None else meter.timed_next(batches)
             first = None
             with autocast(cfg, device):
                 out = engine(_to_device(batch, device), mode="loss")
@@ -325,11 +379,13 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             stage0_norm = _grad_norm(engine) if boundary and cfg.deepspeed.zero_stage == 0 else None
             engine.step()
             samples += len(batch["__key__"]) * info.world_size
+            meter.micro_batch(len(batch["__key__"]))
             if not boundary:
                 continue
             if ema is not None:
                 ema.update(engine.module)
             step += 1
+            meter.step()
             watchdog.beat()
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 now = time.monotonic()
@@ -342,20 +398,23 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                 values = {**dict(zip(names, means)),
                           "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(norm) if norm is not None else float("nan"),
-                          "samples_per_s": samples / max(now - tick, 1e-9), "skipped_steps": skipped_total}
+                          "samples_per_s": samples / max(now - tick, 1e-9), "skipped_steps": skipped_total,
+                          **meter.window()}
                 tick, samples = now, 0
                 last |= values | {"step": step}
                 record(step, values)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['samples_per_s']:.1f}")
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['samples_per_s']:.1f}",
+                                         step_s=f"{values['step_time_s']:.3f}", tflops=f"{values['achieved_tflops']:.3g}")
             if progress is not None:
                 progress.update(1)
             validated = step % cfg.eval.every == 0 or step == cfg.train.max_steps
-            if validated:
-                last |= validate(step) | {"step": step}
             saved_now = step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps
-            if saved_now:
-                save(step)
+            with meter.excluded():  # validation and checkpoints are not step time
+                if validated:
+                    last |= validate(step) | {"step": step}
+                if saved_now:
+                    save(step)
             if validated and reporter is not None:
                 # after the save: a sweep scheduler may stop the trial inside the report, and the checkpoint
                 # of the step it judged must exist by then
@@ -373,9 +432,37 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         if not isinstance(sys.exc_info()[1], SystemExit):
             _finish(tracker, progress, watchdog, watch, "FAILED", None, sync, cfg.checkpoint.grace_s)
         raise
+    if rank0:
+        log.info("%s", meter.summary())
     _finish(tracker, progress, watchdog, watch, "FINISHED", run_dir if rank0 else None, sync, cfg.checkpoint.grace_s)
     _release(owned)
     return last
+
+
+def _check_elastic(saved: Mapping[str, Any], cfg: Config, info: dist.WorldInfo, tag_dir: Path) -> None:
+    """A resume at a different world size: ZeRO-0 state is replicated and reloads directly."""
+    old_stage = saved["config"]["deepspeed"]["zero_stage"]
+    if old_stage == 0 and cfg.deepspeed.zero_stage == 0:
+        return
+    raise ConfigError(
+        f"checkpoint {tag_dir} was written by {saved['world_size']} ranks at ZeRO-{old_stage}, this run has "
+        f"{info.world_size} ranks at ZeRO-{cfg.deepspeed.zero_stage}: only ZeRO-0 checkpoints resume at another "
+        f"world size here. Resume at {saved['world_size']} ranks, or continue from consolidated weights with a fresh "
+        f"optimizer: python -m jobs.consolidate {tag_dir} --out model.safetensors, then train with "
+        f"model.init_weights=model.safetensors checkpoint.resume= and a new run.dir")
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename an earlier run's ``metrics.jsonl`` to ``metrics.<n>.jsonl`` (first free n) with one warning."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while (target := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, target)
+    log.warning("fresh start in %s: the earlier %s (no checkpoint to resume from) was moved to %s",
+                path.parent, path.name, target.name)
+    return target
 
 
 def _release(owned: bool) -> None:

@@ -150,8 +150,8 @@ def test_exact_pass_is_complete_and_errors_are_clear(stereo_shards):
     batches = list(loader)
     assert len(batches) == len(loader)
     assert sum(int(b["__valid__"].sum()) for b in batches) == manifest.total_samples == 224
-    with pytest.raises(ValueError, match=r"at least world_size x workers = 4 x 4 = 16 shards, got 14"):
-        build_eval_loader(manifest, 10, rank=0, world_size=4, num_workers=4)
+    # fewer shards than ranks x workers is fine: a rank or worker without a shard only pads
+    assert len(build_eval_loader(manifest, 10, rank=3, world_size=4, num_workers=4)) >= 1
     with pytest.raises(ValueError, match="epoch_batches is required"):
         build_train_loader(manifest.shard_urls(), 10, rank=0, world_size=1, num_workers=0)
     with pytest.raises(FileNotFoundError, match="manifest-val.json"):
