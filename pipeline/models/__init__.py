@@ -25,6 +25,7 @@ import math
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.flows.plan import decide_memory
 
 from .augment import Augment
 from .density import DensityModel, build_density
@@ -191,8 +192,7 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
 def build_model(cfg: Config, specs: list[Spec]) -> nn.Module:
     """The model for ``cfg.model.task`` on modalities ``specs`` = :func:`modality_specs` (mismatch → ConfigError)."""
     task = cfg.model.task
-    # deepspeed.activation_checkpointing is the operator's switch; the flows implement it per MANGO block
-    memory = "checkpoint" if cfg.deepspeed.activation_checkpointing and cfg.model.memory == "store" else cfg.model.memory
+    memory = decide_memory(cfg.model.memory, cfg.deepspeed.activation_checkpointing)  # the plan's one memory rule
     if task == "density":
         for name, shape, _ in specs:
             want = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
