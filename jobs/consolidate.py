@@ -18,9 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="run dir, checkpoints/ dir, or a checkpoint tag dir")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     args = parser.parse_args(argv)
+    from pipeline.train.checkpoint import CheckpointError
+
     try:
         out = consolidate(args.checkpoint, args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:  # one line naming the file (checksums in state.json)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} and {config_path(out)}")

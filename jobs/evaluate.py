@@ -1,6 +1,6 @@
 """Evaluate a trained model on one split: metrics JSON + figures, logged to MLflow with its run.
 
-    python -m jobs.evaluate --checkpoint runs/demo --split val --out metrics.json
+    python -m jobs.evaluate --checkpoint runs/demo --split val          # → runs/demo/eval/val-step<N>.json
     python -m jobs.evaluate --checkpoint runs/demo/model.safetensors --shards s3://bucket/stereo --split test
     python -m jobs.evaluate --model-uri models:/mango-density@champion --split val
     python -m jobs.evaluate --checkpoint runs/tx --inception-weights /weights/pt_inception.pth   # translation
@@ -8,7 +8,10 @@
 ``--checkpoint``: consolidated weights, a run directory, its ``checkpoints/`` directory or a tag directory.
 ``--model-uri``: ``models:/mango-<task>@<alias>`` or ``models:/mango-<task>/<version>``. The metrics and
 figures go to the training run (known from the checkpoint or the registry version) at the checkpoint's
-step, else to a new ``evaluate-<task>`` run; ``--no-tracking`` skips MLflow. The store is ``--tracking-uri``,
+step, else to a new ``evaluate-<task>`` run; ``--no-tracking`` skips MLflow. Without ``--out`` the JSON
+(and the figures beside it) go into the run: ``<run dir>/eval/<split>-step<N>.json`` for a run / checkpoint
+directory, ``eval/`` beside a weights file or a sweep's ``best.json``, ``<run.dir>/eval/`` of the model's
+config for a registry URI (``runs/eval/`` when that directory is not here) — never the current directory. The store is ``--tracking-uri``,
 else ``tracking.uri`` of the model's config, else ``MLFLOW_TRACKING_URI``, else the project's local store.
 """
 
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model-uri", help="models:/mango-<task>@<alias> or models:/mango-<task>/<version>")
     p.add_argument("--split", default="", help="split to evaluate (default: the config's data.val_split)")
     p.add_argument("--shards", default="", help="shard store (local dir or s3://); default: the config's data.shards")
-    p.add_argument("--out", default="metrics.json", help="metrics JSON path (default: metrics.json)")
+    p.add_argument("--out", default="", help="metrics JSON path (default: <run dir>/eval/<split>-step<N>.json)")
     p.add_argument("--figures", default="", help="figure directory (default: <out stem>_figures beside --out)")
     p.add_argument("--num-figures", type=int, default=8, help="samples per figure (default: 8)")
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch size (default: data.batch_size)")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             model = ev.load_source(source, device)
             result = ev.evaluate_model(model, cfg, shards, split, device=device, batch_size=args.batch_size or None,
                                        inception_weights=args.inception_weights or None)
-            out = Path(args.out)
+            out = Path(args.out) if args.out else default_out(args.checkpoint, source, split)
             out.parent.mkdir(parents=True, exist_ok=True)
             result.extra |= {"task": cfg.model.task, "model": source.origin, "step": source.step}
             out.write_text(result.to_json() + "\n")
@@ -64,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, LookupError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        print(f"error: --checkpoint {args.checkpoint} is not a readable safetensors file: corrupt or truncated ({e})",
+              file=sys.stderr)
+        return 2
     width = max(len(k) for k in result.metrics)
     print(f"{cfg.model.task} on {shards} split {split} ({result.samples} samples, "
           f"manifest {result.manifest_sha256[:12]})")
@@ -72,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     logged = f"; logged to MLflow run {run_id}" if run_id else ""
     print(f"wrote {out} and {len(files)} figure(s) in {fig_dir}{logged}")
     return 0
+
+
+def default_out(checkpoint: str | None, source, split: str) -> Path:
+    """Where the metrics JSON goes without ``--out``: into the run (see the module docstring)."""
+    name = f"{split}-step{source.step}.json" if source.step is not None else f"{split}.json"
+    if checkpoint:
+        path = Path(checkpoint)
+        if path.is_dir():  # run / checkpoints / tag directory: source.origin is the tag directory
+            return Path(source.origin).parent.parent / "eval" / name
+        return path.parent / "eval" / name
+    run_dir = Path(source.cfg.run.dir)
+    return (run_dir if run_dir.is_dir() else Path("runs")) / "eval" / name
 
 
 if __name__ == "__main__":

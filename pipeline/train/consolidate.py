@@ -7,6 +7,8 @@ config is written beside it as ``<stem>.config.yaml``.
 
 ZeRO 1–3 shards are merged by DeepSpeed's own ``zero_to_fp32`` reader; the ZeRO-0 model file and every
 file this project writes are loaded with ``weights_only=True`` or safetensors (no arbitrary unpickling).
+Every file of the checkpoint is first checked against the checksums in its ``state.json``; a corrupt
+checkpoint or weights file is one :class:`~pipeline.train.checkpoint.CheckpointError` line naming it.
 """
 
 from __future__ import annotations
@@ -38,17 +40,23 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     state = ckpt.read_state(tag_dir)
     stage = state["config"]["deepspeed"]["zero_stage"]
     if stage == 0:
-        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        module = ckpt.safe_load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        try:
+            module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise ckpt.CheckpointError(f"{tag_dir}: the ZeRO-{stage} shards do not load ({type(e).__name__}: "
+                                       f"{first}){ckpt._previous(tag_dir)}") from None
     return {k: (v.float() if v.is_floating_point() else v).detach().contiguous().clone() for k, v in module.items()}
 
 
 def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out`` (safetensors) and ``<stem>.config.yaml`` from a checkpoint; returns ``out``."""
     tag_dir = resolve_tag_dir(checkpoint)
+    ckpt.verify_files(tag_dir)  # the checksums state.json recorded at save time
     state = ckpt.read_state(tag_dir)
     cfg = from_dict(state["config"])
     out = Path(out)
@@ -76,14 +84,38 @@ def config_path(weights: str | Path) -> Path:
     return weights.with_name(weights.stem.removesuffix(".ema") + ".config.yaml")
 
 
+def read_weights(weights: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a file that does not parse is a CheckpointError naming it."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no such weights file")
+    try:
+        return load_file(str(weights), device=device)
+    except Exception as e:  # SafetensorError (header / size mismatch), OSError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ckpt.CheckpointError(f"{weights} is not a readable safetensors file: corrupt or truncated "
+                                   f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate") from None
+
+
+def _weights_meta(weights: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ckpt.CheckpointError(f"{weights} is not a readable safetensors file: corrupt or truncated "
+                                   f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate") from None
+
+
 def load_model(weights: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
     """Rebuild the model from consolidated weights + config (strict: every key must match)."""
     from pipeline.models import build_model
 
     weights = Path(weights)
     cfg = load_config(config_path(weights), [])
-    with safe_open(str(weights), "pt") as f:
-        specs = [(n, tuple(s), int(b)) for n, s, b in json.loads(f.metadata()["modalities"])]
+    specs = [(n, tuple(s), int(b)) for n, s, b in json.loads(_weights_meta(weights)["modalities"])]
     model = build_model(cfg, specs)
-    model.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+    model.load_state_dict(read_weights(weights, device=str(device)), strict=True)
     return model.to(device).eval(), cfg

@@ -252,10 +252,10 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     if first is None:
         first = next(batches)  # the FLOP count's sample; trained on as the first step
     # model FLOPs for achieved_tflops / mfu: counted once, on a copy, before DeepSpeed wraps or partitions the model
-    flops_per_sample, bf16_share = count_step_flops(model, first, lambda: autocast(cfg, device), device)
+    flops = count_step_flops(model, first, lambda: autocast(cfg, device), device)
     if rank0:
-        log.info("model FLOPs per sample (forward + backward, no recompute): %.4g; bf16 share %.3f",
-                 flops_per_sample, bf16_share)
+        log.info("model FLOPs of a forward + backward (no recompute): %.4g + %.4g per sample; bf16 share %.3f",
+                 flops.fixed, flops.per_sample, flops.bf16_share)
     engine, _, scheduler = build_engine(model, cfg, info.world_size)
     step, skipped_total = 0, 0
     ema = WeightEMA(engine.module, cfg.optim.ema) if cfg.optim.ema else None
@@ -356,7 +356,7 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True,
                         mininterval=0.1 if sys.stderr.isatty() else 30.0)
     tick, samples = time.monotonic(), 0
-    meter = SpeedMeter(flops_per_sample, device)
+    meter = SpeedMeter(flops, device)
     engine.train()
     try:
         while step < cfg.train.max_steps:
@@ -478,9 +478,9 @@ def _release(owned: bool) -> None:
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
     """Start from consolidated weights (``jobs.consolidate``), e.g. to continue at a new world size."""
-    from safetensors.torch import load_file
+    from pipeline.train.consolidate import read_weights
 
-    state = load_file(path)
+    state = read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"model.init_weights={path!r} does not fit this model: missing {missing[:5]}, "
