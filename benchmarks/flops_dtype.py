@@ -10,28 +10,25 @@ twin). FLOPs are counted, not timed, so the figures are exact and machine-indepe
 
 Printed per size: total GFLOP, the bf16 share, and the fp32 FLOPs by op. ``--attention`` picks the ICA path
 (``auto`` as the recipes, ``plain``, ``fused``). ``--baseline`` also counts the same step with the
-pre-plan composed path (``MANGO_BF16_ATTENTION=0``: fp32 attention, a second score pass for the log-det
-diagonal) in a subprocess, and prints the ratios new / baseline.
+plan's ``lowp_attention`` off — the path every bf16 run took before: q/k cast to fp32, the attention in fp32,
+and a second pass over the scores for the log-det diagonal — and prints the ratio new / baseline.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-
 import torch
 
 from pipeline.flops import DtypeFlopCounter
 from pipeline.flows import MultiscaleMangoFlow, data_init
+from pipeline.flows.plan import ExecutionPlan
 
 
-def count(size: int, dim: int, batch: int, attention: str, device: str) -> dict:
+def count(size: int, dim: int, batch: int, attention: str, device: str, lowp_attention: bool = True) -> dict:
     torch.manual_seed(0)
     flow = MultiscaleMangoFlow(3, size, levels=3, blocks_per_level=2, dim=dim, patch_size=4, partitions="all",
                                lica_group=64, attention=attention).to(device)
+    ExecutionPlan(device=device, precision="bf16", lowp_attention=lowp_attention).apply(flow)
     a = torch.randint(0, 256, (batch, 3, size, size), device=device).float()
     b = torch.randint(0, 256, (batch, 3, size, size), device=device).float()
     with torch.no_grad():
@@ -52,20 +49,11 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", choices=["auto", "plain", "fused"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--baseline", action="store_true", help="also count the pre-plan path and print ratios")
-    ap.add_argument("--json", action="store_true", help="print one JSON line per size (used by --baseline)")
     args = ap.parse_args()
     rows = [count(s, args.dim, args.batch, args.attention, args.device) for s in args.sizes]
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
-        return
     base = {}
     if args.baseline:
-        cmd = [sys.executable, __file__, "--json", "--sizes", *map(str, args.sizes), "--dim", str(args.dim),
-               "--batch", str(args.batch), "--attention", args.attention, "--device", args.device]
-        env = {**os.environ, "MANGO_BF16_ATTENTION": "0"}
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        base = {r["size"]: r for r in map(json.loads, out.splitlines())}
+        base = {s: count(s, args.dim, args.batch, args.attention, args.device, lowp_attention=False) for s in args.sizes}
     for r in rows:
         line = f"{r['size']}²: {r['gflop']:.1f} GFLOP per step, bf16 share {r['bf16_share']:.3f}, fp32 {r['fp32_gflop']:.2f} GFLOP"
         if r["size"] in base:
