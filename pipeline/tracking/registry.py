@@ -234,20 +234,47 @@ def _logging_run(client: MlflowClient, source: ModelSource) -> str:
     return client.create_run(exp, run_name=f"register-{source.cfg.model.task}", tags=tags).info.run_id
 
 
-def pyfunc_arguments(weights: str | Path, tmp: str | Path) -> dict:
+def stage_code(tmp: str | Path) -> Path:
+    """A clean copy of the ``pipeline`` package under ``tmp`` (no caches, no built libraries) for the
+    model's ``code_paths``: the model carries the code it was logged with."""
+    import pipeline
+
+    src = Path(pipeline.__file__).resolve().parent
+    dst = Path(tmp) / "code" / "pipeline"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", ".*"))
+    return dst
+
+
+def pyfunc_arguments(weights: str | Path, tmp: str | Path, input_example=None) -> dict:
     """The ``mlflow.pyfunc.log_model`` / ``save_model`` arguments for consolidated ``weights``: the
     :class:`~pipeline.tracking.pyfunc_model.MangoPyfuncModel`, an artifact directory (weights + config,
-    staged under ``tmp``), the params signature and explicit pip requirements (no inference subprocess)."""
+    staged under ``tmp``), the ``pipeline`` package as ``code_paths``, the task's signature (inputs, outputs,
+    params; :mod:`pipeline.tracking.serving`), ``input_example`` when given, and explicit pip requirements
+    (no inference subprocess)."""
     from pipeline.train.consolidate import config_path
 
-    from .pyfunc_model import ARTIFACT, WEIGHTS_FILE, MangoPyfuncModel, pip_requirements, signature
+    from .pyfunc_model import ARTIFACT, WEIGHTS_FILE, MangoPyfuncModel, pip_requirements
+    from .serving import io_for_weights, signature
 
     bundle = Path(tmp) / ARTIFACT
     bundle.mkdir(parents=True)
     shutil.copy2(weights, bundle / WEIGHTS_FILE)
     shutil.copy2(config_path(weights), bundle / "model.config.yaml")
-    return {"python_model": MangoPyfuncModel(), "artifacts": {ARTIFACT: str(bundle)},
-            "pip_requirements": pip_requirements(), "signature": signature()}
+    io = io_for_weights(weights)
+    args = {"python_model": MangoPyfuncModel(), "artifacts": {ARTIFACT: str(bundle)},
+            "code_paths": [str(stage_code(tmp))],
+            "pip_requirements": pip_requirements(io.task, text=io.columns), "signature": signature(io),
+            "metadata": {"mango": io.describe()}}
+    if input_example is not None:
+        args["input_example"] = input_example
+    return args
+
+
+def example_for(weights: str | Path, shards: str, split: str, n: int = 2):
+    """An input example from the first ``n`` held-out samples of ``split`` (density: dequantised by key)."""
+    from .serving import input_example, io_for_weights
+
+    return input_example(io_for_weights(weights), shards, split, n)
 
 
 def register(source: ModelSource, result: EvalResult, *, tracking_uri: str = "", promote: bool = False) -> Registration:
@@ -266,7 +293,8 @@ def register(source: ModelSource, result: EvalResult, *, tracking_uri: str = "",
     # MLFLOW_TRACKING_URI to every later subprocess)
     with tempfile.TemporaryDirectory(prefix="mango-register-") as tmp:
         local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(str(local), **pyfunc_arguments(source.weights, Path(tmp) / "staging"))
+        example = example_for(source.weights, result.shards, result.split)
+        mlflow.pyfunc.save_model(str(local), **pyfunc_arguments(source.weights, Path(tmp) / "staging", example))
         client.log_artifacts(run_id, str(local), MODEL_PATH)
     artifact_uri = client.get_run(run_id).info.artifact_uri
     _ensure_registered_model(client, name)
