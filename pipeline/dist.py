@@ -148,6 +148,14 @@ def init_distributed(
             "MASTER_PORT": str(port),
         })
     timeout = datetime.timedelta(seconds=timeout_s)
+    # Groups made later with new_group(timeout=None) — DeepSpeed's data-parallel clones, whose all-reduces
+    # carry the gradients — take torch's module default (30 min), not the default group's timeout: make the
+    # bound apply to them too, or a hung peer would stall the gradient all-reduce for half an hour.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if backend == "nccl":
+        distributed_c10d.default_pg_nccl_timeout = timeout
     if use_deepspeed:
         import deepspeed
 

@@ -1,0 +1,106 @@
+"""Real ranks: the demo config on 2 ranks (a val split with fewer shards than ranks), ZeRO-0 resumed
+2 → 1 → 2 ranks with Adam's state, and a rank lost (kill -9 / SIGSTOP) under a per-rank launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.demo import shard_stereo
+from jobs.train import main as train_main
+from pipeline.data import load_manifest
+from pipeline.tracking import read_metrics
+from tests.conftest import free_port
+from tests.train.conftest import REPO, run, torchrun_cmd
+
+from .conftest import tiny
+from .rank_worker import adam_matches
+
+DEMO = ["--config", "launch/configs/demo.yaml", "tracking.enabled=false", "train.log_every=1",
+        "optim.warmup_steps=2", "eval.every=4", "checkpoint.every=4"]
+
+
+@pytest.mark.timeout(420)
+def test_demo_config_on_two_ranks_resumes_2_to_1_to_2_with_adam_state(tmp_path: Path, caplog) -> None:
+    shards, run_dir = tmp_path / "stereo", tmp_path / "run"
+    shard_stereo(str(shards))
+    val = load_manifest(str(shards / "manifest-val.json"))
+    assert len(val.shards) == 1  # fewer val shards than ranks: rank 1 contributes nothing, and that works
+    common = [*DEMO, f"data.shards={shards}", f"run.dir={run_dir}"]
+    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=4"), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [row["val_samples"] for row in rows if "val_samples" in row] == [val.total_samples] * 2
+
+    # 2 → 1: the loaded optimizer equals the saved one bit for bit, then the run continues
+    tag4 = run_dir / "checkpoints" / "step00000004"
+    got = adam_matches(tag4)
+    assert got["same"] and got["adam_steps"] == [4] and got["scheduler_epoch"] == got["saved_scheduler_epoch"] == 4, got
+    from pipeline import dist
+
+    dist.cleanup()
+    assert train_main([*common, "train.max_steps=6", "checkpoint.every=6", "checkpoint.resume=latest"]) == 0
+    assert any("written by 2 ranks) on 1 ranks" in r.getMessage() for r in caplog.records)
+    # 1 → 2
+    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=8", "checkpoint.resume=latest"),
+            timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "written by 1 ranks) on 2 ranks" in r.stderr
+    final = torch.load(run_dir / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert {int(v["step"]) for v in final["optimizer"]["state"].values()} == {8}, "Adam's step == steps trained"
+    assert final["lr_scheduler"]["last_epoch"] == 8
+    steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    assert steps == list(range(1, 9)), steps
+    # the data cursor moved on across the resizes in global batches: 4·2 + 2·1 + 2·2 = 14 = 7 per rank on 2
+    cursor = torch.load(run_dir / "checkpoints" / "step00000008" / "trainer-rank0.pt", weights_only=True)["loader"]
+    assert (cursor["epoch"], cursor["batches"]) == (0, 7), cursor
+
+
+def _per_rank(shards: Path, run_dir: Path, port: int, rank: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "jobs.train", *tiny(shards, run_dir, "train.max_steps=100000", "eval.every=100000",
+                                                      "checkpoint.every=100000", *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(run_dir: Path, step: int, procs, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = run_dir / "metrics.jsonl"
+        if m.exists() and any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(m)):
+            return
+        assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["kill9", "sigstop"])
+def test_a_lost_rank_ends_the_others_within_the_bound_naming_it(shards: Path, tmp_path: Path, how: str) -> None:
+    bound = 10.0
+    run_dir, port = tmp_path / "run", free_port()
+    procs = [_per_rank(shards, run_dir, port, r, f"train.collective_timeout_s={bound}") for r in (0, 1)]
+    try:
+        _wait_for_step(run_dir, 3, procs)
+        t0 = time.monotonic()
+        os.kill(procs[1].pid, signal.SIGKILL if how == "kill9" else signal.SIGSTOP)
+        _, err = procs[0].communicate(timeout=bound + 30)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert procs[0].returncode == 1 and len(lines) == 1, err[-3000:]
+    assert "lost rank(s) 1" in lines[0] and f"train.collective_timeout_s={bound:g}" in lines[0], lines[0]
+    assert took < bound + 15, took  # a dead peer is seen at once; a hung one at the bound (+ heartbeat check)
