@@ -64,6 +64,10 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
     extra memory O(N·D·b²).
     """
     n, d = a.shape[-1], y.shape[-1]
+    if not (torch.is_grad_enabled() and (a.requires_grad or alpha.requires_grad or y.requires_grad)):
+        x = native.gated_solve(a, alpha, y)  # C++ back-substitution on the CPU (sampling, reconstruction)
+        if x is not None:
+            return x
     # Without autograd, solved rows go straight into x and the per-channel diagonal blocks into one reused
     # buffer (building them dominated the solve). With autograd nothing may be written in place (the
     # matmuls save slices of x, the solves save their matrices), so blocks are collected and concatenated.

@@ -102,3 +102,12 @@ def affine_coupling(layer, x: torch.Tensor, recompute: bool):
                                     int(layer.cond_dim), float(layer.scale_bound), float(norm0.eps), float(norm1.eps),
                                     act0.approximate, bool(recompute))
     return y, logdet
+
+
+def gated_solve(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """The gated inverse ``(I + α_c A) x = y`` per channel by the C++ back-substitution (no autograd), or None when
+    the node is not available or the tensors are not on the CPU (the caller then runs the blocked solve)."""
+    mod = load()
+    if mod is None or a.device.type != "cpu":
+        return None
+    return mod.gated_solve(a, alpha.to(a.dtype), y.to(a.dtype))

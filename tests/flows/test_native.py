@@ -193,3 +193,22 @@ def test_cpp_channel_mixer_equals_the_python_path_with_either_sign(cpp) -> None:
     args = (x.detach()[:1].requires_grad_(), *[p.detach().requires_grad_() for p in mixer.parameters()])
     assert torch.autograd.gradcheck(
         lambda z, lu, log_s: sum(t.sum() for t in cpp.channel_mix(z, lu, log_s, mixer.sign)), args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [1, 5, 130])
+def test_cpp_gated_solve_equals_the_blocked_solve_and_inverts_the_update(cpp, dtype, n) -> None:
+    from pipeline.flows.ica import solve_gated_upper
+
+    gen = torch.Generator().manual_seed(n)
+    d = 7
+    a = torch.randn(3, n, n, generator=gen, dtype=dtype).masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-1),
+                                                                     -torch.inf).softmax(-1)
+    alpha = torch.tanh(torch.randn(d, generator=gen, dtype=dtype)) * 0.99
+    y = torch.randn(3, n, d, generator=gen, dtype=dtype)
+    x = native.gated_solve(a, alpha, y)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(x + alpha * (a @ x), y, atol=tol, rtol=0)  # (I + α_c A) x = y, every channel
+    with torch.enable_grad():  # the autograd path is the blocked Python solve
+        ref = solve_gated_upper(a, alpha, y.clone().requires_grad_(), block=4)
+    torch.testing.assert_close(x, ref.detach(), atol=tol, rtol=0)
