@@ -81,7 +81,7 @@ class ActNorm(InvertibleModule):
             if reverse:
                 y = x.to(ct) * torch.exp(-log_scale) - loc
                 return y.to(x.dtype), -logdet
-            if torch.is_grad_enabled() and x.dtype == ct:
+            if torch.is_grad_enabled() and x.dtype == ct and self.kernels != "reference":
                 # one node that saves its output (which the next layer keeps anyway), not its shifted input
                 return ActNormAffine.apply(x, loc, log_scale), logdet
             y = (x.to(ct) + loc) * torch.exp(log_scale)

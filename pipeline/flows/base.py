@@ -74,6 +74,18 @@ def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+#: which implementations a layer may run, set on every layer by the execution plan (:mod:`pipeline.flows.plan`):
+#: ``auto`` = the C++ nodes where they apply (fp32, parameters not ZeRO-3-partitioned, built), else the Python
+#: autograd nodes; ``python`` = the Python nodes only; ``reference`` = the composed definitions only (autograd
+#: differentiates them, no hand-written backward anywhere: the semantics every kernel is held to).
+KERNELS = ("auto", "python", "reference")
+
+
+def native_ok(layer: nn.Module, x: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``layer`` may run its C++ node for ``x``: the plan allows it and :func:`fused_path_ok`."""
+    return layer.kernels == "auto" and fused_path_ok(x, param)
+
+
 def fused_path_ok(x: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether a layer may run its fused node (a hand-written backward) for input ``x``: autocast off on x's
     device (under autocast the composed path keeps its bf16/fp32 split), and ``param`` not partitioned by
@@ -110,6 +122,8 @@ class InvertibleModule(nn.Module):
     #: token count and width this layer was built for (``None`` = any)
     tokens: int | None = None
     dim: int | None = None
+    #: implementations this layer may run (one of :data:`KERNELS`; set by the plan)
+    kernels: str = "auto"
 
     def forward(self, x: torch.Tensor, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         validate_tokens(x, self.tokens, self.dim, type(self).__name__)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import native
-from .base import InvertibleModule, compute_dtype, fused_path_ok, logdet_dtype, no_autocast
+from .base import InvertibleModule, compute_dtype, logdet_dtype, native_ok, no_autocast
 
 
 class ChannelMixer(InvertibleModule):
@@ -56,7 +56,7 @@ class ChannelMixer(InvertibleModule):
         return low @ up
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if not reverse and fused_path_ok(x, self.lu) and x.dtype == self.lu.dtype == compute_dtype(x):
+        if not reverse and native_ok(self, x, self.lu) and x.dtype == self.lu.dtype == compute_dtype(x):
             out = native.channel_mix(self, x)  # one C++ node (pipeline/flows/native.py); None without it
             if out is not None:
                 return out

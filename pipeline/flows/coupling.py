@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import native
-from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_checkpoint, logdet_dtype, no_autocast
+from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, native_ok, no_autocast
 
 
 class AffineCoupling(InvertibleModule):
@@ -63,7 +63,7 @@ class AffineCoupling(InvertibleModule):
         autocast (the module path runs the convolutions in bf16 there), ordinary parameters (ZeRO-3 gathers
         partitioned ones inside each submodule's forward) in x's dtype."""
         w = self.net[0].weight
-        return not reverse and fused_path_ok(x, w) and w.dtype == x.dtype == compute_dtype(x)
+        return not reverse and native_ok(self, x, w) and w.dtype == x.dtype == compute_dtype(x)
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self._native_ok(x, reverse):

@@ -33,7 +33,7 @@ from torch import nn
 from . import native
 from .attention import diag_log_softmax, upper_attention
 from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_checkpoint, logdet_dtype, no_autocast
-from .kernels import upper_attention_lse
+from .kernels import upper_attention_lse, upper_attention_lse_reference
 from .ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
     GATE_MARGIN, ROW_BLOCK, GatedICACore, GatedUpperAttention, gated_upper_attention_reference,
 )
@@ -55,7 +55,8 @@ ATTENTION = ("auto", "fused", "plain")
 FUSED_MIN_TOKENS = 512
 
 
-def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, block: int = 64) -> torch.Tensor:
+def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, block: int = 64,
+                      allow_native: bool = True) -> torch.Tensor:
     """Solve ``(I + α_c A) x[:, :, c] = y[:, :, c]`` for every channel c.
 
     a: (N, n, n) upper triangular; alpha: (D,); y: (N, n, D). Blocked back-substitution from the last row
@@ -64,7 +65,7 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
     extra memory O(N·D·b²).
     """
     n, d = a.shape[-1], y.shape[-1]
-    if not (torch.is_grad_enabled() and (a.requires_grad or alpha.requires_grad or y.requires_grad)):
+    if allow_native and not (torch.is_grad_enabled() and (a.requires_grad or alpha.requires_grad or y.requires_grad)):
         x = native.gated_solve(a, alpha, y)  # C++ back-substitution on the CPU (sampling, reconstruction)
         if x is not None:
             return x
@@ -257,7 +258,8 @@ class ICA(InvertibleModule):
         with no_autocast(x1.device.type):
             qs = (q.to(ct) * self.log_temperature.to(ct).exp()).to(dt)
             kl = k.to(dt)
-            ax, lse = upper_attention_lse(qs, kl, x2.to(dt))
+            attention = upper_attention_lse_reference if self.kernels == "reference" else upper_attention_lse
+            ax, lse = attention(qs, kl, x2.to(dt))
             diag = (qs.to(ct) * kl.to(ct)).sum(-1) - lse.to(ct)  # log a_ii, from the same scores as A
             if self.form == "gated":
                 alpha = self.gate(ct)
@@ -268,7 +270,8 @@ class ICA(InvertibleModule):
         """Whether the forward can be one :class:`GatedICACore` node: gated form, materialised attention, no
         autocast (bf16 projections take the composed path, as before) and ordinary parameters (DeepSpeed
         ZeRO-3 flags partitioned ones with ``ds_id`` and gathers them only inside each submodule's forward)."""
-        return self.form == "gated" and self.attention == "plain" and fused_path_ok(x, self.proj_q.weight)
+        return (self.form == "gated" and self.attention == "plain" and self.kernels != "reference"
+                and fused_path_ok(x, self.proj_q.weight))
 
     def _core(self, z: torch.Tensor, gather, scatter, swap: bool, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
         ct = z.dtype
@@ -277,14 +280,15 @@ class ICA(InvertibleModule):
             z, gather, scatter, swap, self.proj_q.weight.to(ct), self.proj_k.weight.to(ct),
             self.norm_q.weight.to(ct), self.norm_q.bias.to(ct), self.norm_k.weight.to(ct), self.norm_k.bias.to(ct),
             self.log_temperature.to(ct), self.beta.to(ct), self.mask_bias.to(ct), self.norm_q.eps, self.norm_k.eps,
-            self.recompute_attention and not in_block_checkpoint(), self.row_block, loc, log_scale)
+            self.recompute_attention and not in_block_checkpoint(), self.row_block, loc, log_scale,
+            allow_native=self.kernels == "auto")
 
     def takes_norm(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward_normed` can fuse a preceding ActNorm into this layer's node for input ``x``:
         the fast path, x already in the compute dtype, and for LICA the C++ mixer node (the norm goes into its
         first node, before the token mixer)."""
         return (x.dtype == compute_dtype(x) and self._fast_path(x)
-                and (self.partition != "lica" or native.load() is not None))
+                and (self.partition != "lica" or (self.kernels == "auto" and native.load() is not None)))
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``self(norm(x))`` with the ActNorm inside this layer's first node (log-dets summed); only where
@@ -307,11 +311,12 @@ class ICA(InvertibleModule):
             m = self.mixer
             w, w_inv = m.operators(ct)
             loc, log_scale = (None, None) if norm is None else (norm.loc.to(ct), norm.log_scale.to(ct))
-            zm = native.block_mix(xc, w, m.gather_in, m.scatter_in, None, None, loc, log_scale)
+            cpp = self.kernels == "auto"
+            zm = native.block_mix(xc, w, m.gather_in, m.scatter_in, None, None, loc, log_scale) if cpp else None
             if zm is None:  # no C++ node (norm is None here: takes_norm said no)
                 zm = m.apply_blocks(xc.index_select(1, m.gather_in), w)
             z, logdet = self._core(zm, m.gather_out, m.scatter_out, False)
-            y = native.block_mix(z, w_inv, None, None, m.scatter_in, m.gather_in)
+            y = native.block_mix(z, w_inv, None, None, m.scatter_in, m.gather_in) if cpp else None
             if y is None:
                 y = m.apply_blocks(z, w_inv).index_select(1, m.scatter_in)
         elif self.partition in ("mmca1", "mmca2"):
@@ -326,7 +331,10 @@ class ICA(InvertibleModule):
         q, k = self.queries_keys(x1)
         with no_autocast(x1.device.type):
             alpha = self.gate(ct)
-            y2, a_diag = GatedUpperAttention.apply(q, k, x2.to(ct), alpha, self.mask_bias.to(ct))
+            if self.kernels == "reference":
+                y2, a_diag = gated_upper_attention_reference(q, k, x2.to(ct), alpha, self.below_diag)
+            else:
+                y2, a_diag = GatedUpperAttention.apply(q, k, x2.to(ct), alpha, self.mask_bias.to(ct))
             return y2, torch.log1p(alpha * a_diag.unsqueeze(-1)).sum(dim=(1, 2))
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,8 +347,9 @@ class ICA(InvertibleModule):
         if lowp is not None:
             y2, logdet = self._forward_lowp(x1, x2, lowp)
             return self.merge(x1, y2.to(x.dtype), ops), logdet.to(logdet_dtype(x))
-        if not reverse and (self.attention == "fused" or self.form == "gated"):
-            fwd = self._forward_fused if self.attention == "fused" else self._forward_plain_gated
+        fused = self.attention == "fused" and self.kernels != "reference"
+        if not reverse and (fused or self.form == "gated"):
+            fwd = self._forward_fused if fused else self._forward_plain_gated
             y2, logdet = fwd(x1, x2)
             return self.merge(x1, y2.to(x.dtype), ops), logdet.to(logdet_dtype(x))
         if self.form == "gated":
@@ -353,7 +362,7 @@ class ICA(InvertibleModule):
                 alpha = self.gate(ct)
                 a_diag = attn.diagonal(dim1=-2, dim2=-1)  # (N, n) = a_ii
                 logdet = torch.log1p(alpha * a_diag.unsqueeze(-1)).sum(dim=(1, 2))
-                y2 = solve_gated_upper(attn, alpha, x2c, self.solve_block)
+                y2 = solve_gated_upper(attn, alpha, x2c, self.solve_block, allow_native=self.kernels == "auto")
             else:
                 attn = logp.exp()
                 logdet = self.dim * logp.diagonal(dim1=-2, dim2=-1).sum(dim=-1)

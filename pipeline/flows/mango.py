@@ -77,7 +77,7 @@ class MangoBlock(FlowSequence):
         while i < len(layers):
             layer, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             if (isinstance(layer, ActNorm) and isinstance(nxt, ICA) and not layer._collect_init
-                    and fused_path_ok(x, layer.loc) and nxt.takes_norm(x)):
+                    and layer.kernels != "reference" and fused_path_ok(x, layer.loc) and nxt.takes_norm(x)):
                 x, logdet = nxt.forward_normed(x, layer)
                 i += 2
             else:

@@ -59,9 +59,9 @@ def load():
 
 
 def gated_ica_core(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias, eps_q, eps_k,
-                   recompute, block, loc=None, log_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``GatedICACore.apply(...)`` through the C++ node when it is available (see the module docstring)."""
-    mod = load()
+                   recompute, block, loc=None, log_scale=None, allow_native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GatedICACore.apply(...)`` through the C++ node when it is available and allowed (see the module docstring)."""
+    mod = load() if allow_native else None
     if mod is None:
         return GatedICACore.apply(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias,
                                   eps_q, eps_k, recompute, block, loc, log_scale)

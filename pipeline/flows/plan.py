@@ -17,7 +17,9 @@ Decisions:
 - **memory** (``model.memory``, or ``checkpoint`` when the operator's ``deepspeed.activation_checkpointing`` is on
   and ``model.memory`` is left at ``store``): ``store``; ``checkpoint`` = layer-selective recompute where the
   fp32 C++/Python nodes run, else torch's per-block checkpoint (bf16, ZeRO-3, SDPA attention); ``invert``.
-- **kernels**: the C++ nodes (fp32, not ZeRO-3, built) or the Python paths.
+- **kernels** (``model.kernels``): ``auto`` = the C++ nodes (fp32, not ZeRO-3, built) else the Python autograd
+  nodes; ``python`` = the Python nodes only; ``reference`` = the composed definitions only (slow; for checking a
+  suspected kernel bug on a real run). ``MANGO_NATIVE=0`` in the environment also turns the C++ nodes off.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from . import native
+from .base import KERNELS, InvertibleModule
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ICA
@@ -43,12 +46,17 @@ class ExecutionPlan:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     memory: str = "store"  # store | checkpoint | invert
     zero_stage: int = 0
-    native: bool = True  # the C++ nodes may run (fp32 paths, parameters not ZeRO-3-partitioned)
+    native: bool = True  # the C++ nodes are enabled (MANGO_NATIVE) — they run on fp32 paths, not under ZeRO-3
+    kernels: str = "auto"  # auto | python | reference (pipeline.flows.base.KERNELS)
     lowp_attention: bool = True  # under bf16: attention in bf16 with the log-det diagonal from the same pass
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Set every flow's memory policy and every ICA's attention precision on ``model`` (in place)."""
+        """Set every flow's memory policy, every layer's kernels and every ICA's attention precision on ``model``."""
+        if self.kernels not in KERNELS:
+            raise ValueError(f"ExecutionPlan: kernels must be one of {list(KERNELS)}; got '{self.kernels}'")
         for m in model.modules():
+            if isinstance(m, InvertibleModule):
+                m.kernels = self.kernels
             if isinstance(m, MangoFlow):
                 m.memory = self.memory
             elif isinstance(m, ICA):
@@ -56,7 +64,8 @@ class ExecutionPlan:
         return model
 
     def _cpp(self) -> bool:
-        return self.precision == "fp32" and self.zero_stage < 3 and self.native and native.load() is not None
+        return (self.kernels == "auto" and self.precision == "fp32" and self.zero_stage < 3 and self.native
+                and native.load() is not None)
 
     def layer_implementations(self, model: nn.Module) -> dict[str, str]:
         """Layer family → the implementation a training forward runs (with counts where it varies per layer)."""
@@ -67,9 +76,14 @@ class ExecutionPlan:
             kinds: Counter[str] = Counter()
             for m in icas:
                 if self.precision != "fp32" and self.lowp_attention:
-                    kinds["bf16 flash attention + lse (kernels.attention_lse)"] += 1
+                    kinds["bf16 flash attention + lse (kernels.attention_lse)" if self.kernels != "reference"
+                          else "bf16 composed attention + logsumexp (reference)"] += 1
+                elif self.kernels == "reference":
+                    kinds["composed fp32 reference"] += 1
                 elif m.form == "gated" and m.attention == "plain":
-                    kinds["C++ GatedICACore node" if cpp else "Python GatedUpperAttention node (fp32)"] += 1
+                    kinds["C++ GatedICACore node" if cpp else
+                          "Python GatedICACore node" if self.precision == "fp32" and self.zero_stage < 3
+                          else "Python GatedUpperAttention node (fp32)"] += 1
                 elif m.attention == "fused":
                     kinds["fp32 SDPA + chunked diagonal log-softmax"] += 1
                 else:
@@ -96,7 +110,8 @@ class ExecutionPlan:
         """One line: ``plan: bf16 autocast on cuda, ...; memory ...; ica: ...; coupling: ...``."""
         prec = ("fp32" if self.precision == "fp32" else
                 f"{self.precision} autocast (attention {'bf16' if self.lowp_attention else 'fp32'}, fp32 log-dets and state transforms)")
-        parts = [f"plan: {prec} on {self.device}", f"ZeRO-{self.zero_stage}", f"memory {self.memory_detail()}"]
+        parts = [f"plan: {prec} on {self.device}", f"ZeRO-{self.zero_stage}", f"memory {self.memory_detail()}",
+                 f"kernels {self.kernels}"]
         parts += [f"{k}: {v}" for k, v in self.layer_implementations(model).items()]
         return "; ".join(parts)
 
@@ -117,4 +132,5 @@ def decide_plan(cfg, device: torch.device | str) -> ExecutionPlan:
         memory=decide_memory(cfg.model.memory, cfg.deepspeed.activation_checkpointing),
         zero_stage=cfg.deepspeed.zero_stage,
         native=native.enabled(),
+        kernels=cfg.model.kernels,
     )

@@ -1,5 +1,15 @@
-"""Conformance of the fast kernels (``pipeline.flows.kernels``) against their composed references, and of the
-ICA layer's bf16 path against its fp32 definition.
+"""Conformance: every fast implementation of every flow layer against the layer's composed reference.
+
+Two levels:
+
+- the layer suite: each layer family in each configuration, run with the plan's ``kernels`` = ``auto`` (C++ nodes
+  where they apply) and ``python`` (the Python autograd nodes), against ``reference`` (the composed definitions,
+  differentiated by autograd): outputs, log-dets and every gradient (input and parameters, the log-det's
+  included) in fp64; the reverse direction; ZeRO-3-style flagged parameters (``ds_id``: the nodes step aside);
+  and under bf16 autocast against the fp32 reference within the stated tolerance;
+- the kernel suite: the attention + log-sum-exp kernel against its composed reference.
+
+``test_every_cpp_entry_point_is_covered`` fails when a C++ entry point is added without a case here.
 
 Tolerances: fp64 is held to 1e-10 (the kernels are the same arithmetic reordered); bf16 (8-bit mantissa,
 rounding unit 2⁻⁸ ≈ 3.9e-3) to 3e-2 relative on outputs and gradients, which is a few rounding units of the
@@ -12,7 +22,7 @@ import pytest
 import torch
 
 from pipeline.flops import DtypeFlopCounter
-from pipeline.flows import ICA, MangoBlock, MangoFlow
+from pipeline.flows import ICA, ActNorm, AffineCoupling, ChannelMixer, MangoBlock, MangoFlow, native
 from pipeline.flows.kernels import upper_attention_lse, upper_attention_lse_reference
 from pipeline.flows.plan import ExecutionPlan, decide_memory
 
@@ -151,4 +161,148 @@ def test_the_plan_names_the_implementation_of_every_layer_family() -> None:
     for family in ("ica:", "channel_mix:", "coupling:", "lica_mixer:"):
         assert family in line
     fp32 = ExecutionPlan(precision="fp32", native=False).describe(flow)
-    assert "Python GatedUpperAttention node (fp32)" in fp32 and "bf16" not in fp32
+    assert "16× Python GatedICACore node" in fp32 and "bf16" not in fp32
+    ref = ExecutionPlan(precision="fp32", kernels="reference").describe(flow)
+    assert "kernels reference" in ref and "16× composed fp32 reference" in ref
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layer suite
+
+LAYERS = {
+    "actnorm": lambda: ActNorm(6),
+    "channel_mix": lambda: ChannelMixer(6),
+    "coupling_k3": lambda: AffineCoupling(6, 8),
+    "coupling_k1_swap": lambda: AffineCoupling(6, 8, swap=True, kernel_size=1),
+    "ica_mmca1_gated": lambda: ICA(6, 16, "mmca1"),
+    "ica_mmca2_gated": lambda: ICA(6, 16, "mmca2"),
+    "ica_imca3_gated": lambda: ICA(6, 16, "imca3"),
+    "ica_lica_gated": lambda: ICA(6, 16, "lica", lica_group=8),
+    "ica_imca1_gated_fused": lambda: ICA(6, 16, "imca1", attention="fused"),
+    "ica_mmca1_paper": lambda: ICA(6, 16, "mmca1", form="paper"),
+    "block": lambda: MangoBlock(6, 16, lica_group=8),
+    "flow_checkpoint": lambda: MangoFlow(6, 16, num_blocks=2, memory="checkpoint", lica_group=8),
+}
+#: C++ entry points (pipeline/flows/csrc) and the cases above that run them under kernels=auto
+CPP_COVERAGE = {"gated_ica_core": "ica_*_gated, block, flow_checkpoint", "block_mix": "ica_lica_gated, block",
+                "channel_mix": "channel_mix, block", "affine_coupling": "coupling_*, block",
+                "gated_solve": "reverse of every gated ICA case"}
+
+
+def _layer(name: str, kernels: str, dtype=torch.float64):
+    torch.manual_seed(0)
+    layer = randomise_parameters(LAYERS[name](), std=0.2).to(dtype)
+    ExecutionPlan(kernels=kernels).apply(layer)
+    layer.kernels = kernels  # the plan sets it on every InvertibleModule inside; the top layer too
+    return layer
+
+
+#: autograd node names of the hand-written backwards (Python Functions and the C++ nodes)
+CUSTOM_NODES = ("GatedICACore", "GatedUpperAttention", "ActNormAffine", "CppFunction", "_UpperAttentionLSE",
+                "_DiagLogSoftmax")
+#: the hand-written node each case must actually run, per kernels setting (None: that layer has no such node)
+FAST_NODE = {
+    "auto": {"actnorm": "ActNormAffineBackward", "channel_mix": "CppFunction", "coupling": "CppFunction",
+             "ica_imca1_gated_fused": "_DiagLogSoftmaxBackward", "ica_mmca1_paper": None, "ica": "CppFunction",
+             "block": "CppFunction", "flow": "CppFunction"},
+    "python": {"actnorm": "ActNormAffineBackward", "channel_mix": None, "coupling": None,
+               "ica_imca1_gated_fused": "_DiagLogSoftmaxBackward", "ica_mmca1_paper": None,
+               "ica": "GatedICACoreBackward", "block": "GatedICACoreBackward", "flow": "GatedICACoreBackward"},
+}
+
+
+def _fast_node(name: str, kernels: str) -> str | None:
+    table = FAST_NODE[kernels]
+    return table.get(name, table[next(k for k in table if name.startswith(k))])
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _forward_and_grads(layer, x, g, h, autocast: bool = False):
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, logdet = layer(xx)
+    custom = {n for n in graph_nodes(y) | graph_nodes(logdet) if any(c in n for c in CUSTOM_NODES)}
+    if layer.kernels == "reference":
+        assert not custom, f"the reference path ran hand-written backwards: {custom}"
+    ((y.double() * g).sum() + (logdet.double() * h).sum()).backward()
+    grads = {"x": xx.grad} | {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad(set_to_none=True)
+    return y.detach(), logdet.detach(), grads
+
+
+def _case_inputs(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 6, generator=gen, dtype=torch.float64)
+    return x.to(dtype), torch.randn(2, 16, 6, generator=gen, dtype=torch.float64), torch.randn(2, generator=gen,
+                                                                                             dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "python"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_kernels_match_the_reference_in_fp64_forward_reverse_and_every_gradient(name, kernels) -> None:
+    x, g, h = _case_inputs()
+    fast, ref = _layer(name, kernels), _layer(name, "reference")
+    y, ld, grads = _forward_and_grads(fast, x, g, h)
+    y_ref, ld_ref, grads_ref = _forward_and_grads(ref, x, g, h)
+    node = _fast_node(name, kernels)
+    if node is not None:  # the implementation under test really ran
+        y_fast, ld_fast = fast(x.clone().requires_grad_())
+        assert node in graph_nodes(y_fast) | graph_nodes(ld_fast), f"{node} did not run"
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == grads_ref.keys()
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_ref[key], rtol=1e-9, atol=1e-9, msg=f"gradient of {key}")
+    with torch.no_grad():
+        x_rev, ld_rev = fast(y, reverse=True)
+        x_rev_ref, ld_rev_ref = ref(y, reverse=True)
+    torch.testing.assert_close(x_rev, x_rev_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld_rev, ld_rev_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x_rev, x, rtol=1e-9, atol=1e-9)  # and it is the inverse
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_with_zero3_flagged_parameters_matches_the_reference(name) -> None:
+    x, g, h = _case_inputs()
+    fast, ref = _layer(name, "auto"), _layer(name, "reference")
+    for p in fast.parameters():
+        p.ds_id = 0  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    y, ld, grads = _forward_and_grads(fast, x, g, h)
+    y_ref, ld_ref, grads_ref = _forward_and_grads(ref, x, g, h)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-10, atol=1e-10)
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_ref[key], rtol=1e-9, atol=1e-9, msg=f"gradient of {key}")
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_under_bf16_autocast_stays_within_tolerance_of_the_fp32_reference(name, kernels) -> None:
+    x, g, h = _case_inputs(torch.float32)
+    fast, ref = _layer(name, kernels, torch.float32), _layer(name, "reference", torch.float32)
+    y, ld, grads = _forward_and_grads(fast, x, g, h, autocast=True)
+    y_ref, ld_ref, grads_ref = _forward_and_grads(ref, x, g, h)
+    assert y.dtype == torch.float32 and ld.dtype == torch.float32  # state and log-dets stay fp32
+    assert _rel(y, y_ref) < BF16_RTOL
+    assert (ld - ld_ref).abs().max() < BF16_RTOL * ld_ref.abs().max().clamp_min(1.0)
+    flat, flat_ref = (torch.cat([v.flatten() for v in d.values()]) for d in (grads, grads_ref))
+    assert ((flat - flat_ref).norm() / flat_ref.norm()).item() < 5e-2
+
+
+def test_every_cpp_entry_point_is_covered() -> None:
+    mod = native.load()
+    if mod is None:
+        pytest.fail(f"the C++ nodes did not build: {native._STATE.get('error')!r}")
+    exported = {n for n in dir(mod) if not n.startswith("_")}
+    assert exported == set(CPP_COVERAGE), f"C++ entry points without a conformance case: {exported - set(CPP_COVERAGE)}"
