@@ -41,6 +41,7 @@ from pipeline.config_rules import ConfigError
 from pipeline.config_rules import check_resolved as _check_resolved
 from pipeline.config_rules import check_tree as _check_tree
 from pipeline.config_rules import rule_field as _f
+from pipeline.flows.base import KERNELS
 from pipeline.flows.ica import ATTENTION, FORMS
 from pipeline.flows.mango import MEMORY_POLICIES
 
@@ -97,6 +98,7 @@ class ModelConfig:
     form: str = _f("gated", choices=FORMS)
     channel_mix: bool = True  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
     attention: str = _f("auto", choices=ATTENTION)  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
+    kernels: str = _f("auto", choices=KERNELS)  # flow implementations: auto (C++ nodes where they apply), python, reference
     encoder: str = _f("conv", choices=ENCODERS)
     encoder_weights: str = ""  # local path to pretrained encoder weights; "" = random init
     init_weights: str = ""  # consolidated model.safetensors to start a fresh run from; "" = random init
