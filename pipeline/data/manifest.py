@@ -23,7 +23,7 @@ from . import storage
 FORMAT = "mango-shards/1"
 
 #: dtypes a modality may declare (numpy names, plus the non-array encodings)
-MODALITY_DTYPES = ("uint8", "uint16", "int64", "float32", "str", "json", "bytes")
+MODALITY_DTYPES = ("uint8", "uint16", "int64", "float32", "float64", "str", "json", "bytes")
 #: what a modality is; the loader's default decoder keys on it (labels → int64 (H, W), images → (C, H, W))
 MODALITY_KINDS = ("image", "depth", "label", "text", "target", "meta")
 
