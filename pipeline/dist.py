@@ -221,10 +221,7 @@ def clear_stale_build_locks(root: str | None = None) -> list[str]:
         if holders is None:
             continue
         if holders:
-            msg = (f"extension build lock {lock} is held by pid {holders[0]} (a build in progress); "
-                   "waiting for it")
-            log.warning(msg)
-            print(msg, file=sys.stderr, flush=True)
+            _say(f"extension build lock {lock} is held by pid {holders[0]} (a build in progress); waiting for it")
             continue
         try:
             after = os.stat(lock)
@@ -235,11 +232,17 @@ def clear_stale_build_locks(root: str | None = None) -> list[str]:
             continue
         removed.append(lock)
         age = time.time() - before.st_mtime
-        msg = (f"removed a stale extension build lock {lock} ({age:.0f}s old, no live process holds it: a build "
-               "was killed half-way); the op is rebuilt")
-        log.warning(msg)
-        print(msg, file=sys.stderr, flush=True)
+        _say(f"removed a stale extension build lock {lock} ({age:.0f}s old, no live process holds it: a build "
+             "was killed half-way); the op is rebuilt")
     return removed
+
+
+def _say(msg: str) -> None:
+    """One warning line: through logging when it is configured, else straight to stderr."""
+    if logging.getLogger().handlers:
+        log.warning(msg)
+    else:
+        print(msg, file=sys.stderr, flush=True)
 
 
 class _Heartbeat:
