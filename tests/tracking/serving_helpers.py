@@ -1,5 +1,5 @@
-"""Helpers for the serving tests: a real ``mlflow models serve`` subprocess on loopback, HTTP calls, and an
-untrained segmentation model saved as consolidated weights (the registry does not care how it was made)."""
+"""Helpers for the serving tests: a real ``mlflow models serve`` subprocess on loopback, HTTP calls, and untrained
+latent-task models saved as consolidated weights (the registry does not care how they were made)."""
 
 from __future__ import annotations
 
@@ -80,32 +80,49 @@ def post(url: str, payload: dict | str) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def segmentation_weights(root: Path) -> tuple[Path, str]:
-    """An untrained RGB-D segmentation model (ActNorm initialised on a real batch) on embedded scene shards
-    (train + val) → (consolidated weights, shard store)."""
+LATENT = {  # task → (source, split, config overrides)
+    "segmentation": ("scenes", "val", ["data.modalities=[rgb,depth,label]", "model.num_classes=6", "model.image_size=16",
+                                       "eval.metric=val_miou", "eval.mode=max"]),
+    "translation": ("stereo", "val", ["data.modalities=[rgb,depth,right]", "model.target=right", "model.image_size=8",
+                                      "eval.metric=val_mae", "eval.mode=min"]),
+    "classification": ("movies", "dev", ["data.modalities=[rgb,text,labels]", "model.num_classes=23",
+                                         "model.image_size=16", "eval.metric=val_macro_f1", "eval.mode=max"]),
+}
+
+
+def task_weights(root: Path, task: str, stereo_shards: str | None = None) -> tuple[Path, str, str]:
+    """An untrained ``task`` model (ActNorm initialised on a real batch) on real shards (embedded scenes, the
+    stereo pair ``stereo_shards``, embedded MM-IMDB-style movies) → (consolidated weights, shards, split)."""
     import json as _json
 
     from safetensors.torch import save_file
 
     from pipeline.config import load_config, save_resolved
     from pipeline.data import write_split
+    from pipeline.data.sources import movies
     from pipeline.evaluation import eval_loader
     from pipeline.flows import data_init
     from pipeline.models import build_model, modality_specs
     from pipeline.train.consolidate import config_path
 
-    weights = root / "segmentation" / "model.safetensors"
-    shards = str(root / "scenes")
+    kind, split, extra = LATENT[task]
+    weights = root / task / "model.safetensors"
+    shards = stereo_shards if kind == "stereo" else str(root / kind)
     if weights.exists():
-        return weights, shards
-    for split in ("train", "val"):
-        write_split("embedded", "scenes", shards, split, options={"scenes": 4, "size": 16}, samples_per_shard=4,
-                    progress=False)
-    cfg = load_config(None, ["model.task=segmentation", f"data.shards={shards}", "data.modalities=[rgb,depth,label]",
-                             "model.num_classes=6", "model.image_size=16", "model.dim=16", "model.patch_size=4",
-                             "model.num_blocks=1", "model.lica_group=0", "data.batch_size=4",
-                             "eval.metric=val_miou", "eval.mode=max"])
-    loader, manifest = eval_loader(cfg, shards, "val")
+        return weights, shards, split
+    if kind == "scenes":
+        for s in ("train", "val"):
+            write_split("embedded", "scenes", shards, s, options={"scenes": 4, "size": 16}, samples_per_shard=4,
+                        progress=False)
+    elif kind == "movies":
+        movies.write_movie_folder(str(root / "movie-folder"), 2, 5, 2, seed=1)
+        for s in ("train", "dev"):
+            write_split("mmimdb", str(root / "movie-folder"), shards, s, options={"image_size": 16},
+                        samples_per_shard=5, progress=False)
+    cfg = load_config(None, [f"model.task={task}", f"data.shards={shards}", f"data.val_split={split}", "model.dim=16",
+                             "model.patch_size=4", "model.num_blocks=1", "model.lica_group=0", "data.batch_size=4",
+                             *extra])
+    loader, manifest = eval_loader(cfg, shards, split)
     specs = modality_specs(cfg, manifest)
     torch.manual_seed(0)
     model = build_model(cfg, specs)
@@ -113,6 +130,6 @@ def segmentation_weights(root: Path) -> tuple[Path, str]:
     weights.parent.mkdir(parents=True)
     state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(weights), metadata={"step": "0", "task": "segmentation", "modalities": _json.dumps(specs)})
+    save_file(state, str(weights), metadata={"step": "0", "task": task, "modalities": _json.dumps(specs)})
     save_resolved(cfg, config_path(weights))
-    return weights, shards
+    return weights, shards, split
