@@ -23,7 +23,7 @@ RUN python -m pip install --upgrade pip \
 COPY . .
 RUN python -m pip install --no-deps -e . \
     && python -c "import pipeline, jobs.train, jobs.launch" \
-    && python -c "from pipeline.flows import native; assert native.load() is not None, 'C++ ICA node build failed'"
+    && python -c "from pipeline.flows.kernels import native; assert native.load() is not None, 'C++ ICA node build failed'"
 
 # every launcher's entry point is jobs.train; the manifests set the command (node.sh + torchrun)
 CMD ["python", "-m", "jobs.train", "--help"]

@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -c "from pipeline.flows import native; native.load()"  # build the C++ ICA node once (~1 min)
+	$(PY) -c "from pipeline.flows.kernels import native; native.load()"  # build the C++ flow nodes once (~1 min)
 	touch $(STAMP)
 
 demo: $(STAMP)

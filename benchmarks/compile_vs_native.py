@@ -4,7 +4,7 @@
 
 Three ways to run the same block (forward + backward of a scalar loss, same weights and input):
 
-- ``native``: eager, the C++ autograd nodes (``pipeline/flows/csrc``) — what fp32 CPU training runs;
+- ``native``: eager, the C++ autograd nodes (``pipeline/flows/kernels/csrc``) — what fp32 CPU training runs;
 - ``python``: eager, the Python nodes (``MANGO_NATIVE=0`` semantics, the kernels' reference path);
 - ``compiled``: ``torch.compile`` (inductor) of the Python path — the alternative to keeping hand-written kernels.
 

@@ -1,7 +1,8 @@
 """Exact MANGO flow layers. Every layer keeps the contract stated in :mod:`pipeline.flows.base`."""
 
 from .actnorm import ActNorm, data_init
-from .attention import diag_log_softmax, upper_attention
+from .kernels import native
+from .kernels.attention import diag_log_softmax, upper_attention
 from .base import FlowSequence, InvertibleModule
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
@@ -27,6 +28,7 @@ __all__ = [
     "PARTITIONS",
     "PARTITION_PRESETS",
     "data_init",
+    "native",
     "diag_log_softmax",
     "partition_index",
     "quantize",

@@ -16,7 +16,7 @@ correlated neighbours, and a learned rotation is what decorrelates them; ``bench
 effect (``--no-channel-mix`` for the paper's block): held-out bits/dim on the stereo pair at 32² after 30 s of
 training, 5.06 without it and 4.16 with it (normflows' Glow: 4.62 and 4.92 in those two runs).
 
-On the flow's fast path the forward is one C++ node (:func:`pipeline.flows.native.channel_mix`).
+On the flow's fast path the forward is one C++ node (:func:`pipeline.flows.kernels.native.channel_mix`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import native
+from .kernels import native
 from .base import InvertibleModule, compute_dtype, logdet_dtype, native_ok, no_autocast
 
 

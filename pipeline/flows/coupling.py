@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import native
+from .kernels import native
 from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, native_ok, no_autocast
 
 
@@ -59,7 +59,7 @@ class AffineCoupling(InvertibleModule):
         return torch.cat([xb, xa] if self.swap else [xa, xb], dim=-1)
 
     def _native_ok(self, x: torch.Tensor, reverse: bool) -> bool:
-        """Whether the forward can be the C++ node (:func:`pipeline.flows.native.affine_coupling`): not under
+        """Whether the forward can be the C++ node (:func:`pipeline.flows.kernels.native.affine_coupling`): not under
         autocast (the module path runs the convolutions in bf16 there), ordinary parameters (ZeRO-3 gathers
         partitioned ones inside each submodule's forward) in x's dtype."""
         w = self.net[0].weight

@@ -30,11 +30,10 @@ import math
 import torch
 from torch import nn
 
-from . import native
-from .attention import diag_log_softmax, upper_attention
 from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_checkpoint, logdet_dtype, no_autocast
-from .kernels import upper_attention_lse, upper_attention_lse_reference
-from .ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
+from .kernels import native, upper_attention_lse, upper_attention_lse_reference
+from .kernels.attention import diag_log_softmax, upper_attention
+from .kernels.ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
     GATE_MARGIN, ROW_BLOCK, GatedICACore, GatedUpperAttention, gated_upper_attention_reference,
 )
 from .lica import LUTokenMixer
@@ -42,7 +41,7 @@ from .partitions import PARTITIONS, partition_index
 
 FORMS = ("gated", "paper")
 #: forward attention path: ``fused`` = flipped causal SDPA for ``A x2`` + chunked diagonal log-probs
-#: (:mod:`pipeline.flows.attention`, no n×n tensor kept for backward); ``plain`` = A materialised (the
+#: (:mod:`pipeline.flows.kernels.attention`, no n×n tensor kept for backward); ``plain`` = A materialised (the
 #: :class:`GatedICACore` node; the composed reference path under autocast or ZeRO-3); ``auto`` = fused from
 #: ``FUSED_MIN_TOKENS`` tokens per half up: there the training step (forward + backward) measured faster on CPU
 #: (benchmarks/scaling.py, against the composed plain path: 1.33x at n=1024, 1.79x at 4096, parity at 256) and

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import native
+from .kernels import native
 from .base import KERNELS, InvertibleModule
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling

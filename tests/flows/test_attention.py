@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.flows import ICA, MangoFlow
-from pipeline.flows.attention import diag_log_softmax, upper_attention
+from pipeline.flows.kernels.attention import diag_log_softmax, upper_attention
 from pipeline.flows.ica import FUSED_MIN_TOKENS
 
 from .checker import check_flow, randomise_parameters

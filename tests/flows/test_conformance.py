@@ -183,7 +183,7 @@ LAYERS = {
     "block": lambda: MangoBlock(6, 16, lica_group=8),
     "flow_checkpoint": lambda: MangoFlow(6, 16, num_blocks=2, memory="checkpoint", lica_group=8),
 }
-#: C++ entry points (pipeline/flows/csrc) and the cases above that run them under kernels=auto
+#: C++ entry points (pipeline/flows/kernels/csrc) and the cases above that run them under kernels=auto
 CPP_COVERAGE = {"gated_ica_core": "ica_*_gated, block, flow_checkpoint", "block_mix": "ica_lica_gated, block",
                 "channel_mix": "channel_mix, block", "affine_coupling": "coupling_*, block",
                 "gated_solve": "reverse of every gated ICA case"}

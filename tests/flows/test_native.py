@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.flows import ICA, AffineCoupling, ChannelMixer, LUTokenMixer, MangoBlock, native
-from pipeline.flows.ica_nodes import GatedICACore
+from pipeline.flows.kernels.ica_nodes import GatedICACore
 
 from .checker import randomise_parameters
 

@@ -7,7 +7,7 @@ For q (pre-scaled), k (N, n, E) and v (N, n, E), with the upper-triangular mask 
 The ICA log-det needs ``log a_ii = s_ii − lse_i``. The attention kernels compute ``lse`` anyway (it is what
 their backward recomputes the probabilities from) but return it without a gradient. This autograd Function
 returns it *with* one, so the log-det's diagonal costs no second pass over ``q kᵀ`` (the chunked
-:func:`~pipeline.flows.attention.diag_log_softmax` did one in the forward and one in the backward).
+:func:`~pipeline.flows.kernels.attention.diag_log_softmax` did one in the forward and one in the backward).
 
 Backward. ``∂lse_i/∂s_ij = p_ij``, so the lse gradient adds ``g_lse_i · p_ij`` to dS. The flash backward computes
 ``dS = P ∘ (dO Vᵀ − D)`` with ``D_i = Σ_c dO_ic · O_ic`` taken from the ``out`` it is given; the lse term is

@@ -7,7 +7,7 @@
   in backward (``model.memory=checkpoint``);
 - :func:`gated_upper_attention_reference` — the composed autograd form the tests hold the nodes to.
 
-:class:`GatedICACore` also exists as a C++ node (``csrc/gated_ica_core.cpp``, :mod:`pipeline.flows.native`), which the
+:class:`GatedICACore` also exists as a C++ node (``csrc/gated_ica_core.cpp``, :mod:`pipeline.flows.kernels.native`), which the
 layer uses when it is built; this Python node is its tested reference and the fallback.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import no_autocast
+from ..base import no_autocast
 
 #: |α_c| ≤ 1 − GATE_MARGIN keeps every I + α_c A strictly diagonally dominant (a well-conditioned inverse)
 GATE_MARGIN = 1e-4

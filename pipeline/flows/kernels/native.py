@@ -1,6 +1,6 @@
 """The flow's C++ autograd nodes, built on first use with torch's extension builder (ninja + the C++ compiler).
 
-:func:`gated_ica_core` is :class:`~pipeline.flows.ica_nodes.GatedICACore` (same arguments, same arithmetic, same
+:func:`gated_ica_core` is :class:`~pipeline.flows.kernels.ica_nodes.GatedICACore` (same arguments, same arithmetic, same
 hand-written backward) as one C++ ``torch::autograd::Function`` (``csrc/gated_ica_core.cpp``), and
 :func:`block_mix` LICA's block-diagonal token mixer with its gathers (and a fused ActNorm), :func:`channel_mix`
 the :class:`~pipeline.flows.ChannelMixer`, and
