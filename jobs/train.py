@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import dist
     from pipeline.data.verify import DataError
     from pipeline.train.checkpoint import CheckpointError
+    from pipeline.train.checkpoint import SaveError as CheckpointSaveError
 
     try:
         result = train_loop(cfg)
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized() and dist.get_world_size() > 1:
             os._exit(2)  # every rank raised alike; tearing the group down could wait on a peer
         return 2
+    except CheckpointSaveError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            os._exit(1)  # the other ranks may wait in the save's barrier (bounded by the collective timeout)
+        return 1
     except Exception as e:
         line = dist.describe_collective_failure(e)
         if line is None:

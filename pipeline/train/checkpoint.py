@@ -43,6 +43,11 @@ COMPLETE = "COMPLETE"
 STATE = "state.json"  # step, resolved config, world size: readable without torch or DeepSpeed
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, file size limit): one line naming the tag and the
+    checkpoint that stays in charge (``jobs.train`` exits 1; the run resumes from that one)."""
+
+
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as asked (corrupt file, history without a complete checkpoint):
     one line naming the file or what is missing (``jobs.train`` / ``jobs.consolidate`` exit 2)."""
@@ -150,9 +155,16 @@ def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], 
     """Collective: save on every rank, then mark complete and move ``latest`` on rank 0."""
     root = checkpoint_root(run_dir)
     tag = step_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=shared, save_latest=False)
     rank = dist.get_rank()
-    torch.save({**per_rank, "rng": rng_state()}, root / tag / f"trainer-rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=shared, save_latest=False)
+        torch.save({**per_rank, "rng": rng_state()}, root / tag / f"trainer-rank{rank}.pt")
+    except (OSError, RuntimeError) as e:  # ENOSPC, EDQUOT, EFBIG (RLIMIT_FSIZE); torch wraps them in RuntimeError
+        first = " ".join(str(e).split())[:200]
+        prev = latest_complete(run_dir)
+        raise SaveError(f"rank {rank}: saving checkpoint {root / tag} failed ({type(e).__name__}: {first}); disk full "
+                        f"or over quota? {prev if prev else 'no earlier checkpoint'} stays in charge "
+                        f"(checkpoint.resume=latest continues from it once there is space)") from None
     dist.barrier()
     if rank == 0:
         for f in (root / tag).iterdir():  # every rank's files reach the disk before the marker says so
