@@ -12,7 +12,9 @@ its metrics, the evaluation and training manifests' checksums and the git commit
 it. ``--promote`` moves ``champion`` only if ``eval.metric`` beats the champion's in ``eval.mode`` on the
 same evaluation manifest (another manifest is refused). Exit codes: 0 registered (and promoted, if asked);
 3 registered but not promoted (the reason is printed); 2 bad input.
-Afterwards: ``mlflow.pyfunc.load_model("models:/mango-<task>@champion")``.
+The logged model is self-contained (its code, a signature, a held-out input example, requirements from the
+package index; see docs/serving.md). Afterwards: ``mlflow.pyfunc.load_model("models:/mango-<task>@champion")``,
+``mlflow models serve -m models:/mango-<task>@champion``, ``python -m jobs.predict --model ... --shards ... --out ...``.
 """
 
 from __future__ import annotations
