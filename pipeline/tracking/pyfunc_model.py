@@ -75,16 +75,6 @@ def signature(io=None):
     return _signature(io)
 
 
-def _tensor(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        if value.dtype == np.uint16:  # torch has no arithmetic on uint16: depth in mm fits int32 exactly
-            value = value.astype(np.int32)
-        return torch.from_numpy(np.ascontiguousarray(value))
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise TypeError(f"pyfunc input values must be numpy arrays or lists of str; got {type(value).__name__}")
-
-
 def run_task(model: torch.nn.Module, task: str, batch: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
     """Run ``model`` (a loaded task model, eval mode) the way :meth:`MangoPyfuncModel.predict` does;
     returns numpy arrays. Shared with the in-process checks so both paths are the same code."""

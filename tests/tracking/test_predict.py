@@ -7,7 +7,6 @@ dequantised with noise seeded by each sample's key. Bad inputs exit 2 with one l
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -91,11 +90,14 @@ def test_local_and_ray_score_equal_key_by_key_with_a_manifest(density, tmp_path,
             want = model.flow(*(torch.from_numpy(imgs[m]) for m in ("rgb.png", "right.png")), mode="bits_per_dim")
         np.testing.assert_allclose(bpd, want.double().numpy(), rtol=1e-5)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert _run(density, remote, "--ray", "--actors", "2") == 0
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert "(ray)" in capsys.readouterr().out
     ray_manifest = load_manifest(str(remote / "manifest-val.json"))
     assert ray_manifest.args["engine"] == "ray" and out.args["engine"] == "local"
