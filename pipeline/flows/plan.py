@@ -20,6 +20,9 @@ Decisions:
 - **kernels** (``model.kernels``): ``auto`` = the C++ nodes (fp32, not ZeRO-3, built) else the Python autograd
   nodes; ``python`` = the Python nodes only; ``reference`` = the composed definitions only (slow; for checking a
   suspected kernel bug on a real run). ``MANGO_NATIVE=0`` in the environment also turns the C++ nodes off.
+- **compile** (``model.compile``): ``torch.compile`` each MANGO block in place (inductor; the Python nodes, which
+  it traces). Compiling costs seconds to minutes per block shape at start-up; ``benchmarks/compile_vs_native.py``
+  compares it with the C++ nodes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .base import KERNELS, InvertibleModule
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ICA
-from .mango import MangoFlow
+from .mango import MangoBlock, MangoFlow
 
 
 @dataclass(frozen=True)
@@ -49,22 +52,34 @@ class ExecutionPlan:
     native: bool = True  # the C++ nodes are enabled (MANGO_NATIVE) — they run on fp32 paths, not under ZeRO-3
     kernels: str = "auto"  # auto | python | reference (pipeline.flows.base.KERNELS)
     lowp_attention: bool = True  # under bf16: attention in bf16 with the log-det diagonal from the same pass
+    compile: bool = False  # torch.compile each MANGO block (the Python kernels: the C++ nodes are opaque to it)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Set every flow's memory policy, every layer's kernels and every ICA's attention precision on ``model``."""
         if self.kernels not in KERNELS:
             raise ValueError(f"ExecutionPlan: kernels must be one of {list(KERNELS)}; got '{self.kernels}'")
+        kernels = self.effective_kernels
         for m in model.modules():
             if isinstance(m, InvertibleModule):
-                m.kernels = self.kernels
+                m.kernels = kernels
             if isinstance(m, MangoFlow):
                 m.memory = self.memory
             elif isinstance(m, ICA):
                 m.lowp_attention = self.lowp_attention
+        if self.compile:
+            for m in model.modules():
+                if isinstance(m, MangoBlock):
+                    m.compile()  # in place: the module keeps its parameters, names and hooks
         return model
 
+    @property
+    def effective_kernels(self) -> str:
+        """``kernels``, except that a compiled plan runs the Python nodes (the compiler traces them; it cannot see
+        into the C++ nodes)."""
+        return "python" if self.compile and self.kernels == "auto" else self.kernels
+
     def _cpp(self) -> bool:
-        return (self.kernels == "auto" and self.precision == "fp32" and self.zero_stage < 3 and self.native
+        return (self.effective_kernels == "auto" and self.precision == "fp32" and self.zero_stage < 3 and self.native
                 and native.load() is not None)
 
     def layer_implementations(self, model: nn.Module) -> dict[str, str]:
@@ -78,7 +93,7 @@ class ExecutionPlan:
                 if self.precision != "fp32" and self.lowp_attention:
                     kinds["bf16 flash attention + lse (kernels.attention_lse)" if self.kernels != "reference"
                           else "bf16 composed attention + logsumexp (reference)"] += 1
-                elif self.kernels == "reference":
+                elif self.effective_kernels == "reference":
                     kinds["composed fp32 reference"] += 1
                 elif m.form == "gated" and m.attention == "plain":
                     kinds["C++ GatedICACore node" if cpp else
@@ -111,7 +126,7 @@ class ExecutionPlan:
         prec = ("fp32" if self.precision == "fp32" else
                 f"{self.precision} autocast (attention {'bf16' if self.lowp_attention else 'fp32'}, fp32 log-dets and state transforms)")
         parts = [f"plan: {prec} on {self.device}", f"ZeRO-{self.zero_stage}", f"memory {self.memory_detail()}",
-                 f"kernels {self.kernels}"]
+                 f"kernels {self.effective_kernels}", "compiled (torch.compile per MANGO block)" if self.compile else "eager"]
         parts += [f"{k}: {v}" for k, v in self.layer_implementations(model).items()]
         return "; ".join(parts)
 
@@ -133,4 +148,5 @@ def decide_plan(cfg, device: torch.device | str) -> ExecutionPlan:
         zero_stage=cfg.deepspeed.zero_stage,
         native=native.enabled(),
         kernels=cfg.model.kernels,
+        compile=cfg.model.compile,
     )

@@ -65,6 +65,8 @@ def _count(model: nn.Module, batch: Mapping[str, Any], precision: Callable[[], A
     for m in probe.modules():
         if isinstance(m, MangoFlow):
             m.memory = "store"
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None  # count eagerly: same ops, and no compile inside the counting mode
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), DtypeFlopCounter() as counter:
