@@ -99,6 +99,7 @@ class ModelConfig:
     channel_mix: bool = True  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
     attention: str = _f("auto", choices=ATTENTION)  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
     kernels: str = _f("auto", choices=KERNELS)  # flow implementations: auto (C++ nodes where they apply), python, reference
+    compile: bool = False  # torch.compile each MANGO block (runs the Python kernels; compile time at start-up)
     encoder: str = _f("conv", choices=ENCODERS)
     encoder_weights: str = ""  # local path to pretrained encoder weights; "" = random init
     init_weights: str = ""  # consolidated model.safetensors to start a fresh run from; "" = random init
