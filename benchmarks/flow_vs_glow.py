@@ -1,7 +1,7 @@
 """Side-by-side: the multiscale MANGO flow vs normflows' Glow on the real stereo pair (3 + 3 channels).
 
 Run: ``.venv/bin/python benchmarks/flow_vs_glow.py [--sizes 32 64] [--repeats 3] [--budget 30] [--threads 0] [--device cuda]
-[--patch 4] [--dim 48]``
+[--patch 4] [--dim 48] [--compile]`` (``--compile``: both models compiled block by block)
 (longer, steadier figures: ``--repeats 5 --budget 300``).
 
 Data. The Middlebury 2014 *Motorcycle* stereo pair embedded in scikit-image, through the project's embedded
@@ -51,6 +51,7 @@ import torch
 
 from pipeline.data.sources.embedded import EmbeddedSource
 from pipeline.flows import MultiscaleMangoFlow, data_init
+from pipeline.flows.plan import ExecutionPlan
 
 LEVELS, BLOCKS, DIM = 3, 2, 48
 
@@ -146,6 +147,11 @@ def bench(size: int, args) -> list[str]:
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     train, val = stereo_patches(size, "train"), stereo_patches(size, "val")
     pair = Pair(size, dev, args.patch, args.dim, args.channel_mix)
+    if args.compile:  # both models compiled block by block, the same way
+        ExecutionPlan(device=dev, compile=True).apply(pair.mango)
+        for m in pair.glow.modules():
+            if type(m).__name__ == "GlowBlock":
+                m.compile()
     gen = torch.Generator().manual_seed(0)
     first = dequantise(train[torch.randperm(len(train), generator=gen)[:64]], 0).to(dev)
     data_init(pair.mango, first[:, :3], first[:, 3:], mode="bits_per_dim")
@@ -230,6 +236,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--patch", type=int, default=PATCH, help="MANGO patch size (2 or 4: the shipped configs' settings)")
     parser.add_argument("--dim", type=int, default=DIM, help="MANGO conditioner width (q/k and coupling hidden)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every MANGO block (the plan's compiled path) and every Glow block")
     parser.add_argument("--no-channel-mix", dest="channel_mix", action="store_false",
                         help="MANGO blocks without the learned channel mixer (the paper's block)")
     args = parser.parse_args()
