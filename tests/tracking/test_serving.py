@@ -218,3 +218,22 @@ def test_virtualenv_built_from_model_requirements_serves_the_same(registered, tm
     finally:
         for s in started.values():
             s.stop()
+
+
+def test_loading_never_builds_the_cpp_extension(registered, tmp_path):
+    """A fresh process with an empty torch extension cache loads and runs the model on the flow's Python nodes:
+    nothing is built (a build would take a minute and leave its directory in the cache)."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "torch_extensions"
+    script = (f"import mlflow.pyfunc, json, numpy as np; m = mlflow.pyfunc.load_model({str(registered['density']['local'])!r});"
+              f"x = json.load(open({str(registered['density']['local'] / 'serving_input_example.json')!r}))['inputs'];"
+              "print(m.predict({k: np.asarray(v, dtype=np.float32) for k, v in x.items()})['bits_per_dim'].shape)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop("MANGO_NATIVE", None)
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("(2,)")
+    assert not cache.exists() or not any(cache.iterdir()), list(cache.rglob("*"))[:5]
