@@ -13,15 +13,28 @@ imca1    [A1; B1]        [A2; B2]
 imca2    [A1; B2]        [A2; B1]
 imca3    [A2; B1]        [A1; B2]
 imca4    [A2; B2]        [A1; B1]
+imca1r   [B1; A1]        [B2; A2]
+imca2r   [B2; A1]        [B1; A2]
+imca3r   [B1; A2]        [B2; A1]
+imca4r   [B2; A2]        [B1; A1]
 lica     first / second half of W·x, W a learned LU token mixer (see ``lica.py``)
 =======  ==============  ==============
+
+Why the ``r`` layouts (ours, not the paper's). ICA's update is ``y2 = x2 + α·(A x2)`` with A upper triangular in
+x2's token order: row i mixes the values of tokens j ≥ i. In the paper's IMCA layouts A's tokens come first, so an
+A row reads B's *content* (B's tokens are all "later") but a B row only ever reads later B tokens: B's update
+never sees A's values (and in MMCA the values are one modality's own). The ``r`` layouts put B first — the same
+pairs of x1/x2 tokens with the modality halves swapped — so B reads A's content; the preset ``twoway`` is the
+paper's block with imca2 and imca4 replaced by imca2r and imca4r (same layer count, content flowing both ways in
+every block). Still permutations: log-det 0, exact inverse.
 """
 
 from __future__ import annotations
 
 import torch
 
-PARTITIONS: tuple[str, ...] = ("mmca1", "mmca2", "imca1", "imca2", "imca3", "imca4", "lica")
+PARTITIONS: tuple[str, ...] = ("mmca1", "mmca2", "imca1", "imca2", "imca3", "imca4", "imca1r", "imca2r", "imca3r",
+                               "imca4r", "lica")
 
 #: the paper's block layout, and named subsets for its Table 5 ablation (``model.partitions``)
 PARTITION_PRESETS: dict[str, tuple[str, ...]] = {
@@ -30,6 +43,7 @@ PARTITION_PRESETS: dict[str, tuple[str, ...]] = {
     "imca": ("imca1", "imca2", "imca3", "imca4"),
     "lica": ("lica", "lica"),
     "mmca+imca": ("mmca1", "mmca2", "imca1", "imca2", "imca3", "imca4"),
+    "twoway": ("mmca1", "mmca2", "imca1", "imca2r", "imca3", "imca4r", "lica", "lica"),
 }
 
 
@@ -66,5 +80,9 @@ def partition_index(name: str, tokens: int) -> torch.Tensor:
         "imca2": (a1, b2, a2, b1),
         "imca3": (a2, b1, a1, b2),
         "imca4": (a2, b2, a1, b1),
+        "imca1r": (b1, a1, b2, a2),
+        "imca2r": (b2, a1, b1, a2),
+        "imca3r": (b1, a2, b2, a1),
+        "imca4r": (b2, a2, b1, a1),
     }[name]
     return torch.cat(order)
