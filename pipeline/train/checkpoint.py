@@ -156,6 +156,13 @@ def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], 
     root = checkpoint_root(run_dir)
     tag = step_tag(step)
     rank = dist.get_rank()
+    if engine.zero_optimization_stage() >= 1:
+        # what DeepSpeed's universal-checkpoint converter requires of the client state (elastic resume)
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        shared = {**shared, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
+                                                         UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=shared, save_latest=False)
         torch.save({**per_rank, "rng": rng_state()}, root / tag / f"trainer-rank{rank}.pt")
@@ -205,6 +212,10 @@ def _prune(root: Path, keep: int) -> None:
     complete = [p for p in tags if (p / COMPLETE).exists()]
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if (root / UNIVERSAL).is_dir():  # a conversion outlives its source tag by nothing
+        for conv in (root / UNIVERSAL).iterdir():
+            if not (root / conv.name.lstrip(".").split(".")[0]).is_dir():
+                shutil.rmtree(conv, ignore_errors=True)
     newest = complete[-1].name if complete else ""
     for partial in tags:  # a partial save newer than the newest complete one is a killed save: drop it
         if not (partial / COMPLETE).exists() and partial.name < newest:
@@ -261,6 +272,62 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     if error:
         raise CheckpointError(error)
     return Path(found) if found else None
+
+
+UNIVERSAL = "universal"  # <checkpoints>/universal/<tag>: DeepSpeed universal conversions of ZeRO 1–3 tags
+
+
+def universal_checkpoint(tag_dir: Path) -> Path:
+    """The DeepSpeed universal checkpoint of a ZeRO 1–3 tag, converted once (rank 0; the others wait at the
+    caller's barrier) with ``python -m deepspeed.checkpoint.ds_to_universal`` into a temporary folder that is
+    renamed into place with a ``COMPLETE`` marker (a killed conversion is redone, never half-used), and
+    reused by the next resize. Raises :class:`CheckpointError` with the converter's last line on failure."""
+    import subprocess
+    import sys
+
+    tag_dir = Path(tag_dir)
+    out = tag_dir.parent / UNIVERSAL / tag_dir.name
+    if (out / COMPLETE).exists():
+        return out
+    tmp = tag_dir.parent / UNIVERSAL / f".{tag_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    log.warning("converting %s to a DeepSpeed universal checkpoint in %s (once; reused by later resizes)", tag_dir, out)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["?"])[-1][:200]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed ({last}); resume at the world "
+                              f"size that wrote it, or consolidate it: python -m jobs.consolidate {tag_dir}")
+    _write_durable(tmp / COMPLETE, tag_dir.name + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    return out
+
+
+def load_universal(engine, tag_dir: Path) -> dict[str, Any]:
+    """Load a universal conversion (:func:`universal_checkpoint`) of ``tag_dir`` into ``engine`` at this world
+    size: fp32 weights, Adam moments and step per parameter, scheduler; returns the client state."""
+    conv = Path(tag_dir).parent / UNIVERSAL / Path(tag_dir).name
+    engine._config.load_universal_checkpoint = True  # DeepSpeed's `checkpoint.load_universal`, for this load
+    try:
+        _, client = engine.load_checkpoint(str(conv.parent), tag=conv.name)
+    finally:
+        engine._config.load_universal_checkpoint = False  # later saves and loads are ordinary ones
+    if client is None:
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {conv}")
+    # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter sub-group the *same* step tensor; Adam
+    # increments it in place once per group, so the step (and the bias correction) would advance twice per
+    # step with two groups (decay / no decay). Give each group its own copy.
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for st in getattr(base, "state", {}).values():
+        if isinstance(st.get("step"), torch.Tensor):
+            st["step"] = st["step"].clone()
+    return client
 
 
 def read_rank_state(tag_dir: Path) -> dict[str, Any]:

@@ -221,7 +221,18 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         check_architecture(saved["config"], cfg)
         resized = saved["world_size"] != info.world_size
         if resized:
-            _check_elastic(saved, cfg, info, resume_from)
+            if _check_elastic(saved, cfg, info, resume_from) == "universal":
+                # ZeRO 1–3: rank 0 converts once (DeepSpeed universal checkpoint) while the others wait; the
+                # verdict is broadcast, so a failed conversion stops every rank alike
+                error = ""
+                if rank0:
+                    try:
+                        ckpt.universal_checkpoint(resume_from)
+                    except ckpt.CheckpointError as e:
+                        error = str(e)
+                error = dist.broadcast_object(error, src=0)
+                if error:
+                    raise ckpt.CheckpointError(error)
             # the ranks' cursors are equal (lockstep); rank 0's is re-split over the new ranks
             mine = ckpt.safe_load(resume_from / "trainer-rank0.pt")
             loader_state.load_state_dict(mine["loader"])
@@ -260,7 +271,8 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     step, skipped_total = 0, 0
     ema = WeightEMA(engine.module, cfg.optim.ema) if cfg.optim.ema else None
     if resume_from is not None:
-        client = ckpt.load(engine, resume_from)
+        universal = resized and saved["config"]["deepspeed"]["zero_stage"] > 0
+        client = ckpt.load_universal(engine, resume_from) if universal else ckpt.load(engine, resume_from)
         step, skipped_total = int(client["step"]), int(client.get("skipped_steps", 0))
         if resized:  # RNG streams re-derived per rank from (seed, step, rank)
             _seed_all(cfg.run.seed * 1000 + info.rank + 1 + 7919 * step)
@@ -439,16 +451,17 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     return last
 
 
-def _check_elastic(saved: Mapping[str, Any], cfg: Config, info: dist.WorldInfo, tag_dir: Path) -> None:
-    """A resume at a different world size: ZeRO-0 state is replicated and reloads directly."""
+def _check_elastic(saved: Mapping[str, Any], cfg: Config, info: dist.WorldInfo, tag_dir: Path) -> str:
+    """How a checkpoint resumes at a different world size: ZeRO-0 state is replicated and reloads directly
+    ("direct"); ZeRO 1–3 through a DeepSpeed universal checkpoint ("universal") at the same stage."""
     old_stage = saved["config"]["deepspeed"]["zero_stage"]
-    if old_stage == 0 and cfg.deepspeed.zero_stage == 0:
-        return
+    if old_stage == cfg.deepspeed.zero_stage:
+        return "direct" if old_stage == 0 else "universal"
     raise ConfigError(
         f"checkpoint {tag_dir} was written by {saved['world_size']} ranks at ZeRO-{old_stage}, this run has "
-        f"{info.world_size} ranks at ZeRO-{cfg.deepspeed.zero_stage}: only ZeRO-0 checkpoints resume at another "
-        f"world size here. Resume at {saved['world_size']} ranks, or continue from consolidated weights with a fresh "
-        f"optimizer: python -m jobs.consolidate {tag_dir} --out model.safetensors, then train with "
+        f"{info.world_size} ranks at ZeRO-{cfg.deepspeed.zero_stage}: a resize keeps the ZeRO stage (set "
+        f"deepspeed.zero_stage={old_stage}). Or continue from consolidated weights with a fresh optimizer: "
+        f"python -m jobs.consolidate {tag_dir} --out model.safetensors, then train with "
         f"model.init_weights=model.safetensors checkpoint.resume= and a new run.dir")
 
 

@@ -22,7 +22,7 @@ from tests.conftest import free_port
 from tests.train.conftest import REPO, run, torchrun_cmd
 
 from .conftest import tiny
-from .rank_worker import adam_matches
+from .rank_worker import adam_matches, adam_matches_universal, universal_steps
 
 DEMO = ["--config", "launch/configs/demo.yaml", "tracking.enabled=false", "train.log_every=1",
         "optim.warmup_steps=2", "eval.every=4", "checkpoint.every=4"]
@@ -62,6 +62,36 @@ def test_demo_config_on_two_ranks_resumes_2_to_1_to_2_with_adam_state(tmp_path: 
     # the data cursor moved on across the resizes in global batches: 4·2 + 2·1 + 2·2 = 14 = 7 per rank on 2
     cursor = torch.load(run_dir / "checkpoints" / "step00000008" / "trainer-rank0.pt", weights_only=True)["loader"]
     assert (cursor["epoch"], cursor["batches"]) == (0, 7), cursor
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stage_resumes_at_other_world_sizes_through_universal_checkpoints(shards: Path, tmp_path: Path,
+                                                                                stage: int, caplog) -> None:
+    from pipeline import dist
+
+    run_dir = tmp_path / "run"
+    common = tiny(shards, run_dir, f"deepspeed.zero_stage={stage}", "eval.every=4", "checkpoint.every=4")
+    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=4"), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tag4 = run_dir / "checkpoints" / "step00000004"
+    got = adam_matches_universal(tag4)  # 2 → 1: moments, fp32 weights, step, scheduler as saved
+    dist.cleanup()
+    assert got["same"] and got["compared"] > 100 and got["saved_steps"] == [4], got
+    assert got["client_step"] == got["scheduler_epoch"] == 4, got
+    assert train_main([*common, "train.max_steps=6", "checkpoint.every=6", "eval.every=6",
+                       "checkpoint.resume=latest"]) == 0
+    dist.cleanup()
+    assert any("written by 2 ranks) on 1 ranks" in r.getMessage() for r in caplog.records)
+    if stage == 3:  # once is enough for ZeRO-3 (the slowest launches)
+        assert universal_steps(run_dir / "checkpoints" / "step00000006") == [6]
+        return
+    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=8", "checkpoint.resume=latest"),
+            timeout=180)  # 1 → 2
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert universal_steps(run_dir / "checkpoints" / "step00000008") == [8], "Adam's step == steps trained"
+    steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    assert steps == list(range(1, 9)), steps
 
 
 def _per_rank(shards: Path, run_dir: Path, port: int, rank: int, *extra: str) -> subprocess.Popen:
