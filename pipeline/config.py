@@ -81,43 +81,53 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The model. ``density`` is the multiscale pixel-level flow; the other tasks are latent models E → G → head."""
+    """The model. ``density`` is the multiscale pixel-level flow; the other tasks are latent models E → G → head.
 
-    task: str = _f("density", choices=TASKS)
-    channels: int = _f(3, ge=1)  # per modality, at pixel level
-    image_size: int = _f(64, ge=1)  # H = W, pixels
-    levels: int = _f(3, ge=1)  # multiscale levels (each after the first halves the token grid side)
-    blocks_per_level: int = _f(4, ge=1)
-    dim: int = _f(64, ge=1)  # conditioner width; token width D of the latent task models
-    patch_size: int = _f(2, ge=1)  # pixels per token side at level 0
-    num_blocks: int = _f(12, ge=1)  # G: MANGO blocks in the latent flow
-    tokens: int = _f(0, ge=0)  # tokens per modality in the latent models; 0 = (image_size / patch_size)²
-    partitions: str = _f("all", partitions=True)  # a preset or a '+'-joined list of partition names
-    lica_group: int = _f(64, ge=0)  # LICA token-group size; 0 = one full L×L mixer
-    memory: str = _f("store", choices=MEMORY_POLICIES)
-    form: str = _f("gated", choices=FORMS)
-    channel_mix: bool = True  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
-    attention: str = _f("auto", choices=ATTENTION)  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
-    kernels: str = _f("auto", choices=KERNELS)  # flow implementations: auto (C++ nodes where they apply), python, reference
-    compile: bool = False  # torch.compile each MANGO block (runs the Python kernels; compile time at start-up)
-    encoder: str = _f("conv", choices=ENCODERS)
-    encoder_weights: str = ""  # local path to pretrained encoder weights; "" = random init
-    init_weights: str = ""  # consolidated model.safetensors to start a fresh run from; "" = random init
-    nll_weight: float = _f(1e-2, ge=0.0)  # λ in task loss + λ·NLL/(L·D)
-    num_classes: int = _f(0, ge=0)  # segmentation / classification head size
-    fusion: str = _f("mango", choices=("mango", "concat"))  # latent models: G over the fused tokens, or concat (no flow)
-    target: str = ""  # latent models: the predicted entry of data.modalities ("" = the one label / target modality)
-    grid: list[int] = _f(factory=list, item_ge=1)  # [gh, gw] token grid per modality; [] = square of model.tokens
-    text_trainable: bool = False  # fine-tune MiniLM (text modalities); false = frozen
-    text_cache: int = _f(0, ge=0)  # frozen MiniLM: hidden states of this many distinct texts kept in memory; 0 = off
-    gan_weight: float = _f(0.0, ge=0.0)  # translation: weight of the PatchGAN terms; 0 = no discriminator
-    depth_max: float = _f(10000.0, gt=0.0)  # 16-bit modalities: this value maps to 1.0 (mm: 10 m), clipped
+    Every field declares ``arch``: whether it fixes the architecture (the parameter set or what the weights mean).
+    A resumed run must keep those (:func:`architecture_keys`); the rest (memory policy, kernels, loss weights,
+    initial weights) may change between runs.
+    """
+
+    task: str = _f("density", choices=TASKS, arch=True)
+    channels: int = _f(3, ge=1, arch=True)  # per modality, at pixel level
+    image_size: int = _f(64, ge=1, arch=True)  # H = W, pixels
+    levels: int = _f(3, ge=1, arch=True)  # multiscale levels (each after the first halves the token grid side)
+    blocks_per_level: int = _f(4, ge=1, arch=True)
+    dim: int = _f(64, ge=1, arch=True)  # conditioner width; token width D of the latent task models
+    patch_size: int = _f(2, ge=1, arch=True)  # pixels per token side at level 0
+    num_blocks: int = _f(12, ge=1, arch=True)  # G: MANGO blocks in the latent flow
+    tokens: int = _f(0, ge=0, arch=True)  # tokens per modality in the latent models; 0 = (image_size / patch_size)²
+    partitions: str = _f("all", partitions=True, arch=True)  # a preset or a '+'-joined list of partition names
+    lica_group: int = _f(64, ge=0, arch=True)  # LICA token-group size; 0 = one full L×L mixer
+    memory: str = _f("store", choices=MEMORY_POLICIES, arch=False)
+    form: str = _f("gated", choices=FORMS, arch=True)
+    channel_mix: bool = _f(True, arch=True)  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
+    attention: str = _f("auto", choices=ATTENTION, arch=False)  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
+    kernels: str = _f("auto", choices=KERNELS, arch=False)  # flow implementations: auto (C++ nodes where they apply), python, reference
+    compile: bool = _f(False, arch=False)  # torch.compile each MANGO block (runs the Python kernels; compile time at start-up)
+    encoder: str = _f("conv", choices=ENCODERS, arch=True)
+    encoder_weights: str = _f("", arch=False)  # local path to pretrained encoder weights; "" = random init
+    init_weights: str = _f("", arch=False)  # consolidated model.safetensors to start a fresh run from; "" = random init
+    nll_weight: float = _f(1e-2, ge=0.0, arch=False)  # λ in task loss + λ·NLL/(L·D)
+    num_classes: int = _f(0, ge=0, arch=True)  # segmentation / classification head size
+    fusion: str = _f("mango", choices=("mango", "concat"), arch=True)  # latent models: G over the fused tokens, or concat (no flow)
+    target: str = _f("", arch=True)  # latent models: the predicted entry of data.modalities ("" = the one label / target modality)
+    grid: list[int] = _f(factory=list, item_ge=1, arch=True)  # [gh, gw] token grid per modality; [] = square of model.tokens
+    text_trainable: bool = _f(False, arch=False)  # fine-tune MiniLM (text modalities); false = frozen
+    text_cache: int = _f(0, ge=0, arch=False)  # frozen MiniLM: hidden states of this many distinct texts kept in memory; 0 = off
+    gan_weight: float = _f(0.0, ge=0.0, arch=True)  # translation: weight of the PatchGAN terms; 0 = no discriminator
+    depth_max: float = _f(10000.0, gt=0.0, arch=True)  # 16-bit modalities: this value maps to 1.0 (mm: 10 m), clipped
     # translation head: direct = pixels decoded from the token grid; on a rectified stereo pair, warp = one regressed
     # horizontal shift per pixel, the source image warped by it (grid_sample); select = a per-pixel softmax over
     # the shifts -R..R of the source image (Deep3D's selection layer)
-    decoder: str = _f("direct", choices=("direct", "warp", "select"))
-    warp_range: int = _f(16, ge=1)  # decoder=warp|select: shifts bounded by / candidates in -R..R px
-    warp_generate: bool = False  # decoder=warp|select: add a directly decoded image (occlusion term / candidate)
+    decoder: str = _f("direct", choices=("direct", "warp", "select"), arch=True)
+    warp_range: int = _f(16, ge=1, arch=True)  # decoder=warp|select: shifts bounded by / candidates in -R..R px
+    warp_generate: bool = _f(False, arch=True)  # decoder=warp|select: add a directly decoded image (occlusion term / candidate)
+
+
+def architecture_keys() -> tuple[str, ...]:
+    """The ``model.*`` fields declared ``arch=True`` in :class:`ModelConfig` (checked on resume, recorded in the registry)."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("arch"))
 
 
 @dataclass

@@ -158,3 +158,13 @@ def test_shipped_configs():
     big = load_config(CONFIGS / "mango_256.yaml", [])
     assert big.model.image_size == 256 and big.deepspeed.zero_stage == 2
     assert big.deepspeed.precision == "bf16" and big.deepspeed.activation_checkpointing
+
+
+def test_every_model_field_declares_whether_it_fixes_the_architecture() -> None:
+    # a new model.* key must say whether a resumed run may change it (arch=True: refused on resume)
+    import dataclasses
+
+    from pipeline.config import ModelConfig
+
+    unmarked = [f.name for f in dataclasses.fields(ModelConfig) if "arch" not in f.metadata]
+    assert not unmarked, f"model fields without arch=True/False in pipeline/config.py: {unmarked}"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline import dist
-from pipeline.config import Config, ConfigError, save_resolved, to_dict
+from pipeline.config import Config, ConfigError, architecture_keys, save_resolved, to_dict
 from pipeline.flows import data_init
 from pipeline.flows.plan import decide_plan
 from pipeline.metrics import finalize
@@ -40,11 +40,10 @@ from pipeline.train.signals import PreemptionWatch
 
 log = logging.getLogger("pipeline.train")
 
-# Keys that fix the architecture: a resumed run takes them from the checkpoint, and a different value in
-# the new config is an error (a silent change would load weights into the wrong shapes, or worse, not fail).
-ARCH_KEYS = ("task", "channels", "image_size", "levels", "blocks_per_level", "dim", "patch_size", "num_blocks",
-             "tokens", "partitions", "lica_group", "form", "encoder", "num_classes", "fusion", "target", "grid",
-             "gan_weight")
+# Keys that fix the architecture (declared per field in ModelConfig): a resumed run takes them from the checkpoint,
+# and a different value in the new config is an error (a silent change would load weights into the wrong shapes,
+# or worse, not fail).
+ARCH_KEYS = architecture_keys()
 
 
 def _seed_all(seed: int) -> None:

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.tracking import read_metrics
 
 from .conftest import TINY_TRAIN, free_port, run
@@ -76,6 +78,29 @@ def test_resume_refuses_an_architecture_change_naming_the_key(tiny_shards: str, 
     r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=6", "checkpoint.resume=latest",
              "model.dim=8"])
     assert r.returncode != 0 and "model.dim: the checkpoint was trained with 16 but the config says 8" in r.stderr
+    # a key the old hand-kept list missed: the paper's block instead of ours would load into different parameters
+    r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=6", "checkpoint.resume=latest",
+             "model.channel_mix=false"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model.channel_mix: the checkpoint was trained with True but the config says False" in r.stderr
+
+
+def test_every_architecture_field_is_checked_on_resume() -> None:
+    # no key list here: the schema's arch flags are the list (tests/test_config.py checks every field has one)
+    from dataclasses import fields
+
+    from pipeline.config import ConfigError, ModelConfig, architecture_keys, load_config, to_dict
+    from pipeline.train.loop import check_architecture
+
+    cfg = load_config(None, [])
+    saved = to_dict(cfg)
+    for f in fields(ModelConfig):
+        changed = {**saved, "model": {**saved["model"], f.name: ["something else"]}}
+        if f.name in architecture_keys():
+            with pytest.raises(ConfigError, match=f"^model.{f.name}: the checkpoint was trained with"):
+                check_architecture(changed, cfg)
+        else:
+            check_architecture(changed, cfg)  # free to change between runs
 
 
 def test_a_signal_whose_save_overruns_the_grace_time_still_exits_with_its_code() -> None:
