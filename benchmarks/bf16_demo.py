@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.demo import CONFIG, STEREO
+from jobs.demo import CONFIG, shard_stereo
 from pipeline.config import load_config
-from pipeline.data import write_split
 from pipeline.train.loop import train_loop
 
 
@@ -42,9 +41,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for split in ("train", "val"):
-            write_split("embedded", "stereo", str(tmp / "shards"), split, options=STEREO, samples_per_shard=64,
-                        progress=False)
+        shard_stereo(str(tmp / "shards"))  # the demo's own shards
         for seed in args.seeds:
             fp32, t32 = run(tmp, "fp32", seed, args.steps, args.overrides)
             bf16, t16 = run(tmp, "bf16", seed, args.steps, args.overrides)
