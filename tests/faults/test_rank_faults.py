@@ -134,3 +134,30 @@ def test_a_lost_rank_ends_the_others_within_the_bound_naming_it(shards: Path, tm
     assert procs[0].returncode == 1 and len(lines) == 1, err[-3000:]
     assert "lost rank(s) 1" in lines[0] and f"train.collective_timeout_s={bound:g}" in lines[0], lines[0]
     assert took < bound + 15, took  # a dead peer is seen at once; a hung one at the bound (+ heartbeat check)
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_killed_under_torchrun_ends_the_job_within_the_bound(shards: Path, tmp_path: Path) -> None:
+    import psutil
+
+    bound = 10.0
+    run_dir = tmp_path / "run"
+    cmd = torchrun_cmd(2, "-m", "jobs.train", *tiny(shards, run_dir, "train.max_steps=100000", "eval.every=100000",
+                                                     "checkpoint.every=100000", f"train.collective_timeout_s={bound}"))
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(run_dir, 3, [proc])
+        ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "RANK" in c.environ()}
+        t0 = time.monotonic()
+        ranks[1].send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=bound + 60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and took < bound + 30, (proc.returncode, took)
+    # torchrun's summary names the lost rank (exit -9); the survivor exits without waiting on it
+    assert "rank      : 1" in err and "exitcode  : -9" in err, err[-3000:]
