@@ -90,9 +90,17 @@ LATENT = {  # task → (source, split, config overrides)
 }
 
 
+def latent_root(tmp_path_factory) -> Path:
+    """One folder per test session for :func:`task_weights` (each model and shard set is built once)."""
+    root = tmp_path_factory.getbasetemp() / "mango-latent"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 def task_weights(root: Path, task: str, stereo_shards: str | None = None) -> tuple[Path, str, str]:
     """An untrained ``task`` model (ActNorm initialised on a real batch) on real shards (embedded scenes, the
-    stereo pair ``stereo_shards``, embedded MM-IMDB-style movies) → (consolidated weights, shards, split)."""
+    stereo pair ``stereo_shards``, embedded MM-IMDB-style movies) → (consolidated weights, shards, split);
+    reused when ``root`` already holds it."""
     import json as _json
 
     from safetensors.torch import save_file

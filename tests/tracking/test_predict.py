@@ -154,3 +154,34 @@ def test_s3_in_and_out(density, s3_env, tmp_path, capsys):
     assert predict_main(["--model", density["uri"], "--shards", shards, "--out", "s3://no-such-bucket-x/p",
                          "--tracking-uri", density["server"]]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_segmentation_predictions_are_label_shards(mlflow_server, tmp_path_factory, tmp_path):
+    from pipeline.tracking.serving import io_for_weights, read_samples, request_from_samples
+    from tests.tracking.serving_helpers import latent_root, task_weights
+
+    root = tmp_path_factory.mktemp("predict-seg")
+    weights, shards, split = task_weights(latent_root(tmp_path_factory), "segmentation")
+    source = resolve_checkpoint(weights, root / "scratch")
+    reg = registry.register(source, evaluate_model(load_source(source), source.cfg, shards, split),
+                            tracking_uri=mlflow_server)
+    out = tmp_path / "preds"
+    assert predict_main(["--model", f"models:/mango-segmentation/{reg.version}", "--shards", shards, "--out", str(out),
+                         "--tracking-uri", mlflow_server, "--batch-size", "3", "--no-progress"]) == 0
+    m = load_manifest(str(out / "manifest-val.json"))
+    inp = load_manifest(join(shards, manifest_name("val")))
+    spec = m.modalities["pred.npy"]
+    assert spec.kind == "label" and spec.dtype == "int64" and spec.shape == (16, 16)
+    assert spec.classes == next(s.classes for s in inp.modalities.values() if s.kind == "label")
+    got = {k: np.load(io.BytesIO(v["pred.npy"])) for s in m.shards for k, v in _read_tar(out / s.name).items()}
+    assert m.total_samples == inp.total_samples == len(got)
+    # what the registered model predicts for the same samples in one batch
+    io_ = io_for_weights(weights)
+    samples = read_samples(shards, "val", [f.key for f in io_.inputs], inp.total_samples)
+    net, _ = load_model(weights)
+    batch = request_from_samples(samples, io_)
+    with torch.no_grad():
+        want = net({"rgb.png": torch.from_numpy(batch["rgb.png"]),
+                    "depth.png": torch.from_numpy(batch["depth.png"].astype(np.int32))}, mode="predict")["pred"]
+    for i, s in enumerate(samples):
+        assert (got[s["__key__"]] == want[i].numpy()).mean() > 0.99  # argmax ties aside

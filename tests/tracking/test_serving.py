@@ -22,7 +22,7 @@ from pipeline.evaluation import evaluate_model, load_source, resolve_checkpoint
 from pipeline.tracking import registry
 from pipeline.tracking.pyfunc_model import run_task
 from pipeline.train.consolidate import load_model
-from tests.tracking.serving_helpers import post, start_model_server, task_weights, wait_ready
+from tests.tracking.serving_helpers import latent_root, post, start_model_server, task_weights, wait_ready
 from tests.tracking.test_registry import _dequantised_inputs, trained_run
 
 
@@ -43,7 +43,7 @@ def registered(tmp_path_factory, mlflow_server):
     """A density model (the 6-step run) and an untrained segmentation model, registered in the server."""
     trained = trained_run(tmp_path_factory)
     root = tmp_path_factory.mktemp("serving")
-    seg_weights, seg_shards, _ = task_weights(root, "segmentation")
+    seg_weights, seg_shards, _ = task_weights(latent_root(tmp_path_factory), "segmentation")
     out = {"server": mlflow_server, "root": root}
     for task, weights, shards in (("density", trained["weights"][6], trained["shards"]),
                                   ("segmentation", seg_weights, seg_shards)):

@@ -22,7 +22,7 @@ from mlflow.types.schema import DataType
 from pipeline.evaluation import evaluate_model, load_source, resolve_checkpoint
 from pipeline.tracking import registry
 from pipeline.train.consolidate import load_model
-from tests.tracking.serving_helpers import task_weights
+from tests.tracking.serving_helpers import latent_root, task_weights
 from tests.tracking.test_registry import trained_run
 from tests.tracking.test_serving import _download
 
@@ -32,7 +32,7 @@ def logged(request, tmp_path_factory, mlflow_server):
     task = request.param
     trained = trained_run(tmp_path_factory)
     root = tmp_path_factory.mktemp(f"sig-{task}")
-    weights, shards, split = task_weights(root, task, stereo_shards=trained["shards"])
+    weights, shards, split = task_weights(latent_root(tmp_path_factory), task, stereo_shards=trained["shards"])
     source = resolve_checkpoint(weights, root / "scratch")
     result = evaluate_model(load_source(source), source.cfg, shards, split)
     reg = registry.register(source, result, tracking_uri=mlflow_server)
