@@ -140,6 +140,9 @@ def init_distributed(
         )
     if info.local_rank == 0:
         clear_stale_build_locks()  # a build killed half-way would make init_distributed wait forever
+        if use_deepspeed and not deepspeed_ops_built():
+            _say("building DeepSpeed's CPU comm op once (about 1-2 minutes on a small machine; `make` builds it "
+                 "ahead of time)")
     port = info.master_port or _free_port()
     if info.master_addr:
         os.environ.update({
@@ -243,6 +246,30 @@ def _say(msg: str) -> None:
         log.warning(msg)
     else:
         print(msg, file=sys.stderr, flush=True)
+
+
+def deepspeed_ops_built(root: str | None = None) -> bool:
+    """Whether DeepSpeed's CPU comm op (JIT-built by ``deepspeed.init_distributed``) is in the extension cache."""
+    root = root or extension_build_root()
+    return bool(glob.glob(os.path.join(root, "*", "deepspeed_shm_comm*", "*.so")))
+
+
+def prebuild_deepspeed_ops() -> None:
+    """Build DeepSpeed's CPU comm op now, with a progress line (``make`` calls this once at set-up)."""
+    clear_stale_build_locks()
+    if deepspeed_ops_built():
+        print("DeepSpeed's CPU comm op: already built", flush=True)
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        print("DeepSpeed's CPU comm op: not used on this accelerator", flush=True)
+        return
+    print("building DeepSpeed's CPU comm op (once, about 1-2 minutes) ...", flush=True)
+    start = time.monotonic()
+    builder.load()
+    print(f"built DeepSpeed's CPU comm op in {time.monotonic() - start:.0f}s", flush=True)
 
 
 class _Heartbeat:
