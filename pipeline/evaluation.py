@@ -1,12 +1,7 @@
 """Evaluate a trained model on one split of a shard store, outside training.
 
-Three ways to name a model, all resolved to one consolidated weights file + its config (:class:`ModelSource`):
-
-- consolidated weights ``model.safetensors`` (config beside it as ``model.config.yaml``);
-- a run directory, its ``checkpoints/`` directory or one checkpoint tag directory (any ZeRO stage):
-  consolidated into a scratch directory first (the run directory is never written to);
-- a registry URI ``models:/mango-<task>@<alias>`` or ``models:/mango-<task>/<version>``: the version's
-  logged weights and config are downloaded (see :mod:`pipeline.tracking.registry`).
+A model is named by a checkpoint, consolidated weights or a registry URI, all resolved to one consolidated
+weights file + its config (:class:`~pipeline.model_source.ModelSource`, :mod:`pipeline.model_source`).
 
 :func:`evaluate_model` is the training loop's own reduction (:func:`pipeline.train.loop.evaluate`: sums of
 ``forward(batch, mode="eval")`` over an exact pass, turned into metrics by the task's ``finalize``) on a
@@ -28,24 +23,11 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.model_source import (  # noqa: F401  (re-exported: the evaluation API names them)
+    MODELS_URI_PREFIX, ModelSource, load_source, resolve_checkpoint, resolve_source, weights_config,
+)
 
 log = logging.getLogger(__name__)
-
-MODELS_URI_PREFIX = "models:/"
-
-
-@dataclass
-class ModelSource:
-    """Where a model came from. ``run_id``: the MLflow run that trained (or registered) it, if known."""
-
-    weights: Path
-    cfg: Config
-    step: int | None = None
-    run_id: str | None = None
-    model_uri: str | None = None  # models:/... when resolved through the registry
-    version: str | None = None  # registry version number
-    origin: str = ""  # what the user passed, for messages and tags
-
 
 @dataclass
 class EvalResult:
@@ -66,76 +48,6 @@ class EvalResult:
 def metric_for_split(metric: str, split: str) -> str:
     """``cfg.eval.metric`` (named for validation, ``val_…``) as computed on ``split`` (``test_…``)."""
     return f"{split}_{metric.removeprefix('val_')}"
-
-
-def weights_config(weights: str | Path) -> Config:
-    from pipeline.config import load_config
-    from pipeline.train.consolidate import config_path
-
-    cfg_path = config_path(weights)
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{weights}: no config beside the weights (expected {cfg_path}, written by "
-                                "python -m jobs.consolidate)")
-    return load_config(cfg_path, [])
-
-
-def resolve_checkpoint(path: str | Path, scratch: str | Path) -> ModelSource:
-    """Consolidated weights, a sweep's ``best.json``, or a run / checkpoints / tag directory (consolidated
-    into ``scratch``)."""
-    from safetensors import safe_open
-
-    from pipeline.train import checkpoint as ckpt
-    from pipeline.train.consolidate import consolidate, resolve_tag_dir
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
-    if path.suffix == ".json":  # a sweep's best.json (pipeline.sweep.write_best): its weights and trial run
-        info = json.loads(path.read_text())
-        if not info.get("weights"):
-            raise ValueError(f"--checkpoint {path}: a JSON checkpoint must be a sweep's best.json with 'weights'")
-        source = resolve_checkpoint(info["weights"], scratch)
-        source.run_id = info.get("mlflow_run_id") or source.run_id
-        source.step = info.get("step", source.step)
-        source.origin = f"{path} ({info['weights']})"
-        return source
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"--checkpoint {path}: expected consolidated weights (*.safetensors) or a run / "
-                             "checkpoint directory")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-        run_id = None
-        source = Path(meta.get("source", ""))
-        # the training run's id lives in the checkpoint the weights came from, while it is still kept
-        if meta.get("source") and (source / ckpt.COMPLETE).exists():
-            run_id = ckpt.read_state(source).get("mlflow_run_id") or None
-        return ModelSource(path, weights_config(path), step=step, run_id=run_id, origin=str(path))
-    tag_dir = resolve_tag_dir(path)
-    state = ckpt.read_state(tag_dir)
-    weights = consolidate(tag_dir, Path(scratch) / "model.safetensors")
-    return ModelSource(weights, weights_config(weights), step=int(state["step"]),
-                       run_id=state.get("mlflow_run_id") or None, origin=str(tag_dir))
-
-
-def resolve_source(checkpoint: str | None, model_uri: str | None, scratch: str | Path,
-                   tracking_uri: str = "") -> ModelSource:
-    """Exactly one of ``checkpoint`` / ``model_uri`` → :class:`ModelSource` (files under ``scratch``)."""
-    if bool(checkpoint) == bool(model_uri):
-        raise ValueError("give exactly one of --checkpoint PATH or --model-uri models:/mango-<task>@<alias>")
-    if checkpoint:
-        return resolve_checkpoint(checkpoint, scratch)
-    from pipeline.tracking.registry import resolve_model_uri
-
-    return resolve_model_uri(model_uri, scratch, tracking_uri=tracking_uri)
-
-
-def load_source(source: ModelSource, device: str | torch.device = "cpu") -> torch.nn.Module:
-    from pipeline.train.consolidate import load_model
-
-    model, _ = load_model(source.weights, device=device)
-    return model
 
 
 def pick_device(cfg: Config, requested: str = "auto") -> torch.device:
@@ -313,7 +225,7 @@ def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], t
     from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking.registry import client_for
+    from pipeline.tracking.store import client_for
     from pipeline.tracking.store import ensure_experiment
 
     client = client_for(tracking_uri)

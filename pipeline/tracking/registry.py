@@ -33,18 +33,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .store import bound_http_retries, ensure_experiment, project_root, resolve_tracking_uri
+from pipeline.evaluation import metric_for_split
+from pipeline.model_source import (  # noqa: F401  (re-exported: lookups callers reach through the registry)
+    ModelSource, parse_model_uri, resolve_checkpoint, resolve_model_uri, weights_config,
+)
+
+from .store import bound_http_retries, client_for, ensure_experiment, project_root, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from pipeline.evaluation import EvalResult, ModelSource
+    from pipeline.evaluation import EvalResult
 
 log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_PATH = "model"  # the pyfunc model's artifact path in its run
-_URI = re.compile(r"^models:/(?P<name>mango-[a-z]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 GIT_COMMIT_ENV = "MANGO_GIT_COMMIT"
 
 
@@ -52,58 +56,11 @@ def registered_name(task: str) -> str:
     return f"mango-{task}"
 
 
-def client_for(tracking_uri: str = "") -> MlflowClient:
-    """A client for the resolved store (registry = tracking store), with bounded HTTP retries."""
-    from mlflow import MlflowClient
-
-    bound_http_retries()
-    uri = resolve_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 # -- lookups ----------------------------------------------------------------------------------------------
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/mango-<task>@<alias>`` → (name, alias, None); ``models:/mango-<task>/<n>`` → (name, None, n)."""
-    m = _URI.match(uri or "")
-    if m is None:
-        raise ValueError(f"--model-uri {uri!r}: expected models:/mango-<task>@<alias> or "
-                         "models:/mango-<task>/<version>")
-    return m["name"], m["alias"], m["version"]
-
-
-def resolve_model_uri(uri: str, scratch: str | Path, tracking_uri: str = "") -> ModelSource:
-    """Download the weights + config of the version ``uri`` names into ``scratch`` → ModelSource."""
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    from pipeline.evaluation import ModelSource, weights_config
-
-    from .pyfunc_model import ARTIFACT, WEIGHTS_FILE
-
-    name, alias, version = parse_model_uri(uri)
-    client = client_for(tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as e:
-        raise LookupError(f"{uri}: not found in the registry at {client.tracking_uri} ({e.message})") from e
-    # the version's own artifact location, resolved by this client: a models:/ URI would be resolved against
-    # MLflow's process-global registry URI instead of ``tracking_uri``
-    where = client.get_model_version_download_uri(name, mv.version)
-    local = Path(download_artifacts(artifact_uri=where, dst_path=str(scratch), tracking_uri=client.tracking_uri))
-    spec = Model.load(str(local)).flavors["python_function"]["artifacts"][ARTIFACT]
-    weights = local / spec["path"] / WEIGHTS_FILE
-    step = mv.tags.get("step")
-    return ModelSource(weights, weights_config(weights), step=int(step) if step and step.isdigit() else None,
-                       run_id=mv.run_id or None, model_uri=uri, version=str(mv.version), origin=uri)
-
 
 def source_from_run(run_id: str, scratch: str | Path, tracking_uri: str = "") -> ModelSource:
     """The newest complete checkpoint of the training run ``run_id`` (its ``run.dir`` tag)."""
     from mlflow.exceptions import MlflowException
-
-    from pipeline.evaluation import resolve_checkpoint
 
     client = client_for(tracking_uri)
     try:
@@ -182,7 +139,6 @@ def train_manifest_sha256(source: ModelSource, client: MlflowClient | None) -> s
 
 
 def version_tags(source: ModelSource, result: EvalResult, train_sha: str) -> dict[str, str]:
-    from pipeline.evaluation import metric_for_split
 
     sha, dirty = git_commit()
     cfg = source.cfg

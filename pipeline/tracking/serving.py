@@ -98,7 +98,7 @@ def model_io(cfg, specs: list[tuple[str, tuple[int, ...], int]]) -> ModelIO:
 
 
 def io_for_weights(weights: str | Path) -> ModelIO:
-    from pipeline.evaluation import weights_config
+    from pipeline.train.consolidate import weights_config
 
     return model_io(weights_config(weights), weights_specs(weights))
 

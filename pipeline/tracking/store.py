@@ -89,3 +89,12 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             "tracking.experiment"
         )
     return exp.experiment_id
+
+
+def client_for(tracking_uri: str = "") -> MlflowClient:
+    """A client for the resolved store (registry = tracking store), with bounded HTTP retries."""
+    from mlflow import MlflowClient
+
+    bound_http_retries()
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)

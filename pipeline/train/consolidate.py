@@ -83,6 +83,14 @@ def config_path(weights: str | Path) -> Path:
     weights = Path(weights)
     return weights.with_name(weights.stem.removesuffix(".ema") + ".config.yaml")
 
+def weights_config(weights: str | Path) -> Config:
+    """The resolved config written beside consolidated weights (``FileNotFoundError`` naming it when absent)."""
+    cfg_path = config_path(weights)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{weights}: no config beside the weights (expected {cfg_path}, written by "
+                                "python -m jobs.consolidate)")
+    return load_config(cfg_path, [])
+
 
 def read_weights(weights: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A safetensors file's tensors; a file that does not parse is a CheckpointError naming it."""
