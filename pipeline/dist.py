@@ -342,16 +342,17 @@ def lost_ranks(stale_s: float | None = None) -> tuple[list[int], str]:
     return _HEARTBEAT.lost(stale)
 
 
-_COLLECTIVE_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|timed out|"
-                                 r"Timed out|DistBackendError|NCCL communicator was aborted|watchdog|"
-                                 r"Connection refused|ProcessGroupGloo", re.I)
+# what gloo / NCCL / the c10d store raise when a peer died or hung (RuntimeError and its DistError subclasses)
+_COLLECTIVE_FAILURE = re.compile(r"gloo|NCCL|ProcessGroup|c10d|DistBackendError|DistNetworkError|DistStoreError|"
+                                 r"Connection closed by peer|Connection reset by peer|Timed out waiting \d+ms")
 
 
 def describe_collective_failure(exc: BaseException) -> str | None:
     """One line for a collective that failed because a peer was lost or hung (else None): which rank is
     lost, and the bound (``train.collective_timeout_s``) that ended the wait."""
     text = f"{type(exc).__name__}: {exc}"
-    if not is_initialized() or get_world_size() < 2 or not _COLLECTIVE_FAILURE.search(text):
+    if (not isinstance(exc, RuntimeError) or not is_initialized() or get_world_size() < 2
+            or not _COLLECTIVE_FAILURE.search(text)):
         return None
     rank = get_rank()
     _HEARTBEAT.stop()
