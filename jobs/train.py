@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(1)  # the other ranks may wait in the save's barrier (bounded by the collective timeout)
         return 1
     except Exception as e:
-        line = dist.describe_collective_failure(e)
+        line = dist.describe_collective_failure(e) or dist.describe_rendezvous_failure(e)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr, flush=True)

@@ -150,6 +150,8 @@ def init_distributed(
             "LOCAL_WORLD_SIZE": str(info.local_world_size), "MASTER_ADDR": info.master_addr,
             "MASTER_PORT": str(port),
         })
+    global _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     timeout = datetime.timedelta(seconds=timeout_s)
     # Groups made later with new_group(timeout=None) — DeepSpeed's data-parallel clones, whose all-reduces
     # carry the gradients — take torch's module default (30 min), not the default group's timeout: make the
@@ -171,8 +173,6 @@ def init_distributed(
             backend=backend, init_method=f"tcp://{_host_for_url(info.master_addr)}:{port}",
             rank=info.rank, world_size=info.world_size, timeout=timeout,
         )
-    global _TIMEOUT_S
-    _TIMEOUT_S = timeout_s
     if info.world_size > 1:
         _HEARTBEAT.start(info.rank, info.world_size)
     return WorldInfo(info.rank, info.local_rank, info.world_size, info.local_world_size,
@@ -345,6 +345,19 @@ def lost_ranks(stale_s: float | None = None) -> tuple[list[int], str]:
 # what gloo / NCCL / the c10d store raise when a peer died or hung (RuntimeError and its DistError subclasses)
 _COLLECTIVE_FAILURE = re.compile(r"gloo|NCCL|ProcessGroup|c10d|DistBackendError|DistNetworkError|DistStoreError|"
                                  r"Connection closed by peer|Connection reset by peer|Timed out waiting \d+ms")
+
+
+def describe_rendezvous_failure(exc: BaseException) -> str | None:
+    """One line for a process group that never formed (a rank that did not join within the bound), else None."""
+    text = f"{type(exc).__name__}: {exc}"
+    if is_initialized() or not re.search(r"clients joined|DistStoreError|Timed out after|Socket Timeout|"
+                                         r"DistNetworkError", text):
+        return None
+    first = " ".join(str(exc).split())[:200]
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (f"rank {os.environ.get('RANK', '?')}: the process group did not form at {where} within "
+            f"train.collective_timeout_s={_TIMEOUT_S or float('nan'):g} (a rank that never started, or a wrong "
+            f"MASTER_ADDR/MASTER_PORT?) ({first})")
 
 
 def describe_collective_failure(exc: BaseException) -> str | None:

@@ -161,3 +161,20 @@ def test_a_rank_killed_under_torchrun_ends_the_job_within_the_bound(shards: Path
     assert proc.returncode != 0 and took < bound + 30, (proc.returncode, took)
     # torchrun's summary names the lost rank (exit -9); the survivor exits without waiting on it
     assert "rank      : 1" in err and "exitcode  : -9" in err, err[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_never_joins_ends_the_rendezvous_within_the_bound(shards: Path, tmp_path: Path) -> None:
+    bound = 5.0
+    proc = _per_rank(shards, tmp_path / "run", free_port(), 0, f"train.collective_timeout_s={bound}")
+    t0 = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "did not form" in lines[0] and f"train.collective_timeout_s={bound:g}" in lines[0], lines[0]
+    assert time.monotonic() - t0 < bound + 40  # imports (seconds on a shared core) + the bound
