@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast lint bench venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# the inner loop's tier (about 1 minute on 2 cores): the flow, models, data, config, metrics, imports; no
+# multi-process training, servers or fault injection (those run in `make test` and CI)
+FAST := tests/flows tests/models tests/data tests/test_config.py tests/test_metrics.py tests/test_imports.py \
+        tests/test_dist.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(FAST) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ica.py
