@@ -322,13 +322,16 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         on every rank alike when a split lost more than data.max_bad_fraction of its samples."""
         t_urls = dict(zip(train_split.usable.shard_urls(), (s.samples for s in train_split.usable.shards)))
         v_urls = dict(zip(val_split.usable.shard_urls(), (s.samples for s in val_split.usable.shards)))
-        lost = torch.tensor([sum(t_urls.get(u, 0) for u in train_loader.bad_shards),
-                             sum(v_urls.get(u, 0) for u in val_bad),
-                             len(train_loader.bad_shards), len(val_bad)], dtype=torch.float64)
-        lost = dist.all_reduce_max(lost).tolist()
-        t_frac = (train_split.bad_samples + lost[0]) / max(1, train_manifest.total_samples)
-        v_frac = (val_split.bad_samples + lost[1]) / max(1, val_manifest.total_samples)
-        bad = len(train_split.bad) + len(val_split.bad) + int(lost[2]) + int(lost[3])
+        found = (sorted(train_loader.bad_shards), sorted(val_bad))
+        everyone = [found]
+        if dist.is_initialized() and info.world_size > 1:  # the union of what each rank's loaders found
+            everyone = [None] * info.world_size
+            torch.distributed.all_gather_object(everyone, found)
+        t_bad = {u for t, _ in everyone for u in t}
+        v_bad = {u for _, v in everyone for u in v}
+        t_frac = (train_split.bad_samples + sum(t_urls.get(u, 0) for u in t_bad)) / max(1, train_manifest.total_samples)
+        v_frac = (val_split.bad_samples + sum(v_urls.get(u, 0) for u in v_bad)) / max(1, val_manifest.total_samples)
+        bad = len(train_split.bad) + len(val_split.bad) + len(t_bad) + len(v_bad)
         if max(t_frac, v_frac) > cfg.data.max_bad_fraction:
             from pipeline.data.verify import DataError
 

@@ -98,3 +98,23 @@ def test_sha256_catches_a_same_size_corruption_and_skips_the_shard_whole(shards:
     keys = {k for b in exact for k, ok in zip(b["__key__"], b["__valid__"].tolist()) if ok}
     assert len(keys) == manifest.total_samples - manifest.shards[1].samples and not keys & victim_keys
     assert exact.bad_shards == {str(victim)}
+
+
+def test_a_bad_shard_found_while_reading_is_counted_and_stops_the_run_above_the_bound(shards: Path, tmp_path: Path,
+                                                                                      capsys):
+    val = load_manifest(str(shards / "manifest-val.json"))
+    victim = Path(val.shard_urls()[0])  # 3 of the 7 val samples; same size, so only sha256 can tell
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    run = tmp_path / "run"
+    common = ["data.verify=sha256", "train.max_steps=2", "eval.every=2", "checkpoint.every=2"]
+    assert train_main(tiny(shards, run, *common, "data.max_bad_fraction=0.5")) == 0
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "val_samples" in r]
+    assert [r["val_samples"] for r in rows] == [4.0, 4.0], "the bad shard's samples were not used"
+    assert all(r["data_bad_shards"] == 1 and abs(r["data_bad_fraction"] - 3 / 7) < 1e-9 for r in rows), rows
+    capsys.readouterr()
+    assert train_main(tiny(shards, tmp_path / "run2", *common, "data.max_bad_fraction=0.2")) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("data error: ")]
+    assert len(lines) == 1 and "42.9% of 'val'" in lines[0] and "data.max_bad_fraction=0.2" in lines[0], err[-2000:]
