@@ -6,9 +6,9 @@ project's ``pipeline`` package as ``code/pipeline`` (MLflow puts ``code/`` first
 unpickles this class, so a host without this checkout loads the code the model was logged with), and
 requirements that pin exactly what the task's load and serving path imports, resolvable from the package
 index alone (:func:`pip_requirements`). :meth:`MangoPyfuncModel.load_context` rebuilds the model with
-:func:`pipeline.train.consolidate.load_model`. Loading and predicting run the flow's Python nodes
-(``MANGO_NATIVE=0`` for the duration of each call, :func:`python_nodes`): a serving host never JIT-builds
-the C++ extension, and the results are the same.
+:func:`pipeline.train.consolidate.load_model`. The loaded model runs the flow's Python nodes
+(the execution plan's ``kernels="python"``, set on the model): a serving host never JIT-builds the C++
+extension, and the results are the same.
 
 ``predict(model_input, params=None)``; the request layout per task is in :mod:`pipeline.tracking.serving`:
 
@@ -25,16 +25,15 @@ the C++ extension, and the results are the same.
 
 from __future__ import annotations
 
-import os
-import threading
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import torch
+
+from pipeline.flows.plan import ExecutionPlan
 
 from .serving import PREDICT_PARAMS, io_for_weights, to_batch
 from .serving import signature as _signature
@@ -42,32 +41,8 @@ from .serving import signature as _signature
 ARTIFACT = "model"  # the artifact directory's name inside the logged model
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["ARTIFACT", "PREDICT_PARAMS", "WEIGHTS_FILE", "MangoPyfuncModel", "pip_requirements", "python_nodes",
+__all__ = ["ARTIFACT", "PREDICT_PARAMS", "WEIGHTS_FILE", "MangoPyfuncModel", "pip_requirements",
            "run_task", "signature"]
-
-_NATIVE_LOCK = threading.Lock()
-_NATIVE_DEPTH = [0, None]  # active python_nodes() calls, the MANGO_NATIVE value to restore
-
-
-@contextmanager
-def python_nodes():
-    """``MANGO_NATIVE=0`` while inside (re-entrant, thread-safe): the flow runs its Python nodes and never
-    builds the C++ extension; the previous value is restored when the last caller leaves."""
-    with _NATIVE_LOCK:
-        if _NATIVE_DEPTH[0] == 0:
-            _NATIVE_DEPTH[1] = os.environ.get("MANGO_NATIVE")
-            os.environ["MANGO_NATIVE"] = "0"
-        _NATIVE_DEPTH[0] += 1
-    try:
-        yield
-    finally:
-        with _NATIVE_LOCK:
-            _NATIVE_DEPTH[0] -= 1
-            if _NATIVE_DEPTH[0] == 0:
-                if _NATIVE_DEPTH[1] is None:
-                    os.environ.pop("MANGO_NATIVE", None)
-                else:
-                    os.environ["MANGO_NATIVE"] = _NATIVE_DEPTH[1]
 
 
 def signature(io=None):
@@ -114,8 +89,10 @@ with warnings.catch_warnings():
             from pipeline.train.consolidate import load_model
 
             weights = Path(context.artifacts[ARTIFACT]) / WEIGHTS_FILE
-            with python_nodes():
-                self.model, self.cfg = load_model(weights, device="cpu")
+            self.model, self.cfg = load_model(weights, device="cpu")
+            # the flow's Python nodes, decided once for this model (no process-wide switch): a serving host
+            # never JIT-builds the C++ extension, and the results are the same (the conformance suite)
+            ExecutionPlan(kernels="python").apply(self.model)
             self.task = self.cfg.model.task
             self.io = io_for_weights(weights)
 
@@ -132,13 +109,12 @@ with warnings.catch_warnings():
             if p["mode"] == "sample" and int(p["n"]) < 1:
                 raise invalid(f"param 'n': must be >= 1, got {p['n']}")
             batch = {} if p["mode"] == "sample" else to_batch(model_input, self.io)
-            with python_nodes():
-                try:
-                    return run_task(self.model, self.task, batch, p)
-                except MlflowException:
-                    raise
-                except (ValueError, RuntimeError) as e:  # what the model itself refuses: still the request's fault
-                    raise invalid(f"mango-{self.task} could not run this request: {e}") from e
+            try:
+                return run_task(self.model, self.task, batch, p)
+            except MlflowException:
+                raise
+            except (ValueError, RuntimeError) as e:  # what the model itself refuses: still the request's fault
+                raise invalid(f"mango-{self.task} could not run this request: {e}") from e
 
 
 # what each task's load + predict path imports (module-level imports of the pipeline modules it loads,
