@@ -71,6 +71,7 @@ class DataConfig:
     num_workers: int = _f(0, ge=0)
     modalities: list[str] = _f(factory=lambda: ["rgb", "right"], nonempty=True, item_pattern=_IDENT)
     crop_size: int = _f(0, ge=0)  # latent tasks, training only: random square crop (px); 0 = none
+    crop_width: int = _f(0, ge=0)  # > 0: crops are crop_size rows × crop_width columns (e.g. 3:4 data); 0 = square
     scale_range: tuple[float, float] = _f((1.0, 1.0), item_gt=0.0)  # random rescale before the crop (per batch)
     hflip: bool = False  # random horizontal flips in training (never for stereo-geometry tasks)
     # each shard is checked against its manifest entry before its samples are used: size (stat), sha256 (read
@@ -110,7 +111,9 @@ class ModelConfig:
     init_weights: str = _f("", arch=False)  # consolidated model.safetensors to start a fresh run from; "" = random init
     nll_weight: float = _f(1e-2, ge=0.0, arch=False)  # λ in task loss + λ·NLL/(L·D)
     num_classes: int = _f(0, ge=0, arch=True)  # segmentation / classification head size
-    fusion: str = _f("mango", choices=("mango", "concat"), arch=True)  # latent models: G over the fused tokens, or concat (no flow)
+    # latent models: G over the fused tokens; concat (no flow); xattn (bidirectional cross-attention blocks, no flow)
+    fusion: str = _f("mango", choices=("mango", "concat", "xattn"), arch=True)
+    xattn_mlp_ratio: float = _f(2.0, gt=0.0, arch=True)  # fusion=xattn: MLP width / D (depth = model.num_blocks)
     target: str = _f("", arch=True)  # latent models: the predicted entry of data.modalities ("" = the one label / target modality)
     grid: list[int] = _f(factory=list, item_ge=1, arch=True)  # [gh, gw] token grid per modality; [] = square of model.tokens
     text_trainable: bool = _f(False, arch=False)  # fine-tune MiniLM (text modalities); false = frozen
@@ -123,6 +126,10 @@ class ModelConfig:
     decoder: str = _f("direct", choices=("direct", "warp", "select"), arch=True)
     warp_range: int = _f(16, ge=1, arch=True)  # decoder=warp|select: shifts bounded by / candidates in -R..R px
     warp_generate: bool = _f(False, arch=True)  # decoder=warp|select: add a directly decoded image (occlusion term / candidate)
+    # segmentation / translation: the decoder also reads the encoders' multi-scale feature maps (strides 4-32 for
+    # MiT), both modalities', through skip connections (SegFormer-style, as TokenFusion decodes); false = from the
+    # fused latent grid alone
+    skips: bool = _f(False, arch=True)
 
 
 def architecture_keys() -> tuple[str, ...]:
@@ -143,6 +150,9 @@ class OptimConfig:
     min_lr_ratio: float = _f(0.1, ge=0.0, le=1.0)
     grad_clip: float = _f(1.0, ge=0.0)  # max global grad norm; 0 = off
     ema: float = _f(0.0, ge=0.0, lt=1.0)  # EMA decay of the weights; 0 = off
+    # LR × this for the newly initialised parts (everything but the pretrained-able backbones: MiT encoders, MiniLM);
+    # TokenFusion trains its decoder at ×10. 1 = one LR for all (two param groups, as before)
+    new_lr_mult: float = _f(1.0, gt=0.0)
 
 
 @dataclass
@@ -404,6 +414,10 @@ def _check_cross(cfg: Config) -> None:
         # the reconstruction backward returns gradients for ZeRO-3's partitioned parameter placeholders
         raise ConfigError("model.memory=invert (backprop by reconstruction) is not supported with "
                           "deepspeed.zero_stage=3; use model.memory=checkpoint with ZeRO-3, or zero_stage ≤ 2")
+    if cfg.data.crop_width and not cfg.data.crop_size:
+        raise ConfigError(f"data.crop_width={cfg.data.crop_width} needs data.crop_size (the crop's rows) > 0")
+    if m.skips and m.task not in ("segmentation", "translation"):
+        raise ConfigError(f"model.skips: skip connections feed the dense decoders (segmentation, translation), not {m.task}")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps})"

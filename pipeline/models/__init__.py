@@ -177,7 +177,8 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     model = LatentTaskModel(m.task, inputs, target, head, dim=m.dim, grid=grid, encoder=m.encoder,
                             patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, depth_max=m.depth_max,
                             text_trainable=m.text_trainable, text_cache=m.text_cache, augment=augment,
-                            flow_kwargs=flow_kwargs)
+                            flow_kwargs=flow_kwargs,
+                            xattn_kwargs={"depth": m.num_blocks, "mlp_ratio": m.xattn_mlp_ratio} if m.fusion == "xattn" else None)
     if m.encoder_weights:
         state = read_state_dict(m.encoder_weights)
         for enc in model.encoders.values():

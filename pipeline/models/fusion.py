@@ -41,8 +41,9 @@ from .augment import Augment
 from .encoders import ImageEncoder
 from .heads import ClassificationHead, SegmentationHead, SelectTranslationHead, TranslationHead, WarpTranslationHead
 from .text import TextEncoder
+from .xattn import CrossAttentionFusion
 
-FUSIONS = ("mango", "concat")
+FUSIONS = ("mango", "concat", "xattn")
 DECODERS = ("direct", "warp", "select")  # translation heads: TranslationHead, WarpTranslationHead, SelectTranslationHead
 MODES = ("loss", "eval", "predict")
 
@@ -67,7 +68,7 @@ class LatentTaskModel(nn.Module):
     def __init__(self, task: str, inputs: Sequence[Modality], target: Modality, head: nn.Module, *, dim: int,
                  grid: tuple[int, int], encoder: str = "conv", patch_size: int = 4, fusion: str = "mango",
                  nll_weight: float = 1e-2, depth_max: float = 10000.0, text_trainable: bool = False, text_cache: int = 0,
-                 augment: Augment | None = None, flow_kwargs: Mapping | None = None):
+                 augment: Augment | None = None, flow_kwargs: Mapping | None = None, xattn_kwargs: Mapping | None = None):
         super().__init__()
         if len(inputs) not in (1, 2):
             raise ValueError(f"{task}: the latent model takes 1 or 2 input modalities; got {[m.key for m in inputs]}")
@@ -94,6 +95,8 @@ class LatentTaskModel(nn.Module):
                 self.register_buffer("unorder", torch.argsort(order), persistent=False)
         else:
             self.flow = None
+        # the non-invertible baseline: bidirectional cross-attention blocks where G would be (pipeline.models.xattn)
+        self.xattn = CrossAttentionFusion(dim, **dict(xattn_kwargs or {})) if fusion == "xattn" else None
         spatial = task in ("segmentation", "translation")
         self.fuse = nn.Conv2d(dim * len(inputs), dim, 1) if spatial else None
         self.head = head
@@ -119,8 +122,11 @@ class LatentTaskModel(nn.Module):
                 masks.append(None)
         return tokens, masks
 
-    def _flow(self, tokens: list[torch.Tensor], stop_into_encoders: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _flow(self, tokens: list[torch.Tensor], stop_into_encoders: bool,
+              masks: list[torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Z per modality and the per-sample NLL/(L·D) (None without a flow)."""
+        if self.xattn is not None:
+            return self.xattn(tokens, masks or [None] * len(tokens)), None
         if self.flow is None:
             return tokens, None
         x = torch.cat(tokens, dim=1) if len(tokens) == 2 else tokens[0][:, self.order]
@@ -182,7 +188,7 @@ class LatentTaskModel(nn.Module):
             batch = self._augmented(batch, with_target=True)
         tokens, masks = self._encode(batch)
         stop = mode == "loss" and torch.is_grad_enabled() and self.nll_weight > 0
-        zs, nll = self._flow(tokens, stop_into_encoders=stop)
+        zs, nll = self._flow(tokens, stop_into_encoders=stop, masks=masks)
         size = next((tuple(batch[m.key].shape[-2:]) for m in self.inputs if m.kind == "image"), None)
         out = self._head(zs, masks, size, batch)
         if mode == "predict":
