@@ -167,9 +167,17 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     steps = decoder_steps(m.image_size, grid[0])
     if m.decoder != "direct" and m.task != "translation":
         raise ConfigError(f"model.decoder={m.decoder!r} is a translation head; {m.task} has only model.decoder=direct")
+    skip_channels, skip_stride = None, 1
+    if m.skips:  # the encoders' maps, finest first, concatenated over the (image) input modalities
+        if any(md.kind != "image" for md in inputs):
+            raise ConfigError(f"model.skips: skip connections take image encoders' maps; inputs "
+                              f"{[md.key for md in inputs]} include a non-image modality")
+        per = MIT_SIZES[m.encoder].embed_dims if m.encoder in MIT_SIZES else (max(m.dim, 32),)
+        skip_channels = [c * len(inputs) for c in per]
+        skip_stride = 4 if m.encoder in MIT_SIZES else m.patch_size
     head = build_head(m.task, target, m.dim, len(inputs), steps, m.num_classes, m.gan_weight, m.decoder, m.warp_range,
-                      m.warp_generate)
-    augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip)
+                      m.warp_generate, skip_channels, skip_stride)
+    augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip, d.crop_width)
     if m.decoder != "direct" and not any(md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits)
                                        for md in inputs):
         raise ConfigError(f"model.decoder={m.decoder} moves pixels of an input image like the target {target.key}; none of "
@@ -177,7 +185,7 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     model = LatentTaskModel(m.task, inputs, target, head, dim=m.dim, grid=grid, encoder=m.encoder,
                             patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, depth_max=m.depth_max,
                             text_trainable=m.text_trainable, text_cache=m.text_cache, augment=augment,
-                            flow_kwargs=flow_kwargs,
+                            flow_kwargs=flow_kwargs, skips=m.skips,
                             xattn_kwargs={"depth": m.num_blocks, "mlp_ratio": m.xattn_mlp_ratio} if m.fusion == "xattn" else None)
     if m.encoder_weights:
         state = read_state_dict(m.encoder_weights)

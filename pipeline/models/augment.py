@@ -1,7 +1,7 @@
 """Training-time geometric augmentation of a batch, applied on the model's device (TokenFusion's protocol).
 
 One random scale per batch (``data.scale_min..scale_max``), then per sample a random ``data.crop_size`` square
-crop (padded when the scaled image is smaller: images with 0, labels with 255 = ignore) and a horizontal
+crop (``data.crop_size`` rows × ``data.crop_width`` columns when that is set, e.g. 3:4 crops of 3:4 images) (padded when the scaled image is smaller: images with 0, labels with 255 = ignore) and a horizontal
 flip with probability 1/2 (``data.hflip``). Every spatial modality of a sample gets the same geometry, so
 pixels stay aligned. Colour images are resampled bilinearly; 16-bit modalities (depth, 0 = invalid) and
 label maps nearest-neighbour, so no invalid depth or non-existent class is blended in. Evaluation never
@@ -24,11 +24,13 @@ from .heads import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Augment:
-    """``crop_size`` 0 = no crop; ``scale`` (min, max), (1, 1) = no rescale; ``hflip`` on/off."""
+    """``crop_size`` 0 = no crop; ``scale`` (min, max), (1, 1) = no rescale; ``hflip`` on/off; ``crop_width`` > 0:
+    crops of ``crop_size`` rows × ``crop_width`` columns (0 = square)."""
 
     crop_size: int = 0
     scale: tuple[float, float] = (1.0, 1.0)
     hflip: bool = False
+    crop_width: int = 0
 
     @property
     def active(self) -> bool:
@@ -53,16 +55,16 @@ class Augment:
                 x = F.interpolate(x, size=(nh, nw), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
             out[k] = x
         if self.crop_size:
-            c = self.crop_size
-            ph, pw = max(0, c - nh), max(0, c - nw)
+            c, cw = self.crop_size, self.crop_width or self.crop_size
+            ph, pw = max(0, c - nh), max(0, cw - nw)
             n = next(iter(out.values())).shape[0]
             tops = [random.randint(0, nh + ph - c) for _ in range(n)]
-            lefts = [random.randint(0, nw + pw - c) for _ in range(n)]
+            lefts = [random.randint(0, nw + pw - cw) for _ in range(n)]
             for k, x in out.items():
                 fill = float(IGNORE_INDEX) if tensors[k].dim() == 3 else 0.0
                 if ph or pw:
                     x = F.pad(x, (0, pw, 0, ph), value=fill)
-                out[k] = torch.stack([x[i, :, t:t + c, l:l + c] for i, (t, l) in enumerate(zip(tops, lefts))])
+                out[k] = torch.stack([x[i, :, t:t + c, l:l + cw] for i, (t, l) in enumerate(zip(tops, lefts))])
         if self.hflip:
             n = next(iter(out.values())).shape[0]
             flip = torch.tensor([random.random() < 0.5 for _ in range(n)], device=next(iter(out.values())).device)

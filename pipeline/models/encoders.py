@@ -324,7 +324,8 @@ class ImageEncoder(nn.Module):
         x = img.float() if img.dtype != torch.uint16 else img.to(torch.int32).float()
         return x / 255.0 if self.bits == 8 else (x / self.depth_max).clamp(0.0, 1.0)
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def features(self, img: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps (finest first: MiT strides 4, 8, 16, 32; conv one map at ``patch_size``)."""
         if img.dim() != 4 or img.shape[1] != self.channels:
             raise ValueError(f"ImageEncoder: expected (N, {self.channels}, H, W); got {tuple(img.shape)}")
         x = self.scaled(img)
@@ -332,4 +333,7 @@ class ImageEncoder(nn.Module):
             x = 2.0 * x - 1.0
         else:
             x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
-        return self.tokenizer(self.encoder(x))
+        return self.encoder(x)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer(self.features(img))

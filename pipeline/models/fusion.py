@@ -68,7 +68,8 @@ class LatentTaskModel(nn.Module):
     def __init__(self, task: str, inputs: Sequence[Modality], target: Modality, head: nn.Module, *, dim: int,
                  grid: tuple[int, int], encoder: str = "conv", patch_size: int = 4, fusion: str = "mango",
                  nll_weight: float = 1e-2, depth_max: float = 10000.0, text_trainable: bool = False, text_cache: int = 0,
-                 augment: Augment | None = None, flow_kwargs: Mapping | None = None, xattn_kwargs: Mapping | None = None):
+                 augment: Augment | None = None, flow_kwargs: Mapping | None = None, xattn_kwargs: Mapping | None = None,
+                 skips: bool = False):
         super().__init__()
         if len(inputs) not in (1, 2):
             raise ValueError(f"{task}: the latent model takes 1 or 2 input modalities; got {[m.key for m in inputs]}")
@@ -77,6 +78,9 @@ class LatentTaskModel(nn.Module):
         self.task, self.inputs, self.target = task, tuple(inputs), target
         self.dim, self.grid, self.fusion, self.nll_weight = dim, tuple(grid), fusion, float(nll_weight)
         self.depth_max, self.augment = float(depth_max), augment or Augment()
+        self.skips = bool(skips)  # the head also reads the image encoders' feature maps (model.skips)
+        if self.skips and (task not in ("segmentation", "translation") or any(m.kind != "image" for m in inputs)):
+            raise ValueError(f"{task}: skip connections (model.skips) need a dense task with image inputs only")
         n = grid[0] * grid[1]
         self.tokens_per_modality = n
         self.encoders = nn.ModuleDict()
@@ -110,10 +114,35 @@ class LatentTaskModel(nn.Module):
             self.source = fits[0]
 
     # -- pieces ---------------------------------------------------------------------------------------
-    def _encode(self, batch: Mapping[str, object]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    def backbone_parameter_names(self) -> set[str]:
+        """Names of the parameters of the parts a published checkpoint initialises (MiT encoders, MiniLM); the
+        optimizer gives every other parameter ``optim.lr · optim.new_lr_mult`` (TokenFusion's ×10 for new parts)."""
+        names = set()
+        for key, enc in self.encoders.items():
+            if isinstance(enc, ImageEncoder):
+                if enc.kind != "conv":
+                    names.update(f"encoders.{key}.encoder.{n}" for n, _ in enc.encoder.named_parameters())
+            elif isinstance(enc, TextEncoder):
+                names.update(f"encoders.{key}.bert.{n}" for n, _ in enc.bert.named_parameters())
+        return names
+
+    @staticmethod
+    def _skip_maps(maps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Per stride, the maps of every input modality concatenated along channels (finest first)."""
+        return [torch.cat(level, dim=1) if len(level) > 1 else level[0] for level in zip(*maps, strict=True)]
+
+    def _encode(self, batch: Mapping[str, object],
+                maps: list | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         tokens, masks = [], []
         for m in self.inputs:
-            out = self.encoders[_name(m.key)](batch[m.key])
+            enc = self.encoders[_name(m.key)]
+            if maps is not None:  # skip connections: keep the feature maps the tokens are pooled from
+                feats = enc.features(batch[m.key])
+                maps.append(feats)
+                tokens.append(enc.tokenizer(feats))
+                masks.append(None)
+                continue
+            out = enc(batch[m.key])
             if isinstance(out, tuple):
                 tokens.append(out[0])
                 masks.append(out[1])
@@ -149,16 +178,17 @@ class LatentTaskModel(nn.Module):
         return -(log_pz + logdet.to(z.dtype)) / ld
 
     def _head(self, zs: list[torch.Tensor], masks: list[torch.Tensor | None], size: tuple[int, int] | None,
-              batch: Mapping[str, object]) -> torch.Tensor:
+              batch: Mapping[str, object], skips: list[torch.Tensor] | None = None) -> torch.Tensor:
         if self.fuse is None:
             return self.head(zs, masks)
         n, (gh, gw) = zs[0].shape[0], self.grid
         grids = [z.transpose(1, 2).reshape(n, self.dim, gh, gw) for z in zs]
         fused = self.fuse(torch.cat(grids, dim=1))
+        extra = {"skips": skips} if skips is not None else {}
         if self.source is None:
-            return self.head(fused, size)
+            return self.head(fused, size, **extra)
         source = self.encoders[_name(self.source.key)].scaled(batch[self.source.key])  # [0, 1], like the target
-        return self.head(fused, size, source)
+        return self.head(fused, size, source, **extra)
 
     def _target(self, batch: Mapping[str, object]) -> torch.Tensor:
         t = batch[self.target.key]
@@ -186,11 +216,12 @@ class LatentTaskModel(nn.Module):
             raise ValueError(f"{self.task} batch lacks {missing}; it has {sorted(k for k in batch if not k.startswith('__'))}")
         if mode == "loss" and self.training and self.augment.active:
             batch = self._augmented(batch, with_target=True)
-        tokens, masks = self._encode(batch)
+        maps: list | None = [] if self.skips else None
+        tokens, masks = self._encode(batch, maps)
         stop = mode == "loss" and torch.is_grad_enabled() and self.nll_weight > 0
         zs, nll = self._flow(tokens, stop_into_encoders=stop, masks=masks)
         size = next((tuple(batch[m.key].shape[-2:]) for m in self.inputs if m.kind == "image"), None)
-        out = self._head(zs, masks, size, batch)
+        out = self._head(zs, masks, size, batch, self._skip_maps(maps) if maps is not None else None)
         if mode == "predict":
             return self.head.predict(out)
         target = self._target(batch)
@@ -219,19 +250,29 @@ def _name(key: str) -> str:
 
 def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: int, num_classes: int,
                gan_weight: float = 0.0, decoder: str = "direct", warp_range: int = 16,
-               warp_generate: bool = False) -> nn.Module:
-    """The head for ``task`` (segmentation | translation | classification); ``decoder`` picks translation's."""
+               warp_generate: bool = False, skip_channels: Sequence[int] | None = None,
+               skip_stride: int = 1) -> nn.Module:
+    """The head for ``task`` (segmentation | translation | classification); ``decoder`` picks translation's.
+
+    ``skip_channels`` (per stride, finest first, summed over the input modalities) turns on the skip decoder
+    (``model.skips``); ``skip_stride`` is the finest map's stride, from which translation refines to full size.
+    """
     if decoder not in DECODERS:
         raise ValueError(f"{task}: model.decoder must be one of {list(DECODERS)}; got {decoder!r}")
     if decoder != "direct" and task != "translation":
         raise ValueError(f"model.decoder={decoder!r} is a translation head; {task} has no {decoder} decoder")
+    if skip_channels and task not in ("segmentation", "translation"):
+        raise ValueError(f"model.skips: {task} has no dense decoder to take skip connections")
+    skip = {"skip_channels": list(skip_channels)} if skip_channels else {}
     if task == "segmentation":
-        return SegmentationHead(dim, num_classes, steps)
+        return SegmentationHead(dim, num_classes, steps, **skip)
     if task == "translation":
+        if skip:
+            skip["refine"] = max(0, int(round(math.log2(max(1, skip_stride)))))
         if decoder != "direct":
             cls = WarpTranslationHead if decoder == "warp" else SelectTranslationHead
-            return cls(dim, target.channels, steps, warp_range, gan_weight, warp_generate)
-        return TranslationHead(dim, target.channels, steps, gan_weight)
+            return cls(dim, target.channels, steps, warp_range, gan_weight, warp_generate, **skip)
+        return TranslationHead(dim, target.channels, steps, gan_weight, **skip)
     if task == "classification":
         return ClassificationHead(dim, num_classes, num_inputs)
     raise ValueError(f"no latent head for task {task!r}")

@@ -5,7 +5,9 @@ values), ``sums(out, target, valid)`` (additive eval sums in :mod:`pipeline.metr
 ``predict(out)`` (the per-sample outputs of the task-model contract).
 
 - :class:`SegmentationHead` — grid (N, D, gh, gw) → ×2 conv-upsampling stages → (N, K, H, W) logits,
-  bilinearly resized to the input's full resolution; cross-entropy with ``ignore_index`` 255.
+  bilinearly resized to the input's full resolution; cross-entropy with ``ignore_index`` 255. With
+  ``model.skips`` every dense head decodes with :class:`SkipDecoder` instead: the fused grid plus the
+  encoders' multi-scale maps (skip connections), as SegFormer / TokenFusion decode encoder features.
 - :class:`TranslationHead` — the same decoder → (N, C, H, W) in [0, 1] (sigmoid); L1 against the target
   scaled to [0, 1]; optional PatchGAN discriminator (``model.gan_weight > 0``).
 - :class:`WarpTranslationHead` (``model.decoder=warp``) — view synthesis on a rectified stereo pair (Monodepth
@@ -70,6 +72,67 @@ class UpDecoder(nn.Module):
         return y
 
 
+class SkipDecoder(nn.Module):
+    """Fused grid + the encoders' multi-scale maps → ``out_channels`` (``model.skips``; SegFormer-style decoding).
+
+    Each skip level (the maps of every input modality at one stride, concatenated along channels) is projected
+    by a 1×1 conv to D and resized bilinearly to the finest level's size, as is the fused latent grid (N, D, gh,
+    gw); the concatenation is mixed by a 1×1 conv → GN → GELU, then ``refine`` × (bilinear ×2 → 3×3 conv → GN
+    → GELU; widths halve down to 32) and a 1×1 conv to ``out_channels``, resized bilinearly to the requested
+    (H, W). Segmentation uses ``refine`` = 0 (logits at stride 4, upsampled, as SegFormer); translation refines
+    back to full resolution. The latent grid stays the only path through the flow G; the skips add resolution.
+    """
+
+    def __init__(self, dim: int, out_channels: int, skip_channels: Sequence[int], refine: int = 0):
+        super().__init__()
+        if not skip_channels:
+            raise ValueError("SkipDecoder: needs at least one skip level (the encoders' feature maps)")
+        self.skip_channels = tuple(int(c) for c in skip_channels)
+        self.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in self.skip_channels)
+        self.latent = nn.Conv2d(dim, dim, 1)
+        self.fuse = nn.Sequential(nn.Conv2d(dim * (len(self.skip_channels) + 1), dim, 1), _gn(dim), nn.GELU())
+        layers: list[nn.Module] = []
+        c = dim
+        for _ in range(refine):
+            out = max(32, c // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                       nn.Conv2d(c, out, 3, padding=1), _gn(out), nn.GELU()]
+            c = out
+        self.refine = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c, out_channels, 1)
+
+    def forward(self, grid: torch.Tensor, size: tuple[int, int], skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        if skips is None or len(skips) != len(self.proj):
+            raise ValueError(f"SkipDecoder: expected {len(self.proj)} skip levels (model.skips); got "
+                             f"{None if skips is None else len(skips)}")
+        finest = tuple(skips[0].shape[-2:])
+        parts = [F.interpolate(self.latent(grid), size=finest, mode="bilinear", align_corners=False)]
+        for proj, skip in zip(self.proj, skips, strict=True):
+            y = proj(skip)
+            parts.append(y if tuple(y.shape[-2:]) == finest else
+                         F.interpolate(y, size=finest, mode="bilinear", align_corners=False))
+        y = self.out(self.refine(self.fuse(torch.cat(parts, dim=1))))
+        if tuple(y.shape[-2:]) != tuple(size):
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
+
+
+def make_decoder(dim: int, out_channels: int, steps: int, skip_channels: Sequence[int] | None = None,
+                 refine: int = 0) -> nn.Module:
+    """:class:`SkipDecoder` when ``skip_channels`` is given (``model.skips``), else :class:`UpDecoder`."""
+    if skip_channels:
+        return SkipDecoder(dim, out_channels, skip_channels, refine)
+    return UpDecoder(dim, out_channels, steps)
+
+
+def _decode(decoder: nn.Module, grid: torch.Tensor, size: tuple[int, int], skips) -> torch.Tensor:
+    if isinstance(decoder, SkipDecoder):
+        return decoder(grid, size, skips)
+    if skips is not None:
+        raise ValueError("skip maps given to a decoder without skip connections (model.skips=false)")
+    return decoder(grid, size)
+
+
 def _per_sample_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(N, ...) values and 0/1 weights → (N,) weighted means (0 where a sample has no weight)."""
     dims = tuple(range(1, values.dim()))
@@ -79,13 +142,13 @@ def _per_sample_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
 class SegmentationHead(nn.Module):
     """Fused grid → (N, K, H, W) logits; CE ignoring label 255 (see module docstring)."""
 
-    def __init__(self, dim: int, num_classes: int, steps: int):
+    def __init__(self, dim: int, num_classes: int, steps: int, skip_channels: Sequence[int] | None = None):
         super().__init__()
         self.num_classes = num_classes
-        self.decoder = UpDecoder(dim, num_classes, steps)
+        self.decoder = make_decoder(dim, num_classes, steps, skip_channels, refine=0)
 
-    def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.decoder(grid, size)
+    def forward(self, grid: torch.Tensor, size: tuple[int, int], skips=None) -> torch.Tensor:
+        return _decode(self.decoder, grid, size, skips)
 
     def loss(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean CE over every labelled pixel of the batch, (N,) per-sample mean CE)."""
@@ -139,21 +202,23 @@ class TranslationHead(nn.Module):
 
     needs_source = False  # forward(grid, size); the warp head also takes the source image
 
-    def __init__(self, dim: int, channels: int, steps: int, gan_weight: float = 0.0, decoder_channels: int = 0):
+    def __init__(self, dim: int, channels: int, steps: int, gan_weight: float = 0.0, decoder_channels: int = 0,
+                 skip_channels: Sequence[int] | None = None, refine: int = 0):
         super().__init__()
         self.channels, self.gan_weight = channels, gan_weight
-        self.decoder = UpDecoder(dim, decoder_channels or channels, steps)
+        self.decoder = make_decoder(dim, decoder_channels or channels, steps, skip_channels, refine)
         self.discriminator = PatchDiscriminator(channels) if gan_weight > 0 else None
 
-    def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(grid, size).float())
+    def forward(self, grid: torch.Tensor, size: tuple[int, int], skips=None) -> torch.Tensor:
+        return torch.sigmoid(_decode(self.decoder, grid, size, skips).float())
 
-    def _decode_with_source(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor) -> torch.Tensor:
+    def _decode_with_source(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor,
+                            skips=None) -> torch.Tensor:
         """The decoder's fp32 output, after checking ``source`` (the image a source-taking head moves) fits."""
         if source.shape[1] != self.channels or tuple(source.shape[2:]) != tuple(size):
             raise ValueError(f"{type(self).__name__}: source {tuple(source.shape)} must be (N, {self.channels}, "
                              f"{size[0]}, {size[1]})")
-        return self.decoder(grid, size).float()
+        return _decode(self.decoder, grid, size, skips).float()
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(L1 [+ adversarial] scalar, (N,) per-sample L1, extra detached terms)."""
@@ -194,10 +259,11 @@ class WarpTranslationHead(TranslationHead):
     MASK_BIAS = -3.0
 
     def __init__(self, dim: int, channels: int, steps: int, max_shift: int, gan_weight: float = 0.0,
-                 generate: bool = False):
+                 generate: bool = False, skip_channels: Sequence[int] | None = None, refine: int = 0):
         if max_shift < 1:
             raise ValueError(f"WarpTranslationHead: max_shift must be ≥ 1 px; got {max_shift}")
-        super().__init__(dim, channels, steps, gan_weight, decoder_channels=1 + (1 + channels if generate else 0))
+        super().__init__(dim, channels, steps, gan_weight, decoder_channels=1 + (1 + channels if generate else 0),
+                         skip_channels=skip_channels, refine=refine)
         self.max_shift, self.generate = int(max_shift), bool(generate)
         if self.generate:
             with torch.no_grad():
@@ -207,17 +273,17 @@ class WarpTranslationHead(TranslationHead):
         """(N, ≥1, H, W) decoder output → (N, H, W) signed shift in px, |d| < R."""
         return self.max_shift * torch.tanh(y[:, 0] / self.max_shift)
 
-    def forward(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor) -> torch.Tensor:
-        y = self._decode_with_source(grid, size, source)
+    def forward(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor, skips=None) -> torch.Tensor:
+        y = self._decode_with_source(grid, size, source, skips)
         warped = warp_rows(source.float(), self.disparity(y))
         if not self.generate:
             return warped
         m = torch.sigmoid(y[:, 1:2])
         return (1 - m) * warped + m * torch.sigmoid(y[:, 2:])
 
-    def shifts(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def shifts(self, grid: torch.Tensor, size: tuple[int, int], skips=None) -> torch.Tensor:
         """(N, H, W) the predicted per-pixel shift in px, for inspection."""
-        return self.disparity(self.decoder(grid, size).float())
+        return self.disparity(_decode(self.decoder, grid, size, skips).float())
 
 
 def warp_rows(source: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -251,16 +317,17 @@ class SelectTranslationHead(TranslationHead):
     needs_source = True
 
     def __init__(self, dim: int, channels: int, steps: int, max_shift: int, gan_weight: float = 0.0,
-                 generate: bool = False):
+                 generate: bool = False, skip_channels: Sequence[int] | None = None, refine: int = 0):
         if max_shift < 1:
             raise ValueError(f"SelectTranslationHead: max_shift must be ≥ 1 px; got {max_shift}")
         extra = 1 + channels if generate else 0
-        super().__init__(dim, channels, steps, gan_weight, decoder_channels=2 * max_shift + 1 + extra)
+        super().__init__(dim, channels, steps, gan_weight, decoder_channels=2 * max_shift + 1 + extra,
+                         skip_channels=skip_channels, refine=refine)
         self.max_shift, self.generate = int(max_shift), bool(generate)
         self.candidates = 2 * self.max_shift + 1 + int(self.generate)
 
-    def forward(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor) -> torch.Tensor:
-        y = self._decode_with_source(grid, size, source)
+    def forward(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor, skips=None) -> torch.Tensor:
+        y = self._decode_with_source(grid, size, source, skips)
         w = source.shape[-1]
         k = 2 * self.max_shift + 1
         p = self._probs(y[:, : self.candidates])
@@ -276,9 +343,9 @@ class SelectTranslationHead(TranslationHead):
         inside = torch.cat([(col >= 0) & (col < w), torch.ones(self.candidates - k, w, dtype=torch.bool, device=logits.device)])
         return torch.softmax(logits.masked_fill(~inside.view(1, self.candidates, 1, w), float("-inf")), dim=1)
 
-    def shift_probs(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def shift_probs(self, grid: torch.Tensor, size: tuple[int, int], skips=None) -> torch.Tensor:
         """(N, candidates, H, W) probabilities (shifts −R..R, then the generated one if on), for inspection."""
-        return self._probs(self.decoder(grid, size).float()[:, : self.candidates])
+        return self._probs(_decode(self.decoder, grid, size, skips).float()[:, : self.candidates])
 
 
 class ClassificationHead(nn.Module):
