@@ -34,3 +34,32 @@ def test_the_flop_benchmark_counts_a_bf16_step_mostly_in_bf16() -> None:
     share = float(line.split("bf16 share ")[1].split(",")[0])
     base = float(line.split("| baseline ")[1].split("bf16 share ")[1].split(" ")[0])
     assert share > base  # the plan's bf16 attention moved work from fp32 to bf16
+
+
+def test_the_fusion_study_reports_paired_differences_and_logs_a_parent_with_a_child_per_cell(tmp_path: Path) -> None:
+    import mlflow
+
+    out, db = tmp_path / "study", tmp_path / "mlflow.db"
+    r = subprocess.run([sys.executable, "benchmarks/fusion.py", "--tasks", "density", "--seeds", "2", "--steps", "2",
+                        "--out", str(out), "--tracking-uri", f"sqlite:///{db}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "fusion.json").read_text())
+    assert {(c["variant"], c["seed"]) for c in report["cells"]} == {
+        (v, s) for v in ("mango", "rgb only", "right only") for s in (0, 1)}
+    summed = next(row for row in report["summary"] if row["variant"] == "summed singles")
+    assert summed["diff_low"] <= summed["diff_mean"] <= summed["diff_high"]
+    assert "| density | summed singles |" in (out / "fusion.md").read_text()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("mango-fusion-study").experiment_id])
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    assert len(parents) == 1 and len(runs) == 1 + 6
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"fusion.md", "fusion.json"}
+
+
+def test_paired_interval_is_the_student_t_interval_of_the_differences() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from fusion import paired_interval
+
+    mean, low, high = paired_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs((high - mean) - 4.303 * 1.0 / 3 ** 0.5) < 1e-9 and low == 2 * mean - high
