@@ -12,7 +12,9 @@ Every embedded task (its demo config, ``launch/configs/<task>_demo.yaml``, data 
   depth ``model.num_blocks``, its MLP width chosen so its parameter count is closest to MANGO's (printed);
 - ``<modality> only`` — one input modality;
 - density: ``mango`` (joint flow over both views) vs each single view; the paired difference is
-  joint − (left + right)/2 in bits/dim.
+  joint − (left + right)/2 in bits/dim;
+- ``nonlocal`` (``launch/configs/nonlocal_demo.yaml``): the right view from the left one + an unregistered copy of
+  it displaced 8–16 px, beyond the encoder's 7 px receptive field — the dependence attention exists for.
 
 Seeds are **paired**: variant v and MANGO share ``run.seed`` (initialisation, data order, noise), so the
 per-seed difference ``metric(v) − metric(mango)`` cancels what the seed does to both. Reported per task and
@@ -50,7 +52,10 @@ from tasks import CONFIGS, METRICS, TARGET_KEYS, shard_task  # noqa: E402  (the 
 
 #: headline metric per task and whether larger is better
 HEADLINE = {"segmentation": ("val_miou", True), "translation": ("val_mae", False),
-            "classification": ("val_micro_f1", True), "density": ("val_bits_per_dim", False)}
+            "classification": ("val_micro_f1", True), "density": ("val_bits_per_dim", False),
+            "nonlocal": ("val_mae", False)}
+#: the non-local task's shards (launch/configs/nonlocal_demo.yaml): an unregistered right view, 8-16 px away
+NONLOCAL = {"patch": 24, "downscale": 3, "stride": 4, "holdout": 0.35, "val_stride": 4, "shift": 16}
 #: two-sided 95 % Student t quantiles by degrees of freedom
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         15: 2.131, 20: 2.086, 30: 2.042}
@@ -94,7 +99,7 @@ def variants(task: str, cfg, config: Path, base: list[str]) -> dict[str, list[st
     mods = list(cfg.data.modalities)
     if task == "density":
         return {"mango": [], **{f"{m} only": [f"data.modalities=[{m}]"] for m in mods}}
-    target = cfg.model.target or TARGET_KEYS[task]
+    target = cfg.model.target or TARGET_KEYS[cfg.model.task]
     inputs = [m for m in mods if m != target]
     mango_params = param_count(cfg)
     ratio, xn = matched_xattn_ratio(config, base, mango_params)
@@ -118,6 +123,12 @@ def run_task(task: str, tmp: Path, seeds: list[int], steps: int | None, override
         from jobs.demo import shard_stereo
 
         shard_stereo(str(shards))
+    elif task == "nonlocal":
+        from pipeline.data import write_split
+
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            write_split("embedded", "stereo", str(shards), split, options=NONLOCAL, samples_per_shard=256,
+                        progress=False)
     else:
         shard_task(task, cfg, shards, scenes=64 if quick else 128, movies=256 if quick else 512)
     cells = []
@@ -131,7 +142,7 @@ def run_task(task: str, tmp: Path, seeds: list[int], steps: int | None, override
             wall = time.monotonic() - start
             cell = {"task": task, "variant": name, "seed": seed, "steps": steps, "wall_s": wall,
                     "params": param_count(run_cfg), metric: result[metric],
-                    **{m: result[m] for m in METRICS.get(task, ()) if m in result}}
+                    **{m: result[m] for m in METRICS.get(cfg.model.task, ()) if m in result}}
             print(f"[{task}] {name:<16} seed {seed}: {metric} {result[metric]:.4f}  ({wall:.0f} s)", flush=True)
             tracker.child(cell)
             cells.append(cell)
@@ -214,7 +225,7 @@ class Tracker:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="segmentation,translation,classification,density")
+    ap.add_argument("--tasks", default="segmentation,translation,classification,density,nonlocal")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=0, help="steps per run (0 = the demo config's, /4 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 seeds, a quarter of the steps (development)")

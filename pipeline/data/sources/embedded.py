@@ -14,6 +14,13 @@ right fraction f of the columns instead of 1/4, and ``--val-stride`` cuts the he
 (they may then overlap each other, never the training region): at ``--downscale 5`` the default held-out
 strip is 21 px wide, one 16 px patch column, 6 patches.
 
+``--shift R`` (the non-local task): adds ``shifted.png``, the right view's window displaced horizontally by a
+per-sample offset of R/2..R px, either sign (from a hash of the key, so deterministic), next to the registered
+``right.png``; windows keep R px from their split's region edges so the displaced window never leaves it. Predicting
+the registered right view from the left view + the shifted one means finding a correspondence R/2..R px away: with
+``R = 16`` that lies beyond the receptive field of the translation demo's conv encoder (patch 2: a stride-2 3×3
+conv then a 3×3 conv, 7 px), so per-position fusion (concat) cannot align the two inputs and attention can.
+
 ``--src scenes`` — RGB-D scenes rendered by pybullet's CPU TinyRenderer (``pybullet.DIRECT``): the
 ``plane.urdf`` floor and the duck mesh from ``pybullet_data`` plus primitive solids, placed by a seeded RNG
 (train seeds 0.., val seeds 1000000..). ``label.png`` holds the exact per-pixel class (uint8, 255 = sky /
@@ -30,6 +37,7 @@ cue), so **only depth separates them**; ``--view orbit`` (default) is the obliqu
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import random
@@ -88,13 +96,16 @@ class EmbeddedSource(Source):
         "val_stride": (int, 0, "stereo: held-out patch stride (0 = P: held-out patches do not overlap each other)"),
         "holdout": (float, 1.0 - TRAIN_FRACTION, "stereo: fraction of the image columns (the right ones) held out"),
         "downscale": (int, 1, "stereo: integer area downscale of the whole image before cutting patches"),
+        "shift": (int, 0, "stereo: add shifted.png, the right view displaced by a per-sample horizontal offset of "
+                          "R/2..R px, either sign (seeded by the key): an unregistered second view (0 = none)"),
         "size": (int, 64, "scenes: rendered image size (square)"),
         "scenes": (int, 0, "scenes: number of scenes per split (0 = 96 train / 32 val)"),
         "view": (str, "orbit", "scenes: camera 'orbit' (oblique) or 'top' (straight down: low and tall boxes "
                                "look alike in RGB, only depth separates them)"),
     }
-    _FOREIGN = {"stereo": ("size", "scenes", "view"), "scenes": ("patch", "stride", "downscale", "val_stride", "holdout")}
-    _QUIET = {"val_stride", "holdout"}  # left out of config() at their defaults: older shards keep their checksums
+    _FOREIGN = {"stereo": ("size", "scenes", "view"),
+                "scenes": ("patch", "stride", "downscale", "val_stride", "holdout", "shift")}
+    _QUIET = {"val_stride", "holdout", "shift"}  # left out of config() at their defaults: older shards keep their checksums
 
     def __init__(self, src: str | None, **options: Any) -> None:
         super().__init__(src or "stereo", **options)
@@ -109,7 +120,7 @@ class EmbeddedSource(Source):
         if not 0.0 < o["holdout"] < 1.0:
             raise ValueError(f"embedded stereo: --holdout must be a fraction in (0, 1) of the columns; got {o['holdout']}")
         if o["patch"] < 4 or o["downscale"] < 1 or o["stride"] < 0 or o["val_stride"] < 0 or o["size"] < 8 \
-                or o["scenes"] < 0:
+                or o["scenes"] < 0 or o["shift"] < 0:
             raise ValueError(f"embedded: invalid options {o}")
 
     @property
@@ -128,10 +139,20 @@ class EmbeddedSource(Source):
         h, w = left.shape[:2]
         x0, x1 = stereo_regions(w, p, self.options["holdout"])[split]
         stride = (self.options["val_stride"] or p) if split == "val" else (self.options["stride"] or max(1, p // 2))
+        r = self.options["shift"]  # the shifted window must stay inside the split's own columns
+        x0, x1 = x0 + r, x1 - r
         if x1 - x0 < p or h < p:
-            raise ValueError(f"embedded stereo: the {split} region ({x1 - x0}x{h} px after --downscale {s}) is "
-                             f"narrower than one {p}px patch; use a smaller --patch or --downscale")
+            raise ValueError(f"embedded stereo: the {split} region ({max(0, x1 - x0)}x{h} px after --downscale {s}"
+                             f"{f' and ±{r} px of --shift' if r else ''}) is narrower than one {p}px patch; use a "
+                             "smaller --patch, --shift or --downscale")
         return [(y, x) for y in range(0, h - p + 1, stride) for x in range(x0, x1 - p + 1, stride)]
+
+    def shift_of(self, key: str) -> int:
+        """The key's horizontal offset of ``shifted.png`` (px): R/2..R in magnitude, either sign, from its hash."""
+        r = self.options["shift"]
+        h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+        magnitude = r - r // 2
+        return (r // 2 + h % (magnitude + 1)) * (1 if (h >> 32) % 2 else -1)
 
     # -- scenes ------------------------------------------------------------------------------------------
     def _scene_count(self, split: str) -> int:
@@ -141,10 +162,14 @@ class EmbeddedSource(Source):
         self.check_split(split)
         if self.src == "stereo":
             p = self.options["patch"]
+            shifted = ({"shifted.png": ModalitySpec("uint8", "image", (p, p, 3),
+                                                    "8-bit sRGB, right view displaced by a per-sample offset")}
+                       if self.options["shift"] else {})
             return {
                 "rgb.png": ModalitySpec("uint8", "image", (p, p, 3), "8-bit sRGB, left view"),
                 "right.png": ModalitySpec("uint8", "image", (p, p, 3), "8-bit sRGB, right view"),
                 "depth.png": ModalitySpec("uint16", "depth", (p, p), "1 mm, 0 = invalid"),
+                **shifted,
                 "json": ModalitySpec("json", "meta"),
             }
         n = self.options["size"]
@@ -169,10 +194,15 @@ class EmbeddedSource(Source):
             p, s = self.options["patch"], self.options["downscale"]
             left, right, depth = stereo_arrays(s)
             win = (slice(y, y + p), slice(x, x + p))
-            return {
+            sample = {
                 "rgb.png": left[win].copy(), "right.png": right[win].copy(), "depth.png": depth[win].copy(),
                 "json": {"scene": "middlebury-2014-motorcycle", "y": y, "x": x, "downscale": s, "split": split},
             }
+            if self.options["shift"]:
+                dx = self.shift_of(key)
+                sample["shifted.png"] = right[y:y + p, x + dx:x + dx + p].copy()
+                sample["json"]["shift"] = dx  # metadata for analysis, never a model input
+            return sample
         return render_scene(int(key.split("-")[1]), self.options["size"], view=self.options["view"])
 
 
