@@ -110,6 +110,9 @@ class ModelConfig:
     encoder_weights: str = _f("", arch=False)  # local path to pretrained encoder weights; "" = random init
     init_weights: str = _f("", arch=False)  # consolidated model.safetensors to start a fresh run from; "" = random init
     nll_weight: float = _f(1e-2, ge=0.0, arch=False)  # λ in task loss + λ·NLL/(L·D)
+    # let the NLL's gradient reach the encoders (default: stopped — E's Jacobian is not in the likelihood, so the
+    # encoders could shrink their output to cheat it; the fusion study measures the lever)
+    nll_to_encoders: bool = _f(False, arch=False)
     num_classes: int = _f(0, ge=0, arch=True)  # segmentation / classification head size
     # latent models: G over the fused tokens; concat (no flow); xattn (bidirectional cross-attention blocks, no flow)
     fusion: str = _f("mango", choices=("mango", "concat", "xattn"), arch=True)

@@ -183,7 +183,7 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
         raise ConfigError(f"model.decoder={m.decoder} moves pixels of an input image like the target {target.key}; none of "
                           f"{[md.key for md in inputs]} has its {target.channels} channels and {target.bits} bits")
     model = LatentTaskModel(m.task, inputs, target, head, dim=m.dim, grid=grid, encoder=m.encoder,
-                            patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, depth_max=m.depth_max,
+                            patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, nll_to_encoders=m.nll_to_encoders, depth_max=m.depth_max,
                             text_trainable=m.text_trainable, text_cache=m.text_cache, augment=augment,
                             flow_kwargs=flow_kwargs, skips=m.skips,
                             xattn_kwargs={"depth": m.num_blocks, "mlp_ratio": m.xattn_mlp_ratio} if m.fusion == "xattn" else None)

@@ -9,8 +9,9 @@ encoders, fusion and head with Z = x (no G, no NLL).
 
 **Objective** ``loss = task_loss + λ · NLL(x)/(L·D)`` (λ = ``model.nll_weight``; NLL in nats, standard normal
 prior on z). The NLL's gradient is *stopped into the encoders*: E's Jacobian is not part of the likelihood, so
-letting the NLL train E would let it shrink the token scale and cheat the density (DESIGN.md §1). The flow's
-parameters receive both gradients. Implementation: one flow call on the batch ``[x ; x.detach()]`` (2N
+letting the NLL train E would let it shrink the token scale and cheat the density. The flow's parameters
+receive both gradients. ``model.nll_to_encoders=true`` lets the NLL's gradient reach E (one flow pass, no
+detached copy) — a lever the fusion study (``benchmarks/fusion.py``) measures. Implementation: one flow call on the batch ``[x ; x.detach()]`` (2N
 samples); the first half's Z feeds the head (task gradient into G and E), the second half's ``(z, logdet)``
 gives the NLL (gradient into G only). Under ``no_grad`` (eval, predict, ActNorm data init) one pass over x
 serves both.
@@ -67,7 +68,7 @@ class LatentTaskModel(nn.Module):
 
     def __init__(self, task: str, inputs: Sequence[Modality], target: Modality, head: nn.Module, *, dim: int,
                  grid: tuple[int, int], encoder: str = "conv", patch_size: int = 4, fusion: str = "mango",
-                 nll_weight: float = 1e-2, depth_max: float = 10000.0, text_trainable: bool = False, text_cache: int = 0,
+                 nll_weight: float = 1e-2, nll_to_encoders: bool = False, depth_max: float = 10000.0, text_trainable: bool = False, text_cache: int = 0,
                  augment: Augment | None = None, flow_kwargs: Mapping | None = None, xattn_kwargs: Mapping | None = None,
                  skips: bool = False):
         super().__init__()
@@ -77,6 +78,7 @@ class LatentTaskModel(nn.Module):
             raise ValueError(f"{task}: fusion must be one of {list(FUSIONS)}; got {fusion!r}")
         self.task, self.inputs, self.target = task, tuple(inputs), target
         self.dim, self.grid, self.fusion, self.nll_weight = dim, tuple(grid), fusion, float(nll_weight)
+        self.nll_to_encoders = bool(nll_to_encoders)  # the fusion study's lever (model.nll_to_encoders)
         self.depth_max, self.augment = float(depth_max), augment or Augment()
         self.skips = bool(skips)  # the head also reads the image encoders' feature maps (model.skips)
         if self.skips and (task not in ("segmentation", "translation") or any(m.kind != "image" for m in inputs)):
@@ -218,7 +220,7 @@ class LatentTaskModel(nn.Module):
             batch = self._augmented(batch, with_target=True)
         maps: list | None = [] if self.skips else None
         tokens, masks = self._encode(batch, maps)
-        stop = mode == "loss" and torch.is_grad_enabled() and self.nll_weight > 0
+        stop = mode == "loss" and torch.is_grad_enabled() and self.nll_weight > 0 and not self.nll_to_encoders
         zs, nll = self._flow(tokens, stop_into_encoders=stop, masks=masks)
         size = next((tuple(batch[m.key].shape[-2:]) for m in self.inputs if m.kind == "image"), None)
         out = self._head(zs, masks, size, batch, self._skip_maps(maps) if maps is not None else None)

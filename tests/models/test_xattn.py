@@ -41,3 +41,21 @@ def test_each_modality_reads_the_others_content_and_padded_keys_are_ignored() ->
     out_a2, out_b2 = fusion([a, b], [None, None])
     (grad_a,) = torch.autograd.grad(out_b2.sum(), a)
     assert grad_a.abs().sum() > 0  # and B reads A: both directions
+
+
+def test_the_nll_lever_lets_the_nll_gradient_reach_the_encoders() -> None:
+    from pipeline.flows import data_init
+
+    from .test_latent_models import seg_model
+
+    b = batch()
+    grads = {}
+    for lam, lever in ((0.0, "true"), (1.0, "true"), (1.0, "false")):
+        model = seg_model(f"model.nll_weight={lam}", f"model.nll_to_encoders={lever}")
+        data_init(model, b, mode="loss")
+        model(b, mode="loss")["loss"].backward()
+        grads[lam, lever] = {k: p.grad.clone() for k, p in model.named_parameters()
+                             if p.grad is not None and k.startswith("encoders.")}
+    moved = max(float((grads[1.0, "true"][k] - grads[0.0, "true"][k]).abs().max()) for k in grads[0.0, "true"])
+    stopped = max(float((grads[1.0, "false"][k] - grads[0.0, "true"][k]).abs().max()) for k in grads[0.0, "true"])
+    assert moved > 1e-5 and stopped < 1e-7  # on: the NLL trains the encoders too; off (default): it does not
