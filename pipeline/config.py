@@ -100,6 +100,9 @@ class ModelConfig:
     tokens: int = _f(0, ge=0, arch=True)  # tokens per modality in the latent models; 0 = (image_size / patch_size)²
     partitions: str = _f("all", partitions=True, arch=True)  # a preset or a '+'-joined list of partition names
     lica_group: int = _f(64, ge=0, arch=True)  # LICA token-group size; 0 = one full L×L mixer
+    # latent models' G: ica = MANGO blocks; the Table 4 comparators built from the same flow layers, no cross-token
+    # attention: coupling = ActNorm → affine coupling (RealNVP-style), glow = ActNorm → 1×1 channel mixer → coupling
+    flow_layer: str = _f("ica", choices=("ica", "coupling", "glow"), arch=True)
     memory: str = _f("store", choices=MEMORY_POLICIES, arch=False)
     form: str = _f("gated", choices=FORMS, arch=True)
     channel_mix: bool = _f(True, arch=True)  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
@@ -419,6 +422,9 @@ def _check_cross(cfg: Config) -> None:
                           "deepspeed.zero_stage=3; use model.memory=checkpoint with ZeRO-3, or zero_stage ≤ 2")
     if cfg.data.crop_width and not cfg.data.crop_size:
         raise ConfigError(f"data.crop_width={cfg.data.crop_width} needs data.crop_size (the crop's rows) > 0")
+    if m.flow_layer != "ica" and (m.task == "density" or m.fusion != "mango"):
+        raise ConfigError(f"model.flow_layer={m.flow_layer}: picks the latent models' flow G (model.fusion=mango), "
+                          f"not the {m.task if m.task == 'density' else m.fusion} model")
     if m.skips and m.task not in ("segmentation", "translation"):
         raise ConfigError(f"model.skips: skip connections feed the dense decoders (segmentation, translation), not {m.task}")
     if cfg.optim.warmup_steps > cfg.train.max_steps:

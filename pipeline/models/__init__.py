@@ -138,8 +138,9 @@ def _flow_kwargs(cfg: Config, tokens: int, memory: str) -> dict:
     if group and (tokens % group or group % 2):
         raise ConfigError(f"model.lica_group={m.lica_group} must be even and divide the latent flow's {tokens} tokens "
                           f"(or 0 for one full mixer)")
-    return {"num_blocks": m.num_blocks, "memory": memory, "partitions": m.partitions, "form": m.form,
-            "lica_group": group, "attention": m.attention, "channel_mix": m.channel_mix}
+    kwargs = {"num_blocks": m.num_blocks, "memory": memory, "partitions": m.partitions, "form": m.form,
+              "lica_group": group, "attention": m.attention, "channel_mix": m.channel_mix}
+    return kwargs | ({"layer": m.flow_layer} if m.flow_layer != "ica" else {})
 
 
 def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.flows import MangoFlow
+from pipeline.flows import ActNorm, AffineCoupling, ChannelMixer, FlowSequence, MangoFlow
 
 from .augment import Augment
 from .encoders import ImageEncoder
@@ -94,7 +94,10 @@ class LatentTaskModel(nn.Module):
             else:
                 raise ValueError(f"{task}: input {m.key!r} of kind {m.kind!r} cannot be encoded; use image or text modalities")
         if fusion == "mango":
-            self.flow = MangoFlow(dim, n * len(inputs), **dict(flow_kwargs or {}))
+            kwargs = dict(flow_kwargs or {})
+            layer = kwargs.pop("layer", "ica")  # model.flow_layer: MANGO blocks, or a Table 4 comparator
+            self.flow = (MangoFlow(dim, n * len(inputs), **kwargs) if layer == "ica"
+                         else token_flow(layer, dim, n * len(inputs), kwargs.get("num_blocks", 12)))
             if len(inputs) == 1:  # single modality: [even ; odd] tokens play the two "modalities"
                 order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
                 self.register_buffer("order", order, persistent=False)
@@ -243,6 +246,25 @@ class LatentTaskModel(nn.Module):
             sums["nll_sum"] = (nll.detach().double() * w.to(nll.device).double()).sum()
         sums["count"] = w.double().sum()
         return sums
+
+
+def token_flow(layer: str, dim: int, tokens: int, num_blocks: int) -> FlowSequence:
+    """The flow-layer comparators of the paper's Table 4 as G on (N, tokens, dim), from the flow's own layers.
+
+    ``coupling``: ``num_blocks`` × (ActNorm → affine coupling over channels, halves alternating) — RealNVP-style;
+    ``glow``: ``num_blocks`` × (ActNorm → learned invertible channel mixer (Glow's 1×1 conv) → affine coupling).
+    Neither has ICA's cross-token attention: tokens meet only inside the coupling's 3-tap conditioner along the
+    token sequence. Exact, with log-dets; ActNorm's data init and the NLL work as for MANGO blocks.
+    """
+    if layer not in ("coupling", "glow"):
+        raise ValueError(f"token_flow: layer must be coupling or glow; got {layer!r}")
+    layers: list[nn.Module] = []
+    for i in range(num_blocks):
+        layers.append(ActNorm(dim))
+        if layer == "glow":
+            layers.append(ChannelMixer(dim))
+        layers.append(AffineCoupling(dim, max(dim, 16), swap=bool(i % 2)))
+    return FlowSequence(layers, tokens=tokens, dim=dim)
 
 
 def _name(key: str) -> str:

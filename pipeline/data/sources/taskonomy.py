@@ -11,6 +11,10 @@ overflow uint16 beyond 65.5 m. A domain's dtype and channel count are probed fro
 every other sample must match (else a ``ValueError`` naming the file). A (point, view) missing a chosen
 domain raises ``FileNotFoundError`` naming the file (``--skip-bad`` skips and counts it).
 Keys: ``tk-<building>-p<P:06d>-v<V:03d>``.
+
+``--size S`` (default 0 = keep the native 512×512) resizes every domain to S×S while sharding, as TokenFusion's
+translation protocol evaluates at 256×256: 8-bit domains bilinearly (PIL, as torchvision's ``Resize``), 16-bit
+ones nearest-neighbour (a blend would mix the 65535 invalid marker into real values).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ _SAMPLE = re.compile(r"^point_(?P<p>\d+)_view_(?P<v>\d+)(?:_domain_.+\.png)?$")
 
 class TaskonomySource(Source):
     name = "taskonomy"
-    OPTIONS = {"domains": (str, "reshading,edge_texture,rgb", "comma-separated Taskonomy domains to keep")}
+    OPTIONS = {"domains": (str, "reshading,edge_texture,rgb", "comma-separated Taskonomy domains to keep"),
+               "size": (int, 0, "resize every domain to SIZE×SIZE (8-bit bilinear, 16-bit nearest); 0 = native")}
 
     def __init__(self, src: str | None, **options: Any) -> None:
         super().__init__(src, **options)
@@ -40,6 +45,8 @@ class TaskonomySource(Source):
         self.domains = tuple(d.strip() for d in self.options["domains"].split(",") if d.strip())
         if not self.domains or len(set(self.domains)) != len(self.domains):
             raise ValueError(f"taskonomy: --domains must name distinct domains, got {self.options['domains']!r}")
+        if self.options["size"] < 0:
+            raise ValueError(f"taskonomy: --size must be ≥ 0 (0 = native size); got {self.options['size']}")
         self._single = all(os.path.isdir(os.path.join(src, d)) for d in self.domains)
         self._samples: dict[str, dict[str, tuple[str, int, int]]] = {}
         self._specs: dict[str, dict[str, ModalitySpec]] = {}
@@ -114,7 +121,8 @@ class TaskonomySource(Source):
                 kind = "depth" if domain.startswith("depth") else "image"
                 bits = "16-bit" if a.dtype == np.uint16 else "8-bit"
                 quant = "1/512 m, 65535 = invalid" if kind == "depth" else bits
-                specs[f"{domain}.png"] = ModalitySpec(str(a.dtype), kind, (None, None, *a.shape[2:]), quant)
+                side = self.options["size"] or None
+                specs[f"{domain}.png"] = ModalitySpec(str(a.dtype), kind, (side, side, *a.shape[2:]), quant)
             self._specs[split] = specs
         return self._specs[split]
 
@@ -137,11 +145,23 @@ class TaskonomySource(Source):
             if str(a.dtype) != spec.dtype or a.ndim != len(spec.shape) or a.shape[2:] != spec.shape[2:]:
                 raise ValueError(f"{path}: {a.dtype} {a.shape} differs from the split's {domain} "
                                  f"({spec.dtype}, {len(spec.shape)}-D)")
-            sample[f"{domain}.png"] = a
+            sample[f"{domain}.png"] = self._resized(a)
         return sample
 
+    def _resized(self, a: np.ndarray) -> np.ndarray:
+        size = self.options["size"]
+        if not size or a.shape[:2] == (size, size):
+            return a
+        from PIL import Image
+
+        if a.dtype == np.uint8:
+            return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR))
+        rows = np.minimum((np.arange(size) + 0.5) * a.shape[0] / size, a.shape[0] - 1).astype(np.int64)
+        cols = np.minimum((np.arange(size) + 0.5) * a.shape[1] / size, a.shape[1] - 1).astype(np.int64)
+        return np.ascontiguousarray(a[rows][:, cols])
+
     def config(self) -> dict[str, Any]:
-        return {"source": self.name, "domains": list(self.domains)}
+        return {"source": self.name, "domains": list(self.domains), "size": self.options["size"]}
 
 
 SOURCE_CLASS = TaskonomySource
