@@ -1,9 +1,10 @@
 """The fault suite (``pytest -m faults``): every guarantee of docs/operations.md against a real fault.
 
-Budget: 5 minutes (20 tests took 278 s with ``pytest -m faults`` on one core shared with other work); the slowest
-are DeepSpeed's comm-op rebuild in a copied extension cache (~50 s) and the ZeRO-2/3 resizes. Every
-subprocess has a short timeout, so a regression to a hang fails instead of stalling CI. Single-rank cases run ``jobs.train.main`` in-process (they fail before any process group);
-multi-rank cases use real torchrun / per-rank ``env://`` processes with gloo, batched into few launches.
+Budget: 5 minutes (20 tests took 278 s with ``pytest -m faults`` on one core shared with other work); the
+slowest are DeepSpeed's comm-op rebuild in a copied extension cache (~50 s) and the ZeRO-2/3 resizes. Every
+subprocess has a short timeout, so a regression to a hang fails instead of stalling CI. Single-rank cases
+run ``jobs.train.main`` in-process (they fail before any process group); multi-rank cases use real torchrun
+/ per-rank ``env://`` processes with gloo, batched into few launches.
 """
 
 from __future__ import annotations
