@@ -41,12 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.train.loop import train_loop
-
     from pipeline import dist
     from pipeline.data.verify import DataError
     from pipeline.train.checkpoint import CheckpointError
     from pipeline.train.checkpoint import SaveError as CheckpointSaveError
+    from pipeline.train.loop import train_loop
 
     try:
         result = train_loop(cfg)

@@ -295,14 +295,14 @@ class _Heartbeat:
         self._stop.clear()
         try:
             store = self._store()
-        except Exception:  # no default store (a group started elsewhere): no heartbeats, plain messages
+        except Exception:  # noqa: BLE001 - no default store (a group started elsewhere): no heartbeats
             return
 
         def beat() -> None:
             while not self._stop.is_set():
                 try:
                     store.set(f"mango/hb/{rank}", repr(time.time()))
-                except Exception:
+                except Exception:  # noqa: BLE001 - any store failure means: no heartbeat
                     return  # the store is gone (its host died): lost_ranks says so
                 self._stop.wait(self.interval)
 
@@ -327,7 +327,7 @@ class _Heartbeat:
                 if not store.check([key]) or now - float(store.get(key).decode()) > stale_s:
                     lost.append(r)
             return lost, ""
-        except Exception:
+        except Exception:  # noqa: BLE001 - any store failure means: no heartbeat
             return [], "the rendezvous store is unreachable (its host, usually rank 0 or the launcher, is gone)"
 
 

@@ -42,7 +42,9 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     if stage == 0:
         module = ckpt.safe_load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         try:
             module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -99,7 +101,7 @@ def read_weights(weights: str | Path, device: str = "cpu") -> dict[str, torch.Te
         raise FileNotFoundError(f"{weights}: no such weights file")
     try:
         return load_file(str(weights), device=device)
-    except Exception as e:  # SafetensorError (header / size mismatch), OSError
+    except Exception as e:  # noqa: BLE001 - SafetensorError (header / size mismatch), OSError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ckpt.CheckpointError(f"{weights} is not a readable safetensors file: corrupt or truncated "
                                    f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate") from None
@@ -111,7 +113,7 @@ def _weights_meta(weights: Path) -> dict[str, str]:
             return f.metadata() or {}
     except FileNotFoundError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - SafetensorError (header / size mismatch), OSError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ckpt.CheckpointError(f"{weights} is not a readable safetensors file: corrupt or truncated "
                                    f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate") from None

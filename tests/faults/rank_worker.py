@@ -25,7 +25,7 @@ def adam_matches(tag_dir: Path) -> dict:
     info = dist.init_distributed(dist.world_info_from_env(), backend="gloo", use_deepspeed=True)
     specs = [(n, tuple(s), int(b)) for n, s, b in state["modalities"]]
     model = build_model(cfg, specs)
-    engine, optimizer, scheduler = build_engine(model, cfg, info.world_size)
+    engine, _, scheduler = build_engine(model, cfg, info.world_size)
     ckpt.load(engine, tag_dir)
     saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
     loaded = engine.optimizer.state_dict()

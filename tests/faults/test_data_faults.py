@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ def _truncate(shard: Path) -> None:
 
 
 def test_truncated_shard_stops_the_run_above_max_bad_fraction(shards: Path, tmp_path: Path, capsys):
-    first = sorted(shards.glob("train-*.tar"))[0]
+    first = min(shards.glob("train-*.tar"))
     _truncate(first)
     line = _refused(capsys, tiny(shards, tmp_path / "run", "data.max_bad_fraction=0"),
                     first.name, "manifest says", "data.max_bad_fraction=0")
@@ -62,7 +61,7 @@ def test_truncated_shard_stops_the_run_above_max_bad_fraction(shards: Path, tmp_
 
 
 def test_truncated_shard_is_skipped_whole_logged_once_and_counted(shards: Path, tmp_path: Path, caplog):
-    first = sorted(shards.glob("train-*.tar"))[0]
+    first = min(shards.glob("train-*.tar"))
     _truncate(first)
     run = tmp_path / "run"
     assert train_main(tiny(shards, run, "data.max_bad_fraction=0.2", "train.max_steps=3", "eval.every=3",

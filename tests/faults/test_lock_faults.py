@@ -16,7 +16,6 @@ from pipeline.dist import clear_stale_build_locks, extension_build_root
 from tests.train.conftest import run
 
 
-
 @pytest.mark.timeout(60)
 def test_stale_lock_is_cleared_and_a_live_one_is_left(tmp_path: Path, capsys, caplog) -> None:
     stale = tmp_path / "py311_cpu" / "some_op" / "lock"

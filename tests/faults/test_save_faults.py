@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from jobs.train import main as train_main
-from pipeline.train import checkpoint as ckpt
 from pipeline.tracking import read_metrics
+from pipeline.train import checkpoint as ckpt
 from tests.train.conftest import REPO
 
 from .conftest import tiny
