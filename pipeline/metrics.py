@@ -36,6 +36,7 @@ never to be reported as FID.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -268,6 +269,10 @@ def image_distances(real: torch.Tensor, fake: torch.Tensor, inception_weights: s
         if x.shape[0] < 2:
             raise ValueError(f"image_distances: need at least 2 {name} images, got {x.shape[0]}")
     net, prefix = feature_extractor(inception_weights)
+    if prefix != "fid":
+        logging.getLogger(__name__).warning(
+            "image_distances: no Inception weights given, so these are fid_proxy / kid_proxy on a fixed random "
+            "feature net — comparable between runs of this code, not FID / KID (pass the pt_inception weights file)")
     subset = min(kid_subset_size, real.shape[0], fake.shape[0])
     fid = FrechetInceptionDistance(feature=net, normalize=False)
     kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset, normalize=False)

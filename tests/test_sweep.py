@@ -91,8 +91,11 @@ def test_jobs_sweep_exits_2_on_a_bad_space_before_ray_starts(tmp_path, capsys):
 
 
 def test_launch_space_files_are_valid(tiny_shards):  # noqa: F811
-    base = load_config(REPO / "launch/configs/demo.yaml", [])
+    demo = load_config(REPO / "launch/configs/demo.yaml", [])
     for path in sorted(SWEEPS.glob("*.yaml")):
+        # an ablation space <recipe>_tableN_*.yaml is checked against its recipe, the others against the demo
+        recipe = REPO / "launch/configs" / f"{path.stem.split('_table')[0]}.yaml"
+        base = load_config(recipe, []) if "_table" in path.stem else demo
         spec = load_space(path, base)
         assert spec.space and spec.scheduler["max_t"] >= spec.scheduler["grace_period"]
 
