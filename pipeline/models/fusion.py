@@ -292,7 +292,7 @@ def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: in
         return SegmentationHead(dim, num_classes, steps, **skip)
     if task == "translation":
         if skip:
-            skip["refine"] = max(0, int(round(math.log2(max(1, skip_stride)))))
+            skip["refine"] = max(0, round(math.log2(max(1, skip_stride))))
         if decoder != "direct":
             cls = WarpTranslationHead if decoder == "warp" else SelectTranslationHead
             return cls(dim, target.channels, steps, warp_range, gan_weight, warp_generate, **skip)

@@ -98,7 +98,7 @@ def test_each_ablation_table_is_a_sweep_over_its_recipe(table: int) -> None:
     text = path.read_text()
     for key, (kind, values) in spec.space.items():
         assert kind == "grid" and len(values) >= 3
-        assert re.search(rf"^#\s+{re.escape(key)}\s", text, re.M), f"{path.name}: the swept {key} is not traced"
+        assert re.search(rf"^#\s+{re.escape(key)}\s", text, re.MULTILINE), f"{path.name}: the swept {key} is not traced"
     assert "[paper]" in text and "[unverified]" in text
 
 
@@ -246,7 +246,7 @@ def test_each_paper_recipe_runs_end_to_end_on_its_real_format(name: str, shards,
     torch.manual_seed(0)
     result = _run(name, shards[name], tmp_path / "run", [])
     proto = PROTOCOLS[name]
-    for _, (metric, _) in proto["metrics"].items():
+    for metric, _ in proto["metrics"].values():
         if metric not in ("val_fid", "val_kid"):
             assert metric in result and math.isfinite(result[metric]), f"{name}: {metric} missing from {sorted(result)}"
     assert math.isfinite(result["loss"]) and result["val_samples"] > 0

@@ -68,7 +68,7 @@ def test_table4_flow_layers_are_exact() -> None:
         z, logdet = flow(x)
         back, _ = flow(z, reverse=True)
         assert torch.allclose(back, x, atol=1e-9)
-        jac = torch.autograd.functional.jacobian(lambda v: flow(v.view(1, 8, 6))[0].flatten(), x[0].flatten())
+        jac = torch.autograd.functional.jacobian(lambda v, f=flow: f(v.view(1, 8, 6))[0].flatten(), x[0].flatten())
         assert torch.allclose(logdet[0], torch.linalg.slogdet(jac)[1], atol=1e-8)
     cfg = load_config(NYUDV2, [*TINY, "model.encoder=mit_b0", "model.flow_layer=glow"])
     model = build_model(cfg, SPECS)
