@@ -63,7 +63,9 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 
 def check_architecture(saved: Mapping[str, Any], cfg: Config) -> None:
-    """Raise ConfigError naming the first architecture key whose new value differs from the checkpoint's."""
+    """Raise ConfigError naming the first architecture key whose new value differs from the checkpoint's (and
+    ``optim.new_lr_mult`` switched on or off: it changes the optimizer's parameter groups, which the saved state
+    must match)."""
     for key in ARCH_KEYS:
         old, new = saved.get("model", {}).get(key), getattr(cfg.model, key)
         if old is not None and old != new:
@@ -71,6 +73,12 @@ def check_architecture(saved: Mapping[str, Any], cfg: Config) -> None:
                 f"model.{key}: the checkpoint was trained with {old!r} but the config says {new!r}; "
                 f"architecture keys cannot change on resume (drop the override, or start a new run.dir)"
             )
+    old_mult = saved.get("optim", {}).get("new_lr_mult", 1.0)
+    if (old_mult == 1.0) != (cfg.optim.new_lr_mult == 1.0):
+        raise ConfigError(
+            f"optim.new_lr_mult: the checkpoint was trained with {old_mult!r} but the config says "
+            f"{cfg.optim.new_lr_mult!r}; turning the new-parts learning rate on or off changes the optimizer's "
+            f"parameter groups, which the saved optimizer state must match (keep it, or start a new run.dir)")
 
 
 class Watchdog:

@@ -101,6 +101,8 @@ def test_every_architecture_field_is_checked_on_resume() -> None:
                 check_architecture(changed, cfg)
         else:
             check_architecture(changed, cfg)  # free to change between runs
+    with pytest.raises(ConfigError, match="^optim.new_lr_mult: the checkpoint was trained with 1.0"):
+        check_architecture(saved, load_config(None, ["optim.new_lr_mult=10"]))
 
 
 def test_a_signal_whose_save_overruns_the_grace_time_still_exits_with_its_code() -> None:
