@@ -33,6 +33,14 @@ FAST := tests/flows tests/models tests/data tests/test_config.py tests/test_metr
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(FAST) $(ARGS)
 
+# the house checks CI runs before the tests: ruff (lint + format), and nothing in the product refers outside
+# the repository
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	@! grep -rnE '\.\./(s)hared' README.md docs pipeline jobs launch benchmarks tests Makefile pyproject.toml \
+		requirements.txt Dockerfile .ci || (echo "make lint: the lines above refer outside the repository"; exit 1)
+
 bench: $(STAMP)
 	$(PY) benchmarks/ica.py
 

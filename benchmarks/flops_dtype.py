@@ -17,6 +17,7 @@ and a second pass over the scores for the log-det diagonal — and prints the ra
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 from pipeline.flops import DtypeFlopCounter

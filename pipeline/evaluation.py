@@ -24,7 +24,12 @@ import torch
 
 from pipeline.config import Config
 from pipeline.model_source import (  # noqa: F401  (re-exported: the evaluation API names them)
-    MODELS_URI_PREFIX, ModelSource, load_source, resolve_checkpoint, resolve_source, weights_config,
+    MODELS_URI_PREFIX,
+    ModelSource,
+    load_source,
+    resolve_checkpoint,
+    resolve_source,
+    weights_config,
 )
 
 log = logging.getLogger(__name__)
@@ -225,8 +230,7 @@ def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], t
     from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking.store import client_for
-    from pipeline.tracking.store import ensure_experiment
+    from pipeline.tracking.store import client_for, ensure_experiment
 
     client = client_for(tracking_uri)
     run_id = None

@@ -13,7 +13,6 @@ from torchmetrics.functional.classification import binary_f1_score, multilabel_f
 from pipeline import metrics
 from pipeline.inception import FIDInceptionV3
 
-
 # -- segmentation -----------------------------------------------------------------------------------------
 
 def test_confusion_and_tokenfusion_scores_by_hand():

@@ -1,12 +1,12 @@
 """Exact MANGO flow layers. Every layer keeps the contract stated in :mod:`pipeline.flows.base`."""
 
 from .actnorm import ActNorm, data_init
-from .kernels import native
-from .kernels.attention import diag_log_softmax, upper_attention
 from .base import FlowSequence, InvertibleModule
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ATTENTION, ICA, solve_gated_upper
+from .kernels import native
+from .kernels.attention import diag_log_softmax, upper_attention
 from .lica import LUTokenMixer
 from .mango import MEMORY_POLICIES, MangoBlock, MangoFlow
 from .multiscale import MultiscaleMangoFlow, quantize

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import native
 from .base import InvertibleModule, compute_dtype, logdet_dtype, native_ok, no_autocast
+from .kernels import native
 
 
 class ChannelMixer(InvertibleModule):

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .kernels import native
 from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, native_ok, no_autocast
+from .kernels import native
 
 
 class AffineCoupling(InvertibleModule):

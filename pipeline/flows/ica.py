@@ -34,7 +34,11 @@ from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_check
 from .kernels import native, upper_attention_lse, upper_attention_lse_reference
 from .kernels.attention import diag_log_softmax, upper_attention
 from .kernels.ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
-    GATE_MARGIN, ROW_BLOCK, GatedICACore, GatedUpperAttention, gated_upper_attention_reference,
+    GATE_MARGIN,
+    ROW_BLOCK,
+    GatedICACore,
+    GatedUpperAttention,
+    gated_upper_attention_reference,
 )
 from .lica import LUTokenMixer
 from .partitions import PARTITIONS, partition_index

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import native
 from .base import KERNELS, InvertibleModule
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ICA
+from .kernels import native
 from .mango import MangoBlock, MangoFlow
 
 

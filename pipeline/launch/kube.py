@@ -25,7 +25,15 @@ import yaml
 from pipeline.config import Config
 from pipeline.launch.slurm import _space, parse_shard_args
 from pipeline.launch.spec import (
-    K8S_GRACE_MARGIN_S, Artifact, LaunchError, LaunchSpec, Rendered, config_yaml, job_config, job_name, plain_env,
+    K8S_GRACE_MARGIN_S,
+    Artifact,
+    LaunchError,
+    LaunchSpec,
+    Rendered,
+    config_yaml,
+    job_config,
+    job_name,
+    plain_env,
 )
 
 WORKDIR = "/opt/mango"  # the Dockerfile's WORKDIR

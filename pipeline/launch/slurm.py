@@ -12,8 +12,19 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.launch.spec import (
-    REPO, Artifact, LaunchError, LaunchSpec, Rendered, config_yaml, fill, job_config, job_name, load_template,
-    plain_env, q, signal_lead_s,
+    REPO,
+    Artifact,
+    LaunchError,
+    LaunchSpec,
+    Rendered,
+    config_yaml,
+    fill,
+    job_config,
+    job_name,
+    load_template,
+    plain_env,
+    q,
+    signal_lead_s,
 )
 
 _RAY_PORT = 6379

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, ConfigError, apply_overrides, to_dict
+from pipeline.config import Config, apply_overrides, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "launch" / "templates"

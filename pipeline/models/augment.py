@@ -64,7 +64,7 @@ class Augment:
                 fill = float(IGNORE_INDEX) if tensors[k].dim() == 3 else 0.0
                 if ph or pw:
                     x = F.pad(x, (0, pw, 0, ph), value=fill)
-                out[k] = torch.stack([x[i, :, t:t + c, l:l + cw] for i, (t, l) in enumerate(zip(tops, lefts))])
+                out[k] = torch.stack([x[i, :, t:t + c, left:left + cw] for i, (t, left) in enumerate(zip(tops, lefts))])
         if self.hflip:
             n = next(iter(out.values())).shape[0]
             flip = torch.tensor([random.random() < 0.5 for _ in range(n)], device=next(iter(out.values())).device)

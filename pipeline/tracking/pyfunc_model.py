@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 import torch
 
 from pipeline.flows.plan import ExecutionPlan

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -36,10 +35,14 @@ from typing import TYPE_CHECKING
 from pipeline.config import architecture_keys
 from pipeline.evaluation import metric_for_split
 from pipeline.model_source import (  # noqa: F401  (re-exported: lookups callers reach through the registry)
-    ModelSource, parse_model_uri, resolve_checkpoint, resolve_model_uri, weights_config,
+    ModelSource,
+    parse_model_uri,
+    resolve_checkpoint,
+    resolve_model_uri,
+    weights_config,
 )
 
-from .store import bound_http_retries, client_for, ensure_experiment, project_root, resolve_tracking_uri
+from .store import client_for, ensure_experiment, project_root
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -34,9 +34,9 @@ from pipeline.metrics import finalize
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.ema import WeightEMA
 from pipeline.train.engine import autocast, build_engine
-from pipeline.train.speed import SpeedMeter, count_step_flops
 from pipeline.train.remote import RemoteSync, download, latest_remote
 from pipeline.train.signals import PreemptionWatch
+from pipeline.train.speed import SpeedMeter, count_step_flops
 
 log = logging.getLogger("pipeline.train")
 

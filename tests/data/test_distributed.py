@@ -12,13 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import free_port
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.data import build_eval_loader, build_train_loader, load_manifest
+from tests.conftest import free_port
 
 WORLD = 2
 

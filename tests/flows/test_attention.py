@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from pipeline.flows import ICA, MangoFlow
-from pipeline.flows.kernels.attention import diag_log_softmax, upper_attention
 from pipeline.flows.ica import FUSED_MIN_TOKENS
+from pipeline.flows.kernels.attention import diag_log_softmax, upper_attention
 
 from .checker import check_flow, randomise_parameters
-
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/flows/conftest.py
 

@@ -19,7 +19,6 @@ from pipeline.flows.ica import GatedICACore, GatedUpperAttention, gated_upper_at
 
 from .checker import check_flow, randomise_parameters
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/flows/conftest.py
 
 

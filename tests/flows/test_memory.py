@@ -10,8 +10,6 @@ from pipeline.flows import MangoFlow, MultiscaleMangoFlow
 
 from .checker import randomise_parameters
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/flows/conftest.py
 
 

@@ -20,12 +20,12 @@ from mlflow import MlflowClient
 from jobs.evaluate import main as evaluate_main
 from jobs.register import main as register_main
 from jobs.sample import main as sample_main
+from pipeline.data import write_split
 from pipeline.evaluation import evaluate_model, load_source, resolve_checkpoint, resolve_source
 from pipeline.tracking import registry
 from pipeline.tracking.pyfunc_model import run_task
 from pipeline.train.checkpoint import read_state
 from pipeline.train.consolidate import consolidate, load_model
-from pipeline.data import write_split
 from tests.train.conftest import TINY_TRAIN, run
 
 

@@ -39,7 +39,7 @@ def test_sigterm_saves_and_exits_143(tiny_shards: str, tmp_path: Path) -> None:
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_shards: str, tmp_path: Path) -> None:
     ckpts = tmp_path / "checkpoints"
     killed_mid_save = False
-    for attempt in range(3):  # the save window is short: retry until the kill lands inside one
+    for _attempt in range(3):  # the save window is short: retry until the kill lands inside one
         proc = popen(_train_cmd(tiny_shards, tmp_path, "checkpoint.every=1", "checkpoint.keep=100"))
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline:

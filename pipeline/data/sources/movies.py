@@ -31,7 +31,7 @@ import argparse
 import json
 import os
 import random
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -93,7 +93,7 @@ POSTER = 96  # stored poster side in pixels (the shard job resizes with --image-
 assert set(IMAGE_GENRES) | set(TEXT_GENRES) == set(GENRES) and not set(IMAGE_GENRES) & set(TEXT_GENRES)
 
 
-@lru_cache(maxsize=None)
+@cache
 def motif(name: str) -> np.ndarray:
     """The scikit-image picture behind an image genre as uint8 (H, W, 3)."""
     import skimage.data
