@@ -24,9 +24,20 @@ from pipeline.train.loop import train_loop
 
 
 def run(tmp: Path, precision: str, seed: int, steps: int, extra: list[str]) -> tuple[float, float]:
-    cfg = load_config(CONFIG, [f"data.shards={tmp / 'shards'}", f"run.dir={tmp / f'{precision}-{seed}'}",
-                               f"run.seed={seed}", f"deepspeed.precision={precision}", f"train.max_steps={steps}",
-                               f"eval.every={steps}", f"checkpoint.every={steps}", "tracking.enabled=false", *extra])
+    cfg = load_config(
+        CONFIG,
+        [
+            f"data.shards={tmp / 'shards'}",
+            f"run.dir={tmp / f'{precision}-{seed}'}",
+            f"run.seed={seed}",
+            f"deepspeed.precision={precision}",
+            f"train.max_steps={steps}",
+            f"eval.every={steps}",
+            f"checkpoint.every={steps}",
+            "tracking.enabled=false",
+            *extra,
+        ],
+    )
     start = time.monotonic()
     result = train_loop(cfg)
     return result["val_bits_per_dim"], (time.monotonic() - start) / steps
@@ -45,9 +56,11 @@ def main() -> None:
         for seed in args.seeds:
             fp32, t32 = run(tmp, "fp32", seed, args.steps, args.overrides)
             bf16, t16 = run(tmp, "bf16", seed, args.steps, args.overrides)
-            print(f"seed {seed}, {args.steps} steps: held-out bits/dim fp32 {fp32:.4f}, bf16 {bf16:.4f}, "
-                  f"ratio bf16/fp32 {bf16 / fp32:.4f} (|1 - ratio| = {abs(1 - bf16 / fp32):.2%}); "
-                  f"wall per step fp32 {t32:.3f} s, bf16 {t16:.3f} s (CPU bf16 is emulated)")
+            print(
+                f"seed {seed}, {args.steps} steps: held-out bits/dim fp32 {fp32:.4f}, bf16 {bf16:.4f}, "
+                f"ratio bf16/fp32 {bf16 / fp32:.4f} (|1 - ratio| = {abs(1 - bf16 / fp32):.2%}); "
+                f"wall per step fp32 {t32:.3f} s, bf16 {t16:.3f} s (CPU bf16 is emulated)"
+            )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,11 @@ def main() -> None:
     with native_off():
         step(compiled)
     compile_s = time.perf_counter() - start
-    runs = {"native": (block, contextlib.nullcontext), "python": (block, native_off), "compiled": (compiled, native_off)}
+    runs = {
+        "native": (block, contextlib.nullcontext),
+        "python": (block, native_off),
+        "compiled": (compiled, native_off),
+    }
     best = {k: float("inf") for k in runs}
     for fn, ctx in runs.values():
         with ctx():
@@ -63,8 +67,10 @@ def main() -> None:
                 t = time.perf_counter()
                 step(fn)
                 best[name] = min(best[name], time.perf_counter() - t)
-    print(f"block: {args.tokens} tokens × {args.dim}, batch {args.batch}, {args.threads} thread(s); "
-          f"compile time {compile_s:.1f} s")
+    print(
+        f"block: {args.tokens} tokens × {args.dim}, batch {args.batch}, {args.threads} thread(s); "
+        f"compile time {compile_s:.1f} s"
+    )
     for name, t in best.items():
         print(f"  {name:>9}: {t * 1e3:7.1f} ms   ({t / best['native']:.2f}× native)")
 

@@ -27,8 +27,17 @@ from pipeline.flows.plan import ExecutionPlan
 
 def count(size: int, dim: int, batch: int, attention: str, device: str, lowp_attention: bool = True) -> dict:
     torch.manual_seed(0)
-    flow = MultiscaleMangoFlow(3, size, levels=3, blocks_per_level=2, dim=dim, patch_size=4, partitions="all",
-                               lica_group=64, attention=attention).to(device)
+    flow = MultiscaleMangoFlow(
+        3,
+        size,
+        levels=3,
+        blocks_per_level=2,
+        dim=dim,
+        patch_size=4,
+        partitions="all",
+        lica_group=64,
+        attention=attention,
+    ).to(device)
     ExecutionPlan(device=device, precision="bf16", lowp_attention=lowp_attention).apply(flow)
     a = torch.randint(0, 256, (batch, 3, size, size), device=device).float()
     b = torch.randint(0, 256, (batch, 3, size, size), device=device).float()
@@ -38,8 +47,13 @@ def count(size: int, dim: int, batch: int, attention: str, device: str, lowp_att
         loss = -flow.log_prob(a, b).mean()
         loss.backward()
     fp32 = {op: f / 1e9 for (op, dt), f in sorted(counter.by_op.items(), key=lambda kv: -kv[1]) if dt == torch.float32}
-    return {"size": size, "gflop": counter.total / 1e9, "bf16_share": counter.share(torch.bfloat16),
-            "fp32_gflop": counter.by_dtype.get(torch.float32, 0) / 1e9, "fp32_by_op": fp32}
+    return {
+        "size": size,
+        "gflop": counter.total / 1e9,
+        "bf16_share": counter.share(torch.bfloat16),
+        "fp32_gflop": counter.by_dtype.get(torch.float32, 0) / 1e9,
+        "fp32_by_op": fp32,
+    }
 
 
 def main() -> None:
@@ -54,13 +68,17 @@ def main() -> None:
     rows = [count(s, args.dim, args.batch, args.attention, args.device) for s in args.sizes]
     base = {}
     if args.baseline:
-        base = {s: count(s, args.dim, args.batch, args.attention, args.device, lowp_attention=False) for s in args.sizes}
+        base = {
+            s: count(s, args.dim, args.batch, args.attention, args.device, lowp_attention=False) for s in args.sizes
+        }
     for r in rows:
         line = f"{r['size']}²: {r['gflop']:.1f} GFLOP per step, bf16 share {r['bf16_share']:.3f}, fp32 {r['fp32_gflop']:.2f} GFLOP"
         if r["size"] in base:
             b = base[r["size"]]
-            line += (f" | baseline {b['gflop']:.1f} GFLOP, bf16 share {b['bf16_share']:.3f}"
-                     f" | FLOPs new/baseline {r['gflop'] / b['gflop']:.3f}")
+            line += (
+                f" | baseline {b['gflop']:.1f} GFLOP, bf16 share {b['bf16_share']:.3f}"
+                f" | FLOPs new/baseline {r['gflop'] / b['gflop']:.3f}"
+            )
         print(line)
         top = ", ".join(f"{op} {g:.2f}" for op, g in list(r["fp32_by_op"].items())[:6])
         print(f"   fp32 by op (GFLOP): {top or 'none'}")

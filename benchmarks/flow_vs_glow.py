@@ -85,14 +85,16 @@ def glow(size: int, hidden: int):
     torch.manual_seed(0)
     channels, q0, merges, flows = 6, [], [], []
     for i in range(LEVELS):
-        level = [nf.flows.GlowBlock(channels * 2 ** (LEVELS + 1 - i), hidden, split_mode="channel", scale=True)
-                 for _ in range(BLOCKS)]
+        level = [
+            nf.flows.GlowBlock(channels * 2 ** (LEVELS + 1 - i), hidden, split_mode="channel", scale=True)
+            for _ in range(BLOCKS)
+        ]
         flows.append(level + [nf.flows.Squeeze()])
         if i > 0:
             merges.append(nf.flows.Merge())
             shape = (channels * 2 ** (LEVELS - i), size // 2 ** (LEVELS - i), size // 2 ** (LEVELS - i))
         else:
-            shape = (channels * 2 ** (LEVELS + 1), size // 2 ** LEVELS, size // 2 ** LEVELS)
+            shape = (channels * 2 ** (LEVELS + 1), size // 2**LEVELS, size // 2**LEVELS)
         q0.append(nf.distributions.DiagGaussian(shape))
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 
@@ -211,19 +213,23 @@ def bench(size: int, args) -> list[str]:
     xv = dequantise(val, 7).to(dev)
     with torch.no_grad():
         for k in ("mango", "glow"):
-            held[k] = torch.cat([pair.bpd(k, xv[j:j + 64]) for j in range(0, len(xv), 64)]).mean().item()
+            held[k] = torch.cat([pair.bpd(k, xv[j : j + 64]) for j in range(0, len(xv), 64)]).mean().item()
 
     pm, pg = count(pair.mango), count(pair.glow)
     mix = "" if args.channel_mix else ", no channel mixer"
-    rows = [f"{size}×{size}: MANGO {pm:,} params (patch {pair.mango.patch_size}{mix}), Glow {pg:,} params (hidden "
-            f"{pair.hidden}), ratio {pm / pg:.3f}; {len(train)} train / {len(val)} held-out patches"]
+    rows = [
+        f"{size}×{size}: MANGO {pm:,} params (patch {pair.mango.patch_size}{mix}), Glow {pg:,} params (hidden "
+        f"{pair.hidden}), ratio {pm / pg:.3f}; {len(train)} train / {len(val)} held-out patches"
+    ]
     rows.append(f"  {'operation':<14}{'MANGO ms':>10}{'Glow ms':>10}{'MANGO/Glow':>12}")
     for w in whats:
         m, g = best[w, "mango"], best[w, "glow"]
         rows.append(f"  {w:<14}{m * 1e3:>10.1f}{g * 1e3:>10.1f}{m / g:>12.2f}")
-    rows.append(f"  held-out bits/dim after {args.budget:.0f} s of training each: MANGO {held['mango']:.4f} "
-                f"({steps['mango']} steps) vs Glow {held['glow']:.4f} ({steps['glow']} steps); "
-                f"ratio {held['mango'] / held['glow']:.4f} (< 1: MANGO better)")
+    rows.append(
+        f"  held-out bits/dim after {args.budget:.0f} s of training each: MANGO {held['mango']:.4f} "
+        f"({steps['mango']} steps) vs Glow {held['glow']:.4f} ({steps['glow']} steps); "
+        f"ratio {held['mango'] / held['glow']:.4f} (< 1: MANGO better)"
+    )
     return rows
 
 
@@ -234,12 +240,21 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=30.0, help="training seconds per model and size")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--patch", type=int, default=PATCH, help="MANGO patch size (2 or 4: the shipped configs' settings)")
+    parser.add_argument(
+        "--patch", type=int, default=PATCH, help="MANGO patch size (2 or 4: the shipped configs' settings)"
+    )
     parser.add_argument("--dim", type=int, default=DIM, help="MANGO conditioner width (q/k and coupling hidden)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile every MANGO block (the plan's compiled path) and every Glow block")
-    parser.add_argument("--no-channel-mix", dest="channel_mix", action="store_false",
-                        help="MANGO blocks without the learned channel mixer (the paper's block)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every MANGO block (the plan's compiled path) and every Glow block",
+    )
+    parser.add_argument(
+        "--no-channel-mix",
+        dest="channel_mix",
+        action="store_false",
+        help="MANGO blocks without the learned channel mixer (the paper's block)",
+    )
     args = parser.parse_args()
     if args.patch not in (2, 4):
         parser.error(f"--patch must be 2 or 4 (the patch sizes of the shipped MANGO configs); got {args.patch}")
@@ -247,8 +262,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"torch\.lu is deprecated")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"MANGO vs normflows Glow, stereo pair, batch 16, fp32, {args.device} ({torch.get_num_threads()} CPU threads, "
-          f"load avg {os.getloadavg()[0]:.1f}); times = min of {args.repeats}, interleaved")
+    print(
+        f"MANGO vs normflows Glow, stereo pair, batch 16, fp32, {args.device} ({torch.get_num_threads()} CPU threads, "
+        f"load avg {os.getloadavg()[0]:.1f}); times = min of {args.repeats}, interleaved"
+    )
     for size in args.sizes:
         for row in bench(size, args):
             print(row, flush=True)

@@ -51,14 +51,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tasks import CONFIGS, METRICS, TARGET_KEYS, shard_task  # noqa: E402  (the sibling benchmark's data and names)
 
 #: headline metric per task and whether larger is better
-HEADLINE = {"segmentation": ("val_miou", True), "translation": ("val_mae", False),
-            "classification": ("val_micro_f1", True), "density": ("val_bits_per_dim", False),
-            "nonlocal": ("val_mae", False)}
+HEADLINE = {
+    "segmentation": ("val_miou", True),
+    "translation": ("val_mae", False),
+    "classification": ("val_micro_f1", True),
+    "density": ("val_bits_per_dim", False),
+    "nonlocal": ("val_mae", False),
+}
 #: the non-local task's shards (launch/configs/nonlocal_demo.yaml): an unregistered right view, 8-16 px away
 NONLOCAL = {"patch": 24, "downscale": 3, "stride": 4, "holdout": 0.35, "val_stride": 4, "shift": 16}
 #: two-sided 95 % Student t quantiles by degrees of freedom
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t975(df: int) -> float:
@@ -88,8 +105,10 @@ def _manifest(cfg):
 def matched_xattn_ratio(config: Path, base: list[str], target: int) -> tuple[float, int]:
     """The ``model.xattn_mlp_ratio`` whose parameter count is closest to ``target`` (the count is linear in the
     ratio: measured at 1 and 2, solved, then checked)."""
-    n1, n2 = (param_count(load_config(config, [*base, "model.fusion=xattn", f"model.xattn_mlp_ratio={r}"]))
-              for r in (1.0, 2.0))
+    n1, n2 = (
+        param_count(load_config(config, [*base, "model.fusion=xattn", f"model.xattn_mlp_ratio={r}"]))
+        for r in (1.0, 2.0)
+    )
     ratio = max(0.125, round(1.0 + (target - n1) / max(1, n2 - n1), 3))
     n = param_count(load_config(config, [*base, "model.fusion=xattn", f"model.xattn_mlp_ratio={ratio}"]))
     return ratio, n
@@ -105,20 +124,28 @@ def variants(task: str, cfg, config: Path, base: list[str]) -> dict[str, list[st
     ratio, xn = matched_xattn_ratio(config, base, mango_params)
     concat_n = param_count(load_config(config, [*base, "model.fusion=concat"]))
     print(f"[{task}] parameters: mango {mango_params:,}, xattn {xn:,} (mlp ratio {ratio}), concat {concat_n:,}")
-    return {"mango": [], "concat": ["model.fusion=concat"],
-            "xattn": ["model.fusion=xattn", f"model.xattn_mlp_ratio={ratio}"],
-            **{f"{m} only": [f"data.modalities=[{m},{target}]"] for m in inputs}}
+    return {
+        "mango": [],
+        "concat": ["model.fusion=concat"],
+        "xattn": ["model.fusion=xattn", f"model.xattn_mlp_ratio={ratio}"],
+        **{f"{m} only": [f"data.modalities=[{m},{target}]"] for m in inputs},
+    }
 
 
-def run_task(task: str, tmp: Path, seeds: list[int], steps: int | None, overrides: list[str], quick: bool,
-             tracker) -> list[dict]:
+def run_task(
+    task: str, tmp: Path, seeds: list[int], steps: int | None, overrides: list[str], quick: bool, tracker
+) -> list[dict]:
     config = CONFIGS / f"{task}_demo.yaml"
     shards = tmp / task / "shards"
     base = [f"data.shards={shards}", "tracking.enabled=false", "data.num_workers=0", *overrides]
     cfg = load_config(config, base)
     steps = steps or (max(20, cfg.train.max_steps // 4) if quick else cfg.train.max_steps)
-    base += [f"train.max_steps={steps}", f"eval.every={steps}", f"checkpoint.every={steps}",
-             f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps)}"]
+    base += [
+        f"train.max_steps={steps}",
+        f"eval.every={steps}",
+        f"checkpoint.every={steps}",
+        f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps)}",
+    ]
     if task == "density":
         from jobs.demo import shard_stereo
 
@@ -127,22 +154,32 @@ def run_task(task: str, tmp: Path, seeds: list[int], steps: int | None, override
         from pipeline.data import write_split
 
         for split in (cfg.data.train_split, cfg.data.val_split):
-            write_split("embedded", "stereo", str(shards), split, options=NONLOCAL, samples_per_shard=256,
-                        progress=False)
+            write_split(
+                "embedded", "stereo", str(shards), split, options=NONLOCAL, samples_per_shard=256, progress=False
+            )
     else:
         shard_task(task, cfg, shards, scenes=64 if quick else 128, movies=256 if quick else 512)
     cells = []
     metric, _ = HEADLINE[task]
     for name, extra in variants(task, load_config(config, base), config, base).items():
         for seed in seeds:
-            run_cfg = load_config(config, [*base, *extra, f"run.seed={seed}",
-                                           f"run.dir={tmp / task / name.replace(' ', '_') / str(seed)}"])
+            run_cfg = load_config(
+                config,
+                [*base, *extra, f"run.seed={seed}", f"run.dir={tmp / task / name.replace(' ', '_') / str(seed)}"],
+            )
             start = time.monotonic()
             result = train_loop(run_cfg)
             wall = time.monotonic() - start
-            cell = {"task": task, "variant": name, "seed": seed, "steps": steps, "wall_s": wall,
-                    "params": param_count(run_cfg), metric: result[metric],
-                    **{m: result[m] for m in METRICS.get(cfg.model.task, ()) if m in result}}
+            cell = {
+                "task": task,
+                "variant": name,
+                "seed": seed,
+                "steps": steps,
+                "wall_s": wall,
+                "params": param_count(run_cfg),
+                metric: result[metric],
+                **{m: result[m] for m in METRICS.get(cfg.model.task, ()) if m in result},
+            }
             print(f"[{task}] {name:<16} seed {seed}: {metric} {result[metric]:.4f}  ({wall:.0f} s)", flush=True)
             tracker.child(cell)
             cells.append(cell)
@@ -161,8 +198,14 @@ def summarise(cells: list[dict]) -> list[dict]:
         mango = by["mango"]
         singles = [v for v in by if v.endswith(" only")]
         for variant, vals in by.items():
-            row = {"task": task, "variant": variant, "metric": metric, "mean": statistics.fmean(vals.values()),
-                   "seeds": len(vals), "params": next(c["params"] for c in cells if c["task"] == task and c["variant"] == variant)}
+            row = {
+                "task": task,
+                "variant": variant,
+                "metric": metric,
+                "mean": statistics.fmean(vals.values()),
+                "seeds": len(vals),
+                "params": next(c["params"] for c in cells if c["task"] == task and c["variant"] == variant),
+            }
             if variant != "mango":
                 if task == "density":  # joint vs summed singles: one paired difference per seed over both views
                     if variant != singles[0]:
@@ -179,11 +222,16 @@ def summarise(cells: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| task | variant | metric | mean | params | MANGO better by (mean, 95 % CI of paired diffs) |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "| task | variant | metric | mean | params | MANGO better by (mean, 95 % CI of paired diffs) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        diff = ("—" if "diff_mean" not in r else
-                f"{r['diff_mean']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}] ({r['diff_relative']:+.1%})")
+        diff = (
+            "—"
+            if "diff_mean" not in r
+            else f"{r['diff_mean']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}] ({r['diff_relative']:+.1%})"
+        )
         out.append(f"| {r['task']} | {r['variant']} | {r['metric']} | {r['mean']:.4f} | {r['params']:,} | {diff} |")
     return "\n".join(out)
 
@@ -205,8 +253,11 @@ class Tracker:
     def child(self, cell: dict) -> None:
         if self.client is None:
             return
-        run = self.client.create_run(self.experiment, run_name=f"{cell['task']}/{cell['variant']}/seed{cell['seed']}",
-                                     tags={"mlflow.parentRunId": self.parent})
+        run = self.client.create_run(
+            self.experiment,
+            run_name=f"{cell['task']}/{cell['variant']}/seed{cell['seed']}",
+            tags={"mlflow.parentRunId": self.parent},
+        )
         rid = run.info.run_id
         for k in ("task", "variant", "seed", "steps", "params"):
             self.client.log_param(rid, k, cell[k])
@@ -252,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "fusion.md").write_text(table + "\n")
     (out / "fusion.json").write_text(json.dumps({"cells": cells, "summary": rows}, indent=2))
     tracker.finish(out)
-    print(f"\nwrote {out / 'fusion.md'} and {out / 'fusion.json'}; total run time {sum(c['wall_s'] for c in cells):.0f} s")
+    print(
+        f"\nwrote {out / 'fusion.md'} and {out / 'fusion.json'}; total run time {sum(c['wall_s'] for c in cells):.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -39,15 +39,26 @@ from pipeline.flows.kernels import upper_attention_lse, upper_attention_lse_refe
 from pipeline.flows.plan import ExecutionPlan
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak (SXM)
-SMOKE_MODEL = {"channels": 3, "image_size": 16, "levels": 2, "blocks_per_level": 1, "dim": 16, "patch_size": 2,
-               "lica_group": 0, "partitions": "all"}
+SMOKE_MODEL = {
+    "channels": 3,
+    "image_size": 16,
+    "levels": 2,
+    "blocks_per_level": 1,
+    "dim": 16,
+    "patch_size": 2,
+    "lica_group": 0,
+    "partitions": "all",
+}
 
 
 class Report:
     def __init__(self, device: str):
         self.device = torch.device(device)
-        self.data: dict = {"device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
-                           "torch": torch.__version__, "errors": {}}
+        self.data: dict = {
+            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "errors": {},
+        }
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -60,8 +71,11 @@ class Report:
         except Exception as exc:  # noqa: BLE001 - one failed section must not lose the others
             self.data["errors"][name] = f"{type(exc).__name__}: {exc}".strip()[:500]
             traceback.print_exc()
-        print(f"[{name}] {json.dumps(self.data.get(name, self.data['errors'].get(name)))} "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        print(
+            f"[{name}] {json.dumps(self.data.get(name, self.data['errors'].get(name)))} "
+            f"({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
 
     def timed(self, fn, reps: int = 3) -> float:
         fn()
@@ -86,8 +100,10 @@ class Report:
 def kernel_check(r: Report) -> dict:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 1024, 64, generator=gen, dtype=torch.float64) for _ in range(3))
-    g_out, g_lse = torch.randn(4, 1024, 64, generator=gen, dtype=torch.float64), torch.randn(4, 1024, generator=gen,
-                                                                                               dtype=torch.float64)
+    g_out, g_lse = (
+        torch.randn(4, 1024, 64, generator=gen, dtype=torch.float64),
+        torch.randn(4, 1024, generator=gen, dtype=torch.float64),
+    )
 
     def run(fn, dtype, device):
         xs = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
@@ -95,8 +111,14 @@ def kernel_check(r: Report) -> dict:
         loss = (out.double() * g_out.to(device)).sum() + (lse.double() * g_lse.to(device)).sum()
         return [t.detach().double().cpu() for t in (out, lse, *torch.autograd.grad(loss, xs))]
 
-    got, want = run(upper_attention_lse, torch.bfloat16, r.device), run(upper_attention_lse_reference, torch.float64, "cpu")
-    return {name: ((a - b).abs().max() / b.abs().max()).item() for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
+    got, want = (
+        run(upper_attention_lse, torch.bfloat16, r.device),
+        run(upper_attention_lse_reference, torch.float64, "cpu"),
+    )
+    return {
+        name: ((a - b).abs().max() / b.abs().max()).item()
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)
+    }
 
 
 def roundtrip(r: Report, tokens: int) -> dict:
@@ -110,17 +132,28 @@ def roundtrip(r: Report, tokens: int) -> dict:
         with torch.autocast(r.device.type, dtype=torch.bfloat16):
             y, ld = block(x)
         xr, ldr = block(y, reverse=True)
-    return {"relative_reconstruction_error": ((xr - x).norm() / x.norm()).item(), "logdet_dtype": str(ld.dtype),
-            "logdet_fwd_plus_rev_max": (ld + ldr).abs().max().item(),
-            "logdet_bf16_vs_fp32_relative": ((ld - ld32).abs().max() / ld32.abs().max().clamp_min(1)).item()}
+    return {
+        "relative_reconstruction_error": ((xr - x).norm() / x.norm()).item(),
+        "logdet_dtype": str(ld.dtype),
+        "logdet_fwd_plus_rev_max": (ld + ldr).abs().max().item(),
+        "logdet_bf16_vs_fp32_relative": ((ld - ld32).abs().max() / ld32.abs().max().clamp_min(1)).item(),
+    }
 
 
 def build(model: dict, memory: str, device: torch.device) -> MultiscaleMangoFlow:
     torch.manual_seed(0)
     m = model
-    return MultiscaleMangoFlow(m["channels"], m["image_size"], m["levels"], m["blocks_per_level"], m["dim"],
-                               patch_size=m["patch_size"], lica_group=m["lica_group"],
-                               partitions=m.get("partitions", "all"), memory=memory).to(device)
+    return MultiscaleMangoFlow(
+        m["channels"],
+        m["image_size"],
+        m["levels"],
+        m["blocks_per_level"],
+        m["dim"],
+        patch_size=m["patch_size"],
+        lica_group=m["lica_group"],
+        partitions=m.get("partitions", "all"),
+        memory=memory,
+    ).to(device)
 
 
 def images(model: dict, batch: int, device: torch.device):
@@ -174,9 +207,13 @@ def count_flops(r: Report, model: dict, batch: int) -> dict:
         with torch.autocast(r.device.type, dtype=torch.bfloat16):
             loss = flow.bits_per_dim(a, b).mean()
         loss.backward()
-    return {"batch": batch, "tflop_per_step": counter.total / 1e12, "per_sample": counter.total / batch,
-            "bf16_share": counter.share(torch.bfloat16),
-            "params_m": sum(p.numel() for p in flow.parameters()) / 1e6}
+    return {
+        "batch": batch,
+        "tflop_per_step": counter.total / 1e12,
+        "per_sample": counter.total / batch,
+        "bf16_share": counter.share(torch.bfloat16),
+        "params_m": sum(p.numel() for p in flow.parameters()) / 1e6,
+    }
 
 
 def max_batch(r: Report, model: dict, memory: str, start: int, limit: int) -> dict:
@@ -205,7 +242,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--policy-batch", type=int, default=2)
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "launch/configs/mango_256.yaml"))
+    parser.add_argument(
+        "--config", default=str(Path(__file__).resolve().parent.parent / "launch/configs/mango_256.yaml")
+    )
     parser.add_argument("--out", default="gpu_report.json")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (a CPU check of the script)")
@@ -223,14 +262,20 @@ def main() -> None:
     r.data["config"] = args.config
     r.section("kernel", lambda: kernel_check(r))
     r.section("roundtrip", lambda: roundtrip(r, 64 if args.smoke else 2048))
-    r.section("plan", lambda: ExecutionPlan(device=r.device.type, precision="bf16", memory=memory, zero_stage=2)
-              .describe(build(model, memory, r.device)))
+    r.section(
+        "plan",
+        lambda: ExecutionPlan(device=r.device.type, precision="bf16", memory=memory, zero_stage=2).describe(
+            build(model, memory, r.device)
+        ),
+    )
     r.section("flops", lambda: count_flops(r, model, 2 if args.smoke else 2))
     per_sample = r.data.get("flops", {}).get("per_sample")
     r.section("step", lambda: step_report(r, model, batch, memory, per_sample))
     for policy in ("store", "invert"):
-        r.section(f"step_{policy}", lambda p=policy: step_report(r, model, 1 if args.smoke else args.policy_batch, p,
-                                                                  per_sample))
+        r.section(
+            f"step_{policy}",
+            lambda p=policy: step_report(r, model, 1 if args.smoke else args.policy_batch, p, per_sample),
+        )
     r.section("max_batch", lambda: max_batch(r, model, memory, 1 if args.smoke else 8, limit))
     Path(args.out).write_text(json.dumps(r.data, indent=2))
     print(f"wrote {args.out}")

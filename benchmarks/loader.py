@@ -91,8 +91,15 @@ def main() -> None:
 
         def write_shards() -> int:
             shutil.rmtree(shards, ignore_errors=True)  # no receipts to reuse: every run writes everything
-            return write_split("embedded", "stereo", shards, "train", options=options, progress=False,
-                               samples_per_shard=args.samples_per_shard).total_samples
+            return write_split(
+                "embedded",
+                "stereo",
+                shards,
+                "train",
+                options=options,
+                progress=False,
+                samples_per_shard=args.samples_per_shard,
+            ).total_samples
 
         def write_files() -> int:
             shutil.rmtree(folder, ignore_errors=True)
@@ -101,22 +108,36 @@ def main() -> None:
         rows = [("write", best_rate(n, write_shards, args.repeats), best_rate(n, write_files, args.repeats))]
         manifest = os.path.join(shards, "manifest-train.json")
         for workers in (0, 2):
+
             def read_shards(workers: int = workers) -> int:
                 return count(build_eval_loader(manifest, args.batch_size, rank=0, world_size=1, num_workers=workers))
 
             def read_folder(workers: int = workers) -> int:
-                return count(DataLoader(FolderDataset(folder, keys, modalities), batch_size=args.batch_size,
-                                        num_workers=workers, collate_fn=collate))
+                return count(
+                    DataLoader(
+                        FolderDataset(folder, keys, modalities),
+                        batch_size=args.batch_size,
+                        num_workers=workers,
+                        collate_fn=collate,
+                    )
+                )
 
-            rows.append((f"read+decode, {workers} workers", best_rate(n, read_shards, args.repeats),
-                         best_rate(n, read_folder, args.repeats)))
+            rows.append(
+                (
+                    f"read+decode, {workers} workers",
+                    best_rate(n, read_shards, args.repeats),
+                    best_rate(n, read_folder, args.repeats),
+                )
+            )
         size = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards) if f.endswith(".tar"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"{n} samples ({', '.join(modalities)}; {args.patch}x{args.patch} px), "
-          f"{args.samples_per_shard} per shard ({size / 2**20:.1f} MiB of tars), batch {args.batch_size}, "
-          f"best of {args.repeats}, {os.cpu_count()} CPUs")
+    print(
+        f"{n} samples ({', '.join(modalities)}; {args.patch}x{args.patch} px), "
+        f"{args.samples_per_shard} per shard ({size / 2**20:.1f} MiB of tars), batch {args.batch_size}, "
+        f"best of {args.repeats}, {os.cpu_count()} CPUs"
+    )
     print(f"{'':28s} {'shards [samples/s]':>19s} {'PNG folder [samples/s]':>23s} {'shards / folder':>16s}")
     for name, shard_rate, folder_rate in rows:
         print(f"{name:28s} {shard_rate:19.0f} {folder_rate:23.0f} {shard_rate / folder_rate:16.2f}")

@@ -116,9 +116,11 @@ def activation_bytes(flow: MultiscaleMangoFlow, a, b) -> int:
     phase = {"forward": True}
     handles = []
     if flow.flows[0].memory == "checkpoint":
+
         def pre(module, args):  # the inputs the checkpoint frames keep (not the recompute calls in backward)
             if phase["forward"]:
                 held.append(args[0].numel() * args[0].element_size())
+
         handles = [n.register_forward_pre_hook(pre) for n in nets]
     with counter.hooks():
         loss = loss_fn(flow, a, b)
@@ -131,8 +133,12 @@ def activation_bytes(flow: MultiscaleMangoFlow, a, b) -> int:
     biggest = 0
     for net, inp in zip(nets, held):
         one = SavedBytes(params)
-        x = torch.randn(inp // 4 // (net[0].in_channels * flow.flows[0].tokens), net[0].in_channels,
-                        flow.flows[0].tokens, requires_grad=True)
+        x = torch.randn(
+            inp // 4 // (net[0].in_channels * flow.flows[0].tokens),
+            net[0].in_channels,
+            flow.flows[0].tokens,
+            requires_grad=True,
+        )
         with one.hooks():
             net(x).sum().backward()
         biggest = max(biggest, one.peak)
@@ -147,26 +153,47 @@ def estimate(path: str) -> None:
 
     with open(path) as fh:
         m = yaml.safe_load(fh)["model"]
-    ch, img, patch, levels, bpl, dim, group = (m["channels"], m["image_size"], m["patch_size"], m["levels"],
-                                               m["blocks_per_level"], m["dim"], m["lica_group"])
+    ch, img, patch, levels, bpl, dim, group = (
+        m["channels"],
+        m["image_size"],
+        m["patch_size"],
+        m["levels"],
+        m["blocks_per_level"],
+        m["dim"],
+        m["lica_group"],
+    )
     flow = MultiscaleMangoFlow(ch, img, levels, bpl, dim, patch_size=patch, lica_group=group)
     params = sum(p.numel() for p in flow.parameters())
-    print(f"{path}: {ch}+{ch} ch, {img}², patch {patch}, {levels} levels × {bpl} blocks, dim {dim}, LICA groups "
-          f"{group}: {params / 1e6:.1f}M parameters ({params * 16 / 2**30:.2f} GiB fp32 weights + grads + AdamW)")
-    print(f"{'level':>5}{'tokens L':>10}{'width D':>9}{'plain MiB/block':>17}{'auto MiB/block':>16}{'input MiB':>11}"
-          "   (per sample, saved-for-backward bytes, upper bound)")
+    print(
+        f"{path}: {ch}+{ch} ch, {img}², patch {patch}, {levels} levels × {bpl} blocks, dim {dim}, LICA groups "
+        f"{group}: {params / 1e6:.1f}M parameters ({params * 16 / 2**30:.2f} GiB fp32 weights + grads + AdamW)"
+    )
+    print(
+        f"{'level':>5}{'tokens L':>10}{'width D':>9}{'plain MiB/block':>17}{'auto MiB/block':>16}{'input MiB':>11}"
+        "   (per sample, saved-for-backward bytes, upper bound)"
+    )
     tot = {"plain": 0.0, "auto": 0.0}
     held, biggest = 0.0, 0.0
     for k, level in enumerate(flow.flows):
         row = {}
         for att in ("plain", "auto"):
-            block = MangoBlock(level.dim, level.tokens, hidden=dim, qk_dim=min(dim, level.dim),
-                               lica_group=min(group, level.tokens), attention=att)
+            block = MangoBlock(
+                level.dim,
+                level.tokens,
+                hidden=dim,
+                qk_dim=min(dim, level.dim),
+                lica_group=min(group, level.tokens),
+                attention=att,
+            )
             sizes: list[int] = []
             with FakeTensorMode(allow_non_fake_inputs=True):
                 x = torch.empty(1, level.tokens, level.dim, requires_grad=True)
-                with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
-                                                              lambda t: t), inside_flow():
+                with (
+                    torch.autograd.graph.saved_tensors_hooks(
+                        lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t
+                    ),
+                    inside_flow(),
+                ):
                     block(x)
             row[att] = sum(sizes) / 2**20
             tot[att] += row[att] * len(level.blocks)
@@ -174,9 +201,11 @@ def estimate(path: str) -> None:
         held += inp * len(level.blocks)
         biggest = max(biggest, row["auto"])
         print(f"{k:>5}{level.tokens:>10}{level.dim:>9}{row['plain']:>17.1f}{row['auto']:>16.1f}{inp:>11.2f}")
-    print(f"per sample: store {tot['plain'] / 1024:.2f} GiB (plain attention), {tot['auto'] / 1024:.2f} GiB (auto); "
-          f"checkpoint (auto) ≈ block inputs {held:.0f} MiB + one block's recompute {biggest:.0f} MiB = "
-          f"{(held + biggest) / 1024:.2f} GiB")
+    print(
+        f"per sample: store {tot['plain'] / 1024:.2f} GiB (plain attention), {tot['auto'] / 1024:.2f} GiB (auto); "
+        f"checkpoint (auto) ≈ block inputs {held:.0f} MiB + one block's recompute {biggest:.0f} MiB = "
+        f"{(held + biggest) / 1024:.2f} GiB"
+    )
 
 
 def main() -> None:
@@ -194,14 +223,18 @@ def main() -> None:
     if args.estimate:
         return estimate(args.estimate)
     gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randint(0, 256, (args.batch, 3, args.image, args.image), dtype=torch.uint8, generator=gen)
-            for _ in range(2))
+    a, b = (
+        torch.randint(0, 256, (args.batch, 3, args.image, args.image), dtype=torch.uint8, generator=gen)
+        for _ in range(2)
+    )
     a, b = a.to(args.device), b.to(args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     tokens = 2 * (args.image // 2) ** 2
-    print(f"activation bytes of one training step (saved_tensors_hooks, peak over fwd+bwd, params excluded)\n"
-          f"stereo {args.image}×{args.image}, 1 level, L={tokens} tokens × D=12, batch {args.batch}, fp32, {args.device} "
-          f"({torch.get_num_threads()} CPU threads, load avg {os.getloadavg()[0]:.1f}); time = min of {args.repeats}, interleaved")
+    print(
+        f"activation bytes of one training step (saved_tensors_hooks, peak over fwd+bwd, params excluded)\n"
+        f"stereo {args.image}×{args.image}, 1 level, L={tokens} tokens × D=12, batch {args.batch}, fp32, {args.device} "
+        f"({torch.get_num_threads()} CPU threads, load avg {os.getloadavg()[0]:.1f}); time = min of {args.repeats}, interleaved"
+    )
     mem, times = {}, {}
     for nb in args.blocks:
         flows = {p: build(p, nb, args.image, args.device) for p in POLICIES}
@@ -218,23 +251,33 @@ def main() -> None:
                 best[p] = min(best[p], time.perf_counter() - start)
                 f.zero_grad(set_to_none=True)
         times.update({(p, nb): best[p] for p in POLICIES})
-    head = f"{'blocks':>6}" + "".join(f"{p + ' MiB':>16}" for p in POLICIES) + "".join(
-        f"{p + ' ms':>14}" for p in POLICIES) + f"{'store/ckpt mem':>16}{'ckpt/store time':>17}{'store/inv mem':>15}{'inv/store time':>16}"
+    head = (
+        f"{'blocks':>6}"
+        + "".join(f"{p + ' MiB':>16}" for p in POLICIES)
+        + "".join(f"{p + ' ms':>14}" for p in POLICIES)
+        + f"{'store/ckpt mem':>16}{'ckpt/store time':>17}{'store/inv mem':>15}{'inv/store time':>16}"
+    )
     print(head)
     for nb in args.blocks:
         m = {p: mem[p, nb] for p in POLICIES}
         t = {p: times[p, nb] for p in POLICIES}
-        print(f"{nb:>6}" + "".join(f"{m[p] / 2**20:>16.2f}" for p in POLICIES) + "".join(f"{t[p] * 1e3:>14.0f}" for p in POLICIES)
-              + f"{m['store'] / m['checkpoint']:>16.2f}{t['checkpoint'] / t['store']:>17.2f}"
-              + f"{m['store'] / m['invert']:>15.2f}{t['invert'] / t['store']:>16.2f}")
+        print(
+            f"{nb:>6}"
+            + "".join(f"{m[p] / 2**20:>16.2f}" for p in POLICIES)
+            + "".join(f"{t[p] * 1e3:>14.0f}" for p in POLICIES)
+            + f"{m['store'] / m['checkpoint']:>16.2f}{t['checkpoint'] / t['store']:>17.2f}"
+            + f"{m['store'] / m['invert']:>15.2f}{t['invert'] / t['store']:>16.2f}"
+        )
     if 12 in args.blocks and 48 in args.blocks:
         growth = mem["invert", 48] / mem["invert", 12]
         print(f"goal invert growth 12→48 blocks ≤ 1.3×: {growth:.3f}× ({'met' if growth <= 1.3 else 'NOT met'})")
     for nb in args.blocks:
         save, slow = mem["store", nb] / mem["checkpoint", nb], times["checkpoint", nb] / times["store", nb]
         ok = save >= 3 and slow <= 1.4
-        print(f"goal checkpoint at {nb} blocks: saves {save:.2f}× (≥ 3) at {slow:.2f}× step time (≤ 1.4): "
-              f"{'met' if ok else 'NOT met'}")
+        print(
+            f"goal checkpoint at {nb} blocks: saves {save:.2f}× (≥ 3) at {slow:.2f}× step time (≤ 1.4): "
+            f"{'met' if ok else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

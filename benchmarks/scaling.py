@@ -62,10 +62,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dev = args.device
     where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads"
-    print(f"ICA (mmca1, gated) fused vs plain forward; batch {args.batch}, D {args.dim}, fp32, {where}, "
-          f"load avg {os.getloadavg()[0]:.1f}); min of {args.repeats}, interleaved")
-    print(f"{'n':>6}{'plain fwd ms':>14}{'fused fwd ms':>14}{'fwd p/f':>9}{'plain f+b ms':>14}{'fused f+b ms':>14}"
-          f"{'f+b p/f':>9}{'plain saved MiB':>17}{'fused saved MiB':>17}{'mem p/f':>9}{'n×n MiB':>9}")
+    print(
+        f"ICA (mmca1, gated) fused vs plain forward; batch {args.batch}, D {args.dim}, fp32, {where}, "
+        f"load avg {os.getloadavg()[0]:.1f}); min of {args.repeats}, interleaved"
+    )
+    print(
+        f"{'n':>6}{'plain fwd ms':>14}{'fused fwd ms':>14}{'fwd p/f':>9}{'plain f+b ms':>14}{'fused f+b ms':>14}"
+        f"{'f+b p/f':>9}{'plain saved MiB':>17}{'fused saved MiB':>17}{'mem p/f':>9}{'n×n MiB':>9}"
+    )
     for n in args.sizes:
         torch.manual_seed(0)
         plain = ICA(args.dim, 2 * n, "mmca1", attention="plain").to(dev)
@@ -73,7 +77,11 @@ def main() -> None:
             plain.beta.normal_()
         fused = ICA(args.dim, 2 * n, "mmca1", attention="fused").to(dev)
         fused.load_state_dict(plain.state_dict())
-        x = torch.randn(args.batch, 2 * n, args.dim, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_()
+        x = (
+            torch.randn(args.batch, 2 * n, args.dim, generator=torch.Generator().manual_seed(1))
+            .to(dev)
+            .requires_grad_()
+        )
         with torch.no_grad():
             (yp, lp), (yf, lf) = plain(x), fused(x)
         assert ((yp - yf).norm() / yp.norm()) < 1e-4 and ((lp - lf).abs() / lp.abs().clamp_min(1)).max() < 1e-4
@@ -101,10 +109,12 @@ def main() -> None:
                     best[k, what] = min(best[k, what], time.perf_counter() - start)
         mem = {k: saved_bytes(layer, x) / 2**20 for k, layer in layers.items()}
         nn_mib = args.batch * n * n * 4 / 2**20
-        print(f"{n:>6}{best['plain', 'fwd'] * 1e3:>14.1f}{best['fused', 'fwd'] * 1e3:>14.1f}"
-              f"{best['plain', 'fwd'] / best['fused', 'fwd']:>9.2f}{best['plain', 'step'] * 1e3:>14.1f}"
-              f"{best['fused', 'step'] * 1e3:>14.1f}{best['plain', 'step'] / best['fused', 'step']:>9.2f}"
-              f"{mem['plain']:>17.1f}{mem['fused']:>17.2f}{mem['plain'] / mem['fused']:>9.1f}{nn_mib:>9.1f}")
+        print(
+            f"{n:>6}{best['plain', 'fwd'] * 1e3:>14.1f}{best['fused', 'fwd'] * 1e3:>14.1f}"
+            f"{best['plain', 'fwd'] / best['fused', 'fwd']:>9.2f}{best['plain', 'step'] * 1e3:>14.1f}"
+            f"{best['fused', 'step'] * 1e3:>14.1f}{best['plain', 'step'] / best['fused', 'step']:>9.2f}"
+            f"{mem['plain']:>17.1f}{mem['fused']:>17.2f}{mem['plain'] / mem['fused']:>9.1f}{nn_mib:>9.1f}"
+        )
     print("p/f > 1: the fused path is faster / smaller. ICA(attention='auto') uses fused from n = 512 tokens per half.")
 
 

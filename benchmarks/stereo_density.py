@@ -27,9 +27,19 @@ from pipeline.train.loop import train_loop
 
 
 def run(tmp: Path, name: str, modalities: str, steps: int, extra: list[str]) -> tuple[float, float]:
-    cfg = load_config(CONFIG, [f"data.shards={tmp / 'shards'}", f"run.dir={tmp / name}", f"data.modalities={modalities}",
-                               f"train.max_steps={steps}", f"eval.every={steps}", f"checkpoint.every={steps}",
-                               "tracking.enabled=false", *extra])
+    cfg = load_config(
+        CONFIG,
+        [
+            f"data.shards={tmp / 'shards'}",
+            f"run.dir={tmp / name}",
+            f"data.modalities={modalities}",
+            f"train.max_steps={steps}",
+            f"eval.every={steps}",
+            f"checkpoint.every={steps}",
+            "tracking.enabled=false",
+            *extra,
+        ],
+    )
     start = time.monotonic()
     result = train_loop(cfg)
     return result["val_bits_per_dim"], time.monotonic() - start
@@ -44,18 +54,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for split in ("train", "val"):
-            write_split("embedded", "stereo", str(tmp / "shards"), split, options=STEREO, samples_per_shard=64,
-                        progress=False)
-        rows = {name: run(tmp, name, mods, args.steps, args.overrides)
-                for name, mods in (("joint", "[rgb,right]"), ("left", "[rgb]"), ("right", "[right]"))}
+            write_split(
+                "embedded", "stereo", str(tmp / "shards"), split, options=STEREO, samples_per_shard=64, progress=False
+            )
+        rows = {
+            name: run(tmp, name, mods, args.steps, args.overrides)
+            for name, mods in (("joint", "[rgb,right]"), ("left", "[rgb]"), ("right", "[right]"))
+        }
     joint, left, right = (rows[k][0] for k in ("joint", "left", "right"))
     print(f"\nheld-out bits/dim after {args.steps} steps (same config, batch and steps for each model)")
     print(f"{'model':<22}{'bits/dim':>10}{'wall s':>9}")
     for name, (bpd, wall) in rows.items():
         print(f"{name:<22}{bpd:>10.4f}{wall:>9.0f}")
     print(f"{'(left + right) / 2':<22}{(left + right) / 2:>10.4f}")
-    print(f"joint vs summed singles, bits per stereo pair per view-dim: {joint:.4f} vs {(left + right) / 2:.4f} "
-          f"(ratio {joint / ((left + right) / 2):.4f}; < 1 means the joint flow captures cross-view dependence)")
+    print(
+        f"joint vs summed singles, bits per stereo pair per view-dim: {joint:.4f} vs {(left + right) / 2:.4f} "
+        f"(ratio {joint / ((left + right) / 2):.4f}; < 1 means the joint flow captures cross-view dependence)"
+    )
 
 
 if __name__ == "__main__":

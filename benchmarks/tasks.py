@@ -56,8 +56,11 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "launch" / "configs"
 TASKS = ("segmentation", "translation", "classification", "density")
 #: the held-out metrics printed per task (first = the headline)
-METRICS = {"segmentation": ("val_miou", "val_pixacc", "val_macc"), "translation": ("val_mae", "val_mse"),
-           "classification": ("val_micro_f1", "val_macro_f1", "val_samples_f1")}
+METRICS = {
+    "segmentation": ("val_miou", "val_pixacc", "val_macc"),
+    "translation": ("val_mae", "val_mse"),
+    "classification": ("val_micro_f1", "val_macro_f1", "val_samples_f1"),
+}
 #: translation shards (as translation_demo.yaml): at downscale 5 the disparity is ~2-12 px (median 8) inside the
 #: 16 px patch (at 3 it was ~3-20, median 13); stride 2 = 4x the training windows of the default P/2. Held out: the
 #: right 35% of the columns, patches every 4 px (the default 1/4 at stride P leaves 6 patches at this downscale)
@@ -71,19 +74,37 @@ def shard_task(task: str, cfg, out: Path, scenes: int, movies: int = 512) -> Non
     splits = (cfg.data.train_split, cfg.data.val_split)
     if task == "segmentation":
         for split in splits:
-            write_split("embedded", "scenes", str(out), split, progress=False, samples_per_shard=64,
-                        options={"scenes": scenes if split == cfg.data.train_split else max(16, scenes // 3),
-                                 "size": size, "view": "top"})
+            write_split(
+                "embedded",
+                "scenes",
+                str(out),
+                split,
+                progress=False,
+                samples_per_shard=64,
+                options={
+                    "scenes": scenes if split == cfg.data.train_split else max(16, scenes // 3),
+                    "size": size,
+                    "view": "top",
+                },
+            )
     elif task == "translation":
         for split in splits:
-            write_split("embedded", "stereo", str(out), split, progress=False, samples_per_shard=64,
-                        options={"patch": size, **STEREO})
+            write_split(
+                "embedded",
+                "stereo",
+                str(out),
+                split,
+                progress=False,
+                samples_per_shard=64,
+                options={"patch": size, **STEREO},
+            )
     elif task == "classification":
         raw = out.parent / "movies-raw"
         write_movie_folder(str(raw), train=movies, dev=max(16, movies // 4), test=max(16, movies // 4), seed=0)
         for split in splits:
-            write_split("mmimdb", str(raw), str(out), split, progress=False, samples_per_shard=128,
-                        options={"image_size": size})
+            write_split(
+                "mmimdb", str(raw), str(out), split, progress=False, samples_per_shard=128, options={"image_size": size}
+            )
     else:
         raise ValueError(f"shard_task: no embedded set for task {task!r}")
 
@@ -105,8 +126,15 @@ def variants(task: str, cfg) -> dict[str, list[str]]:
     return out
 
 
-def run_task(task: str, tmp: Path, steps: int | None, overrides: list[str], scenes: int,
-             movies: int = 512, only: list[str] | None = None) -> list[tuple[str, dict, float]]:
+def run_task(
+    task: str,
+    tmp: Path,
+    steps: int | None,
+    overrides: list[str],
+    scenes: int,
+    movies: int = 512,
+    only: list[str] | None = None,
+) -> list[tuple[str, dict, float]]:
     config = CONFIGS / f"{task}_demo.yaml"
     if not config.exists():
         raise FileNotFoundError(f"{config}: the {task} demo config is not there yet")
@@ -187,15 +215,21 @@ def density_table(tmp: Path, steps: int, overrides: list[str]) -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for split in ("train", "val"):
-        write_split("embedded", "stereo", str(tmp / "shards"), split, options=STEREO, samples_per_shard=64, progress=False)
-    rows = {name: bench.run(tmp, name, mods, steps, overrides)
-            for name, mods in (("joint", "[rgb,right]"), ("left only", "[rgb]"), ("right only", "[right]"))}
+        write_split(
+            "embedded", "stereo", str(tmp / "shards"), split, options=STEREO, samples_per_shard=64, progress=False
+        )
+    rows = {
+        name: bench.run(tmp, name, mods, steps, overrides)
+        for name, mods in (("joint", "[rgb,right]"), ("left only", "[rgb]"), ("right only", "[right]"))
+    }
     joint, left, right = (rows[k][0] for k in ("joint", "left only", "right only"))
     print(f"\ndensity: held-out bits/dim, {steps} steps each (same config, batch, seed)")
     print(f"{'model':<20}{'bits/dim':>12}{'wall s':>9}")
     for name, (bpd, wall) in rows.items():
         print(f"{name:<20}{bpd:>12.4f}{wall:>9.0f}")
-    print(f"{'(left + right) / 2':<20}{(left + right) / 2:>12.4f}   joint / summed singles = {joint / ((left + right) / 2):.4f}")
+    print(
+        f"{'(left + right) / 2':<20}{(left + right) / 2:>12.4f}   joint / summed singles = {joint / ((left + right) / 2):.4f}"
+    )
     sys.stdout.flush()
 
 

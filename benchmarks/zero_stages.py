@@ -34,10 +34,26 @@ def free_port() -> int:
 
 
 def measure(stage: int, shards: str, run_dir: Path, steps: int) -> tuple[float, float]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "jobs.train", "--config", "launch/configs/demo.yaml", f"data.shards={shards}", f"run.dir={run_dir}",
-           f"deepspeed.zero_stage={stage}", f"train.max_steps={steps}", "train.log_every=1", "eval.every=100000",
-           "checkpoint.every=100000", "tracking.enabled=false", "optim.warmup_steps=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "jobs.train",
+        "--config",
+        "launch/configs/demo.yaml",
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        f"deepspeed.zero_stage={stage}",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "eval.every=100000",
+        "checkpoint.every=100000",
+        "tracking.enabled=false",
+        "optim.warmup_steps=0",
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
@@ -61,8 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         shards = str(Path(d) / "shards")
         for split in ("train", "val"):
-            write_split("embedded", "stereo", shards, split, options=STEREO,
-                        samples_per_shard=8, progress=False)
+            write_split("embedded", "stereo", shards, split, options=STEREO, samples_per_shard=8, progress=False)
         rows = {stage: measure(stage, shards, Path(d) / f"zero{stage}", args.steps) for stage in (0, 2, 3)}
     base_t, base_m = rows[0]
     print(f"tiny demo config, 2 gloo ranks, batch 8/rank, {args.steps} steps (median step after 5 warm-up)")

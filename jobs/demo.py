@@ -34,7 +34,10 @@ def shard_stereo(out: str) -> None:
     for split in ("train", "val"):
         if exists(join(out, manifest_name(split))):
             m = load_manifest(join(out, manifest_name(split)))
-            if m.source_config.get("patch") == STEREO["patch"] and m.source_config.get("downscale") == STEREO["downscale"]:
+            if (
+                m.source_config.get("patch") == STEREO["patch"]
+                and m.source_config.get("downscale") == STEREO["downscale"]
+            ):
                 print(f"[demo] reusing {out}/{manifest_name(split)} ({m.total_samples} samples)")
                 continue
         m = write_split("embedded", "stereo", out, split, options=STEREO, samples_per_shard=128, progress=False)
@@ -55,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     val = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_bits_per_dim" in r]
     before, after = val[0], val[-1]
     print()
-    print(f"[demo] held-out bits/dim: {before['val_bits_per_dim']:.4f} (step {before['step']}) -> "
-          f"{after['val_bits_per_dim']:.4f} (step {after['step']}) on {int(after['val_samples'])} patches")
+    print(
+        f"[demo] held-out bits/dim: {before['val_bits_per_dim']:.4f} (step {before['step']}) -> "
+        f"{after['val_bits_per_dim']:.4f} (step {after['step']}) on {int(after['val_samples'])} patches"
+    )
     print(f"[demo] wall time {time.monotonic() - start:.0f}s")
     print(f"[demo] run directory  {run_dir.resolve()}  (config.yaml, metrics.jsonl, checkpoints/)")
     if (run_dir / "metrics.png").exists():
@@ -64,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] weights        {weights.resolve()} + {config_path(weights).name}")
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.uri)
-        print(f"[demo] MLflow UI      .venv/bin/mlflow ui --backend-store-uri {uri}  "
-              f"(experiment '{cfg.tracking.experiment}')")
+        print(
+            f"[demo] MLflow UI      .venv/bin/mlflow ui --backend-store-uri {uri}  "
+            f"(experiment '{cfg.tracking.experiment}')"
+        )
     return 0
 
 

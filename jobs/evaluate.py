@@ -26,8 +26,10 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint",
-                     help="model.safetensors, a sweep's best.json, a run dir, checkpoints/ dir or a checkpoint tag dir")
+    src.add_argument(
+        "--checkpoint",
+        help="model.safetensors, a sweep's best.json, a run dir, checkpoints/ dir or a checkpoint tag dir",
+    )
     src.add_argument("--model-uri", help="models:/mango-<task>@<alias> or models:/mango-<task>/<version>")
     p.add_argument("--split", default="", help="split to evaluate (default: the config's data.val_split)")
     p.add_argument("--shards", default="", help="shard store (local dir or s3://); default: the config's data.shards")
@@ -53,8 +55,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--inception-weights is for the translation task; this model is {cfg.model.task!r}")
             device = ev.pick_device(cfg, args.device)
             model = ev.load_source(source, device)
-            result = ev.evaluate_model(model, cfg, shards, split, device=device, batch_size=args.batch_size or None,
-                                       inception_weights=args.inception_weights or None)
+            result = ev.evaluate_model(
+                model,
+                cfg,
+                shards,
+                split,
+                device=device,
+                batch_size=args.batch_size or None,
+                inception_weights=args.inception_weights or None,
+            )
             out = Path(args.out) if args.out else default_out(args.checkpoint, source, split)
             out.parent.mkdir(parents=True, exist_ok=True)
             result.extra |= {"task": cfg.model.task, "model": source.origin, "step": source.step}
@@ -70,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
-        print(f"error: --checkpoint {args.checkpoint} is not a readable safetensors file: corrupt or truncated ({e})",
-              file=sys.stderr)
+        print(
+            f"error: --checkpoint {args.checkpoint} is not a readable safetensors file: corrupt or truncated ({e})",
+            file=sys.stderr,
+        )
         return 2
     width = max(len(k) for k in result.metrics)
-    print(f"{cfg.model.task} on {shards} split {split} ({result.samples} samples, "
-          f"manifest {result.manifest_sha256[:12]})")
+    print(
+        f"{cfg.model.task} on {shards} split {split} ({result.samples} samples, manifest {result.manifest_sha256[:12]})"
+    )
     for k, v in sorted(result.metrics.items()):
         print(f"  {k:<{width}}  {v:.6g}")
     logged = f"; logged to MLflow run {run_id}" if run_id else ""

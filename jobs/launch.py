@@ -53,14 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.launch.slurm import log_dir_for
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    shard_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    shard_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     args = _parser().parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        spec = LaunchSpec(args.target, args.nodes, args.gpus_per_node, launcher=args.launcher,
-                          config_source=args.config or "defaults", space=args.space, tasks=args.tasks,
-                          shard_args=tuple(shard_args))
+        spec = LaunchSpec(
+            args.target,
+            args.nodes,
+            args.gpus_per_node,
+            launcher=args.launcher,
+            config_source=args.config or "defaults",
+            space=args.space,
+            tasks=args.tasks,
+            shard_args=tuple(shard_args),
+        )
         rendered = render(cfg, spec)
     except (ConfigError, LaunchError) as e:
         print(f"launch error: {e}", file=sys.stderr)
@@ -72,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / art.name).write_text(art.text)
     if args.submit:
         try:
-            for line in submit(rendered, log_dir_for(cfg) if args.target in ("slurm", "srun", "shard-array",
-                                                                             "ray-slurm") else None):
+            for line in submit(
+                rendered, log_dir_for(cfg) if args.target in ("slurm", "srun", "shard-array", "ray-slurm") else None
+            ):
                 print(line)
         except SubmitError as e:
             print(f"submit error: {e}", file=sys.stderr)

@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--ray", action="store_true", help="run on Ray Data: map_batches over an actor pool")
     p.add_argument("--actors", type=int, default=2, help="--ray: actors in the pool (each loads the model once)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="intra-op threads per scorer (0: torch's default locally, 1 per Ray actor)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads per scorer (0: torch's default locally, 1 per Ray actor)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
     p.add_argument("--tracking-uri", default="", help="MLflow registry (default: MLFLOW_TRACKING_URI, the local store)")
     p.add_argument("--no-progress", action="store_true")
@@ -55,13 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the cause's layout
         return 2
     threads = args.threads or (1 if args.ray else 0)
-    result = bp.predict_split(model, manifest, args.out, batch_size=args.batch_size,
-                              engine="ray" if args.ray else "local", actors=args.actors, threads=threads,
-                              progress=not args.no_progress)
+    result = bp.predict_split(
+        model,
+        manifest,
+        args.out,
+        batch_size=args.batch_size,
+        engine="ray" if args.ray else "local",
+        actors=args.actors,
+        threads=threads,
+        progress=not args.no_progress,
+    )
     m = result.manifest
-    print(f"scored {m.total_samples} samples of {manifest.location} with {model.name} version {model.version} "
-          f"({result.engine}): {len(m.shards)} shards, manifest {m.location} (sha256 {m.manifest_checksum()[:12]}"
-          f"; input {result.input_manifest_sha256[:12]}; {m.skipped_samples} skipped)")
+    print(
+        f"scored {m.total_samples} samples of {manifest.location} with {model.name} version {model.version} "
+        f"({result.engine}): {len(m.shards)} shards, manifest {m.location} (sha256 {m.manifest_checksum()[:12]}"
+        f"; input {result.input_manifest_sha256[:12]}; {m.skipped_samples} skipped)"
+    )
     return 0
 
 
@@ -74,8 +87,9 @@ def _input_manifest(shards: str, split: str):
     try:
         return load_manifest(url)
     except FileNotFoundError as e:
-        raise InputError(f"--shards {shards}: no committed manifest {url} (was the split sharded with "
-                         f"jobs.shard? --split {split})") from e
+        raise InputError(
+            f"--shards {shards}: no committed manifest {url} (was the split sharded with jobs.shard? --split {split})"
+        ) from e
     except ValueError as e:
         raise InputError(f"--shards {shards}: {e}") from e
     except Exception as e:  # noqa: BLE001 - unreachable S3 and the like

@@ -29,15 +29,20 @@ NOT_PROMOTED = 3
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.register", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint",
-                     help="model.safetensors, a sweep's best.json, a run dir, checkpoints/ dir or a checkpoint tag dir")
+    src.add_argument(
+        "--checkpoint",
+        help="model.safetensors, a sweep's best.json, a run dir, checkpoints/ dir or a checkpoint tag dir",
+    )
     src.add_argument("--run-id", help="an MLflow training run of this pipeline (its run.dir tag → newest checkpoint)")
     p.add_argument("--split", default="", help="evaluation split (default: the config's data.val_split)")
     p.add_argument("--shards", default="", help="evaluation shard store (default: the config's data.shards)")
     p.add_argument("--promote", action="store_true", help="move champion here if the gate allows it")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--tracking-uri", default="", help="MLflow store (default: tracking.uri, MLFLOW_TRACKING_URI, "
-                                                      "the project's local store)")
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store (default: tracking.uri, MLFLOW_TRACKING_URI, the project's local store)",
+    )
     args = p.parse_args(argv)
 
     from pipeline import evaluation as ev
@@ -59,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metric = reg.tags["eval.metric"]
-    print(f"registered {reg.name} version {reg.version} (run {reg.run_id}; alias {registry.CANDIDATE}): "
-          f"{metric}={result.metrics[metric]:.6g} on {shards} split {split} (manifest {result.manifest_sha256[:12]})")
+    print(
+        f"registered {reg.name} version {reg.version} (run {reg.run_id}; alias {registry.CANDIDATE}): "
+        f"{metric}={result.metrics[metric]:.6g} on {shards} split {split} (manifest {result.manifest_sha256[:12]})"
+    )
     if reg.gate is None:
         return 0
     print(("promoted: " if reg.gate.promote else "not promoted: ") + reg.gate.reason)

@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="mango-sample-") as scratch:
             source = ev.resolve_source(args.checkpoint, args.model_uri, scratch, tracking_uri=args.tracking_uri)
             if source.cfg.model.task != "density":
-                raise ValueError(f"{source.origin} is a {source.cfg.model.task!r} model; only density models sample "
-                                 "(use jobs.evaluate for its figures)")
+                raise ValueError(
+                    f"{source.origin} is a {source.cfg.model.task!r} model; only density models sample "
+                    "(use jobs.evaluate for its figures)"
+                )
             device = ev.pick_device(source.cfg, args.device)
             model = ev.load_source(source, device)
             bits = {name: b for name, _, b in ev.weights_specs(source.weights)}
@@ -67,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, LookupError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.n * args.grids} joint samples of {source.origin} (T={args.temperature:g}, seed {args.seed}): "
-          + ", ".join(map(str, paths)) + (f" and {args.npz}" if args.npz else ""))
+    print(
+        f"wrote {args.n * args.grids} joint samples of {source.origin} (T={args.temperature:g}, seed {args.seed}): "
+        + ", ".join(map(str, paths))
+        + (f" and {args.npz}" if args.npz else "")
+    )
     return 0
 
 

@@ -51,8 +51,9 @@ def _source_parser(source: str) -> argparse.ArgumentParser:
 
 
 def _merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.shard merge",
-                                description="Verify an array job's partial manifests and commit the split.")
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.shard merge", description="Verify an array job's partial manifests and commit the split."
+    )
     p.add_argument("out", help="the shard folder or s3:// prefix the array tasks wrote to")
     p.add_argument("--split", required=True)
     p.add_argument("--no-verify", action="store_true", help="trust the parts' sha256 instead of re-reading shards")
@@ -81,8 +82,10 @@ def _run(argv: list[str]) -> int:
     if argv[0] == "merge":
         a = _merge_parser().parse_args(argv[1:])
         m = merge_split(a.out, a.split, verify=not a.no_verify)
-        print(f"committed {m.location}: {m.total_samples} samples in {len(m.shards)} shards "
-              f"({m.skipped_samples} skipped), checksum {m.manifest_checksum()}")
+        print(
+            f"committed {m.location}: {m.total_samples} samples in {len(m.shards)} shards "
+            f"({m.skipped_samples} skipped), checksum {m.manifest_checksum()}"
+        )
         return 0
     source = argv[0]
     a = _source_parser(source).parse_args(argv[1:])
@@ -90,14 +93,34 @@ def _run(argv: list[str]) -> int:
     out = a.out or (f"shards/{source}-{a.src or 'stereo'}" if source == "embedded" else f"shards/{source}")
     task_index, num_tasks = resolve_task(a.task_index, a.num_tasks)
     splits = [a.split] if a.split else list(source_class(source)(a.src, **options).splits)
-    job_args = {"source": source, "src": a.src, "out": out, "samples_per_shard": a.samples_per_shard,
-                "workers": a.workers, "skip_bad": a.skip_bad, **options}
+    job_args = {
+        "source": source,
+        "src": a.src,
+        "out": out,
+        "samples_per_shard": a.samples_per_shard,
+        "workers": a.workers,
+        "skip_bad": a.skip_bad,
+        **options,
+    }
     for split in splits:
-        m = write_split(source, a.src, out, split, options=options, samples_per_shard=a.samples_per_shard,
-                        workers=a.workers, task_index=task_index, num_tasks=num_tasks, skip_bad=a.skip_bad,
-                        args={**job_args, "split": split}, progress=not a.quiet)
-        print(f"{'committed' if num_tasks == 1 else 'wrote part'} {m.location}: {m.total_samples} samples in "
-              f"{len(m.shards)} shards ({m.skipped_samples} skipped), checksum {m.manifest_checksum()}")
+        m = write_split(
+            source,
+            a.src,
+            out,
+            split,
+            options=options,
+            samples_per_shard=a.samples_per_shard,
+            workers=a.workers,
+            task_index=task_index,
+            num_tasks=num_tasks,
+            skip_bad=a.skip_bad,
+            args={**job_args, "split": split},
+            progress=not a.quiet,
+        )
+        print(
+            f"{'committed' if num_tasks == 1 else 'wrote part'} {m.location}: {m.total_samples} samples in "
+            f"{len(m.shards)} shards ({m.skipped_samples} skipped), checksum {m.manifest_checksum()}"
+        )
     return 0
 
 

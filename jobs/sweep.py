@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print(f"\nsweep {spec.name if args.name is None else args.name}: {len(result.rows)} trials, "
-          f"metric {spec.metric} ({spec.mode}), {result.extra['wall_s']:.0f} s")
+    print(
+        f"\nsweep {spec.name if args.name is None else args.name}: {len(result.rows)} trials, "
+        f"metric {spec.metric} ({spec.mode}), {result.extra['wall_s']:.0f} s"
+    )
     print(result.table)
     for row in result.rows:
         if row.error:

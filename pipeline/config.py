@@ -50,6 +50,8 @@ ENCODERS = ("conv", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class RunConfig:
     """Where and how a run lives. ``dir`` holds checkpoints, ``config.yaml``, ``metrics.jsonl``."""
@@ -105,10 +107,18 @@ class ModelConfig:
     flow_layer: str = _f("ica", choices=("ica", "coupling", "glow"), arch=True)
     memory: str = _f("store", choices=MEMORY_POLICIES, arch=False)
     form: str = _f("gated", choices=FORMS, arch=True)
-    channel_mix: bool = _f(True, arch=True)  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
-    attention: str = _f("auto", choices=ATTENTION, arch=False)  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
-    kernels: str = _f("auto", choices=KERNELS, arch=False)  # flow implementations: auto (C++ nodes where they apply), python, reference
-    compile: bool = _f(False, arch=False)  # torch.compile each MANGO block (runs the Python kernels; compile time at start-up)
+    channel_mix: bool = _f(
+        True, arch=True
+    )  # each MANGO block starts with a learned invertible channel mixer (ours); false = the paper's block
+    attention: str = _f(
+        "auto", choices=ATTENTION, arch=False
+    )  # ICA forward: fused SDPA, plain reference, auto = fused from 512 tokens/half
+    kernels: str = _f(
+        "auto", choices=KERNELS, arch=False
+    )  # flow implementations: auto (C++ nodes where they apply), python, reference
+    compile: bool = _f(
+        False, arch=False
+    )  # torch.compile each MANGO block (runs the Python kernels; compile time at start-up)
     encoder: str = _f("conv", choices=ENCODERS, arch=True)
     encoder_weights: str = _f("", arch=False)  # local path to pretrained encoder weights; "" = random init
     init_weights: str = _f("", arch=False)  # consolidated model.safetensors to start a fresh run from; "" = random init
@@ -120,10 +130,16 @@ class ModelConfig:
     # latent models: G over the fused tokens; concat (no flow); xattn (bidirectional cross-attention blocks, no flow)
     fusion: str = _f("mango", choices=("mango", "concat", "xattn"), arch=True)
     xattn_mlp_ratio: float = _f(2.0, gt=0.0, arch=True)  # fusion=xattn: MLP width / D (depth = model.num_blocks)
-    target: str = _f("", arch=True)  # latent models: the predicted entry of data.modalities ("" = the one label / target modality)
-    grid: list[int] = _f(factory=list, item_ge=1, arch=True)  # [gh, gw] token grid per modality; [] = square of model.tokens
+    target: str = _f(
+        "", arch=True
+    )  # latent models: the predicted entry of data.modalities ("" = the one label / target modality)
+    grid: list[int] = _f(
+        factory=list, item_ge=1, arch=True
+    )  # [gh, gw] token grid per modality; [] = square of model.tokens
     text_trainable: bool = _f(False, arch=False)  # fine-tune MiniLM (text modalities); false = frozen
-    text_cache: int = _f(0, ge=0, arch=False)  # frozen MiniLM: hidden states of this many distinct texts kept in memory; 0 = off
+    text_cache: int = _f(
+        0, ge=0, arch=False
+    )  # frozen MiniLM: hidden states of this many distinct texts kept in memory; 0 = off
     gan_weight: float = _f(0.0, ge=0.0, arch=True)  # translation: weight of the PatchGAN terms; 0 = no discriminator
     depth_max: float = _f(10000.0, gt=0.0, arch=True)  # 16-bit modalities: this value maps to 1.0 (mm: 10 m), clipped
     # translation head: direct = pixels decoded from the token grid; on a rectified stereo pair, warp = one regressed
@@ -131,7 +147,9 @@ class ModelConfig:
     # the shifts -R..R of the source image (Deep3D's selection layer)
     decoder: str = _f("direct", choices=("direct", "warp", "select"), arch=True)
     warp_range: int = _f(16, ge=1, arch=True)  # decoder=warp|select: shifts bounded by / candidates in -R..R px
-    warp_generate: bool = _f(False, arch=True)  # decoder=warp|select: add a directly decoded image (occlusion term / candidate)
+    warp_generate: bool = _f(
+        False, arch=True
+    )  # decoder=warp|select: add a directly decoded image (occlusion term / candidate)
     # segmentation / translation: the decoder also reads the encoders' multi-scale feature maps (strides 4-32 for
     # MiT), both modalities', through skip connections (SegFormer-style, as TokenFusion decodes); false = from the
     # fused latent grid alone
@@ -238,7 +256,9 @@ class LaunchConfig:
     setup: str = ""  # shell line(s) run first on the nodes, e.g. "source /shared/mango/.venv/bin/activate"
     env: list[str] = _f(factory=list)  # plain KEY=VALUE settings exported to every node / pod
     namespace: str = _f("default", nonempty=True)
-    env_from: str = _f("mango-credentials", nonempty=True)  # k8s Secret (its name; envFrom) with AWS_* and MLFLOW_TRACKING_* keys
+    env_from: str = _f(
+        "mango-credentials", nonempty=True
+    )  # k8s Secret (its name; envFrom) with AWS_* and MLFLOW_TRACKING_* keys
     pvc: str = ""  # ReadWriteMany claim holding run dirs (checkpoints); "" needs checkpoint.remote=s3://...
     pvc_mount: str = _f("/mnt/mango", nonempty=True)
     shm_size: str = _f("16Gi", nonempty=True)  # /dev/shm (memory-backed emptyDir) per pod
@@ -414,19 +434,27 @@ def _check_cross(cfg: Config) -> None:
                 f"got {m.image_size}"
             )
     if cfg.optim.ema and cfg.deepspeed.zero_stage == 3:
-        raise ConfigError("optim.ema: an EMA of ZeRO-3-partitioned weights is not supported; use "
-                          "deepspeed.zero_stage ≤ 2 with EMA, or optim.ema=0")
+        raise ConfigError(
+            "optim.ema: an EMA of ZeRO-3-partitioned weights is not supported; use "
+            "deepspeed.zero_stage ≤ 2 with EMA, or optim.ema=0"
+        )
     if m.memory == "invert" and cfg.deepspeed.zero_stage == 3:
         # the reconstruction backward returns gradients for ZeRO-3's partitioned parameter placeholders
-        raise ConfigError("model.memory=invert (backprop by reconstruction) is not supported with "
-                          "deepspeed.zero_stage=3; use model.memory=checkpoint with ZeRO-3, or zero_stage ≤ 2")
+        raise ConfigError(
+            "model.memory=invert (backprop by reconstruction) is not supported with "
+            "deepspeed.zero_stage=3; use model.memory=checkpoint with ZeRO-3, or zero_stage ≤ 2"
+        )
     if cfg.data.crop_width and not cfg.data.crop_size:
         raise ConfigError(f"data.crop_width={cfg.data.crop_width} needs data.crop_size (the crop's rows) > 0")
     if m.flow_layer != "ica" and (m.task == "density" or m.fusion != "mango"):
-        raise ConfigError(f"model.flow_layer={m.flow_layer}: picks the latent models' flow G (model.fusion=mango), "
-                          f"not the {m.task if m.task == 'density' else m.fusion} model")
+        raise ConfigError(
+            f"model.flow_layer={m.flow_layer}: picks the latent models' flow G (model.fusion=mango), "
+            f"not the {m.task if m.task == 'density' else m.fusion} model"
+        )
     if m.skips and m.task not in ("segmentation", "translation"):
-        raise ConfigError(f"model.skips: skip connections feed the dense decoders (segmentation, translation), not {m.task}")
+        raise ConfigError(
+            f"model.skips: skip connections feed the dense decoders (segmentation, translation), not {m.task}"
+        )
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps})"

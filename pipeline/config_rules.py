@@ -137,8 +137,12 @@ def _check_rules(key: str, value: Any, rules: Mapping[str, Any]) -> None:
 
 def _check_bounds(key: str, value: Any, rules: Mapping[str, Any], pre: str) -> None:
     what = "every entry of " + key if pre else key
-    for name, bad, word in (("ge", lambda v, b: v < b, "≥"), ("gt", lambda v, b: v <= b, ">"),
-                            ("le", lambda v, b: v > b, "≤"), ("lt", lambda v, b: v >= b, "<")):
+    for name, bad, word in (
+        ("ge", lambda v, b: v < b, "≥"),
+        ("gt", lambda v, b: v <= b, ">"),
+        ("le", lambda v, b: v > b, "≤"),
+        ("lt", lambda v, b: v >= b, "<"),
+    ):
         bound = rules.get(pre + name)
         if bound is not None and bad(value, bound):
             raise ConfigError(f"{what} must be {word} {bound}; got {value!r}")
@@ -147,5 +151,3 @@ def _check_bounds(key: str, value: Any, rules: Mapping[str, Any], pre: str) -> N
 def show(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-

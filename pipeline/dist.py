@@ -141,15 +141,22 @@ def init_distributed(
     if info.local_rank == 0:
         clear_stale_build_locks()  # a build killed half-way would make init_distributed wait forever
         if use_deepspeed and not deepspeed_ops_built():
-            _say("building DeepSpeed's CPU comm op once (about 1-2 minutes on a small machine; `make` builds it "
-                 "ahead of time)")
+            _say(
+                "building DeepSpeed's CPU comm op once (about 1-2 minutes on a small machine; `make` builds it "
+                "ahead of time)"
+            )
     port = info.master_port or _free_port()
     if info.master_addr:
-        os.environ.update({
-            "RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size),
-            "LOCAL_WORLD_SIZE": str(info.local_world_size), "MASTER_ADDR": info.master_addr,
-            "MASTER_PORT": str(port),
-        })
+        os.environ.update(
+            {
+                "RANK": str(info.rank),
+                "LOCAL_RANK": str(info.local_rank),
+                "WORLD_SIZE": str(info.world_size),
+                "LOCAL_WORLD_SIZE": str(info.local_world_size),
+                "MASTER_ADDR": info.master_addr,
+                "MASTER_PORT": str(port),
+            }
+        )
     global _TIMEOUT_S
     _TIMEOUT_S = timeout_s
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -165,18 +172,30 @@ def init_distributed(
         import deepspeed
 
         deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=not info.master_addr, timeout=timeout,
+            dist_backend=backend,
+            auto_mpi_discovery=not info.master_addr,
+            timeout=timeout,
             distributed_port=port,
         )
     else:
         dist.init_process_group(
-            backend=backend, init_method=f"tcp://{_host_for_url(info.master_addr)}:{port}",
-            rank=info.rank, world_size=info.world_size, timeout=timeout,
+            backend=backend,
+            init_method=f"tcp://{_host_for_url(info.master_addr)}:{port}",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
         )
     if info.world_size > 1:
         _HEARTBEAT.start(info.rank, info.world_size)
-    return WorldInfo(info.rank, info.local_rank, info.world_size, info.local_world_size,
-                     info.master_addr or os.environ.get("MASTER_ADDR", ""), port, info.launcher)
+    return WorldInfo(
+        info.rank,
+        info.local_rank,
+        info.world_size,
+        info.local_world_size,
+        info.master_addr or os.environ.get("MASTER_ADDR", ""),
+        port,
+        info.launcher,
+    )
 
 
 # -- never a silent hang ----------------------------------------------------------------------------
@@ -235,8 +254,10 @@ def clear_stale_build_locks(root: str | None = None) -> list[str]:
             continue
         removed.append(lock)
         age = time.time() - before.st_mtime
-        _say(f"removed a stale extension build lock {lock} ({age:.0f}s old, no live process holds it: a build "
-             "was killed half-way); the op is rebuilt")
+        _say(
+            f"removed a stale extension build lock {lock} ({age:.0f}s old, no live process holds it: a build "
+            "was killed half-way); the op is rebuilt"
+        )
     return removed
 
 
@@ -343,38 +364,54 @@ def lost_ranks(stale_s: float | None = None) -> tuple[list[int], str]:
 
 
 # what gloo / NCCL / the c10d store raise when a peer died or hung (RuntimeError and its DistError subclasses)
-_COLLECTIVE_FAILURE = re.compile(r"gloo|NCCL|ProcessGroup|c10d|DistBackendError|DistNetworkError|DistStoreError|"
-                                 r"Connection closed by peer|Connection reset by peer|Timed out waiting \d+ms")
+_COLLECTIVE_FAILURE = re.compile(
+    r"gloo|NCCL|ProcessGroup|c10d|DistBackendError|DistNetworkError|DistStoreError|"
+    r"Connection closed by peer|Connection reset by peer|Timed out waiting \d+ms"
+)
 
 
 def describe_rendezvous_failure(exc: BaseException) -> str | None:
     """One line for a process group that never formed (a rank that did not join within the bound), else None."""
     text = f"{type(exc).__name__}: {exc}"
-    if is_initialized() or not re.search(r"clients joined|DistStoreError|Timed out after|Socket Timeout|"
-                                         r"DistNetworkError", text):
+    if is_initialized() or not re.search(
+        r"clients joined|DistStoreError|Timed out after|Socket Timeout|"
+        r"DistNetworkError",
+        text,
+    ):
         return None
     first = " ".join(str(exc).split())[:200]
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    return (f"rank {os.environ.get('RANK', '?')}: the process group did not form at {where} within "
-            f"train.collective_timeout_s={_TIMEOUT_S or float('nan'):g} (a rank that never started, or a wrong "
-            f"MASTER_ADDR/MASTER_PORT?) ({first})")
+    return (
+        f"rank {os.environ.get('RANK', '?')}: the process group did not form at {where} within "
+        f"train.collective_timeout_s={_TIMEOUT_S or float('nan'):g} (a rank that never started, or a wrong "
+        f"MASTER_ADDR/MASTER_PORT?) ({first})"
+    )
 
 
 def describe_collective_failure(exc: BaseException) -> str | None:
     """One line for a collective that failed because a peer was lost or hung (else None): which rank is
     lost, and the bound (``train.collective_timeout_s``) that ended the wait."""
     text = f"{type(exc).__name__}: {exc}"
-    if (not isinstance(exc, RuntimeError) or not is_initialized() or get_world_size() < 2
-            or not _COLLECTIVE_FAILURE.search(text)):
+    if (
+        not isinstance(exc, RuntimeError)
+        or not is_initialized()
+        or get_world_size() < 2
+        or not _COLLECTIVE_FAILURE.search(text)
+    ):
         return None
     rank = get_rank()
     _HEARTBEAT.stop()
     lost, note = lost_ranks()
-    who = (f"lost rank(s) {', '.join(map(str, lost))} (no heartbeat)" if lost else
-           (note or "no peer stopped beating: a hung collective"))
+    who = (
+        f"lost rank(s) {', '.join(map(str, lost))} (no heartbeat)"
+        if lost
+        else (note or "no peer stopped beating: a hung collective")
+    )
     first = " ".join(str(exc).split())[:160]
-    return (f"rank {rank}: a collective failed or timed out — {who}; train.collective_timeout_s={_TIMEOUT_S:g} bounds "
-            f"every collective ({first})")
+    return (
+        f"rank {rank}: a collective failed or timed out — {who}; train.collective_timeout_s={_TIMEOUT_S:g} bounds "
+        f"every collective ({first})"
+    )
 
 
 def cuda_device_index(info: WorldInfo, visible: int | None = None) -> int:
@@ -475,10 +512,18 @@ def cleanup() -> None:
                 setattr(groups, name, None)
 
 
-_DEEPSPEED_GROUP_CACHES = ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                           "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
-                           "_ALL_TO_ALL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
-                           "_DATA_PARALLEL_GROUP")
+_DEEPSPEED_GROUP_CACHES = (
+    "_EXPERT_PARALLEL_GROUP",
+    "_EXPERT_PARALLEL_GROUP_RANKS",
+    "_EXPERT_DATA_PARALLEL_GROUP",
+    "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+    "_WORLD_GROUP",
+    "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+    "_ALL_TO_ALL_GROUP",
+    "_TENSOR_MODEL_PARALLEL_GROUP",
+    "_MODEL_PARALLEL_GROUP",
+    "_DATA_PARALLEL_GROUP",
+)
 
 
 # -- hostlists --------------------------------------------------------------------------------------
@@ -582,8 +627,15 @@ def _from_torch_env(env: Mapping[str, str]) -> WorldInfo:
         raise ValueError(
             f"world_info_from_env: {launcher} launch with WORLD_SIZE={world} needs MASTER_ADDR and MASTER_PORT"
         )
-    return WorldInfo(_int(env, "RANK"), local_rank, world, local_world, env.get("MASTER_ADDR") or "127.0.0.1",
-                     _int(env, "MASTER_PORT", default=0), launcher)
+    return WorldInfo(
+        _int(env, "RANK"),
+        local_rank,
+        world,
+        local_world,
+        env.get("MASTER_ADDR") or "127.0.0.1",
+        _int(env, "MASTER_PORT", default=0),
+        launcher,
+    )
 
 
 def _from_mpi(env: Mapping[str, str]) -> WorldInfo:
@@ -631,8 +683,7 @@ def _from_srun(env: Mapping[str, str]) -> WorldInfo:
 
 
 def _single(env: Mapping[str, str], launcher: str) -> WorldInfo:
-    return WorldInfo(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", default=0),
-                     launcher)
+    return WorldInfo(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", default=0), launcher)
 
 
 def _free_port() -> int:

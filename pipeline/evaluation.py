@@ -34,6 +34,7 @@ from pipeline.model_source import (  # noqa: F401  (re-exported: the evaluation 
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class EvalResult:
     """Metrics of one exact pass. ``metrics`` keys are ``<split>_<name>`` (+ ``<split>_samples``)."""
@@ -46,8 +47,18 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"split": self.split, "shards": self.shards, "manifest_sha256": self.manifest_sha256,
-                           "samples": self.samples, "metrics": self.metrics, **self.extra}, indent=2, sort_keys=True)
+        return json.dumps(
+            {
+                "split": self.split,
+                "shards": self.shards,
+                "manifest_sha256": self.manifest_sha256,
+                "samples": self.samples,
+                "metrics": self.metrics,
+                **self.extra,
+            },
+            indent=2,
+            sort_keys=True,
+        )
 
 
 def metric_for_split(metric: str, split: str) -> str:
@@ -72,8 +83,9 @@ def eval_loader(cfg: Config, shards: str, split: str, batch_size: int | None = N
 
     manifest = load_manifest(join(shards, manifest_name(split)))
     keys = model_keys(cfg, manifest)
-    loader = build_eval_loader(manifest, batch_size or cfg.data.batch_size, rank=0, world_size=1,
-                               num_workers=0, modalities=keys)
+    loader = build_eval_loader(
+        manifest, batch_size or cfg.data.batch_size, rank=0, world_size=1, num_workers=0, modalities=keys
+    )
     return loader, manifest
 
 
@@ -84,9 +96,16 @@ def model_keys(cfg: Config, manifest) -> tuple[str, ...]:
     return tuple(s[0] for s in modality_specs(cfg, manifest))
 
 
-def evaluate_model(model: torch.nn.Module, cfg: Config, shards: str, split: str, *,
-                   device: torch.device | str = "cpu", batch_size: int | None = None,
-                   inception_weights: str | None = None) -> EvalResult:
+def evaluate_model(
+    model: torch.nn.Module,
+    cfg: Config,
+    shards: str,
+    split: str,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    inception_weights: str | None = None,
+) -> EvalResult:
     """One seeded exact pass of ``model`` over ``split`` of ``shards`` → :class:`EvalResult`.
 
     The numbers are those the training loop logs for the same weights and split (same reduction); the
@@ -109,8 +128,9 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, shards: str, split: str,
     if samples == 0:
         raise ValueError(f"{shards} split {split!r}: the exact pass saw no samples")
     if cfg.model.task == "translation":
-        distances = image_distances(model, cfg, shards, split, device=device, batch_size=batch_size,
-                                    inception_weights=inception_weights)
+        distances = image_distances(
+            model, cfg, shards, split, device=device, batch_size=batch_size, inception_weights=inception_weights
+        )
         metrics |= {f"{split}_{k}": v for k, v in distances.items()}
     elif inception_weights:
         raise ValueError(f"inception weights are for the translation task; this model is {cfg.model.task!r}")
@@ -129,8 +149,16 @@ def weights_specs(weights: str | Path) -> list[tuple[str, tuple[int, ...], int]]
         return [(n, tuple(s), int(b)) for n, s, b in json.loads((f.metadata() or {}).get("modalities", "[]"))]
 
 
-def predictions(model: torch.nn.Module, cfg: Config, shards: str, split: str, *, device: torch.device | str = "cpu",
-                batch_size: int | None = None, limit: int | None = None):
+def predictions(
+    model: torch.nn.Module,
+    cfg: Config,
+    shards: str,
+    split: str,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    limit: int | None = None,
+):
     """Yield ``(batch, forward(batch, mode="predict"))`` over the valid samples of ``split`` in manifest
     order (at most ``limit`` samples; outputs on the CPU)."""
     loader, _ = eval_loader(cfg, shards, split, batch_size)
@@ -144,8 +172,9 @@ def predictions(model: torch.nn.Module, cfg: Config, shards: str, split: str, *,
             keep = valid.nonzero().flatten()
             if limit is not None:
                 keep = keep[: limit - seen]
-            pick = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()])
-                    for k, v in batch.items()}
+            pick = {
+                k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()]) for k, v in batch.items()
+            }
             yield pick, {k: v.detach().cpu()[keep] for k, v in out.items()}
             seen += len(keep)
             if limit is not None and seen >= limit:
@@ -158,8 +187,16 @@ def target_unit(model: torch.nn.Module, target: torch.Tensor) -> torch.Tensor:
     return x / 255.0 if model.target.bits == 8 else (x / model.depth_max).clamp(0.0, 1.0)
 
 
-def image_distances(model: torch.nn.Module, cfg: Config, shards: str, split: str, *, device: torch.device | str,
-                    batch_size: int | None, inception_weights: str | None) -> dict[str, float]:
+def image_distances(
+    model: torch.nn.Module,
+    cfg: Config,
+    shards: str,
+    split: str,
+    *,
+    device: torch.device | str,
+    batch_size: int | None,
+    inception_weights: str | None,
+) -> dict[str, float]:
     """FID / KID×100 of the translation predictions against the targets over the whole split (proxies
     ``fid_proxy`` / ``kid_proxy`` without Inception weights; see :func:`pipeline.metrics.image_distances`)."""
     from pipeline import metrics
@@ -172,8 +209,17 @@ def image_distances(model: torch.nn.Module, cfg: Config, shards: str, split: str
     return metrics.image_distances(as_u8(real), as_u8(fake), inception_weights=inception_weights)
 
 
-def task_figures(model: torch.nn.Module, source: ModelSource, shards: str, split: str, out_dir: str | Path, *,
-                 n: int = 8, device: torch.device | str = "cpu", temperature: float = 1.0) -> list[Path]:
+def task_figures(
+    model: torch.nn.Module,
+    source: ModelSource,
+    shards: str,
+    split: str,
+    out_dir: str | Path,
+    *,
+    n: int = 8,
+    device: torch.device | str = "cpu",
+    temperature: float = 1.0,
+) -> list[Path]:
     """The task's figures for ``split`` as PNGs in ``out_dir``; image figures show its first ``n`` samples
     in manifest order.
 
@@ -192,8 +238,11 @@ def task_figures(model: torch.nn.Module, source: ModelSource, shards: str, split
             out = model(mode="sample", n=n, temperature=temperature)
         names = list(out)
         bits = {s[0]: s[2] for s in weights_specs(source.weights)}
-        return [figures.density_sample_grid([out[k] for k in names], [bits[k] for k in names], names,
-                                            out_dir / "samples.png")]
+        return [
+            figures.density_sample_grid(
+                [out[k] for k in names], [bits[k] for k in names], names, out_dir / "samples.png"
+            )
+        ]
     if task == "classification":
         return [_genre_bars(model, cfg, shards, split, out_dir / "genre_f1.png", device)]
     batch, out = next(predictions(model, cfg, shards, split, device=device, batch_size=n, limit=n))
@@ -239,8 +288,10 @@ def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], t
             run_id = client.get_run(source.run_id).info.run_id
         except MlflowException:
             log.warning("run %s is not in %s; logging the evaluation in a new run", source.run_id, client.tracking_uri)
-    tags = {f"eval.{result.split}.manifest_sha256": result.manifest_sha256,
-            f"eval.{result.split}.shards": result.shards}
+    tags = {
+        f"eval.{result.split}.manifest_sha256": result.manifest_sha256,
+        f"eval.{result.split}.shards": result.shards,
+    }
     if run_id is None:
         exp = ensure_experiment(client, source.cfg.tracking.experiment)
         run_tags = {"mango.job": "evaluate", "mango.source": source.origin}
@@ -249,8 +300,12 @@ def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], t
         run_id = client.create_run(exp, run_name=f"evaluate-{source.cfg.model.task}", tags=run_tags).info.run_id
     now, step = int(time.time() * 1000), source.step or 0
     # eval/ names: the training run's own val_* history at this step stays as training logged it
-    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", float(v), now, step) for k, v in result.metrics.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(f"eval/{k}", float(v), now, step) for k, v in result.metrics.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+        synchronous=True,
+    )
     for f in files:
         client.log_artifact(run_id, str(f), f"eval/{result.split}")
     if client.get_run(run_id).info.status == "RUNNING" and run_id != source.run_id:

@@ -46,8 +46,9 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     out = np.zeros(h.shape + (3,), dtype=np.float64)
     for k, (r, g, b) in enumerate(table):
         m = i == k
-        out[m] = np.stack([np.broadcast_to(r, h.shape)[m], np.broadcast_to(g, h.shape)[m],
-                           np.broadcast_to(b, h.shape)[m]], -1)
+        out[m] = np.stack(
+            [np.broadcast_to(r, h.shape)[m], np.broadcast_to(g, h.shape)[m], np.broadcast_to(b, h.shape)[m]], -1
+        )
     return (out * 255).round().astype(np.uint8)
 
 
@@ -110,8 +111,9 @@ def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, titles: Se
     return path
 
 
-def density_sample_grid(samples: Sequence[torch.Tensor], bits: Sequence[int], names: Sequence[str],
-                        path: str | Path) -> Path:
+def density_sample_grid(
+    samples: Sequence[torch.Tensor], bits: Sequence[int], names: Sequence[str], path: str | Path
+) -> Path:
     """Joint samples laid out ⌈√N⌉ per row; each sample is its modalities side by side (titled above).
 
     ``samples``: per modality, (N, C, H, W) in the flow's continuous space [−1/2, 1/2); quantised to each
@@ -127,24 +129,28 @@ def density_sample_grid(samples: Sequence[torch.Tensor], bits: Sequence[int], na
     cells = [[panel(img[i], b) for img, b in zip(images, bits)] for i in range(n)]
     blank = [np.full_like(p, 255) for p in cells[0]]
     cells += [blank] * (-n % per_row)
-    rows = [sum(cells[r:r + per_row], []) for r in range(0, len(cells), per_row)]
+    rows = [sum(cells[r : r + per_row], []) for r in range(0, len(cells), per_row)]
     return save_grid(rows, path, titles=[str(x).split(".")[0] for x in names] * per_row)
 
 
-def segmentation_overlays(inputs: Sequence[tuple[str, torch.Tensor, int]], pred: torch.Tensor,
-                          target: torch.Tensor, path: str | Path) -> Path:
+def segmentation_overlays(
+    inputs: Sequence[tuple[str, torch.Tensor, int]], pred: torch.Tensor, target: torch.Tensor, path: str | Path
+) -> Path:
     """Rows of input(s) | prediction | ground truth (RGB | depth | prediction | ground truth for RGB-D).
     ``inputs``: (name, (N, C, H, W) integer image, bits); ``pred`` and ``target`` (N, H, W) class ids
     (target 255 = ignore, drawn black)."""
     rows = []
     for i in range(pred.shape[0]):
-        rows.append([panel(x[i], b) for _, x, b in inputs]
-                    + [label_colors(pred[i].cpu().numpy()), label_colors(target[i].cpu().numpy())])
+        rows.append(
+            [panel(x[i], b) for _, x, b in inputs]
+            + [label_colors(pred[i].cpu().numpy()), label_colors(target[i].cpu().numpy())]
+        )
     return save_grid(rows, path, titles=[str(n).split(".")[0] for n, _, _ in inputs] + ["prediction", "truth"])
 
 
-def translation_triptychs(inputs: Sequence[tuple[str, torch.Tensor, int]], pred: torch.Tensor,
-                          target: torch.Tensor, path: str | Path) -> Path:
+def translation_triptychs(
+    inputs: Sequence[tuple[str, torch.Tensor, int]], pred: torch.Tensor, target: torch.Tensor, path: str | Path
+) -> Path:
     """Rows of input(s) | prediction | target. ``inputs``: (name, (N, C, H, W) integer image, bits);
     ``pred`` and ``target`` (N, C, H, W) floats in [0, 1]."""
     rows = []
@@ -153,8 +159,9 @@ def translation_triptychs(inputs: Sequence[tuple[str, torch.Tensor, int]], pred:
     return save_grid(rows, path, titles=[str(n).split(".")[0] for n, _, _ in inputs] + ["prediction", "target"])
 
 
-def genre_f1_bars(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, names: Sequence[str],
-                  path: str | Path, title: str = "") -> Path:
+def genre_f1_bars(
+    tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, names: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
     """Per-genre F1 = 2·TP / (2·TP + FP + FN) (0 where a genre never occurs nor is predicted) as bars,
     with each genre's support (TP + FN) in its label."""
     import matplotlib
@@ -164,15 +171,18 @@ def genre_f1_bars(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, names: S
 
     tp, fp, fn = (torch.as_tensor(t, dtype=torch.float64).cpu() for t in (tp, fp, fn))
     if not (tp.shape == fp.shape == fn.shape == (len(names),)):
-        raise ValueError(f"genre_f1_bars: tp/fp/fn must be ({len(names)},); got {tuple(tp.shape)}, "
-                         f"{tuple(fp.shape)}, {tuple(fn.shape)}")
+        raise ValueError(
+            f"genre_f1_bars: tp/fp/fn must be ({len(names)},); got {tuple(tp.shape)}, "
+            f"{tuple(fp.shape)}, {tuple(fn.shape)}"
+        )
     denom = 2 * tp + fp + fn
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp)).numpy()
     support = (tp + fn).numpy().astype(int)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(names) + 2), 4))
     ax.bar(range(len(names)), f1, color="#4C72B0")
-    ax.set_xticks(range(len(names)), [f"{n} ({s})" for n, s in zip(names, support)], rotation=60, ha="right",
-                  fontsize=8)
+    ax.set_xticks(
+        range(len(names)), [f"{n} ({s})" for n, s in zip(names, support)], rotation=60, ha="right", fontsize=8
+    )
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1 at threshold 0.5")
     ax.set_title(title or "per-genre F1 (support)")

@@ -50,9 +50,15 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(cin, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(_avg3(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg3(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -64,8 +70,14 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -85,8 +97,13 @@ class InceptionC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = layer(d)
         return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
 
@@ -126,8 +143,17 @@ class InceptionE(nn.Module):
         b3 = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pooled)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(d),
+                self.branch3x3dbl_3b(d),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -171,8 +197,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean(dim=(2, 3))
 
@@ -188,13 +225,17 @@ class FIDInceptionV3(nn.Module):
         unexpected = sorted(set(state) - set(own))
         missing = sorted(set(own) - set(state) - optional)
         if unexpected or missing:
-            raise ValueError(f"{origin}: does not match the FID Inception-v3 (pt_inception-2015-12-05 key names): "
-                             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                             f"(e.g. {unexpected[:3]})")
+            raise ValueError(
+                f"{origin}: does not match the FID Inception-v3 (pt_inception-2015-12-05 key names): "
+                f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]})"
+            )
         for key, value in state.items():
             if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"{origin}: {key} has shape {tuple(value.shape)}, the FID Inception-v3 expects "
-                                 f"{tuple(own[key].shape)}")
+                raise ValueError(
+                    f"{origin}: {key} has shape {tuple(value.shape)}, the FID Inception-v3 expects "
+                    f"{tuple(own[key].shape)}"
+                )
         full = {**{k: own[k] for k in optional}, **state}
         net.load_state_dict(full, strict=True)
         return net.requires_grad_(False).eval()

@@ -57,8 +57,14 @@ REQUIRED_SUMS = {
 
 # -- sums (per batch) -------------------------------------------------------------------------------------
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX, valid: torch.Tensor | None = None) -> torch.Tensor:
+
+def confusion_matrix(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(K, K) int64 counts, rows = ground truth, cols = prediction, over pixels whose label ≠ ``ignore_index``.
 
     ``pred`` and ``target`` are integer (N, H, W) (any equal shapes); ``valid`` (N,) bool drops padding
@@ -73,8 +79,10 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         keep &= valid.to(keep.device, torch.bool).reshape(-1, *([1] * (keep.dim() - 1)))
     t, p = target[keep], pred[keep]
     if t.numel() and (t.min() < 0 or t.max() >= num_classes):
-        raise ValueError(f"confusion_matrix: ground-truth label {int(t.max() if t.max() >= num_classes else t.min())} "
-                         f"outside 0..{num_classes - 1} (and not the ignore label {ignore_index})")
+        raise ValueError(
+            f"confusion_matrix: ground-truth label {int(t.max() if t.max() >= num_classes else t.min())} "
+            f"outside 0..{num_classes - 1} (and not the ignore label {ignore_index})"
+        )
     if p.numel() and (p.min() < 0 or p.max() >= num_classes):
         raise ValueError(f"confusion_matrix: predicted class outside 0..{num_classes - 1}")
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
@@ -88,17 +96,24 @@ def per_sample_f1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
 
 
-def multilabel_sums(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                    threshold: float = THRESHOLD) -> dict[str, torch.Tensor]:
+def multilabel_sums(
+    probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, threshold: float = THRESHOLD
+) -> dict[str, torch.Tensor]:
     """``{"tp", "fp", "fn"}`` (K,) int64 and ``samples_f1_sum``, ``count`` (float64 scalars) of one batch.
 
     ``probs`` (N, K) probabilities (label on when ``> threshold``), ``target`` (N, K) multi-hot; ``valid``
     (N,) bool drops padding samples.
     """
     if probs.shape != target.shape or probs.dim() != 2:
-        raise ValueError(f"multilabel_sums: probs {tuple(probs.shape)} and target {tuple(target.shape)} must both be (N, K)")
+        raise ValueError(
+            f"multilabel_sums: probs {tuple(probs.shape)} and target {tuple(target.shape)} must both be (N, K)"
+        )
     pred, true = probs > threshold, target.bool()
-    w = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device) if valid is None else valid.to(pred.device).bool()
+    w = (
+        torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
+        if valid is None
+        else valid.to(pred.device).bool()
+    )
     pred, true = pred[w], true[w]
     return {
         "tp": (pred & true).sum(0).long(),
@@ -109,18 +124,24 @@ def multilabel_sums(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     }
 
 
-def regression_sums(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def regression_sums(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """``abs_err_sum``, ``sq_err_sum``, ``numel`` (float64) over all values of the valid samples of (N, ...)."""
     if pred.shape != target.shape:
         raise ValueError(f"regression_sums: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     err = pred.double() - target.double()
     if valid is not None:
         err = err[valid.to(err.device).bool()]
-    return {"abs_err_sum": err.abs().sum(), "sq_err_sum": err.square().sum(),
-            "numel": torch.tensor(float(err.numel()), dtype=torch.float64)}
+    return {
+        "abs_err_sum": err.abs().sum(),
+        "sq_err_sum": err.square().sum(),
+        "numel": torch.tensor(float(err.numel()), dtype=torch.float64),
+    }
 
 
 # -- split-level numbers ----------------------------------------------------------------------------------
+
 
 def segmentation_scores(conf: torch.Tensor) -> dict[str, float]:
     """``pixacc``, ``macc``, ``miou`` (fractions) of a (K, K) confusion matrix, TokenFusion's definitions."""
@@ -150,7 +171,9 @@ def per_label_f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1e-300), torch.zeros_like(denom))
 
 
-def f1_scores(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, samples_f1_sum: float, count: float) -> dict[str, float]:
+def f1_scores(
+    tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, samples_f1_sum: float, count: float
+) -> dict[str, float]:
     """``micro_f1``, ``macro_f1``, ``weighted_f1``, ``samples_f1`` from split-level counts (see module doc)."""
     tp, fp, fn = (torch.as_tensor(t).double().reshape(-1) for t in (tp, fp, fn))
     if not (tp.shape == fp.shape == fn.shape):
@@ -194,8 +217,10 @@ def finalize(task: str, sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
         numel = float(torch.as_tensor(sums["numel"]))
         if numel <= 0:
             raise ValueError("finalize('translation'): no pixel values were evaluated (numel = 0)")
-        out |= {"mae": float(torch.as_tensor(sums["abs_err_sum"])) / numel,
-                "mse": float(torch.as_tensor(sums["sq_err_sum"])) / numel}
+        out |= {
+            "mae": float(torch.as_tensor(sums["abs_err_sum"])) / numel,
+            "mse": float(torch.as_tensor(sums["sq_err_sum"])) / numel,
+        }
     else:
         if count <= 0:
             raise ValueError("finalize('density'): no samples were evaluated (count = 0)")
@@ -207,6 +232,7 @@ def finalize(task: str, sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 
 # -- image-distribution distances -------------------------------------------------------------------------
+
 
 class RandomConvFeatures(torch.nn.Module):
     """Fixed-seed random conv net: uint8 (N, 3, H, W) → (N, 256) features, for ``fid_proxy`` / ``kid_proxy``.
@@ -235,8 +261,9 @@ class RandomConvFeatures(torch.nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x.float() / 127.5 - 1.0, size=(64, 64), mode="bilinear",
-                                            align_corners=False, antialias=True)
+        x = torch.nn.functional.interpolate(
+            x.float() / 127.5 - 1.0, size=(64, 64), mode="bilinear", align_corners=False, antialias=True
+        )
         for conv in self.convs:
             x = torch.relu(conv(x))
         return x.mean(dim=(2, 3))
@@ -252,8 +279,14 @@ def feature_extractor(inception_weights: str | None) -> tuple[torch.nn.Module, s
     return RandomConvFeatures(), "fid_proxy"
 
 
-def image_distances(real: torch.Tensor, fake: torch.Tensor, inception_weights: str | None = None,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, batch_size: int = 64) -> dict[str, float]:
+def image_distances(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    inception_weights: str | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    batch_size: int = 64,
+) -> dict[str, float]:
     """FID and KID×100 (``{"fid", "kid"}``) with Inception weights, else ``{"fid_proxy", "kid_proxy"}``.
 
     ``real``/``fake``: uint8 (N, 3, H, W) images. torchmetrics' ``FrechetInceptionDistance`` and
@@ -265,14 +298,17 @@ def image_distances(real: torch.Tensor, fake: torch.Tensor, inception_weights: s
 
     for name, x in (("real", real), ("fake", fake)):
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"image_distances: {name} images must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"image_distances: {name} images must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}"
+            )
         if x.shape[0] < 2:
             raise ValueError(f"image_distances: need at least 2 {name} images, got {x.shape[0]}")
     net, prefix = feature_extractor(inception_weights)
     if prefix != "fid":
         logging.getLogger(__name__).warning(
             "image_distances: no Inception weights given, so these are fid_proxy / kid_proxy on a fixed random "
-            "feature net — comparable between runs of this code, not FID / KID (pass the pt_inception weights file)")
+            "feature net — comparable between runs of this code, not FID / KID (pass the pt_inception weights file)"
+        )
     subset = min(kid_subset_size, real.shape[0], fake.shape[0])
     fid = FrechetInceptionDistance(feature=net, normalize=False)
     kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset, normalize=False)

@@ -62,8 +62,9 @@ def resolve_checkpoint(path: str | Path, scratch: str | Path) -> ModelSource:
         return source
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"--checkpoint {path}: expected consolidated weights (*.safetensors) or a run / "
-                             "checkpoint directory")
+            raise ValueError(
+                f"--checkpoint {path}: expected consolidated weights (*.safetensors) or a run / checkpoint directory"
+            )
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         step = int(meta["step"]) if meta.get("step", "").isdigit() else None
@@ -76,16 +77,22 @@ def resolve_checkpoint(path: str | Path, scratch: str | Path) -> ModelSource:
     tag_dir = resolve_tag_dir(path)
     state = ckpt.read_state(tag_dir)
     weights = consolidate(tag_dir, Path(scratch) / "model.safetensors")
-    return ModelSource(weights, weights_config(weights), step=int(state["step"]),
-                       run_id=state.get("mlflow_run_id") or None, origin=str(tag_dir))
+    return ModelSource(
+        weights,
+        weights_config(weights),
+        step=int(state["step"]),
+        run_id=state.get("mlflow_run_id") or None,
+        origin=str(tag_dir),
+    )
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/mango-<task>@<alias>`` → (name, alias, None); ``models:/mango-<task>/<n>`` → (name, None, n)."""
     m = _URI.match(uri or "")
     if m is None:
-        raise ValueError(f"--model-uri {uri!r}: expected models:/mango-<task>@<alias> or "
-                         "models:/mango-<task>/<version>")
+        raise ValueError(
+            f"--model-uri {uri!r}: expected models:/mango-<task>@<alias> or models:/mango-<task>/<version>"
+        )
     return m["name"], m["alias"], m["version"]
 
 
@@ -109,12 +116,20 @@ def resolve_model_uri(uri: str, scratch: str | Path, tracking_uri: str = "") -> 
     spec = Model.load(str(local)).flavors["python_function"]["artifacts"][ARTIFACT]
     weights = local / spec["path"] / WEIGHTS_FILE
     step = mv.tags.get("step")
-    return ModelSource(weights, weights_config(weights), step=int(step) if step and step.isdigit() else None,
-                       run_id=mv.run_id or None, model_uri=uri, version=str(mv.version), origin=uri)
+    return ModelSource(
+        weights,
+        weights_config(weights),
+        step=int(step) if step and step.isdigit() else None,
+        run_id=mv.run_id or None,
+        model_uri=uri,
+        version=str(mv.version),
+        origin=uri,
+    )
 
 
-def resolve_source(checkpoint: str | None, model_uri: str | None, scratch: str | Path,
-                   tracking_uri: str = "") -> ModelSource:
+def resolve_source(
+    checkpoint: str | None, model_uri: str | None, scratch: str | Path, tracking_uri: str = ""
+) -> ModelSource:
     """Exactly one of ``checkpoint`` / ``model_uri`` → :class:`ModelSource` (files under ``scratch``)."""
     if bool(checkpoint) == bool(model_uri):
         raise ValueError("give exactly one of --checkpoint PATH or --model-uri models:/mango-<task>@<alias>")

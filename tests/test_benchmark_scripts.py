@@ -12,8 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_gpu_report_runs_every_section_and_writes_its_json(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
-    r = subprocess.run([sys.executable, "benchmarks/gpu_flow.py", "--device", "cpu", "--smoke", "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "benchmarks/gpu_flow.py", "--device", "cpu", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["errors"] == {}
@@ -27,8 +32,13 @@ def test_the_gpu_report_runs_every_section_and_writes_its_json(tmp_path: Path) -
 
 
 def test_the_flop_benchmark_counts_a_bf16_step_mostly_in_bf16() -> None:
-    r = subprocess.run([sys.executable, "benchmarks/flops_dtype.py", "--sizes", "32", "--dim", "32", "--baseline"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "benchmarks/flops_dtype.py", "--sizes", "32", "--dim", "32", "--baseline"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     line = r.stdout.splitlines()[0]
     share = float(line.split("bf16 share ")[1].split(",")[0])
@@ -40,13 +50,31 @@ def test_the_fusion_study_reports_paired_differences_and_logs_a_parent_with_a_ch
     import mlflow
 
     out, db = tmp_path / "study", tmp_path / "mlflow.db"
-    r = subprocess.run([sys.executable, "benchmarks/fusion.py", "--tasks", "density", "--seeds", "2", "--steps", "2",
-                        "--out", str(out), "--tracking-uri", f"sqlite:///{db}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/fusion.py",
+            "--tasks",
+            "density",
+            "--seeds",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            f"sqlite:///{db}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "fusion.json").read_text())
     assert {(c["variant"], c["seed"]) for c in report["cells"]} == {
-        (v, s) for v in ("mango", "rgb only", "right only") for s in (0, 1)}
+        (v, s) for v in ("mango", "rgb only", "right only") for s in (0, 1)
+    }
     summed = next(row for row in report["summary"] if row["variant"] == "summed singles")
     assert summed["diff_low"] <= summed["diff_mean"] <= summed["diff_high"]
     assert "| density | summed singles |" in (out / "fusion.md").read_text()
@@ -62,4 +90,4 @@ def test_paired_interval_is_the_student_t_interval_of_the_differences() -> None:
     from fusion import paired_interval
 
     mean, low, high = paired_interval([1.0, 2.0, 3.0])
-    assert mean == 2.0 and abs((high - mean) - 4.303 * 1.0 / 3 ** 0.5) < 1e-9 and low == 2 * mean - high
+    assert mean == 2.0 and abs((high - mean) - 4.303 * 1.0 / 3**0.5) < 1e-9 and low == 2 * mean - high

@@ -57,8 +57,10 @@ def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
 
 
 def test_empty_override_clears_a_string_and_later_overrides_win():
-    cfg = load_config(CONFIGS / "mango_256.yaml", ["checkpoint.resume=", "train.max_steps=10", "train.max_steps=20",
-                                                   "optim.warmup_steps=5"])
+    cfg = load_config(
+        CONFIGS / "mango_256.yaml",
+        ["checkpoint.resume=", "train.max_steps=10", "train.max_steps=20", "optim.warmup_steps=5"],
+    )
     assert cfg.checkpoint.resume == "" and cfg.train.max_steps == 20
 
 
@@ -76,8 +78,10 @@ def test_empty_override_clears_a_string_and_later_overrides_win():
         (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 numbers"),
         (["optim=3"], "optim: expected a mapping"),
         (["model.partitions=x"], "model.partitions: unknown partition(s) ['x']"),
-        (["model.task=diffusion"], "model.task must be one of ['density', 'segmentation', 'translation', "
-                                   "'classification']; got 'diffusion'"),
+        (
+            ["model.task=diffusion"],
+            "model.task must be one of ['density', 'segmentation', 'translation', 'classification']; got 'diffusion'",
+        ),
         (["model.memory=swap"], "model.memory must be one of"),
         (["model.encoder=resnet"], "model.encoder must be one of"),
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage must be ≤ 3; got 4"),

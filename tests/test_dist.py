@@ -13,8 +13,19 @@ import torch.multiprocessing as mp
 from pipeline import dist
 from pipeline.dist import WorldInfo, expand_hostlist, parse_tasks_per_node, world_info_from_env
 
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "NODE_RANK", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE")
+_LAUNCHER_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "LOCAL_SIZE",
+)
 _LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL", "MV2_", "TORCHELASTIC_", "ACCELERATE_", "RAY_")
 
 
@@ -32,11 +43,33 @@ def env(monkeypatch):
     return set_env
 
 
-TORCHRUN = dict(RANK=5, LOCAL_RANK=1, WORLD_SIZE=8, LOCAL_WORLD_SIZE=4, GROUP_RANK=1, ROLE_RANK=5,
-                MASTER_ADDR="node07", MASTER_PORT=29400, TORCHELASTIC_RUN_ID="job42", TORCHELASTIC_RESTART_COUNT=0)
-SRUN = dict(SLURM_JOB_ID=123456, SLURM_STEP_ID=0, SLURM_STEPID=0, SLURM_PROCID=5, SLURM_LOCALID=1, SLURM_NODEID=1,
-            SLURM_NTASKS=8, SLURM_STEP_NUM_TASKS=8, SLURM_TASKS_PER_NODE="4(x2)", SLURM_STEP_TASKS_PER_NODE="4(x2)",
-            SLURM_JOB_NODELIST="gpu[003-004]", SLURM_NODELIST="gpu[003-004]", SLURM_STEP_NODELIST="gpu[003-004]")
+TORCHRUN = dict(
+    RANK=5,
+    LOCAL_RANK=1,
+    WORLD_SIZE=8,
+    LOCAL_WORLD_SIZE=4,
+    GROUP_RANK=1,
+    ROLE_RANK=5,
+    MASTER_ADDR="node07",
+    MASTER_PORT=29400,
+    TORCHELASTIC_RUN_ID="job42",
+    TORCHELASTIC_RESTART_COUNT=0,
+)
+SRUN = dict(
+    SLURM_JOB_ID=123456,
+    SLURM_STEP_ID=0,
+    SLURM_STEPID=0,
+    SLURM_PROCID=5,
+    SLURM_LOCALID=1,
+    SLURM_NODEID=1,
+    SLURM_NTASKS=8,
+    SLURM_STEP_NUM_TASKS=8,
+    SLURM_TASKS_PER_NODE="4(x2)",
+    SLURM_STEP_TASKS_PER_NODE="4(x2)",
+    SLURM_JOB_NODELIST="gpu[003-004]",
+    SLURM_NODELIST="gpu[003-004]",
+    SLURM_STEP_NODELIST="gpu[003-004]",
+)
 
 
 def test_plain_python_is_a_world_of_one(env):
@@ -60,16 +93,33 @@ def test_srun_one_task_per_gpu(env):
 
 
 def test_srun_uneven_tasks_per_node_and_explicit_master(env):
-    env(**{**SRUN, "SLURM_STEP_NUM_TASKS": 5, "SLURM_STEP_TASKS_PER_NODE": "3,2", "SLURM_PROCID": 4,
-           "SLURM_STEP_NODELIST": "a1,b[2-3]"}, MASTER_ADDR="10.0.0.9", MASTER_PORT=12345)
+    env(
+        **{
+            **SRUN,
+            "SLURM_STEP_NUM_TASKS": 5,
+            "SLURM_STEP_TASKS_PER_NODE": "3,2",
+            "SLURM_PROCID": 4,
+            "SLURM_STEP_NODELIST": "a1,b[2-3]",
+        },
+        MASTER_ADDR="10.0.0.9",
+        MASTER_PORT=12345,
+    )
     assert world_info_from_env() == WorldInfo(4, 1, 5, 2, "10.0.0.9", 12345, "srun")
     os.environ.pop("MASTER_ADDR")
     assert world_info_from_env().master_addr == "a1"
 
 
 def test_srun_with_only_the_job_level_variables(env):
-    env(SLURM_JOB_ID=77, SLURM_STEP_ID=0, SLURM_PROCID=2, SLURM_LOCALID=0, SLURM_NODEID=2, SLURM_NTASKS=3,
-        SLURM_NTASKS_PER_NODE=1, SLURM_NODELIST="cn[09-11]")
+    env(
+        SLURM_JOB_ID=77,
+        SLURM_STEP_ID=0,
+        SLURM_PROCID=2,
+        SLURM_LOCALID=0,
+        SLURM_NODEID=2,
+        SLURM_NTASKS=3,
+        SLURM_NTASKS_PER_NODE=1,
+        SLURM_NODELIST="cn[09-11]",
+    )
     assert world_info_from_env() == WorldInfo(2, 0, 3, 1, "cn09", 20077, "srun")
 
 
@@ -81,14 +131,29 @@ def test_python_in_an_sbatch_script_is_not_a_multi_rank_run(env):
 
 
 def test_deepspeed_launcher(env):
-    env(RANK=3, LOCAL_RANK=3, WORLD_SIZE=16, MASTER_ADDR="10.1.2.3", MASTER_PORT=29500, CROSS_RANK=0, CROSS_SIZE=2,
-        LOCAL_SIZE=8)
+    env(
+        RANK=3,
+        LOCAL_RANK=3,
+        WORLD_SIZE=16,
+        MASTER_ADDR="10.1.2.3",
+        MASTER_PORT=29500,
+        CROSS_RANK=0,
+        CROSS_SIZE=2,
+        LOCAL_SIZE=8,
+    )
     assert world_info_from_env() == WorldInfo(3, 3, 16, 8, "10.1.2.3", 29500, "deepspeed")
 
 
 def test_deepspeed_openmpi_launcher(env):
-    env(OMPI_COMM_WORLD_RANK=9, OMPI_COMM_WORLD_SIZE=16, OMPI_COMM_WORLD_LOCAL_RANK=1, OMPI_COMM_WORLD_LOCAL_SIZE=8,
-        SLURM_JOB_ID=5, SLURM_PROCID=0, SLURM_NTASKS=16)  # mpirun inside an allocation
+    env(
+        OMPI_COMM_WORLD_RANK=9,
+        OMPI_COMM_WORLD_SIZE=16,
+        OMPI_COMM_WORLD_LOCAL_RANK=1,
+        OMPI_COMM_WORLD_LOCAL_SIZE=8,
+        SLURM_JOB_ID=5,
+        SLURM_PROCID=0,
+        SLURM_NTASKS=16,
+    )  # mpirun inside an allocation
     info = world_info_from_env()
     assert info == WorldInfo(9, 1, 16, 8, "", 29500, "mpi")
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
@@ -107,8 +172,18 @@ def test_accelerate_launch(env):
 
 
 def test_ray_train_worker(env):
-    env(RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, NODE_RANK=0, ACCELERATE_TORCH_DEVICE="cpu",
-        MASTER_ADDR="172.17.0.2", MASTER_PORT=41234, RAY_RAYLET_PID=4242, RAY_JOB_ID="01000000")
+    env(
+        RANK=1,
+        LOCAL_RANK=1,
+        WORLD_SIZE=2,
+        LOCAL_WORLD_SIZE=2,
+        NODE_RANK=0,
+        ACCELERATE_TORCH_DEVICE="cpu",
+        MASTER_ADDR="172.17.0.2",
+        MASTER_PORT=41234,
+        RAY_RAYLET_PID=4242,
+        RAY_JOB_ID="01000000",
+    )
     assert world_info_from_env() == WorldInfo(1, 1, 2, 2, "172.17.0.2", 41234, "ray")
 
 
@@ -192,8 +267,15 @@ def test_single_process_group_picks_a_free_port(env):
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
     # what torchrun would export for this rank
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_RUN_ID="test",
+    )
     info = dist.init_distributed(dist.world_info_from_env(), timeout_s=60)
     dist.init_distributed(info)  # a second call keeps the running group
     run_id = dist.broadcast_object("mlflow-run-123" if dist.is_rank0() else None)
@@ -212,8 +294,15 @@ def test_two_gloo_ranks_broadcast_and_all_reduce(tmp_path):
     mp.start_processes(_rank_main, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, res in enumerate(results):
-        assert res["info"] == {"rank": rank, "local_rank": rank, "world_size": 2, "local_world_size": 2,
-                               "master_addr": "127.0.0.1", "master_port": port, "launcher": "torchrun"}
+        assert res["info"] == {
+            "rank": rank,
+            "local_rank": rank,
+            "world_size": 2,
+            "local_world_size": 2,
+            "master_addr": "127.0.0.1",
+            "master_port": port,
+            "launcher": "torchrun",
+        }
         assert res["run_id"] == "mlflow-run-123"
         assert res["total"] == [3.0, 10.0]
         assert res["rank0"] == (rank == 0)

@@ -33,8 +33,23 @@ def trained(tmp_path_factory):
 
 def test_evaluate_checkpoint_dir_writes_json_figures_and_logs_to_the_training_run(trained, tmp_path, capsys):
     out = tmp_path / "metrics.json"
-    assert evaluate_main(["--checkpoint", str(trained["run_dir"]), "--split", "val", "--out", str(out),
-                          "--tracking-uri", trained["store"], "--num-figures", "5"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(trained["run_dir"]),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "--tracking-uri",
+                trained["store"],
+                "--num-figures",
+                "5",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     manifest = load_manifest(f"{trained['shards']}/manifest-val.json")
@@ -70,14 +85,50 @@ def test_evaluate_checkpoint_dir_writes_json_figures_and_logs_to_the_training_ru
 def test_evaluate_refuses_bad_inputs_with_reasons(trained, tmp_path, capsys):
     assert evaluate_main(["--checkpoint", str(tmp_path / "nothing"), "--no-tracking"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
-    assert evaluate_main(["--checkpoint", str(trained["weights"][6]), "--inception-weights", "x.pth",
-                          "--out", str(tmp_path / "m.json"), "--no-tracking"]) == 2
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(trained["weights"][6]),
+                "--inception-weights",
+                "x.pth",
+                "--out",
+                str(tmp_path / "m.json"),
+                "--no-tracking",
+            ]
+        )
+        == 2
+    )
     assert "translation" in capsys.readouterr().err
-    assert evaluate_main(["--checkpoint", str(trained["weights"][6]), "--split", "test", "--no-tracking",
-                          "--out", str(tmp_path / "m.json")]) == 2
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(trained["weights"][6]),
+                "--split",
+                "test",
+                "--no-tracking",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 2
+    )
     assert "manifest-test.json" in capsys.readouterr().err
-    assert evaluate_main(["--checkpoint", str(trained["weights"][6]), "--shards", str(tmp_path / "elsewhere"),
-                          "--no-tracking", "--out", str(tmp_path / "m.json")]) == 2
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(trained["weights"][6]),
+                "--shards",
+                str(tmp_path / "elsewhere"),
+                "--no-tracking",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 2
+    )
     assert str(tmp_path / "elsewhere" / "manifest-val.json") in capsys.readouterr().err
 
 
@@ -110,13 +161,27 @@ def test_sample_refuses_non_density_models(tmp_path, capsys, latent):
 # -- latent tasks (untrained models saved as consolidated weights: the jobs do not care how they were made) --
 
 TASKS = {
-    "segmentation": ("scenes", "val", ["data.modalities=[rgb,depth,label]", "model.num_classes=6",
-                                       "model.image_size=16"], "overlays.png", {"val_miou", "val_pixacc", "val_macc"}),
-    "translation": ("stereo", "val", ["data.modalities=[rgb,depth,right]", "model.target=right",
-                                      "model.image_size=8"], "triptychs.png", {"val_mae", "val_mse", "val_fid_proxy",
-                                                                               "val_kid_proxy"}),
-    "classification": ("movies", "dev", ["data.modalities=[rgb,text,labels]", "model.num_classes=23",
-                                         "model.image_size=16"], "genre_f1.png", {"val_micro_f1"}),
+    "segmentation": (
+        "scenes",
+        "val",
+        ["data.modalities=[rgb,depth,label]", "model.num_classes=6", "model.image_size=16"],
+        "overlays.png",
+        {"val_miou", "val_pixacc", "val_macc"},
+    ),
+    "translation": (
+        "stereo",
+        "val",
+        ["data.modalities=[rgb,depth,right]", "model.target=right", "model.image_size=8"],
+        "triptychs.png",
+        {"val_mae", "val_mse", "val_fid_proxy", "val_kid_proxy"},
+    ),
+    "classification": (
+        "movies",
+        "dev",
+        ["data.modalities=[rgb,text,labels]", "model.num_classes=23", "model.image_size=16"],
+        "genre_f1.png",
+        {"val_micro_f1"},
+    ),
 }
 
 
@@ -131,18 +196,43 @@ def latent(tmp_path_factory, trained):
         kind, split, extra, _, _ = TASKS[task]
         if kind == "scenes":
             shards = str(root / "scenes")
-            write_split("embedded", "scenes", shards, split, options={"scenes": 4, "size": 16}, samples_per_shard=4,
-                        progress=False)
+            write_split(
+                "embedded",
+                "scenes",
+                shards,
+                split,
+                options={"scenes": 4, "size": 16},
+                samples_per_shard=4,
+                progress=False,
+            )
         elif kind == "movies":
             movies.write_movie_folder(str(root / "movie-folder"), 2, 5, 2, seed=1)
             shards = str(root / "movies")
-            write_split("mmimdb", str(root / "movie-folder"), shards, split, options={"image_size": 16},
-                        samples_per_shard=5, progress=False)
+            write_split(
+                "mmimdb",
+                str(root / "movie-folder"),
+                shards,
+                split,
+                options={"image_size": 16},
+                samples_per_shard=5,
+                progress=False,
+            )
         else:
             shards = trained["shards"]
-        cfg = load_config(None, [f"model.task={task}", f"data.shards={shards}", f"data.val_split={split}",
-                                 "model.dim=16", "model.patch_size=4", "model.num_blocks=1", "model.lica_group=0",
-                                 "data.batch_size=4", *extra])
+        cfg = load_config(
+            None,
+            [
+                f"model.task={task}",
+                f"data.shards={shards}",
+                f"data.val_split={split}",
+                "model.dim=16",
+                "model.patch_size=4",
+                "model.num_blocks=1",
+                "model.lica_group=0",
+                "data.batch_size=4",
+                *extra,
+            ],
+        )
         loader, manifest = eval_loader(cfg, shards, split)
         specs = modality_specs(cfg, manifest)
         torch.manual_seed(0)
@@ -150,8 +240,10 @@ def latent(tmp_path_factory, trained):
         data_init(model, next(iter(loader)), mode="loss")
         weights = root / task / "model.safetensors"
         weights.parent.mkdir()
-        state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-                 for k, v in model.state_dict().items()}
+        state = {
+            k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+            for k, v in model.state_dict().items()
+        }
         save_file(state, str(weights), metadata={"step": "0", "task": task, "modalities": json.dumps(specs)})
         save_resolved(cfg, config_path(weights))
         made[task] = (weights, shards, split)
@@ -176,12 +268,15 @@ def test_latent_task_evaluation_figures_and_pyfunc(task, latent, trained, tmp_pa
     assert Image.open(figure).size[0] > 100
     if task == "segmentation":
         client = MlflowClient(store)
-        (run,) = client.search_runs([client.get_experiment_by_name("mango").experiment_id],
-                                    "attributes.run_name = 'evaluate-segmentation'")
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("mango").experiment_id], "attributes.run_name = 'evaluate-segmentation'"
+        )
         assert run.info.run_name == "evaluate-segmentation" and run.info.status == "FINISHED"
         assert run.data.metrics["eval/val_miou"] == metrics["val_miou"]
         assert {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")} == {
-            "eval/val/metrics.json", "eval/val/overlays.png"}
+            "eval/val/metrics.json",
+            "eval/val/overlays.png",
+        }
 
     if task != "segmentation":
         return  # every latent task reaches the pyfunc wrapper through the same forward(batch, mode="predict")

@@ -44,7 +44,7 @@ def import_graph() -> dict[str, set[str]]:
             for t in targets:
                 dep = _resolve(t, known)
                 # a module importing its own package's __init__ (or its own submodule via the package) is not a circle
-                if dep and dep != mod and not mod.startswith(dep + ".") :
+                if dep and dep != mod and not mod.startswith(dep + "."):
                     graph[mod].add(dep)
     return graph
 
@@ -58,7 +58,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state and (found := visit(d)):
                 return found
         stack.pop()

@@ -15,6 +15,7 @@ from pipeline.inception import FIDInceptionV3
 
 # -- segmentation -----------------------------------------------------------------------------------------
 
+
 def test_confusion_and_tokenfusion_scores_by_hand():
     # two 2x3 "images"; 255 pixels are ignored whatever is predicted there; class 3 absent from both
     target = torch.tensor([[[0, 0, 1], [1, 255, 2]]])
@@ -42,11 +43,16 @@ def test_one_matrix_over_the_split_not_a_mean_of_batches():
     pred = torch.randint(0, 3, (6, 5, 5), generator=g)
     valid = torch.tensor([True, True, True, True, False, False])  # last two: padding of an exact pass
     split = metrics.confusion_matrix(pred[:4], target[:4], 3)
-    summed = metrics.confusion_matrix(pred[:3], target[:3], 3) + metrics.confusion_matrix(pred[3:], target[3:], 3,
-                                                                                          valid=valid[3:])
+    summed = metrics.confusion_matrix(pred[:3], target[:3], 3) + metrics.confusion_matrix(
+        pred[3:], target[3:], 3, valid=valid[3:]
+    )
     assert torch.equal(split, summed)
-    per_batch = np.mean([metrics.segmentation_scores(metrics.confusion_matrix(pred[i:i + 1], target[i:i + 1], 3))["miou"]
-                         for i in range(4)])
+    per_batch = np.mean(
+        [
+            metrics.segmentation_scores(metrics.confusion_matrix(pred[i : i + 1], target[i : i + 1], 3))["miou"]
+            for i in range(4)
+        ]
+    )
     assert metrics.segmentation_scores(split)["miou"] != pytest.approx(per_batch)
 
 
@@ -99,6 +105,7 @@ def test_valid_mask_drops_padding_samples():
 
 # -- translation, density, finalize -----------------------------------------------------------------------
 
+
 def test_regression_sums_and_finalize():
     pred = torch.tensor([[[0.0, 0.5], [1.0, 0.25]]])
     target = torch.tensor([[[0.5, 0.5], [0.0, 0.0]]])
@@ -109,12 +116,16 @@ def test_regression_sums_and_finalize():
 
 
 def test_finalize_every_task_and_errors():
-    assert metrics.finalize("density", {"bits_per_dim_sum": torch.tensor(12.0), "count": torch.tensor(4.0),
-                                        "nll_sum": torch.tensor(2.0)}) == {"bits_per_dim": 3.0, "nll": 0.5}
+    assert metrics.finalize(
+        "density", {"bits_per_dim_sum": torch.tensor(12.0), "count": torch.tensor(4.0), "nll_sum": torch.tensor(2.0)}
+    ) == {"bits_per_dim": 3.0, "nll": 0.5}
     conf = torch.tensor([[3, 1], [0, 4]])
-    seg = metrics.finalize("segmentation", {"confusion": conf, "count": torch.tensor(2.0),
-                                            "task_loss_sum": torch.tensor(1.0)})
-    assert seg == pytest.approx({"pixacc": 7 / 8, "macc": (3 / 4 + 1) / 2, "miou": (3 / 4 + 4 / 5) / 2, "task_loss": 0.5})
+    seg = metrics.finalize(
+        "segmentation", {"confusion": conf, "count": torch.tensor(2.0), "task_loss_sum": torch.tensor(1.0)}
+    )
+    assert seg == pytest.approx(
+        {"pixacc": 7 / 8, "macc": (3 / 4 + 1) / 2, "miou": (3 / 4 + 4 / 5) / 2, "task_loss": 0.5}
+    )
     s = metrics.multilabel_sums(PROBS, TARGET)
     assert set(metrics.finalize("classification", s)) == {"micro_f1", "macro_f1", "weighted_f1", "samples_f1"}
     with pytest.raises(ValueError, match=r"lack \['confusion'\]"):
@@ -125,6 +136,7 @@ def test_finalize_every_task_and_errors():
 
 
 # -- FID / KID --------------------------------------------------------------------------------------------
+
 
 def _images(seed: int, n: int, shift: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -147,8 +159,7 @@ def test_proxy_distances_match_the_formulas_and_are_never_called_fid():
     x, y, d, m = fr[:10], ff, fr.shape[1], 10
     k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    mmd = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-           - 2 * kxy.mean())
+    mmd = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
     assert out["kid_proxy"] == pytest.approx(100 * mmd, rel=1e-3)
     same = metrics.image_distances(real, real, kid_subsets=1, kid_subset_size=12)
     assert abs(same["fid_proxy"]) < 1e-3 * out["fid_proxy"]
@@ -208,6 +219,7 @@ def test_inception_weights_errors_name_the_problem(tmp_path):
 
 # -- the loop's evaluate(): sums of any shape reduced exactly across real gloo ranks ----------------------
 
+
 class _SegmentationEngine(torch.nn.Module):
     """Stands in for the DeepSpeed engine: the prediction is carried in the batch, so the eval sums are known."""
 
@@ -215,8 +227,11 @@ class _SegmentationEngine(torch.nn.Module):
         assert mode == "eval"
         valid = batch["__valid__"]
         w = valid.double()
-        return {"confusion": metrics.confusion_matrix(batch["pred"], batch["label"], 3, valid=valid),
-                "task_loss_sum": (batch["loss"] * w).sum(), "count": w.sum()}
+        return {
+            "confusion": metrics.confusion_matrix(batch["pred"], batch["label"], 3, valid=valid),
+            "task_loss_sum": (batch["loss"] * w).sum(),
+            "count": w.sum(),
+        }
 
 
 def _split(seed: int = 3):
@@ -231,8 +246,9 @@ def _rank_batches(rank: int):
     label, pred, loss = _split()
     idx = [[0, 2], [4]] if rank == 0 else [[1, 3], [0]]
     valid = [[True, True], [True]] if rank == 0 else [[True, True], [False]]
-    return [{"label": label[i], "pred": pred[i], "loss": loss[i], "__valid__": torch.tensor(v)}
-            for i, v in zip(idx, valid)]
+    return [
+        {"label": label[i], "pred": pred[i], "loss": loss[i], "__valid__": torch.tensor(v)} for i, v in zip(idx, valid)
+    ]
 
 
 def _evaluate_worker(rank: int, init: str, out: str) -> None:
@@ -255,11 +271,24 @@ def test_evaluate_reduces_arbitrary_shaped_sums_exactly_across_two_ranks(tmp_pat
 
     import pipeline.train.loop  # noqa: F401  (imported once here; the forked ranks inherit it)
 
-    mp.start_processes(_evaluate_worker, args=(f"file://{tmp_path}/store", str(tmp_path / "out")), nprocs=2,
-                       join=True, start_method="fork")
+    mp.start_processes(
+        _evaluate_worker,
+        args=(f"file://{tmp_path}/store", str(tmp_path / "out")),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
     label, pred, loss = _split()
-    expected = {f"val_{k}": v for k, v in metrics.finalize("segmentation", {
-        "confusion": metrics.confusion_matrix(pred, label, 3), "task_loss_sum": loss.sum(),
-        "count": torch.tensor(5.0)}).items()} | {"val_samples": 5.0}
+    expected = {
+        f"val_{k}": v
+        for k, v in metrics.finalize(
+            "segmentation",
+            {
+                "confusion": metrics.confusion_matrix(pred, label, 3),
+                "task_loss_sum": loss.sum(),
+                "count": torch.tensor(5.0),
+            },
+        ).items()
+    } | {"val_samples": 5.0}
     for rank in range(2):
         assert torch.load(tmp_path / f"out.{rank}") == pytest.approx(expected, rel=1e-12)

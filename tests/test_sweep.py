@@ -36,8 +36,17 @@ def ray_cluster():
 
 
 def _args(tmp_path: Path, shards: str, space: Path, name: str) -> list[str]:
-    return ["--space", str(space), "--name", name, "--quiet", *TINY, f"data.shards={shards}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=sweeps"]
+    return [
+        "--space",
+        str(space),
+        "--name",
+        name,
+        "--quiet",
+        *TINY,
+        f"data.shards={shards}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment=sweeps",
+    ]
 
 
 def _space(tmp_path: Path, source: str, storage: Path) -> Path:
@@ -59,20 +68,23 @@ def _runs(tmp_path: Path):
 # -- the space file: checked before Ray starts -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, named", [
-    ({"space": {"optim.lrr": {"loguniform": [1e-4, 1e-2]}}}, "optim.lrr"),
-    ({"space": {"model.blocks_per_level": {"uniform": [1, 3]}}}, "model.blocks_per_level"),  # float into an int
-    ({"space": {"optim.lr": {"loguniform": [0.0, 1e-2]}}}, "optim.lr"),
-    ({"space": {"optim.lr": {"lognormal": [1, 2]}}}, "lognormal"),
-    ({"space": {"optim.lr": 3e-4}}, "optim.lr"),  # a constant belongs under fixed
-    ({"space": {"model.partitions": {"choice": ["all", "mmcaa"]}}}, "model.partitions"),
-    ({"space": {"run.dir": {"choice": ["/a", "/b"]}}}, "run.dir"),
-    ({"space": {"optim.lr": {"choice": [1e-3]}}, "fixed": {"train.max_stepz": 4}}, "train.max_stepz"),
-    ({"space": {"optim.lr": {"choice": [1e-3]}}, "resources": {"workers": 0}}, "resources.workers"),
-    ({"space": {"optim.lr": {"choice": [1e-3]}}, "scheduler": {"name": "pbt"}}, "scheduler.name"),
-    ({"space": {"optim.lr": {"choice": [1e-3]}}, "storage": "relative/dir"}, "storage"),
-    ({"space": {"optim.lr": {"choice": [1e-3]}}, "num_sample": 4}, "num_sample"),
-])
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        ({"space": {"optim.lrr": {"loguniform": [1e-4, 1e-2]}}}, "optim.lrr"),
+        ({"space": {"model.blocks_per_level": {"uniform": [1, 3]}}}, "model.blocks_per_level"),  # float into an int
+        ({"space": {"optim.lr": {"loguniform": [0.0, 1e-2]}}}, "optim.lr"),
+        ({"space": {"optim.lr": {"lognormal": [1, 2]}}}, "lognormal"),
+        ({"space": {"optim.lr": 3e-4}}, "optim.lr"),  # a constant belongs under fixed
+        ({"space": {"model.partitions": {"choice": ["all", "mmcaa"]}}}, "model.partitions"),
+        ({"space": {"run.dir": {"choice": ["/a", "/b"]}}}, "run.dir"),
+        ({"space": {"optim.lr": {"choice": [1e-3]}}, "fixed": {"train.max_stepz": 4}}, "train.max_stepz"),
+        ({"space": {"optim.lr": {"choice": [1e-3]}}, "resources": {"workers": 0}}, "resources.workers"),
+        ({"space": {"optim.lr": {"choice": [1e-3]}}, "scheduler": {"name": "pbt"}}, "scheduler.name"),
+        ({"space": {"optim.lr": {"choice": [1e-3]}}, "storage": "relative/dir"}, "storage"),
+        ({"space": {"optim.lr": {"choice": [1e-3]}}, "num_sample": 4}, "num_sample"),
+    ],
+)
 def test_bad_space_file_is_refused_naming_the_key(tmp_path, body, named):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(body))
@@ -103,12 +115,16 @@ def test_launch_space_files_are_valid(tiny_shards):  # noqa: F811
 # -- real sweeps -----------------------------------------------------------------------------------------
 
 
-def test_asha_sweep_stops_trials_early_nests_runs_and_writes_the_best(ray_cluster, tiny_shards, tmp_path,  # noqa: F811
-                                                                     capsys):
+def test_asha_sweep_stops_trials_early_nests_runs_and_writes_the_best(
+    ray_cluster,
+    tiny_shards,  # noqa: F811
+    tmp_path,
+    capsys,
+):
     storage = tmp_path / "sweeps"
     assert sweep_main(_args(tmp_path, tiny_shards, _space(tmp_path, "tiny.yaml", storage), "asha")) == 0
     out = capsys.readouterr().out
-    table = out[out.index("trial "):]
+    table = out[out.index("trial ") :]
     rows = [line.split() for line in table.splitlines()[2:] if line.split() and "_" in line.split()[0]]
     assert len(rows) == 4, table
     status = {r[0]: " ".join(r[1:3]) if r[1] == "stopped" else r[1] for r in rows}
@@ -130,7 +146,11 @@ def test_asha_sweep_stops_trials_early_nests_runs_and_writes_the_best(ray_cluste
         history = client.get_metric_history(c.info.run_id, "val_bits_per_dim")
         assert history and all(math.isfinite(m.value) for m in history)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
-        "sweep/results.txt", "sweep/results.csv", "sweep/best.json", "sweep/tiny.yaml"}
+        "sweep/results.txt",
+        "sweep/results.csv",
+        "sweep/best.json",
+        "sweep/tiny.yaml",
+    }
     assert parent.data.metrics["trials_stopped_early"] >= 1 and parent.data.metrics["trials_completed"] >= 1
 
     # the best trial: the lowest last validation among trials whose checkpoint is of that step
@@ -143,7 +163,10 @@ def test_asha_sweep_stops_trials_early_nests_runs_and_writes_the_best(ray_cluste
     from pipeline.train.consolidate import load_model
 
     model, cfg = load_model(best["weights"])
-    assert cfg.optim.lr == pytest.approx(best["params"]["optim.lr"]) and cfg.model.partitions == best["params"]["model.partitions"]
+    assert (
+        cfg.optim.lr == pytest.approx(best["params"]["optim.lr"])
+        and cfg.model.partitions == best["params"]["model.partitions"]
+    )
     assert Path(best["config"]).is_file() and cfg.train.max_steps == 6
 
 
@@ -158,9 +181,13 @@ def test_trial_on_two_ray_train_workers_runs_deepspeed_zero2(ray_cluster, tiny_s
     # two ranks wrote the checkpoint: Ray Train's RANK/WORLD_SIZE were detected and DeepSpeed ran ZeRO-2 over them
     assert state["world_size"] == 2 and state["config"]["deepspeed"]["zero_stage"] == 2 and state["step"] == 4
     assert sorted(p.name for p in Path(best["checkpoint"]).glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # one shard per rank
-    assert sorted(p.name for p in Path(best["checkpoint"]).glob("trainer-rank*.pt")) == ["trainer-rank0.pt",
-                                                                                          "trainer-rank1.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]  # one shard per rank
+    assert sorted(p.name for p in Path(best["checkpoint"]).glob("trainer-rank*.pt")) == [
+        "trainer-rank0.pt",
+        "trainer-rank1.pt",
+    ]
     client, runs = _runs(tmp_path)
     child = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(child) == 1 and child[0].info.status == "FINISHED"

@@ -34,7 +34,6 @@ Sample keys: ``__key__``, ``rgb.png`` (uint8 → (3, H, W)), ``right.png`` (seco
 ``<domain>.png`` per domain.
 """
 
-
 from importlib import import_module
 from typing import Any
 
@@ -43,8 +42,18 @@ from .manifest import ModalitySpec, ShardInfo, ShardManifest, load_manifest, man
 # The loader pulls in torch and webdataset, the writer numpy/Pillow/tqdm: import them on first use so that
 # `python -m jobs.shard` and its spawned writer processes do not pay for torch.
 _LAZY = {
-    **dict.fromkeys(("EvalLoader", "LoaderState", "TrainLoader", "build_eval_loader", "build_train_loader",
-                     "collate", "decode_sample"), "loader"),
+    **dict.fromkeys(
+        (
+            "EvalLoader",
+            "LoaderState",
+            "TrainLoader",
+            "build_eval_loader",
+            "build_train_loader",
+            "collate",
+            "decode_sample",
+        ),
+        "loader",
+    ),
     **dict.fromkeys(("merge_split", "resolve_task", "write_split"), "writer"),
 }
 

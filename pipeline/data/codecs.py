@@ -24,8 +24,10 @@ def encode_png(array: np.ndarray) -> bytes:
     elif array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         img = Image.fromarray(np.ascontiguousarray(array))
     else:
-        raise ValueError(f"cannot encode a {array.dtype} array of shape {array.shape} as PNG "
-                         "(expected uint8 (H,W), (H,W,3), (H,W,4) or uint16 (H,W))")
+        raise ValueError(
+            f"cannot encode a {array.dtype} array of shape {array.shape} as PNG "
+            "(expected uint8 (H,W), (H,W,3), (H,W,4) or uint16 (H,W))"
+        )
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()

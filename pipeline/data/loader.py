@@ -79,8 +79,15 @@ from .stream import Decode, ShardStream, StreamPlan, collate, decode_sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalLoader", "LoaderState", "TrainLoader", "build_eval_loader", "build_train_loader", "collate",
-           "decode_sample"]
+__all__ = [
+    "EvalLoader",
+    "LoaderState",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "collate",
+    "decode_sample",
+]
 
 ShardSource = str | list[str] | tuple[str, ...] | ShardManifest
 
@@ -122,6 +129,7 @@ class LoaderState:
 
 # -- input resolution ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Input:
     urls: tuple[str, ...]
@@ -144,15 +152,18 @@ def _resolve(source: ShardSource) -> _Input:
         if not urls:
             raise ValueError("no shard URLs given")
         return _Input(urls, None, None, None)
-    return _Input(tuple(manifest.shard_urls()), manifest.modalities, tuple(s.samples for s in manifest.shards),
-                  manifest)
+    return _Input(
+        tuple(manifest.shard_urls()), manifest.modalities, tuple(s.samples for s in manifest.shards), manifest
+    )
 
 
 # -- the loaders ---------------------------------------------------------------------------------------
 
+
 class _LoaderBase:
-    def __init__(self, plan: StreamPlan, num_workers: int, pin_memory: bool,
-                 shard_samples: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self, plan: StreamPlan, num_workers: int, pin_memory: bool, shard_samples: tuple[int, ...] | None = None
+    ) -> None:
         self.plan, self.num_workers, self.pin_memory = plan, num_workers, pin_memory
         self._samples = shard_samples
         self._stats: dict[tuple[int, int], tuple[int, int]] = {}  # (epoch, worker) -> (skipped, shard errors)
@@ -167,8 +178,15 @@ class _LoaderBase:
         # otherwise advance the caller's global torch RNG (and differ between a run and its resume).
         digest = hashlib.sha256(f"mango-loader/{plan.mode}/{plan.seed}/{plan.epoch}/{plan.rank}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return DataLoader(ShardStream(plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=False, multiprocessing_context=context, generator=generator)
+        return DataLoader(
+            ShardStream(plan),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            multiprocessing_context=context,
+            generator=generator,
+        )
 
     def _record(self, epoch: int, batch: dict[str, Any]) -> dict[str, Any]:
         batch.pop("__index__", None)
@@ -206,8 +224,14 @@ class TrainLoader(_LoaderBase):
     the next undelivered batch.
     """
 
-    def __init__(self, plan: StreamPlan, num_workers: int, state: LoaderState, pin_memory: bool = False,
-                 shard_samples: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        plan: StreamPlan,
+        num_workers: int,
+        state: LoaderState,
+        pin_memory: bool = False,
+        shard_samples: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__(plan, num_workers, pin_memory, shard_samples)
         self.state = state
 
@@ -235,8 +259,14 @@ class TrainLoader(_LoaderBase):
 class EvalLoader(_LoaderBase):
     """One exact pass per iteration; see the module docstring for the ``__valid__`` / flag protocol."""
 
-    def __init__(self, plan: StreamPlan, num_workers: int, shard_samples: tuple[int, ...] | None,
-                 flag_device: str | torch.device | None, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        plan: StreamPlan,
+        num_workers: int,
+        shard_samples: tuple[int, ...] | None,
+        flag_device: str | torch.device | None,
+        pin_memory: bool = False,
+    ) -> None:
         super().__init__(plan, num_workers, pin_memory, shard_samples)
         self.shard_samples = shard_samples
         self.flag_device = flag_device
@@ -256,17 +286,21 @@ class EvalLoader(_LoaderBase):
             random.Random(f"mango-exact/{p.seed}/{self.epoch}").shuffle(order)
         steps = 0
         for rank in range(p.world_size):
-            mine = order[rank::p.world_size]
-            steps = max(steps, sum(-(-sum(self.shard_samples[i] for i in mine[w::workers]) // p.batch_size)
-                                   for w in range(workers)))
+            mine = order[rank :: p.world_size]
+            steps = max(
+                steps,
+                sum(-(-sum(self.shard_samples[i] for i in mine[w::workers]) // p.batch_size) for w in range(workers)),
+            )
         return steps
 
     def _any_rank_has_data(self, has: bool) -> bool:
         if self.plan.world_size == 1:
             return has
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"an exact pass over {self.plan.world_size} ranks needs torch.distributed "
-                               "initialised (the empty-batch flag is all-reduced)")
+            raise RuntimeError(
+                f"an exact pass over {self.plan.world_size} ranks needs torch.distributed "
+                "initialised (the empty-batch flag is all-reduced)"
+            )
         device = self.flag_device or ("cuda" if dist.get_backend() == "nccl" else "cpu")
         flag = torch.tensor([1 if has else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -309,8 +343,9 @@ class EvalLoader(_LoaderBase):
         """A one-sample batch shaped from the manifest, for a rank that never saw a real sample."""
         mods = self.plan.modalities
         if mods is None or self.plan.decode != "torch":
-            raise RuntimeError(f"rank {self.plan.rank} read no sample at all and has no manifest to shape a "
-                               "padding batch from")
+            raise RuntimeError(
+                f"rank {self.plan.rank} read no sample at all and has no manifest to shape a padding batch from"
+            )
         sample: dict[str, Any] = {}
         for name, spec in mods.items():
             if spec.shape is None or None in spec.shape:
@@ -331,12 +366,22 @@ def _required(inp: _Input, modalities: tuple[str, ...] | None) -> tuple[str, ...
     return tuple(sorted(inp.modalities)) if inp.modalities is not None else None
 
 
-def build_train_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: int, world_size: int,
-                       num_workers: int, seed: int | None = None, epoch_batches: int | None = None,
-                       decode: Decode = "torch",
-                       state: LoaderState | None = None, shuffle_buffer: int = 256,
-                       modalities: tuple[str, ...] | None = None, pin_memory: bool = False,
-                       verify: str = "off") -> TrainLoader:
+def build_train_loader(
+    urls_or_manifest: ShardSource,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int | None = None,
+    epoch_batches: int | None = None,
+    decode: Decode = "torch",
+    state: LoaderState | None = None,
+    shuffle_buffer: int = 256,
+    modalities: tuple[str, ...] | None = None,
+    pin_memory: bool = False,
+    verify: str = "off",
+) -> TrainLoader:
     """Resampled training loader with a fixed number of batches per rank per epoch (see module docstring).
 
     ``state``, when given, is used (and advanced) in place and its seed is the seed — restore a checkpoint
@@ -353,27 +398,57 @@ def build_train_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: 
             raise ValueError("epoch_batches is required when the loader is built from shard URLs (no manifest)")
         epoch_batches = sum(inp.shard_samples) // (batch_size * world_size)
         if epoch_batches < 1:
-            raise ValueError(f"{sum(inp.shard_samples)} samples are fewer than one batch of {batch_size} per rank "
-                             f"on {world_size} ranks; pass epoch_batches explicitly")
+            raise ValueError(
+                f"{sum(inp.shard_samples)} samples are fewer than one batch of {batch_size} per rank "
+                f"on {world_size} ranks; pass epoch_batches explicitly"
+            )
     if epoch_batches < 1:
         raise ValueError(f"epoch_batches must be >= 1, got {epoch_batches}")
     if len(inp.urls) < world_size * max(1, num_workers):
-        log.warning("%d shards for %d ranks x %d workers: resampled streams will share shards heavily",
-                    len(inp.urls), world_size, max(1, num_workers))
+        log.warning(
+            "%d shards for %d ranks x %d workers: resampled streams will share shards heavily",
+            len(inp.urls),
+            world_size,
+            max(1, num_workers),
+        )
     if state is None:
         state = LoaderState(seed=seed or 0)
     elif seed is not None and seed != state.seed:
         raise ValueError(f"seed={seed} disagrees with the restored state's seed {state.seed}; pass one of them")
-    plan = StreamPlan("train", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
-                      state.seed, state.epoch, decode, epoch_batches=epoch_batches, shuffle_buffer=shuffle_buffer,
-                      verify=verify, expected=inp.expected)
+    plan = StreamPlan(
+        "train",
+        inp.urls,
+        inp.modalities,
+        _required(inp, modalities),
+        batch_size,
+        rank,
+        world_size,
+        state.seed,
+        state.epoch,
+        decode,
+        epoch_batches=epoch_batches,
+        shuffle_buffer=shuffle_buffer,
+        verify=verify,
+        expected=inp.expected,
+    )
     return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
 
 
-def build_eval_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: int, world_size: int,
-                      num_workers: int, decode: Decode = "torch", shuffle_seed: int | None = None, epoch: int = 0,
-                      modalities: tuple[str, ...] | None = None, flag_device: str | torch.device | None = None,
-                      pin_memory: bool = False, verify: str = "off") -> EvalLoader:
+def build_eval_loader(
+    urls_or_manifest: ShardSource,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    decode: Decode = "torch",
+    shuffle_seed: int | None = None,
+    epoch: int = 0,
+    modalities: tuple[str, ...] | None = None,
+    flag_device: str | torch.device | None = None,
+    pin_memory: bool = False,
+    verify: str = "off",
+) -> EvalLoader:
     """Exact pass: every listed sample once across all ranks; equal step counts via the all-reduced flag.
 
     ``shuffle_seed`` shuffles the shard order per ``epoch`` (for exact training epochs); ``None`` keeps
@@ -383,9 +458,21 @@ def build_eval_loader(urls_or_manifest: ShardSource, batch_size: int, *, rank: i
     """
     _check_common(batch_size, rank, world_size, num_workers, decode)
     inp = _resolve(urls_or_manifest)
-    plan = StreamPlan("exact", inp.urls, inp.modalities, _required(inp, modalities), batch_size, rank, world_size,
-                      shuffle_seed or 0, epoch, decode, shuffle_shards=shuffle_seed is not None, verify=verify,
-                      expected=inp.expected)
+    plan = StreamPlan(
+        "exact",
+        inp.urls,
+        inp.modalities,
+        _required(inp, modalities),
+        batch_size,
+        rank,
+        world_size,
+        shuffle_seed or 0,
+        epoch,
+        decode,
+        shuffle_shards=shuffle_seed is not None,
+        verify=verify,
+        expected=inp.expected,
+    )
     return EvalLoader(plan, num_workers, inp.shard_samples, flag_device, pin_memory)
 
 

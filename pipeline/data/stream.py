@@ -39,6 +39,7 @@ Decode = str | Callable[[dict[str, Any]], dict[str, Any]] | None
 
 # -- decoding and batching -----------------------------------------------------------------------------
 
+
 def _is_label(name: str, modalities: dict[str, ModalitySpec] | None) -> bool:
     if modalities is not None and name in modalities:
         return modalities[name].kind == "label"
@@ -85,8 +86,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(values[0], torch.Tensor):
             shapes = sorted({tuple(v.shape) for v in values})
             if len(shapes) > 1:
-                raise ValueError(f"cannot batch {name}: shapes differ within a batch {shapes[:3]}; shard with a fixed "
-                                 "image size (e.g. mmimdb --image-size) or use batch_size=1")
+                raise ValueError(
+                    f"cannot batch {name}: shapes differ within a batch {shapes[:3]}; shard with a fixed "
+                    "image size (e.g. mmimdb --image-size) or use batch_size=1"
+                )
             batch[name] = torch.stack(values)
         else:
             batch[name] = values
@@ -94,6 +97,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- the per-worker stream -----------------------------------------------------------------------------
+
 
 @dataclass
 class Counters:
@@ -161,8 +165,12 @@ class ShardStream(IterableDataset):
                 if url not in counters.bad_shards:
                     counters.bad_shards.append(url)
                 if not known:  # once per process
-                    log.warning("shard %s does not match its manifest (%s): skipped whole (data.verify=%s)",
-                                url, reason, p.verify)
+                    log.warning(
+                        "shard %s does not match its manifest (%s): skipped whole (data.verify=%s)",
+                        url,
+                        reason,
+                        p.verify,
+                    )
                 return
         errors: list[Exception] = []
 
@@ -219,8 +227,10 @@ class ShardStream(IterableDataset):
                     yield sample
                 dry = 0 if got else dry + 1
                 if dry >= patience:
-                    raise RuntimeError(f"rank {p.rank} worker {worker}: {dry} shards in a row without a usable "
-                                       f"sample (e.g. {url}); the shard set is unreadable")
+                    raise RuntimeError(
+                        f"rank {p.rank} worker {worker}: {dry} shards in a row without a usable "
+                        f"sample (e.g. {url}); the shard set is unreadable"
+                    )
 
         stream = shuffled(raw(), p.shuffle_buffer, buffer_rng)
         for _ in islice(stream, done * p.batch_size):  # fast-forward without decoding
@@ -239,7 +249,7 @@ class ShardStream(IterableDataset):
         if p.shuffle_shards:
             random.Random(f"mango-exact/{p.seed}/{p.epoch}").shuffle(urls)
         # split_by_node then split_by_worker, with the rank given explicitly rather than read from the env
-        mine = urls[p.rank::p.world_size][worker::workers]
+        mine = urls[p.rank :: p.world_size][worker::workers]
         samples: list[dict[str, Any]] = []
         j = 0
         for url in mine:
@@ -254,8 +264,10 @@ class ShardStream(IterableDataset):
         if samples:
             yield self._batch(samples, j * workers + worker, worker, counters)
         # Counts travel with batches; this trailer reports damage found after the last batch.
-        yield {"__stats__": (worker, counters.skipped_samples, counters.shard_errors, tuple(counters.bad_shards)),
-               "__trailer__": True}
+        yield {
+            "__stats__": (worker, counters.skipped_samples, counters.shard_errors, tuple(counters.bad_shards)),
+            "__trailer__": True,
+        }
 
 
 def shuffled(items: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:

@@ -56,14 +56,14 @@ class CheckedSplit:
 def _size(url: str) -> int | None:
     try:
         if storage.is_s3(url):
-            return int(storage.s3_filesystem().info(url[len("s3://"):])["size"])
+            return int(storage.s3_filesystem().info(url[len("s3://") :])["size"])
         return os.path.getsize(url)
     except (FileNotFoundError, OSError):
         return None
 
 
 def check_shard(url: str, size: int, sha256: str, mode: str) -> str:
-    """"" when the shard at ``url`` matches its manifest entry under ``mode``, else the reason (cached)."""
+    """ "" when the shard at ``url`` matches its manifest entry under ``mode``, else the reason (cached)."""
     if mode == "off":
         return ""
     key = (url, mode)
@@ -96,40 +96,48 @@ def _listing_sizes(base: str) -> dict[str, int] | None:
         return None
     fs = storage.s3_filesystem()
     try:
-        found = fs.find(base[len("s3://"):].rstrip("/"), maxdepth=1, detail=True)
+        found = fs.find(base[len("s3://") :].rstrip("/"), maxdepth=1, detail=True)
     except FileNotFoundError:
         return {}
     return {k.rsplit("/", 1)[-1]: int(v["size"]) for k, v in found.items()}
 
 
-def check_split(shards: str, split: str, *, verify: str = "size", max_bad_fraction: float = 0.0,
-                key: str = "data.shards") -> CheckedSplit:
+def check_split(
+    shards: str, split: str, *, verify: str = "size", max_bad_fraction: float = 0.0, key: str = "data.shards"
+) -> CheckedSplit:
     """Load ``split``'s manifest from ``shards`` and check every listed shard's presence and size."""
     if verify not in VERIFY_MODES:
         raise DataError(f"data.verify must be one of {list(VERIFY_MODES)}; got {verify!r}")
     url = storage.join(shards, manifest_name(split))
     if not storage.is_s3(shards):
         if not os.path.isdir(shards):
-            raise DataError(f"{key}={shards!r}: no such directory (write shards with python -m jobs.shard ... "
-                            f"--out {shards}, or point {key} at an existing shard store)")
+            raise DataError(
+                f"{key}={shards!r}: no such directory (write shards with python -m jobs.shard ... "
+                f"--out {shards}, or point {key} at an existing shard store)"
+            )
         if not os.listdir(shards):
-            raise DataError(f"{key}={shards!r}: the directory is empty (no shards, no manifest); run "
-                            f"python -m jobs.shard ... --out {shards} first")
+            raise DataError(
+                f"{key}={shards!r}: the directory is empty (no shards, no manifest); run "
+                f"python -m jobs.shard ... --out {shards} first"
+            )
     try:
         manifest = load_manifest(url)
     except FileNotFoundError:
-        raise DataError(f"{key}={shards!r}: no {manifest_name(split)} (split {split!r} was never committed: "
-                        f"its shard job did not finish, or the split name is wrong)") from None
+        raise DataError(
+            f"{key}={shards!r}: no {manifest_name(split)} (split {split!r} was never committed: "
+            f"its shard job did not finish, or the split name is wrong)"
+        ) from None
     except ValueError as e:
         raise DataError(f"{key}={shards!r}: {manifest_name(split)} is unusable: {e}") from None
     if not manifest.shards:
-        raise DataError(f"{key}={shards!r}: {manifest_name(split)} lists no shards (every sample was skipped "
-                        "when sharding?)")
+        raise DataError(
+            f"{key}={shards!r}: {manifest_name(split)} lists no shards (every sample was skipped when sharding?)"
+        )
     bad: dict[str, str] = {}
     if verify != "off":
         listing = _listing_sizes(storage.parent(url))
         for info, shard_url in zip(manifest.shards, manifest.shard_urls()):
-            actual = (listing.get(info.name) if listing is not None else _size(shard_url))
+            actual = listing.get(info.name) if listing is not None else _size(shard_url)
             if actual is None:
                 bad[info.name] = "missing"
             elif actual != info.size:
@@ -141,24 +149,38 @@ def check_split(shards: str, split: str, *, verify: str = "size", max_bad_fracti
     checked = CheckedSplit(manifest, usable, bad)
     if bad:
         first = next(iter(bad))
-        what = (f"{len(bad)} of {len(manifest.shards)} {split} shards in {shards} do not match the manifest "
-                f"({first}: {bad[first]}{', …' if len(bad) > 1 else ''}); {checked.bad_samples} of "
-                f"{manifest.total_samples} samples ({checked.bad_fraction:.1%})")
+        what = (
+            f"{len(bad)} of {len(manifest.shards)} {split} shards in {shards} do not match the manifest "
+            f"({first}: {bad[first]}{', …' if len(bad) > 1 else ''}); {checked.bad_samples} of "
+            f"{manifest.total_samples} samples ({checked.bad_fraction:.1%})"
+        )
         if checked.bad_fraction > max_bad_fraction or not kept:
-            raise DataError(f"{what} are gone, more than data.max_bad_fraction={max_bad_fraction:g}: re-copy or "
-                            "re-shard the data (or raise data.max_bad_fraction)")
+            raise DataError(
+                f"{what} are gone, more than data.max_bad_fraction={max_bad_fraction:g}: re-copy or "
+                "re-shard the data (or raise data.max_bad_fraction)"
+            )
         log.warning("%s skipped: those shards are not read (data.max_bad_fraction=%g)", what, max_bad_fraction)
     return checked
 
 
-def preflight(shards: str, train_split: str, val_split: str, *, batch_size: int, world_size: int,
-              verify: str = "size", max_bad_fraction: float = 0.0) -> tuple[CheckedSplit, CheckedSplit]:
+def preflight(
+    shards: str,
+    train_split: str,
+    val_split: str,
+    *,
+    batch_size: int,
+    world_size: int,
+    verify: str = "size",
+    max_bad_fraction: float = 0.0,
+) -> tuple[CheckedSplit, CheckedSplit]:
     """Both splits checked (see the module docstring); raises :class:`DataError` with one line."""
     train = check_split(shards, train_split, verify=verify, max_bad_fraction=max_bad_fraction)
     val = check_split(shards, val_split, verify=verify, max_bad_fraction=max_bad_fraction)
     need = batch_size * world_size
     if train.usable.total_samples < need:
-        raise DataError(f"data.shards={shards!r}: split {train_split!r} has {train.usable.total_samples} usable "
-                        f"samples, fewer than one batch of data.batch_size={batch_size} on each of {world_size} "
-                        f"rank(s) ({need}); lower data.batch_size, run fewer ranks, or shard more data")
+        raise DataError(
+            f"data.shards={shards!r}: split {train_split!r} has {train.usable.total_samples} usable "
+            f"samples, fewer than one batch of data.batch_size={batch_size} on each of {world_size} "
+            f"rank(s) ({need}); lower data.batch_size, run fewer ranks, or shard more data"
+        )
     return train, val

@@ -76,8 +76,9 @@ def shard_name(split: str, task: int, index: int) -> str:
     return f"{split}-{task:04d}-{index:06d}.tar"
 
 
-def plan_shards(keys: list[str], split: str, samples_per_shard: int, task_index: int = 0,
-                num_tasks: int = 1) -> list[ShardPlan]:
+def plan_shards(
+    keys: list[str], split: str, samples_per_shard: int, task_index: int = 0, num_tasks: int = 1
+) -> list[ShardPlan]:
     """The shards array task ``task_index`` of ``num_tasks`` writes (see the module docstring)."""
     if samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
@@ -86,13 +87,14 @@ def plan_shards(keys: list[str], split: str, samples_per_shard: int, task_index:
     total = -(-len(keys) // samples_per_shard)
     lo, hi = task_index * total // num_tasks, (task_index + 1) * total // num_tasks
     return [
-        ShardPlan(k, shard_name(split, task_index, k), tuple(keys[k * samples_per_shard:(k + 1) * samples_per_shard]))
+        ShardPlan(k, shard_name(split, task_index, k), tuple(keys[k * samples_per_shard : (k + 1) * samples_per_shard]))
         for k in range(lo, hi)
     ]
 
 
-def resolve_task(task_index: int | None, num_tasks: int | None,
-                 environ: dict[str, str] | None = None) -> tuple[int, int]:
+def resolve_task(
+    task_index: int | None, num_tasks: int | None, environ: dict[str, str] | None = None
+) -> tuple[int, int]:
     """Array-task coordinates: flags first, then SLURM job arrays, then a Kubernetes indexed Job.
 
     ``SLURM_ARRAY_TASK_ID`` is taken relative to ``SLURM_ARRAY_TASK_MIN`` (``--array=1-4`` is tasks 0..3) and
@@ -107,8 +109,10 @@ def resolve_task(task_index: int | None, num_tasks: int | None,
     elif index is None and "JOB_COMPLETION_INDEX" in env:
         index = int(env["JOB_COMPLETION_INDEX"])
         if count is None:
-            raise ValueError("JOB_COMPLETION_INDEX is set (Kubernetes indexed Job) but the task count is not: "
-                             "pass --num-tasks equal to the Job's completions")
+            raise ValueError(
+                "JOB_COMPLETION_INDEX is set (Kubernetes indexed Job) but the task count is not: "
+                "pass --num-tasks equal to the Job's completions"
+            )
     index = 0 if index is None else index
     count = 1 if count is None else count
     if count < 1 or not 0 <= index < count:
@@ -117,6 +121,7 @@ def resolve_task(task_index: int | None, num_tasks: int | None,
 
 
 # -- sample encoding -----------------------------------------------------------------------------------
+
 
 def _shape_ok(shape: tuple[int, ...], spec: tuple[int | None, ...] | None) -> bool:
     return spec is None or (len(shape) == len(spec) and all(s is None or s == d for s, d in zip(spec, shape)))
@@ -137,8 +142,9 @@ def encode_sample(sample: dict[str, Any], modalities: dict[str, ModalitySpec], w
         spec = modalities[name]
         if isinstance(value, np.ndarray):
             if str(value.dtype) != spec.dtype or not _shape_ok(value.shape, spec.shape):
-                raise ValueError(f"{where}: {name} is {value.dtype} {tuple(value.shape)}, expected {spec.dtype} "
-                                 f"{spec.shape}")
+                raise ValueError(
+                    f"{where}: {name} is {value.dtype} {tuple(value.shape)}, expected {spec.dtype} {spec.shape}"
+                )
             if spec.kind in ("image", "depth", "label"):
                 spatial[name] = tuple(value.shape[:2])
             if name.endswith(".png"):
@@ -189,6 +195,7 @@ class _HashingWriter(io.RawIOBase):
 
 # -- one shard -----------------------------------------------------------------------------------------
 
+
 def _fingerprint(job: ShardJob, plan: ShardPlan) -> str:
     return hashlib.sha256(json.dumps([job.config_digest, job.split, job.skip_bad, plan.keys]).encode()).hexdigest()
 
@@ -211,8 +218,9 @@ def _reusable_receipt(job: ShardJob, plan: ShardPlan) -> dict[str, Any] | None:
     return receipt if (sha, size) == (receipt["sha256"], receipt["size"]) else None
 
 
-def write_shard(source: Source, job: ShardJob, plan: ShardPlan, modalities: dict[str, ModalitySpec],
-                on_sample: Any = None) -> dict[str, Any]:
+def write_shard(
+    source: Source, job: ShardJob, plan: ShardPlan, modalities: dict[str, ModalitySpec], on_sample: Any = None
+) -> dict[str, Any]:
     """Write (or reuse) one shard; return its receipt ``{name, samples, sha256, size, skipped, ...}``."""
     receipt = _reusable_receipt(job, plan)
     if receipt is not None:
@@ -254,12 +262,18 @@ def write_shard(source: Source, job: ShardJob, plan: ShardPlan, modalities: dict
             os.unlink(staging)
         raise
     receipt = {
-        "name": plan.name, "samples": len(written), "sha256": sha if written else "", "size": size if written else 0,
-        "first_key": plan.keys[0], "last_key": plan.keys[-1], "skipped": skipped,
+        "name": plan.name,
+        "samples": len(written),
+        "sha256": sha if written else "",
+        "size": size if written else 0,
+        "first_key": plan.keys[0],
+        "last_key": plan.keys[-1],
+        "skipped": skipped,
         "fingerprint": _fingerprint(job, plan),
     }
-    storage.write_bytes_atomic(storage.join(job.out, plan.name + RECEIPT_SUFFIX),
-                               json.dumps(receipt, sort_keys=True).encode())
+    storage.write_bytes_atomic(
+        storage.join(job.out, plan.name + RECEIPT_SUFFIX), json.dumps(receipt, sort_keys=True).encode()
+    )
     return {**receipt, "reused": False}
 
 
@@ -284,11 +298,23 @@ def _pool_write(plan: ShardPlan, modalities: dict[str, ModalitySpec]) -> dict[st
     return write_shard(_WORKER["source"], _WORKER["job"], plan, modalities, on_sample=_count)
 
 
-def _run_plans(source: Source, job: ShardJob, plans: list[ShardPlan], modalities: dict[str, ModalitySpec],
-               workers: int, progress: bool) -> list[dict[str, Any]]:
+def _run_plans(
+    source: Source,
+    job: ShardJob,
+    plans: list[ShardPlan],
+    modalities: dict[str, ModalitySpec],
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
     total = sum(len(p.keys) for p in plans)
-    bar = tqdm(total=total, unit="sample", desc=f"{job.source}/{job.split}", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=total,
+        unit="sample",
+        desc=f"{job.source}/{job.split}",
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     try:
         if workers <= 1 or len(plans) <= 1:
             return [write_shard(source, job, p, modalities, on_sample=bar.update) for p in plans]
@@ -313,25 +339,53 @@ def _run_plans(source: Source, job: ShardJob, plans: list[ShardPlan], modalities
 
 # -- a split -------------------------------------------------------------------------------------------
 
-def _manifest_from_receipts(source: Source, split: str, modalities: dict[str, ModalitySpec], samples_per_shard: int,
-                            receipts: list[dict[str, Any]], args: dict[str, Any]) -> ShardManifest:
+
+def _manifest_from_receipts(
+    source: Source,
+    split: str,
+    modalities: dict[str, ModalitySpec],
+    samples_per_shard: int,
+    receipts: list[dict[str, Any]],
+    args: dict[str, Any],
+) -> ShardManifest:
     receipts = sorted(receipts, key=lambda r: r["name"])
-    shards = [ShardInfo(r["name"], r["samples"], r["sha256"], r["size"], r["first_key"], r["last_key"],
-                        len(r["skipped"])) for r in receipts if r["samples"] > 0]
+    shards = [
+        ShardInfo(r["name"], r["samples"], r["sha256"], r["size"], r["first_key"], r["last_key"], len(r["skipped"]))
+        for r in receipts
+        if r["samples"] > 0
+    ]
     skipped = [s for r in receipts for s in r["skipped"]]
     if not shards:
         raise ValueError(f"{source.name}/{split}: every sample was skipped as bad ({len(skipped)}); nothing to publish")
     return ShardManifest(
-        dataset=source.name, split=split, modalities=modalities, samples_per_shard=samples_per_shard,
-        shards=shards, total_samples=sum(s.samples for s in shards), skipped_samples=len(skipped), skipped=skipped,
-        source_config=source.config(), args=args,
+        dataset=source.name,
+        split=split,
+        modalities=modalities,
+        samples_per_shard=samples_per_shard,
+        shards=shards,
+        total_samples=sum(s.samples for s in shards),
+        skipped_samples=len(skipped),
+        skipped=skipped,
+        source_config=source.config(),
+        args=args,
     )
 
 
-def write_split(source_name: str, src: str | None, out: str, split: str, *, options: dict[str, Any] | None = None,
-                samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1, task_index: int = 0,
-                num_tasks: int = 1, skip_bad: bool = False, args: dict[str, Any] | None = None,
-                progress: bool = True) -> ShardManifest:
+def write_split(
+    source_name: str,
+    src: str | None,
+    out: str,
+    split: str,
+    *,
+    options: dict[str, Any] | None = None,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    workers: int = 1,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    skip_bad: bool = False,
+    args: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> ShardManifest:
     """Shard one split of a source into ``out``; return the manifest it committed.
 
     With ``num_tasks == 1`` the result is published as ``manifest-<split>.json``; otherwise as this task's
@@ -345,8 +399,9 @@ def write_split(source_name: str, src: str | None, out: str, split: str, *, opti
         raise ValueError(f"{source_name}: split {split!r} has no samples under {src}")
     modalities = source.modalities(split)
     storage.makedirs(out)
-    digest = hashlib.sha256(json.dumps([source.config(), {k: v.to_dict() for k, v in modalities.items()}],
-                                       sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps([source.config(), {k: v.to_dict() for k, v in modalities.items()}], sort_keys=True).encode()
+    ).hexdigest()
     job = ShardJob(source_name, src, options, split, out, skip_bad, digest)
     plans = plan_shards(keys, split, samples_per_shard, task_index, num_tasks)
     receipts = _run_plans(source, job, plans, modalities, workers, progress)
@@ -379,15 +434,20 @@ def merge_split(out: str, split: str, *, verify: bool = True) -> ShardManifest:
     if not parts:
         raise FileNotFoundError(f"{out}: no partial manifests manifest-{split}.part-*.json to merge")
     if len(parts) > 1:
-        raise ValueError(f"{out}: partial manifests from array jobs of different sizes {sorted(parts)}; "
-                         "remove the stale ones")
-    (count, found), = parts.items()
+        raise ValueError(
+            f"{out}: partial manifests from array jobs of different sizes {sorted(parts)}; remove the stale ones"
+        )
+    ((count, found),) = parts.items()
     missing = sorted(set(range(count)) - set(found))
     if missing:
-        raise FileNotFoundError(f"{out}: missing partial manifests for tasks {missing} of {count} "
-                                f"(e.g. {part_manifest_name(split, missing[0], count)})")
-    manifests = [ShardManifest.from_json(storage.read_bytes(storage.join(out, found[t])), storage.join(out, found[t]))
-                 for t in range(count)]
+        raise FileNotFoundError(
+            f"{out}: missing partial manifests for tasks {missing} of {count} "
+            f"(e.g. {part_manifest_name(split, missing[0], count)})"
+        )
+    manifests = [
+        ShardManifest.from_json(storage.read_bytes(storage.join(out, found[t])), storage.join(out, found[t]))
+        for t in range(count)
+    ]
     first = manifests[0]
     for m in manifests[1:]:
         for attr in ("dataset", "split", "modalities", "source_config", "samples_per_shard"):
@@ -401,10 +461,17 @@ def merge_split(out: str, split: str, *, verify: bool = True) -> ShardManifest:
                 raise ValueError(f"{url}: bytes do not match the sha256 recorded in its partial manifest")
     args = {k: v for k, v in first.args.items() if k != "task_index"}
     merged = ShardManifest(
-        dataset=first.dataset, split=split, modalities=first.modalities, samples_per_shard=first.samples_per_shard,
-        shards=shards, total_samples=sum(m.total_samples for m in manifests),
-        skipped_samples=sum(m.skipped_samples for m in manifests), skipped=[s for m in manifests for s in m.skipped],
-        source_config=first.source_config, args=args, location=storage.join(out, manifest_name(split)),
+        dataset=first.dataset,
+        split=split,
+        modalities=first.modalities,
+        samples_per_shard=first.samples_per_shard,
+        shards=shards,
+        total_samples=sum(m.total_samples for m in manifests),
+        skipped_samples=sum(m.skipped_samples for m in manifests),
+        skipped=[s for m in manifests for s in m.skipped],
+        source_config=first.source_config,
+        args=args,
+        location=storage.join(out, manifest_name(split)),
     )
     merged.validate()
     storage.write_bytes_atomic(merged.location, merged.to_json().encode())

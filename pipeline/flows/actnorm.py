@@ -66,7 +66,7 @@ class ActNorm(InvertibleModule):
             dist.all_reduce(stats)
         count = stats[-1]
         mean = stats[: self.dim] / count
-        var = (stats[self.dim: 2 * self.dim] / count - mean * mean).clamp_min(0.0)
+        var = (stats[self.dim : 2 * self.dim] / count - mean * mean).clamp_min(0.0)
         self.loc.copy_((-mean).to(self.loc.dtype))
         self.log_scale.copy_((-0.5 * torch.log(var + self.eps)).to(self.log_scale.dtype))
         self.initialized.fill_(True)

@@ -50,9 +50,9 @@ class AffineCoupling(InvertibleModule):
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.swap:
-            xb, xa = x[..., : self.out_dim], x[..., self.out_dim:]
+            xb, xa = x[..., : self.out_dim], x[..., self.out_dim :]
         else:
-            xa, xb = x[..., : self.cond_dim], x[..., self.cond_dim:]
+            xa, xb = x[..., : self.cond_dim], x[..., self.cond_dim :]
         return xa, xb
 
     def _join(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
@@ -71,8 +71,13 @@ class AffineCoupling(InvertibleModule):
             if out is not None:
                 return out
         xa, xb = self._split(x)
-        if (self.recompute_conditioner and torch.is_grad_enabled() and not in_block_checkpoint()
-                and not hasattr(self.net[0].weight, "ds_id") and (xa.requires_grad or self.net[0].weight.requires_grad)):
+        if (
+            self.recompute_conditioner
+            and torch.is_grad_enabled()
+            and not in_block_checkpoint()
+            and not hasattr(self.net[0].weight, "ds_id")
+            and (xa.requires_grad or self.net[0].weight.requires_grad)
+        ):
             # torch's non-reentrant checkpoint: works with autograd.grad and with module-hook tools
             # (FlopCounterMode), unlike a Function that calls autograd.grad in its backward
             h = checkpoint(self.net, xa.transpose(1, 2), use_reentrant=False).transpose(1, 2)
@@ -81,7 +86,7 @@ class AffineCoupling(InvertibleModule):
         ct = compute_dtype(x)
         with no_autocast(x.device.type):
             h = h.to(ct)
-            raw_s, t = h[..., : self.out_dim], h[..., self.out_dim:]
+            raw_s, t = h[..., : self.out_dim], h[..., self.out_dim :]
             log_s = self.scale_bound * torch.tanh(raw_s / self.scale_bound)
             logdet = log_s.sum(dim=(1, 2)).to(logdet_dtype(x))
             if reverse:

@@ -58,8 +58,9 @@ ATTENTION = ("auto", "fused", "plain")
 FUSED_MIN_TOKENS = 512
 
 
-def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, block: int = 64,
-                      allow_native: bool = True) -> torch.Tensor:
+def solve_gated_upper(
+    a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, block: int = 64, allow_native: bool = True
+) -> torch.Tensor:
     """Solve ``(I + α_c A) x[:, :, c] = y[:, :, c]`` for every channel c.
 
     a: (N, n, n) upper triangular; alpha: (D,); y: (N, n, D). Blocked back-substitution from the last row
@@ -101,8 +102,6 @@ def solve_gated_upper(a: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, blo
         else:
             solved.append(sol)
     return x if reuse else torch.cat(solved[::-1], dim=1)
-
-
 
 
 class ICA(InvertibleModule):
@@ -173,8 +172,9 @@ class ICA(InvertibleModule):
         n = tokens // 2
         self.register_buffer("below_diag", torch.ones(n, n, dtype=torch.bool).tril(-1), persistent=False)
         # additive form of the mask for the fused score matmul (baddbmm): 0 on/above the diagonal, −inf below
-        self.register_buffer("mask_bias", torch.zeros(n, n).masked_fill_(self.below_diag, float("-inf")),
-                             persistent=False)
+        self.register_buffer(
+            "mask_bias", torch.zeros(n, n).masked_fill_(self.below_diag, float("-inf")), persistent=False
+        )
 
     # -- partition ------------------------------------------------------------------------------------
     # mmca1 is the identity permutation and mmca2 swaps the halves: both are views (no gather); imca uses one
@@ -273,25 +273,48 @@ class ICA(InvertibleModule):
         """Whether the forward can be one :class:`GatedICACore` node: gated form, materialised attention, no
         autocast (bf16 projections take the composed path, as before) and ordinary parameters (DeepSpeed
         ZeRO-3 flags partitioned ones with ``ds_id`` and gathers them only inside each submodule's forward)."""
-        return (self.form == "gated" and self.attention == "plain" and self.kernels != "reference"
-                and fused_path_ok(x, self.proj_q.weight))
+        return (
+            self.form == "gated"
+            and self.attention == "plain"
+            and self.kernels != "reference"
+            and fused_path_ok(x, self.proj_q.weight)
+        )
 
     def _core(self, z: torch.Tensor, gather, scatter, swap: bool, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
         ct = z.dtype
         loc, log_scale = (None, None) if norm is None else (norm.loc.to(ct), norm.log_scale.to(ct))
         return native.gated_ica_core(
-            z, gather, scatter, swap, self.proj_q.weight.to(ct), self.proj_k.weight.to(ct),
-            self.norm_q.weight.to(ct), self.norm_q.bias.to(ct), self.norm_k.weight.to(ct), self.norm_k.bias.to(ct),
-            self.log_temperature.to(ct), self.beta.to(ct), self.mask_bias.to(ct), self.norm_q.eps, self.norm_k.eps,
-            self.recompute_attention and not in_block_checkpoint(), self.row_block, loc, log_scale,
-            allow_native=self.kernels == "auto")
+            z,
+            gather,
+            scatter,
+            swap,
+            self.proj_q.weight.to(ct),
+            self.proj_k.weight.to(ct),
+            self.norm_q.weight.to(ct),
+            self.norm_q.bias.to(ct),
+            self.norm_k.weight.to(ct),
+            self.norm_k.bias.to(ct),
+            self.log_temperature.to(ct),
+            self.beta.to(ct),
+            self.mask_bias.to(ct),
+            self.norm_q.eps,
+            self.norm_k.eps,
+            self.recompute_attention and not in_block_checkpoint(),
+            self.row_block,
+            loc,
+            log_scale,
+            allow_native=self.kernels == "auto",
+        )
 
     def takes_norm(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward_normed` can fuse a preceding ActNorm into this layer's node for input ``x``:
         the fast path, x already in the compute dtype, and for LICA the C++ mixer node (the norm goes into its
         first node, before the token mixer)."""
-        return (x.dtype == compute_dtype(x) and self._fast_path(x)
-                and (self.partition != "lica" or (self.kernels == "auto" and native.load() is not None)))
+        return (
+            x.dtype == compute_dtype(x)
+            and self._fast_path(x)
+            and (self.partition != "lica" or (self.kernels == "auto" and native.load() is not None))
+        )
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``self(norm(x))`` with the ActNorm inside this layer's first node (log-dets summed); only where

@@ -42,7 +42,9 @@ class LUTokenMixer(nn.Module):
         # carry them) but are never trained.
         self.register_buffer("sign", torch.ones(k, g))
         a, b = torch.arange(n), torch.arange(n, tokens)
-        gather_in = torch.cat([torch.cat([a[i * half:(i + 1) * half], b[i * half:(i + 1) * half]]) for i in range(k)])
+        gather_in = torch.cat(
+            [torch.cat([a[i * half : (i + 1) * half], b[i * half : (i + 1) * half]]) for i in range(k)]
+        )
         inv_in = torch.argsort(gather_in)
         gather_out = inv_in[partition_index("imca1", tokens)]
         self.register_buffer("gather_in", gather_in)
@@ -77,9 +79,15 @@ class LUTokenMixer(nn.Module):
             inv = torch.linalg.solve_triangular(low, eye, upper=False, unitriangular=True)
             return low @ up, torch.linalg.solve_triangular(up, inv, upper=True)
 
-    def _blockwise(self, x: torch.Tensor, blocks: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+    def _blockwise(
+        self, x: torch.Tensor, blocks: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor
+    ) -> torch.Tensor:
         with no_autocast(x.device.type):
-            return self.apply_blocks(x.to(blocks.dtype).index_select(1, gather), blocks).index_select(1, scatter).to(x.dtype)
+            return (
+                self.apply_blocks(x.to(blocks.dtype).index_select(1, gather), blocks)
+                .index_select(1, scatter)
+                .to(x.dtype)
+            )
 
     def apply_blocks(self, z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """The block-diagonal part alone on tokens already in group order: (N, L, D) → (N, L, D), blocks (K, G, G).

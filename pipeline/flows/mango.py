@@ -59,8 +59,17 @@ class MangoBlock(FlowSequence):
         for name in resolve_partitions(partitions):
             layers.append(ActNorm(dim))
             layers.append(
-                ICA(dim, tokens, name, form=form, qk_dim=qk_dim, learn_temperature=learn_temperature,
-                    lica_group=lica_group, solve_block=solve_block, attention=attention)
+                ICA(
+                    dim,
+                    tokens,
+                    name,
+                    form=form,
+                    qk_dim=qk_dim,
+                    learn_temperature=learn_temperature,
+                    lica_group=lica_group,
+                    solve_block=solve_block,
+                    attention=attention,
+                )
             )
         layers.append(AffineCoupling(dim, hidden or max(dim, 16), swap=swap))
         super().__init__(layers, tokens=tokens, dim=dim)
@@ -76,8 +85,14 @@ class MangoBlock(FlowSequence):
         layers, i = self.layers, 0
         while i < len(layers):
             layer, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-            if (isinstance(layer, ActNorm) and isinstance(nxt, ICA) and not layer._collect_init
-                    and layer.kernels != "reference" and fused_path_ok(x, layer.loc) and nxt.takes_norm(x)):
+            if (
+                isinstance(layer, ActNorm)
+                and isinstance(nxt, ICA)
+                and not layer._collect_init
+                and layer.kernels != "reference"
+                and fused_path_ok(x, layer.loc)
+                and nxt.takes_norm(x)
+            ):
                 x, logdet = nxt.forward_normed(x, layer)
                 i += 2
             else:
@@ -141,7 +156,7 @@ class MangoFlow(InvertibleModule):
                     return self._forward_torch_checkpoint(x)
         # store, and layer-selective checkpoint: the layers themselves rebuild their large activations
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
-        for block in (reversed(self.blocks) if reverse else self.blocks):
+        for block in reversed(self.blocks) if reverse else self.blocks:
             x, logdet = block(x, reverse=reverse)
             total = total + logdet
         return x, total

@@ -73,7 +73,7 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 def quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Continuous flow space [−1/2, 1/2) → integer levels {0 … 2^bits − 1} (int64)."""
-    levels = 2 ** bits
+    levels = 2**bits
     return torch.clamp(torch.floor((x + 0.5) * levels), 0, levels - 1).to(torch.int64)
 
 
@@ -131,21 +131,25 @@ class MultiscaleMangoFlow(nn.Module):
         h, w = _pair(image_size)
         per_level = [blocks_per_level] * levels if isinstance(blocks_per_level, int) else list(blocks_per_level)
         if levels < 1 or len(per_level) != levels:
-            raise ValueError(f"MultiscaleMangoFlow: need levels ≥ 1 and one block count per level; got {levels}, {per_level}")
+            raise ValueError(
+                f"MultiscaleMangoFlow: need levels ≥ 1 and one block count per level; got {levels}, {per_level}"
+            )
         scale = patch_size * 2 ** (levels - 1)
         if h % scale or w % scale:
             raise ValueError(
                 f"MultiscaleMangoFlow: image size {h}×{w} must be divisible by patch_size·2^(levels−1) = {scale}"
             )
         if len(bits) != num_modalities or any(b not in (8, 16) for b in bits):
-            raise ValueError(f"MultiscaleMangoFlow: bits must give 8 or 16 per modality ({num_modalities}); got {tuple(bits)}")
+            raise ValueError(
+                f"MultiscaleMangoFlow: bits must give 8 or 16 per modality ({num_modalities}); got {tuple(bits)}"
+            )
         self.channels, self.height, self.width = channels, h, w
         self.patch_size, self.levels, self.num_modalities = patch_size, levels, num_modalities
         self.bits = tuple(bits)
 
         self.flows = nn.ModuleList()
         self.grids: list[tuple[int, int]] = []
-        gh, gw, d = h // patch_size, w // patch_size, channels * patch_size ** 2
+        gh, gw, d = h // patch_size, w // patch_size, channels * patch_size**2
         for k in range(levels):
             tokens = gh * gw * num_modalities
             if k < levels - 1 and d % 2:
@@ -157,18 +161,29 @@ class MultiscaleMangoFlow(nn.Module):
                 raise ValueError(
                     f"MultiscaleMangoFlow: level {k} has a {gh}×{gw} token grid ({per_modality} tokens per "
                     f"modality, odd); IMCA/LICA split each modality's tokens even/odd. Use fewer levels, a smaller "
-                    f"patch_size, a larger image, or partitions='mmca'")
+                    f"patch_size, a larger image, or partitions='mmca'"
+                )
             self.grids.append((gh, gw))
             self.flows.append(
-                MangoFlow(d, tokens, per_level[k], memory=memory, partitions=partitions, hidden=dim,
-                          qk_dim=min(dim, d), lica_group=min(lica_group, tokens) if lica_group else 0,
-                          form=form, learn_temperature=learn_temperature, attention=attention,
-                          channel_mix=channel_mix)
+                MangoFlow(
+                    d,
+                    tokens,
+                    per_level[k],
+                    memory=memory,
+                    partitions=partitions,
+                    hidden=dim,
+                    qk_dim=min(dim, d),
+                    lica_group=min(lica_group, tokens) if lica_group else 0,
+                    form=form,
+                    learn_temperature=learn_temperature,
+                    attention=attention,
+                    channel_mix=channel_mix,
+                )
             )
             if k < levels - 1:
                 gh, gw, d = gh // 2, gw // 2, d * 2
         self.latent_shapes = [
-            (gh_ * gw_ * num_modalities, (channels * patch_size ** 2 * 2 ** k) // (1 if k == levels - 1 else 2))
+            (gh_ * gw_ * num_modalities, (channels * patch_size**2 * 2**k) // (1 if k == levels - 1 else 2))
             for k, (gh_, gw_) in enumerate(self.grids)
         ]
 
@@ -196,7 +211,9 @@ class MultiscaleMangoFlow(nn.Module):
         """Exact joint samples (continuous flow space); see :func:`quantize` for integer images."""
         return self(n=n, temperature=temperature, mode="sample")
 
-    def forward(self, a=None, b=None, *, mode: str = "log_prob", zs=None, n: int | None = None, temperature: float = 1.0):
+    def forward(
+        self, a=None, b=None, *, mode: str = "log_prob", zs=None, n: int | None = None, temperature: float = 1.0
+    ):
         if mode == "decode" and zs is not None:
             for k, z in enumerate(zs):
                 if isinstance(z, torch.Tensor) and not bool(torch.isfinite(z.detach()).all()):
@@ -240,11 +257,15 @@ class MultiscaleMangoFlow(nn.Module):
             if img.ndim != 4 or tuple(img.shape[1:]) != want:
                 hint = ""
                 if img.ndim == 4 and img.shape[1] != self.channels:
-                    hint = (" — modalities with different channel counts (e.g. RGB + 1-channel depth) cannot be an "
-                            "exact pixel-level MANGO flow: use the latent task model, or equal-channel modalities "
-                            "such as the stereo pair")
-                raise ValueError(f"MultiscaleMangoFlow: modality '{name}' must be (N, {want[0]}, {want[1]}, {want[2]}); "
-                                 f"got {tuple(img.shape)}{hint}")
+                    hint = (
+                        " — modalities with different channel counts (e.g. RGB + 1-channel depth) cannot be an "
+                        "exact pixel-level MANGO flow: use the latent task model, or equal-channel modalities "
+                        "such as the stereo pair"
+                    )
+                raise ValueError(
+                    f"MultiscaleMangoFlow: modality '{name}' must be (N, {want[0]}, {want[1]}, {want[2]}); "
+                    f"got {tuple(img.shape)}{hint}"
+                )
         if self.num_modalities == 2 and a.shape[0] != b.shape[0]:
             raise ValueError(f"MultiscaleMangoFlow: batch sizes differ: a {a.shape[0]} vs b {b.shape[0]}")
         return imgs
@@ -298,7 +319,9 @@ class MultiscaleMangoFlow(nn.Module):
             raise ValueError(f"MultiscaleMangoFlow.decode: expected {self.levels} latents; got {len(zs)}")
         for k, (z, shape) in enumerate(zip(zs, self.latent_shapes)):
             if z.ndim != 3 or tuple(z.shape[1:]) != shape:
-                raise ValueError(f"MultiscaleMangoFlow.decode: latent {k} must be (N, {shape[0]}, {shape[1]}); got {tuple(z.shape)}")
+                raise ValueError(
+                    f"MultiscaleMangoFlow.decode: latent {k} must be (N, {shape[0]}, {shape[1]}); got {tuple(z.shape)}"
+                )
         x = zs[-1]
         for k in reversed(range(self.levels)):
             if k < self.levels - 1:
@@ -320,7 +343,7 @@ class MultiscaleMangoFlow(nn.Module):
                 xs.append(img.to(self._param_dtype()))
             else:
                 v = img.to(torch.int32).to(self._param_dtype())
-                xs.append((v + torch.rand_like(v)) / 2 ** bits - 0.5)
+                xs.append((v + torch.rand_like(v)) / 2**bits - 0.5)
             correction += img[0].numel() * bits * math.log(2)
         nats = -self._log_prob(*xs) + correction
         return nats / (self.num_dims * math.log(2))

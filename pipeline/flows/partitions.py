@@ -33,8 +33,19 @@ from __future__ import annotations
 
 import torch
 
-PARTITIONS: tuple[str, ...] = ("mmca1", "mmca2", "imca1", "imca2", "imca3", "imca4", "imca1r", "imca2r", "imca3r",
-                               "imca4r", "lica")
+PARTITIONS: tuple[str, ...] = (
+    "mmca1",
+    "mmca2",
+    "imca1",
+    "imca2",
+    "imca3",
+    "imca4",
+    "imca1r",
+    "imca2r",
+    "imca3r",
+    "imca4r",
+    "lica",
+)
 
 #: the paper's block layout, and named subsets for its Table 5 ablation (``model.partitions``)
 PARTITION_PRESETS: dict[str, tuple[str, ...]] = {
@@ -70,7 +81,9 @@ def partition_index(name: str, tokens: int) -> torch.Tensor:
         raise ValueError(f"{name}: token count must be even (two modalities of n tokens each); got {tokens}")
     n = tokens // 2
     if name.startswith("imca") and n % 2:
-        raise ValueError(f"{name}: IMCA needs an even token count per modality (even/odd split); got n={n} (L={tokens})")
+        raise ValueError(
+            f"{name}: IMCA needs an even token count per modality (even/odd split); got n={n} (L={tokens})"
+        )
     a, b = torch.arange(n), torch.arange(n, tokens)
     a1, a2, b1, b2 = a[0::2], a[1::2], b[0::2], b[1::2]
     order = {

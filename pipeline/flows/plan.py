@@ -79,8 +79,13 @@ class ExecutionPlan:
         return "python" if self.compile and self.kernels == "auto" else self.kernels
 
     def _cpp(self) -> bool:
-        return (self.effective_kernels == "auto" and self.precision == "fp32" and self.zero_stage < 3 and self.native
-                and native.load() is not None)
+        return (
+            self.effective_kernels == "auto"
+            and self.precision == "fp32"
+            and self.zero_stage < 3
+            and self.native
+            and native.load() is not None
+        )
 
     def layer_implementations(self, model: nn.Module) -> dict[str, str]:
         """Layer family → the implementation a training forward runs (with counts where it varies per layer)."""
@@ -91,14 +96,21 @@ class ExecutionPlan:
             kinds: Counter[str] = Counter()
             for m in icas:
                 if self.precision != "fp32" and self.lowp_attention:
-                    kinds["bf16 flash attention + lse (kernels.attention_lse)" if self.kernels != "reference"
-                          else "bf16 composed attention + logsumexp (reference)"] += 1
+                    kinds[
+                        "bf16 flash attention + lse (kernels.attention_lse)"
+                        if self.kernels != "reference"
+                        else "bf16 composed attention + logsumexp (reference)"
+                    ] += 1
                 elif self.effective_kernels == "reference":
                     kinds["composed fp32 reference"] += 1
                 elif m.form == "gated" and m.attention == "plain":
-                    kinds["C++ GatedICACore node" if cpp else
-                          "Python GatedICACore node" if self.precision == "fp32" and self.zero_stage < 3
-                          else "Python GatedUpperAttention node (fp32)"] += 1
+                    kinds[
+                        "C++ GatedICACore node"
+                        if cpp
+                        else "Python GatedICACore node"
+                        if self.precision == "fp32" and self.zero_stage < 3
+                        else "Python GatedUpperAttention node (fp32)"
+                    ] += 1
                 elif m.attention == "fused":
                     kinds["fp32 SDPA + chunked diagonal log-softmax"] += 1
                 else:
@@ -107,9 +119,13 @@ class ExecutionPlan:
         if any(isinstance(m, ChannelMixer) for m in model.modules()):
             out["channel_mix"] = "C++ node" if cpp else "fp32 matmul (exact state transform)"
         if any(isinstance(m, AffineCoupling) for m in model.modules()):
-            out["coupling"] = ("C++ node" if cpp else
-                               "module path, conditioner in bf16, fp32 affine update" if self.precision != "fp32"
-                               else "module path (fp32)")
+            out["coupling"] = (
+                "C++ node"
+                if cpp
+                else "module path, conditioner in bf16, fp32 affine update"
+                if self.precision != "fp32"
+                else "module path (fp32)"
+            )
         if any(isinstance(m, ICA) and m.partition == "lica" for m in icas):
             out["lica_mixer"] = "C++ block-mix node" if cpp else "fp32 block matmul (exact state transform)"
         return out
@@ -123,10 +139,18 @@ class ExecutionPlan:
 
     def describe(self, model: nn.Module) -> str:
         """One line: ``plan: bf16 autocast on cuda, ...; memory ...; ica: ...; coupling: ...``."""
-        prec = ("fp32" if self.precision == "fp32" else
-                f"{self.precision} autocast (attention {'bf16' if self.lowp_attention else 'fp32'}, fp32 log-dets and state transforms)")
-        parts = [f"plan: {prec} on {self.device}", f"ZeRO-{self.zero_stage}", f"memory {self.memory_detail()}",
-                 f"kernels {self.effective_kernels}", "compiled (torch.compile per MANGO block)" if self.compile else "eager"]
+        prec = (
+            "fp32"
+            if self.precision == "fp32"
+            else f"{self.precision} autocast (attention {'bf16' if self.lowp_attention else 'fp32'}, fp32 log-dets and state transforms)"
+        )
+        parts = [
+            f"plan: {prec} on {self.device}",
+            f"ZeRO-{self.zero_stage}",
+            f"memory {self.memory_detail()}",
+            f"kernels {self.effective_kernels}",
+            "compiled (torch.compile per MANGO block)" if self.compile else "eager",
+        ]
         parts += [f"{k}: {v}" for k, v in self.layer_implementations(model).items()]
         return "; ".join(parts)
 

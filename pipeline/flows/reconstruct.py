@@ -68,7 +68,7 @@ class ReconstructBlocks(torch.autograd.Function):
         all_params = [p for b in ctx.blocks for p in _block_params(b)]
         for i in reversed(range(len(ctx.blocks))):
             block = ctx.blocks[i]
-            params = all_params[offsets[i]:offsets[i + 1]]
+            params = all_params[offsets[i] : offsets[i + 1]]
             with inside_flow(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
                 with torch.no_grad():
                     x, _ = block(y, reverse=True)

@@ -12,8 +12,14 @@ from pipeline.launch.slurm import render_ray_slurm, render_shard_array, render_s
 from pipeline.launch.spec import TARGETS, Artifact, LaunchError, LaunchSpec, Rendered
 from pipeline.launch.submit import SubmitError, submit
 
-_RENDERERS = {"slurm": render_slurm, "srun": render_slurm, "shard-array": render_shard_array,
-              "ray-slurm": render_ray_slurm, "k8s": render_k8s, "kuberay": render_kuberay}
+_RENDERERS = {
+    "slurm": render_slurm,
+    "srun": render_slurm,
+    "shard-array": render_shard_array,
+    "ray-slurm": render_ray_slurm,
+    "k8s": render_k8s,
+    "kuberay": render_kuberay,
+}
 
 
 def render(cfg: Config, spec: LaunchSpec) -> Rendered:

@@ -55,7 +55,8 @@ def render_k8s(cfg: Config, spec: LaunchSpec) -> Rendered:
     if spec.nodes > 1:
         replicas["Worker"] = {"replicas": spec.nodes - 1, "restartPolicy": "ExitCode", "template": pod}
     job = {
-        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
         "metadata": _meta(cfg, name),
         "spec": {
             "nprocPerNode": str(procs),
@@ -64,8 +65,10 @@ def render_k8s(cfg: Config, spec: LaunchSpec) -> Rendered:
         },
     }
     docs = [_config_map(cfg, f"{name}-config", run_cfg), job]
-    return Rendered([Artifact(f"{name}.yaml", _dump(docs), "kubectl", namespace=cfg.launch.namespace)],
-                    [f"logs: kubectl -n {cfg.launch.namespace} logs -f {name}-master-0"])
+    return Rendered(
+        [Artifact(f"{name}.yaml", _dump(docs), "kubectl", namespace=cfg.launch.namespace)],
+        [f"logs: kubectl -n {cfg.launch.namespace} logs -f {name}-master-0"],
+    )
 
 
 def render_kuberay(cfg: Config, spec: LaunchSpec) -> Rendered:
@@ -75,12 +78,15 @@ def render_kuberay(cfg: Config, spec: LaunchSpec) -> Rendered:
     name = job_name(cfg, "-sweep")
     cm = f"{name}-config"
     head = _pod_template(cfg, spec, "ray-head", None, gpus=0, config_map=cm)
-    head["spec"]["containers"][0]["ports"] = [{"containerPort": 6379, "name": "gcs-server"},
-                                              {"containerPort": 8265, "name": "dashboard"},
-                                              {"containerPort": 10001, "name": "client"}]
+    head["spec"]["containers"][0]["ports"] = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
     worker = _pod_template(cfg, spec, "ray-worker", None, gpus=spec.gpus_per_node, config_map=cm)
     job = {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
         "metadata": _meta(cfg, name),
         "spec": {
             "entrypoint": f"python -m jobs.sweep --config {CONFIG_DIR}/config.yaml --space {space}",
@@ -89,11 +95,16 @@ def render_kuberay(cfg: Config, spec: LaunchSpec) -> Rendered:
             "rayClusterSpec": {
                 "rayVersion": "2.60.0",
                 "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"}, "template": head},
-                "workerGroupSpecs": [{
-                    "groupName": "gpu" if spec.gpus_per_node else "cpu", "replicas": spec.nodes,
-                    "minReplicas": spec.nodes, "maxReplicas": spec.nodes,
-                    "rayStartParams": {"num-gpus": str(spec.gpus_per_node)}, "template": worker,
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu" if spec.gpus_per_node else "cpu",
+                        "replicas": spec.nodes,
+                        "minReplicas": spec.nodes,
+                        "maxReplicas": spec.nodes,
+                        "rayStartParams": {"num-gpus": str(spec.gpus_per_node)},
+                        "template": worker,
+                    }
+                ],
             },
         },
     }
@@ -106,16 +117,21 @@ def _render_shard(cfg: Config, spec: LaunchSpec) -> Rendered:
     name = job_name(cfg, "-shard")
     args = list(spec.shard_args)
     # JOB_COMPLETION_INDEX (set per pod by an Indexed Job) is read by jobs.shard as the task index
-    work = _batch_job(cfg, spec, name, ["python", "-m", "jobs.shard", *args, "--num-tasks", str(spec.tasks),
-                                        "--quiet"])
-    work["spec"].update({"completionMode": "Indexed", "completions": spec.tasks,
-                         "parallelism": min(spec.tasks, spec.nodes)})
-    merge = _batch_job(cfg, spec, f"{name}-merge", ["python", "-m", "jobs.shard", "merge", shard.out,
-                                                    "--split", shard.split])
+    work = _batch_job(cfg, spec, name, ["python", "-m", "jobs.shard", *args, "--num-tasks", str(spec.tasks), "--quiet"])
+    work["spec"].update(
+        {"completionMode": "Indexed", "completions": spec.tasks, "parallelism": min(spec.tasks, spec.nodes)}
+    )
+    merge = _batch_job(
+        cfg, spec, f"{name}-merge", ["python", "-m", "jobs.shard", "merge", shard.out, "--split", shard.split]
+    )
     ns = cfg.launch.namespace
-    return Rendered([Artifact(f"{name}.yaml", _dump([work]), "kubectl", k8s_job=name, namespace=ns),
-                     Artifact(f"{name}-merge.yaml", _dump([merge]), "kubectl", after=f"{name}.yaml", namespace=ns)],
-                    [f"after `kubectl -n {ns} wait --for=condition=complete job/{name}`, apply {name}-merge.yaml"])
+    return Rendered(
+        [
+            Artifact(f"{name}.yaml", _dump([work]), "kubectl", k8s_job=name, namespace=ns),
+            Artifact(f"{name}-merge.yaml", _dump([merge]), "kubectl", after=f"{name}.yaml", namespace=ns),
+        ],
+        [f"after `kubectl -n {ns} wait --for=condition=complete job/{name}`, apply {name}-merge.yaml"],
+    )
 
 
 # -- pieces -----------------------------------------------------------------------------------------
@@ -124,42 +140,60 @@ def _render_shard(cfg: Config, spec: LaunchSpec) -> Rendered:
 def _pod_config(cfg: Config) -> Config:
     """The config the pods run: run.dir on the shared volume (or S3 checkpoints), shards pods can read."""
     if "://" not in cfg.data.shards and not cfg.data.shards.startswith("/"):
-        raise LaunchError(f"data.shards={cfg.data.shards!r} is a relative local path, which pods cannot see: use "
-                          f"s3://... or an absolute path on the volume (launch.pvc mounted at {cfg.launch.pvc_mount})")
+        raise LaunchError(
+            f"data.shards={cfg.data.shards!r} is a relative local path, which pods cannot see: use "
+            f"s3://... or an absolute path on the volume (launch.pvc mounted at {cfg.launch.pvc_mount})"
+        )
     if not cfg.launch.pvc and not cfg.checkpoint.remote:
-        raise LaunchError("checkpoints would die with the pod: set launch.pvc (a ReadWriteMany claim) or "
-                          "checkpoint.remote=s3://bucket/prefix")
+        raise LaunchError(
+            "checkpoints would die with the pod: set launch.pvc (a ReadWriteMany claim) or "
+            "checkpoint.remote=s3://bucket/prefix"
+        )
     run_dir = f"{cfg.launch.pvc_mount}/runs/{cfg.run.name}" if cfg.launch.pvc else f"/tmp/mango/runs/{cfg.run.name}"
     return job_config(cfg, run_dir=run_dir)
 
 
 def _image(cfg: Config) -> str:
     if not cfg.launch.tag:
-        raise LaunchError("launch.tag is empty: set the tag of the image you built and pushed "
-                          f"(docker build -t {cfg.launch.image}:<tag> . && docker push {cfg.launch.image}:<tag>)")
+        raise LaunchError(
+            "launch.tag is empty: set the tag of the image you built and pushed "
+            f"(docker build -t {cfg.launch.image}:<tag> . && docker push {cfg.launch.image}:<tag>)"
+        )
     return f"{cfg.launch.image}:{cfg.launch.tag}"
 
 
 def _meta(cfg: Config, name: str) -> dict[str, Any]:
-    return {"name": name, "namespace": cfg.launch.namespace,
-            "labels": {"app.kubernetes.io/name": "mango", "app.kubernetes.io/instance": name}}
+    return {
+        "name": name,
+        "namespace": cfg.launch.namespace,
+        "labels": {"app.kubernetes.io/name": "mango", "app.kubernetes.io/instance": name},
+    }
 
 
 def _config_map(cfg: Config, name: str, run_cfg: Config) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(cfg, name),
-            "data": {"config.yaml": config_yaml(run_cfg)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(cfg, name),
+        "data": {"config.yaml": config_yaml(run_cfg)},
+    }
 
 
 def _container(cfg: Config, name: str, command: list[str] | None, gpus: int) -> dict[str, Any]:
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}] + [{"name": k, "value": v} for k, v in plain_env(cfg)]
     limits: dict[str, Any] = {"nvidia.com/gpu": gpus} if gpus else {}
     c: dict[str, Any] = {
-        "name": name, "image": _image(cfg), "imagePullPolicy": "IfNotPresent", "workingDir": WORKDIR,
+        "name": name,
+        "image": _image(cfg),
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": WORKDIR,
         "env": env,
         "envFrom": [{"secretRef": {"name": cfg.launch.env_from}}],  # credentials: never inline
         "resources": {"requests": {"cpu": cfg.launch.cpus_per_gpu * max(gpus, 1)}, "limits": limits},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
-                         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        ],
     }
     if command is not None:
         c["command"] = command
@@ -177,8 +211,9 @@ def _volumes(cfg: Config, config_map: str | None) -> list[dict[str, Any]]:
     return vols
 
 
-def _pod_template(cfg: Config, spec: LaunchSpec, container: str, command: list[str] | None, *, gpus: int,
-                  config_map: str) -> dict[str, Any]:
+def _pod_template(
+    cfg: Config, spec: LaunchSpec, container: str, command: list[str] | None, *, gpus: int, config_map: str
+) -> dict[str, Any]:
     return {
         "metadata": {"labels": {"app.kubernetes.io/name": "mango"}},
         "spec": {
@@ -193,11 +228,16 @@ def _batch_job(cfg: Config, spec: LaunchSpec, name: str, command: list[str]) -> 
     c = _container(cfg, "shard", command, 0)
     c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "config"]
     return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(cfg, name),
-        "spec": {"backoffLimit": 6, "template": {
-            "metadata": {"labels": {"app.kubernetes.io/name": "mango"}},
-            "spec": {"restartPolicy": "Never", "containers": [c], "volumes": _volumes(cfg, None)},
-        }},
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(cfg, name),
+        "spec": {
+            "backoffLimit": 6,
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": "mango"}},
+                "spec": {"restartPolicy": "Never", "containers": [c], "volumes": _volumes(cfg, None)},
+            },
+        },
     }
 
 

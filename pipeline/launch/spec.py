@@ -140,8 +140,12 @@ def job_config(cfg: Config, *, run_dir: str | None = None, base: Path | None = N
     ``run.dir`` replaced by ``run_dir`` when given (Kubernetes: a path on the shared volume)."""
     base = (base or Path.cwd()).resolve()
     over: dict[str, object] = {"checkpoint.resume": "latest"}
-    paths = {"run.dir": cfg.run.dir, "data.shards": cfg.data.shards, "model.init_weights": cfg.model.init_weights,
-             "model.encoder_weights": cfg.model.encoder_weights}
+    paths = {
+        "run.dir": cfg.run.dir,
+        "data.shards": cfg.data.shards,
+        "model.init_weights": cfg.model.init_weights,
+        "model.encoder_weights": cfg.model.encoder_weights,
+    }
     for key, value in paths.items():
         if value and "://" not in value and not Path(value).is_absolute():
             over[key] = str(base / value)
@@ -162,9 +166,11 @@ def plain_env(cfg: Config) -> list[tuple[str, str]]:
         if not sep or not _ENV_KEY.fullmatch(key):
             raise LaunchError(f"launch.env: entry {item!r} must look like KEY=VALUE")
         if _SECRET_KEY.search(key):
-            raise LaunchError(f"launch.env: {key} looks like a credential; put it in the Secret "
-                              f"launch.env_from={cfg.launch.env_from!r} (k8s) or the submitting environment (SLURM), "
-                              "never in a rendered file")
+            raise LaunchError(
+                f"launch.env: {key} looks like a credential; put it in the Secret "
+                f"launch.env_from={cfg.launch.env_from!r} (k8s) or the submitting environment (SLURM), "
+                "never in a rendered file"
+            )
         pairs.append((key, value))
     return pairs
 

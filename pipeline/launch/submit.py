@@ -17,8 +17,10 @@ class SubmitError(RuntimeError):
     """Submission failed or is impossible here; the message names the tool."""
 
 
-_HINT = {"sbatch": "run this on a SLURM login node (or drop --submit and copy the --print output there)",
-         "kubectl": "install kubectl and point it at the cluster (KUBECONFIG), or drop --submit and apply --print output"}
+_HINT = {
+    "sbatch": "run this on a SLURM login node (or drop --submit and copy the --print output there)",
+    "kubectl": "install kubectl and point it at the cluster (KUBECONFIG), or drop --submit and apply --print output",
+}
 
 
 def submit(rendered: Rendered, log_dir: str | None = None) -> list[str]:
@@ -44,8 +46,19 @@ def submit(rendered: Rendered, log_dir: str | None = None) -> list[str]:
         else:
             if art.after:
                 prev = next(a for a in rendered.artifacts if a.name == art.after)
-                _run(["kubectl", "-n", prev.namespace, "wait", "--for=condition=complete", "--timeout=-1s",
-                      f"job/{prev.k8s_job}"], art, stdin=False)
+                _run(
+                    [
+                        "kubectl",
+                        "-n",
+                        prev.namespace,
+                        "wait",
+                        "--for=condition=complete",
+                        "--timeout=-1s",
+                        f"job/{prev.k8s_job}",
+                    ],
+                    art,
+                    stdin=False,
+                )
             lines.append(f"{art.name}: {_run(['kubectl', 'apply', '-f', '-'], art).strip()}")
     return lines
 
@@ -53,6 +66,7 @@ def submit(rendered: Rendered, log_dir: str | None = None) -> list[str]:
 def _run(cmd: list[str], art: Artifact, stdin: bool = True) -> str:
     r = subprocess.run(cmd, input=art.text if stdin else None, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SubmitError(f"`{' '.join(cmd)}` failed for {art.name} (exit {r.returncode}): "
-                          f"{(r.stderr or r.stdout).strip()[-2000:]}")
+        raise SubmitError(
+            f"`{' '.join(cmd)}` failed for {art.name} (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}"
+        )
     return r.stdout

@@ -50,8 +50,9 @@ def modality_specs(cfg: Config, manifest) -> list[Spec]:
     out = []
     for name in cfg.data.modalities:
         if name not in by_stem:
-            raise ConfigError(f"data.modalities: '{name}' is not in the shards at {cfg.data.shards} "
-                              f"(they hold {sorted(by_stem)})")
+            raise ConfigError(
+                f"data.modalities: '{name}' is not in the shards at {cfg.data.shards} (they hold {sorted(by_stem)})"
+            )
         key = by_stem[name]
         spec = available[key]
         shape = tuple(spec.shape or ())
@@ -59,10 +60,16 @@ def modality_specs(cfg: Config, manifest) -> list[Spec]:
             shape = (shape[2] if len(shape) == 3 else 1, shape[0], shape[1])
         if spec.kind == "meta":
             raise ConfigError(f"data.modalities: '{name}' is metadata ({key}), not a modality a model can read")
-        if (cfg.model.task in ("segmentation", "classification") and spec.kind in ("label", "target")
-                and spec.classes is not None and len(spec.classes) != cfg.model.num_classes):
-            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the shards' {key} has "
-                              f"{len(spec.classes)} classes ({', '.join(spec.classes[:5])}, ...)")
+        if (
+            cfg.model.task in ("segmentation", "classification")
+            and spec.kind in ("label", "target")
+            and spec.classes is not None
+            and len(spec.classes) != cfg.model.num_classes
+        ):
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes} but the shards' {key} has "
+                f"{len(spec.classes)} classes ({', '.join(spec.classes[:5])}, ...)"
+            )
         bits = {"uint8": 8, "uint16": 16}.get(spec.dtype, 0)
         out.append((key, shape, bits))
     return out
@@ -75,8 +82,10 @@ def _role(shape: tuple) -> str:
 def task_layout(cfg: Config, specs: list[Spec]) -> tuple[list[Modality], Modality]:
     """(input modalities, target modality) of a latent task, or a ConfigError saying what does not fit."""
     task, m = cfg.model.task, cfg.model
-    mods = [Modality(key, _role(tuple(shape)), (shape[0] or 0) if len(shape) == 3 else 0, bits)
-            for key, shape, bits in specs]
+    mods = [
+        Modality(key, _role(tuple(shape)), (shape[0] or 0) if len(shape) == 3 else 0, bits)
+        for key, shape, bits in specs
+    ]
     stems = {md.key.split(".")[0]: md for md in mods}
     want = {"segmentation": "label", "translation": "image", "classification": "vector"}[task]
     if m.target:
@@ -84,22 +93,28 @@ def task_layout(cfg: Config, specs: list[Spec]) -> tuple[list[Modality], Modalit
             raise ConfigError(f"model.target={m.target!r} is not one of data.modalities {list(stems)}")
         target = stems[m.target]
         if target.kind != want:
-            raise ConfigError(f"model.target={m.target!r}: {task} predicts a {want} modality, but {target.key} is a {target.kind}")
+            raise ConfigError(
+                f"model.target={m.target!r}: {task} predicts a {want} modality, but {target.key} is a {target.kind}"
+            )
     else:
         if task == "translation":
             raise ConfigError("model.target: translation needs the modality to predict named, e.g. model.target=right")
         cands = [md for md in mods if md.kind == want]
         if len(cands) != 1:
-            raise ConfigError(f"data.modalities {cfg.data.modalities}: {task} needs exactly one {want} modality to "
-                              f"predict; found {[c.key for c in cands]} (name it with model.target)")
+            raise ConfigError(
+                f"data.modalities {cfg.data.modalities}: {task} needs exactly one {want} modality to "
+                f"predict; found {[c.key for c in cands]} (name it with model.target)"
+            )
         target = cands[0]
     inputs = [md for md in mods if md is not target]
     allowed = ("image", "text") if task == "classification" else ("image",)
     bad = [md.key for md in inputs if md.kind not in allowed]
     if bad or len(inputs) not in (1, 2):
-        raise ConfigError(f"data.modalities {cfg.data.modalities}: {task} takes 1 or 2 input modalities of kind "
-                          f"{'/'.join(allowed)} besides its target {target.key}; got {[md.key for md in inputs]}"
-                          + (f" ({bad} cannot be inputs)" if bad else ""))
+        raise ConfigError(
+            f"data.modalities {cfg.data.modalities}: {task} takes 1 or 2 input modalities of kind "
+            f"{'/'.join(allowed)} besides its target {target.key}; got {[md.key for md in inputs]}"
+            + (f" ({bad} cannot be inputs)" if bad else "")
+        )
     for md in inputs:
         if md.kind == "image" and md.bits not in (8, 16):
             raise ConfigError(f"data.modalities: {md.key} is not an 8- or 16-bit image")
@@ -132,14 +147,25 @@ def _flow_kwargs(cfg: Config, tokens: int, memory: str) -> dict:
     m = cfg.model
     per = tokens // 2  # tokens per (pseudo-)modality the partitions see
     if tokens % 2 or per % 2:
-        raise ConfigError(f"model.tokens/model.grid: the latent flow sees {tokens} tokens; MMCA/IMCA/LICA need an even "
-                          f"count per modality, each even again (a multiple of 4 per modality half)")
+        raise ConfigError(
+            f"model.tokens/model.grid: the latent flow sees {tokens} tokens; MMCA/IMCA/LICA need an even "
+            f"count per modality, each even again (a multiple of 4 per modality half)"
+        )
     group = 0 if m.lica_group == 0 or m.lica_group >= tokens else m.lica_group
     if group and (tokens % group or group % 2):
-        raise ConfigError(f"model.lica_group={m.lica_group} must be even and divide the latent flow's {tokens} tokens "
-                          f"(or 0 for one full mixer)")
-    kwargs = {"num_blocks": m.num_blocks, "memory": memory, "partitions": m.partitions, "form": m.form,
-              "lica_group": group, "attention": m.attention, "channel_mix": m.channel_mix}
+        raise ConfigError(
+            f"model.lica_group={m.lica_group} must be even and divide the latent flow's {tokens} tokens "
+            f"(or 0 for one full mixer)"
+        )
+    kwargs = {
+        "num_blocks": m.num_blocks,
+        "memory": memory,
+        "partitions": m.partitions,
+        "form": m.form,
+        "lica_group": group,
+        "attention": m.attention,
+        "channel_mix": m.channel_mix,
+    }
     return kwargs | ({"layer": m.flow_layer} if m.flow_layer != "ica" else {})
 
 
@@ -153,16 +179,22 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
         raise ConfigError(f"model.tokens={n}: the single-modality flow splits tokens even/odd; use a multiple of 4")
     flow_kwargs = _flow_kwargs(cfg, n * len(inputs), memory) if m.fusion == "mango" else None
     if m.encoder_weights and m.encoder == "conv":
-        raise ConfigError("model.encoder_weights: the conv encoder trains from scratch; pretrained weights need "
-                          f"model.encoder=mit_b0..mit_b5 (one of {list(MIT_SIZES)})")
+        raise ConfigError(
+            "model.encoder_weights: the conv encoder trains from scratch; pretrained weights need "
+            f"model.encoder=mit_b0..mit_b5 (one of {list(MIT_SIZES)})"
+        )
     if m.text_cache and m.text_trainable:
-        raise ConfigError("model.text_cache: cached MiniLM states need a frozen MiniLM; set model.text_trainable=false "
-                          "or model.text_cache=0")
+        raise ConfigError(
+            "model.text_cache: cached MiniLM states need a frozen MiniLM; set model.text_trainable=false "
+            "or model.text_cache=0"
+        )
     if m.gan_weight and cfg.deepspeed.zero_stage == 3:
         # the generator's adversarial term runs the discriminator with detached parameters (functional_call),
         # which ZeRO-3's partitioned parameters do not support
-        raise ConfigError("model.gan_weight > 0 is not supported with deepspeed.zero_stage=3; use zero_stage ≤ 2 "
-                          "(the discriminator is small) or model.gan_weight=0")
+        raise ConfigError(
+            "model.gan_weight > 0 is not supported with deepspeed.zero_stage=3; use zero_stage ≤ 2 "
+            "(the discriminator is small) or model.gan_weight=0"
+        )
     if m.gan_weight and m.task != "translation":
         raise ConfigError(f"model.gan_weight: the discriminator belongs to the translation task, not {m.task}")
     steps = decoder_steps(m.image_size, grid[0])
@@ -171,23 +203,55 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
     skip_channels, skip_stride = None, 1
     if m.skips:  # the encoders' maps, finest first, concatenated over the (image) input modalities
         if any(md.kind != "image" for md in inputs):
-            raise ConfigError(f"model.skips: skip connections take image encoders' maps; inputs "
-                              f"{[md.key for md in inputs]} include a non-image modality")
+            raise ConfigError(
+                f"model.skips: skip connections take image encoders' maps; inputs "
+                f"{[md.key for md in inputs]} include a non-image modality"
+            )
         per = MIT_SIZES[m.encoder].embed_dims if m.encoder in MIT_SIZES else (max(m.dim, 32),)
         skip_channels = [c * len(inputs) for c in per]
         skip_stride = 4 if m.encoder in MIT_SIZES else m.patch_size
-    head = build_head(m.task, target, m.dim, len(inputs), steps, m.num_classes, m.gan_weight, m.decoder, m.warp_range,
-                      m.warp_generate, skip_channels, skip_stride)
+    head = build_head(
+        m.task,
+        target,
+        m.dim,
+        len(inputs),
+        steps,
+        m.num_classes,
+        m.gan_weight,
+        m.decoder,
+        m.warp_range,
+        m.warp_generate,
+        skip_channels,
+        skip_stride,
+    )
     augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip, d.crop_width)
-    if m.decoder != "direct" and not any(md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits)
-                                       for md in inputs):
-        raise ConfigError(f"model.decoder={m.decoder} moves pixels of an input image like the target {target.key}; none of "
-                          f"{[md.key for md in inputs]} has its {target.channels} channels and {target.bits} bits")
-    model = LatentTaskModel(m.task, inputs, target, head, dim=m.dim, grid=grid, encoder=m.encoder,
-                            patch_size=m.patch_size, fusion=m.fusion, nll_weight=m.nll_weight, nll_to_encoders=m.nll_to_encoders, depth_max=m.depth_max,
-                            text_trainable=m.text_trainable, text_cache=m.text_cache, augment=augment,
-                            flow_kwargs=flow_kwargs, skips=m.skips,
-                            xattn_kwargs={"depth": m.num_blocks, "mlp_ratio": m.xattn_mlp_ratio} if m.fusion == "xattn" else None)
+    if m.decoder != "direct" and not any(
+        md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits) for md in inputs
+    ):
+        raise ConfigError(
+            f"model.decoder={m.decoder} moves pixels of an input image like the target {target.key}; none of "
+            f"{[md.key for md in inputs]} has its {target.channels} channels and {target.bits} bits"
+        )
+    model = LatentTaskModel(
+        m.task,
+        inputs,
+        target,
+        head,
+        dim=m.dim,
+        grid=grid,
+        encoder=m.encoder,
+        patch_size=m.patch_size,
+        fusion=m.fusion,
+        nll_weight=m.nll_weight,
+        nll_to_encoders=m.nll_to_encoders,
+        depth_max=m.depth_max,
+        text_trainable=m.text_trainable,
+        text_cache=m.text_cache,
+        augment=augment,
+        flow_kwargs=flow_kwargs,
+        skips=m.skips,
+        xattn_kwargs={"depth": m.num_blocks, "mlp_ratio": m.xattn_mlp_ratio} if m.fusion == "xattn" else None,
+    )
     if m.encoder_weights:
         state = read_state_dict(m.encoder_weights)
         for enc in model.encoders.values():
@@ -207,8 +271,10 @@ def build_model(cfg: Config, specs: list[Spec]) -> nn.Module:
         for name, shape, _ in specs:
             want = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
             if tuple(shape) != want:
-                raise ConfigError(f"model.channels/model.image_size: the density model expects {name} images of shape "
-                                  f"{want} (C, H, W) but the shards hold {tuple(shape)}")
+                raise ConfigError(
+                    f"model.channels/model.image_size: the density model expects {name} images of shape "
+                    f"{want} (C, H, W) but the shards hold {tuple(shape)}"
+                )
         return build_density(cfg.model, [s[0] for s in specs], [s[2] for s in specs], memory=memory)
     if task in ("segmentation", "translation", "classification"):
         return build_latent(cfg, specs, memory)

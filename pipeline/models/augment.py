@@ -43,7 +43,7 @@ class Augment:
         sizes = {tuple(t.shape[-2:]) for t in tensors.values()}
         if len(sizes) != 1:
             raise ValueError(f"augment: spatial modalities differ in size {sorted(sizes)}; they must be pixel-aligned")
-        (h, w), = sizes
+        ((h, w),) = sizes
         out = {}
         s = random.uniform(*self.scale) if self.scale != (1.0, 1.0) else 1.0
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
@@ -52,7 +52,9 @@ class Augment:
             x = t.unsqueeze(1).float() if label else t.float()
             if (nh, nw) != (h, w):
                 mode = "nearest" if (label or k in nearest) else "bilinear"
-                x = F.interpolate(x, size=(nh, nw), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+                x = F.interpolate(
+                    x, size=(nh, nw), mode=mode, **({} if mode == "nearest" else {"align_corners": False})
+                )
             out[k] = x
         if self.crop_size:
             c, cw = self.crop_size, self.crop_width or self.crop_size
@@ -64,7 +66,9 @@ class Augment:
                 fill = float(IGNORE_INDEX) if tensors[k].dim() == 3 else 0.0
                 if ph or pw:
                     x = F.pad(x, (0, pw, 0, ph), value=fill)
-                out[k] = torch.stack([x[i, :, t:t + c, left:left + cw] for i, (t, left) in enumerate(zip(tops, lefts))])
+                out[k] = torch.stack(
+                    [x[i, :, t : t + c, left : left + cw] for i, (t, left) in enumerate(zip(tops, lefts))]
+                )
         if self.hflip:
             n = next(iter(out.values())).shape[0]
             flip = torch.tensor([random.random() < 0.5 for _ in range(n)], device=next(iter(out.values())).device)

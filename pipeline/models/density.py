@@ -29,8 +29,10 @@ class DensityModel(nn.Module):
     def __init__(self, modalities: Sequence[str], flow: MultiscaleMangoFlow):
         super().__init__()
         if len(modalities) not in (1, 2) or len(modalities) != flow.num_modalities:
-            raise ValueError(f"density task: {len(modalities)} modalities {list(modalities)} for a flow over "
-                             f"{flow.num_modalities}; use two image modalities (or one for the baseline)")
+            raise ValueError(
+                f"density task: {len(modalities)} modalities {list(modalities)} for a flow over "
+                f"{flow.num_modalities}; use two image modalities (or one for the baseline)"
+            )
         self.modalities = tuple(modalities)
         self.flow = flow
 
@@ -40,8 +42,14 @@ class DensityModel(nn.Module):
             raise ValueError(f"density batch lacks modalities {missing}; it has {sorted(batch)}")
         return [batch[m] for m in self.modalities]
 
-    def forward(self, batch: Mapping[str, torch.Tensor] | None = None, *, mode: str = "loss",
-                n: int | None = None, temperature: float = 1.0):
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor] | None = None,
+        *,
+        mode: str = "loss",
+        n: int | None = None,
+        temperature: float = 1.0,
+    ):
         if mode == "sample":
             return dict(zip(self.modalities, self.flow(n=n, temperature=temperature, mode="sample")))
         bpd = self.flow(*self._images(batch), mode="bits_per_dim")

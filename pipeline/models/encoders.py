@@ -59,6 +59,7 @@ MIT_DROPPED_KEYS = ("head.weight", "head.bias")
 
 # -- conv patch encoder -------------------------------------------------------------------------------
 
+
 class ConvPatchEncoder(nn.Module):
     """Strided 3×3 convs (GroupNorm, GELU) from ``in_channels`` to ``width`` at stride ``patch_size`` (a power of 2).
 
@@ -90,6 +91,7 @@ def _groups(c: int) -> int:
 
 
 # -- MiT (SegFormer) ----------------------------------------------------------------------------------
+
 
 class _DWConv(nn.Module):
     def __init__(self, dim: int):
@@ -195,8 +197,14 @@ class MixVisionTransformer(nn.Module):
         for i, (dim, depth) in enumerate(zip(s.embed_dims, s.depths), start=1):
             kernel, stride = (7, 4) if i == 1 else (3, 2)
             setattr(self, f"patch_embed{i}", _OverlapPatchEmbed(c_in, dim, kernel, stride))
-            setattr(self, f"block{i}", nn.ModuleList(
-                _MiTBlock(dim, s.num_heads[i - 1], s.sr_ratios[i - 1], s.mlp_ratio, rates[at + j]) for j in range(depth)))
+            setattr(
+                self,
+                f"block{i}",
+                nn.ModuleList(
+                    _MiTBlock(dim, s.num_heads[i - 1], s.sr_ratios[i - 1], s.mlp_ratio, rates[at + j])
+                    for j in range(depth)
+                ),
+            )
             setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=1e-6))
             c_in, at = dim, at + depth
         self.out_channels = s.embed_dims
@@ -250,7 +258,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def load_mit_weights(encoder: MixVisionTransformer, state: Mapping[str, torch.Tensor], source: str = "state dict") -> list[str]:
+def load_mit_weights(
+    encoder: MixVisionTransformer, state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> list[str]:
     """Copy a published MiT state dict into ``encoder``: every key consumed, every shape checked.
 
     Keys in :data:`MIT_DROPPED_KEYS` (the ImageNet classifier) are dropped and returned; any other key that
@@ -262,8 +272,11 @@ def load_mit_weights(encoder: MixVisionTransformer, state: Mapping[str, torch.Te
     given = {k: v for k, v in state.items() if k not in MIT_DROPPED_KEYS}
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
-    shapes = sorted(f"{k}: file {tuple(given[k].shape)} vs {encoder.size} {tuple(own[k].shape)}"
-                    for k in set(own) & set(given) if tuple(given[k].shape) != tuple(own[k].shape))
+    shapes = sorted(
+        f"{k}: file {tuple(given[k].shape)} vs {encoder.size} {tuple(own[k].shape)}"
+        for k in set(own) & set(given)
+        if tuple(given[k].shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or shapes:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
@@ -278,6 +291,7 @@ def load_mit_weights(encoder: MixVisionTransformer, state: Mapping[str, torch.Te
 
 
 # -- grid tokenizer -----------------------------------------------------------------------------------
+
 
 class GridTokenizer(nn.Module):
     """Feature maps → (N, gh·gw, D) tokens in raster order (pool each map to the grid, 1×1 project, sum)."""
@@ -303,8 +317,9 @@ class ImageEncoder(nn.Module):
     repeated to 3 channels, as TokenFusion feeds depth to its shared backbone).
     """
 
-    def __init__(self, kind: str, channels: int, bits: int, dim: int, grid: tuple[int, int], patch_size: int,
-                 depth_max: float):
+    def __init__(
+        self, kind: str, channels: int, bits: int, dim: int, grid: tuple[int, int], patch_size: int, depth_max: float
+    ):
         super().__init__()
         if bits not in (8, 16):
             raise ValueError(f"ImageEncoder: an image modality must be 8- or 16-bit; got {bits} bits")
@@ -313,7 +328,9 @@ class ImageEncoder(nn.Module):
             self.encoder = ConvPatchEncoder(channels, max(dim, 32), patch_size)
         else:
             if channels not in (1, 3):
-                raise ValueError(f"ImageEncoder: {kind} takes 3-channel (or 1-channel, repeated) images; got {channels}")
+                raise ValueError(
+                    f"ImageEncoder: {kind} takes 3-channel (or 1-channel, repeated) images; got {channels}"
+                )
             self.encoder = MixVisionTransformer(kind)
             self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

@@ -45,7 +45,11 @@ from .text import TextEncoder
 from .xattn import CrossAttentionFusion
 
 FUSIONS = ("mango", "concat", "xattn")
-DECODERS = ("direct", "warp", "select")  # translation heads: TranslationHead, WarpTranslationHead, SelectTranslationHead
+DECODERS = (
+    "direct",
+    "warp",
+    "select",
+)  # translation heads: TranslationHead, WarpTranslationHead, SelectTranslationHead
 MODES = ("loss", "eval", "predict")
 
 
@@ -66,11 +70,28 @@ class Modality:
 class LatentTaskModel(nn.Module):
     """See the module docstring. ``inputs``: 1 or 2 modalities (image/text); ``target``: the supervised one."""
 
-    def __init__(self, task: str, inputs: Sequence[Modality], target: Modality, head: nn.Module, *, dim: int,
-                 grid: tuple[int, int], encoder: str = "conv", patch_size: int = 4, fusion: str = "mango",
-                 nll_weight: float = 1e-2, nll_to_encoders: bool = False, depth_max: float = 10000.0, text_trainable: bool = False, text_cache: int = 0,
-                 augment: Augment | None = None, flow_kwargs: Mapping | None = None, xattn_kwargs: Mapping | None = None,
-                 skips: bool = False):
+    def __init__(
+        self,
+        task: str,
+        inputs: Sequence[Modality],
+        target: Modality,
+        head: nn.Module,
+        *,
+        dim: int,
+        grid: tuple[int, int],
+        encoder: str = "conv",
+        patch_size: int = 4,
+        fusion: str = "mango",
+        nll_weight: float = 1e-2,
+        nll_to_encoders: bool = False,
+        depth_max: float = 10000.0,
+        text_trainable: bool = False,
+        text_cache: int = 0,
+        augment: Augment | None = None,
+        flow_kwargs: Mapping | None = None,
+        xattn_kwargs: Mapping | None = None,
+        skips: bool = False,
+    ):
         super().__init__()
         if len(inputs) not in (1, 2):
             raise ValueError(f"{task}: the latent model takes 1 or 2 input modalities; got {[m.key for m in inputs]}")
@@ -88,16 +109,23 @@ class LatentTaskModel(nn.Module):
         self.encoders = nn.ModuleDict()
         for m in inputs:
             if m.kind == "image":
-                self.encoders[_name(m.key)] = ImageEncoder(encoder, m.channels, m.bits, dim, self.grid, patch_size, depth_max)
+                self.encoders[_name(m.key)] = ImageEncoder(
+                    encoder, m.channels, m.bits, dim, self.grid, patch_size, depth_max
+                )
             elif m.kind == "text":
                 self.encoders[_name(m.key)] = TextEncoder(n, dim, trainable=text_trainable, cache=text_cache)
             else:
-                raise ValueError(f"{task}: input {m.key!r} of kind {m.kind!r} cannot be encoded; use image or text modalities")
+                raise ValueError(
+                    f"{task}: input {m.key!r} of kind {m.kind!r} cannot be encoded; use image or text modalities"
+                )
         if fusion == "mango":
             kwargs = dict(flow_kwargs or {})
             layer = kwargs.pop("layer", "ica")  # model.flow_layer: MANGO blocks, or a Table 4 comparator
-            self.flow = (MangoFlow(dim, n * len(inputs), **kwargs) if layer == "ica"
-                         else token_flow(layer, dim, n * len(inputs), kwargs.get("num_blocks", 12)))
+            self.flow = (
+                MangoFlow(dim, n * len(inputs), **kwargs)
+                if layer == "ica"
+                else token_flow(layer, dim, n * len(inputs), kwargs.get("num_blocks", 12))
+            )
             if len(inputs) == 1:  # single modality: [even ; odd] tokens play the two "modalities"
                 order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
                 self.register_buffer("order", order, persistent=False)
@@ -113,9 +141,11 @@ class LatentTaskModel(nn.Module):
         if getattr(head, "needs_source", False):
             fits = [m for m in inputs if m.kind == "image" and (m.channels, m.bits) == (target.channels, target.bits)]
             if not fits:
-                raise ValueError(f"{task}: model.decoder={type(head).__name__} warps an input image like the target {target.key} "
-                                 f"({target.channels} channels, {target.bits}-bit); the inputs are "
-                                 f"{[(m.key, m.channels, m.bits) for m in inputs]}")
+                raise ValueError(
+                    f"{task}: model.decoder={type(head).__name__} warps an input image like the target {target.key} "
+                    f"({target.channels} channels, {target.bits}-bit); the inputs are "
+                    f"{[(m.key, m.channels, m.bits) for m in inputs]}"
+                )
             self.source = fits[0]
 
     # -- pieces ---------------------------------------------------------------------------------------
@@ -136,8 +166,9 @@ class LatentTaskModel(nn.Module):
         """Per stride, the maps of every input modality concatenated along channels (finest first)."""
         return [torch.cat(level, dim=1) if len(level) > 1 else level[0] for level in zip(*maps, strict=True)]
 
-    def _encode(self, batch: Mapping[str, object],
-                maps: list | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    def _encode(
+        self, batch: Mapping[str, object], maps: list | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         tokens, masks = [], []
         for m in self.inputs:
             enc = self.encoders[_name(m.key)]
@@ -156,8 +187,9 @@ class LatentTaskModel(nn.Module):
                 masks.append(None)
         return tokens, masks
 
-    def _flow(self, tokens: list[torch.Tensor], stop_into_encoders: bool,
-              masks: list[torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _flow(
+        self, tokens: list[torch.Tensor], stop_into_encoders: bool, masks: list[torch.Tensor | None] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Z per modality and the per-sample NLL/(L·D) (None without a flow)."""
         if self.xattn is not None:
             return self.xattn(tokens, masks or [None] * len(tokens)), None
@@ -182,8 +214,14 @@ class LatentTaskModel(nn.Module):
         log_pz = -0.5 * (z * z).flatten(1).sum(1) - 0.5 * ld * math.log(2 * math.pi)
         return -(log_pz + logdet.to(z.dtype)) / ld
 
-    def _head(self, zs: list[torch.Tensor], masks: list[torch.Tensor | None], size: tuple[int, int] | None,
-              batch: Mapping[str, object], skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def _head(
+        self,
+        zs: list[torch.Tensor],
+        masks: list[torch.Tensor | None],
+        size: tuple[int, int] | None,
+        batch: Mapping[str, object],
+        skips: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         if self.fuse is None:
             return self.head(zs, masks)
         n, (gh, gw) = zs[0].shape[0], self.grid
@@ -218,7 +256,9 @@ class LatentTaskModel(nn.Module):
         need = [m.key for m in self.inputs] + ([self.target.key] if mode != "predict" else [])
         missing = [k for k in need if k not in batch]
         if missing:
-            raise ValueError(f"{self.task} batch lacks {missing}; it has {sorted(k for k in batch if not k.startswith('__'))}")
+            raise ValueError(
+                f"{self.task} batch lacks {missing}; it has {sorted(k for k in batch if not k.startswith('__'))}"
+            )
         if mode == "loss" and self.training and self.augment.active:
             batch = self._augmented(batch, with_target=True)
         maps: list | None = [] if self.skips else None
@@ -238,8 +278,11 @@ class LatentTaskModel(nn.Module):
                 result["nll"] = nll.mean().detach()
             return result | (extra[0] if extra else {})
         valid = batch.get("__valid__")
-        w = torch.ones(per_sample.shape[0], device=per_sample.device) if valid is None else \
-            torch.as_tensor(valid, device=per_sample.device).to(per_sample.dtype)
+        w = (
+            torch.ones(per_sample.shape[0], device=per_sample.device)
+            if valid is None
+            else torch.as_tensor(valid, device=per_sample.device).to(per_sample.dtype)
+        )
         sums = self.head.sums(out.detach(), target, w.bool())
         sums["task_loss_sum"] = (per_sample.detach().double() * w.double()).sum()
         if nll is not None:
@@ -272,10 +315,20 @@ def _name(key: str) -> str:
     return key.split(".")[0].replace("-", "_")
 
 
-def build_head(task: str, target: Modality, dim: int, num_inputs: int, steps: int, num_classes: int,
-               gan_weight: float = 0.0, decoder: str = "direct", warp_range: int = 16,
-               warp_generate: bool = False, skip_channels: Sequence[int] | None = None,
-               skip_stride: int = 1) -> nn.Module:
+def build_head(
+    task: str,
+    target: Modality,
+    dim: int,
+    num_inputs: int,
+    steps: int,
+    num_classes: int,
+    gan_weight: float = 0.0,
+    decoder: str = "direct",
+    warp_range: int = 16,
+    warp_generate: bool = False,
+    skip_channels: Sequence[int] | None = None,
+    skip_stride: int = 1,
+) -> nn.Module:
     """The head for ``task`` (segmentation | translation | classification); ``decoder`` picks translation's.
 
     ``skip_channels`` (per stride, finest first, summed over the input modalities) turns on the skip decoder

@@ -59,8 +59,12 @@ class UpDecoder(nn.Module):
         c = dim
         for _ in range(steps):
             out = max(32, c // 2)
-            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       nn.Conv2d(c, out, 3, padding=1), _gn(out), nn.GELU()]
+            layers += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(c, out, 3, padding=1),
+                _gn(out),
+                nn.GELU(),
+            ]
             c = out
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv2d(c, out_channels, 1)
@@ -95,30 +99,42 @@ class SkipDecoder(nn.Module):
         c = dim
         for _ in range(refine):
             out = max(32, c // 2)
-            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       nn.Conv2d(c, out, 3, padding=1), _gn(out), nn.GELU()]
+            layers += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(c, out, 3, padding=1),
+                _gn(out),
+                nn.GELU(),
+            ]
             c = out
         self.refine = nn.Sequential(*layers)
         self.out = nn.Conv2d(c, out_channels, 1)
 
-    def forward(self, grid: torch.Tensor, size: tuple[int, int], skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, grid: torch.Tensor, size: tuple[int, int], skips: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if skips is None or len(skips) != len(self.proj):
-            raise ValueError(f"SkipDecoder: expected {len(self.proj)} skip levels (model.skips); got "
-                             f"{None if skips is None else len(skips)}")
+            raise ValueError(
+                f"SkipDecoder: expected {len(self.proj)} skip levels (model.skips); got "
+                f"{None if skips is None else len(skips)}"
+            )
         finest = tuple(skips[0].shape[-2:])
         parts = [F.interpolate(self.latent(grid), size=finest, mode="bilinear", align_corners=False)]
         for proj, skip in zip(self.proj, skips, strict=True):
             y = proj(skip)
-            parts.append(y if tuple(y.shape[-2:]) == finest else
-                         F.interpolate(y, size=finest, mode="bilinear", align_corners=False))
+            parts.append(
+                y
+                if tuple(y.shape[-2:]) == finest
+                else F.interpolate(y, size=finest, mode="bilinear", align_corners=False)
+            )
         y = self.out(self.refine(self.fuse(torch.cat(parts, dim=1))))
         if tuple(y.shape[-2:]) != tuple(size):
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return y
 
 
-def make_decoder(dim: int, out_channels: int, steps: int, skip_channels: Sequence[int] | None = None,
-                 refine: int = 0) -> nn.Module:
+def make_decoder(
+    dim: int, out_channels: int, steps: int, skip_channels: Sequence[int] | None = None, refine: int = 0
+) -> nn.Module:
     """:class:`SkipDecoder` when ``skip_channels`` is given (``model.skips``), else :class:`UpDecoder`."""
     if skip_channels:
         return SkipDecoder(dim, out_channels, skip_channels, refine)
@@ -155,8 +171,10 @@ class SegmentationHead(nn.Module):
         label = label.long()
         bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= self.num_classes))
         if bool(bad.any()):
-            raise ValueError(f"segmentation: label values outside 0..{self.num_classes - 1} (and not {IGNORE_INDEX}); "
-                             f"model.num_classes={self.num_classes} does not fit the data")
+            raise ValueError(
+                f"segmentation: label values outside 0..{self.num_classes - 1} (and not {IGNORE_INDEX}); "
+                f"model.num_classes={self.num_classes} does not fit the data"
+            )
         ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="none")  # (N, H, W)
         keep = (label != IGNORE_INDEX).to(ce.dtype)
         # a batch with no labelled pixel contributes 0 (a plain mean would be 0/0 = NaN)
@@ -178,7 +196,7 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         c = channels
         for i in range(3):
-            out = width * 2 ** i
+            out = width * 2**i
             layers += [nn.Conv2d(c, out, 4, stride=2, padding=1)]
             if i:
                 layers += [_gn(out)]
@@ -202,8 +220,16 @@ class TranslationHead(nn.Module):
 
     needs_source = False  # forward(grid, size); the warp head also takes the source image
 
-    def __init__(self, dim: int, channels: int, steps: int, gan_weight: float = 0.0, decoder_channels: int = 0,
-                 skip_channels: Sequence[int] | None = None, refine: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        channels: int,
+        steps: int,
+        gan_weight: float = 0.0,
+        decoder_channels: int = 0,
+        skip_channels: Sequence[int] | None = None,
+        refine: int = 0,
+    ):
         super().__init__()
         self.channels, self.gan_weight = channels, gan_weight
         self.decoder = make_decoder(dim, decoder_channels or channels, steps, skip_channels, refine)
@@ -212,15 +238,20 @@ class TranslationHead(nn.Module):
     def forward(self, grid: torch.Tensor, size: tuple[int, int], skips=None) -> torch.Tensor:
         return torch.sigmoid(_decode(self.decoder, grid, size, skips).float())
 
-    def _decode_with_source(self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor,
-                            skips=None) -> torch.Tensor:
+    def _decode_with_source(
+        self, grid: torch.Tensor, size: tuple[int, int], source: torch.Tensor, skips=None
+    ) -> torch.Tensor:
         """The decoder's fp32 output, after checking ``source`` (the image a source-taking head moves) fits."""
         if source.shape[1] != self.channels or tuple(source.shape[2:]) != tuple(size):
-            raise ValueError(f"{type(self).__name__}: source {tuple(source.shape)} must be (N, {self.channels}, "
-                             f"{size[0]}, {size[1]})")
+            raise ValueError(
+                f"{type(self).__name__}: source {tuple(source.shape)} must be (N, {self.channels}, "
+                f"{size[0]}, {size[1]})"
+            )
         return _decode(self.decoder, grid, size, skips).float()
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, pred: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(L1 [+ adversarial] scalar, (N,) per-sample L1, extra detached terms)."""
         l1 = (pred - target).abs()
         per = l1.flatten(1).mean(1)
@@ -230,8 +261,10 @@ class TranslationHead(nn.Module):
             fake_for_g = functional_call(self.discriminator, frozen, (pred,))
             g_adv = F.binary_cross_entropy_with_logits(fake_for_g, torch.ones_like(fake_for_g))
             real, fake = self.discriminator(target), self.discriminator(pred.detach())
-            d_loss = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+            d_loss = 0.5 * (
+                F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+            )
             total = total + self.gan_weight * (g_adv + d_loss)
             extra = {"gan_g": g_adv.detach(), "gan_d": d_loss.detach()}
         return total, per, extra
@@ -258,12 +291,28 @@ class WarpTranslationHead(TranslationHead):
     needs_source = True
     MASK_BIAS = -3.0
 
-    def __init__(self, dim: int, channels: int, steps: int, max_shift: int, gan_weight: float = 0.0,
-                 generate: bool = False, skip_channels: Sequence[int] | None = None, refine: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        channels: int,
+        steps: int,
+        max_shift: int,
+        gan_weight: float = 0.0,
+        generate: bool = False,
+        skip_channels: Sequence[int] | None = None,
+        refine: int = 0,
+    ):
         if max_shift < 1:
             raise ValueError(f"WarpTranslationHead: max_shift must be ≥ 1 px; got {max_shift}")
-        super().__init__(dim, channels, steps, gan_weight, decoder_channels=1 + (1 + channels if generate else 0),
-                         skip_channels=skip_channels, refine=refine)
+        super().__init__(
+            dim,
+            channels,
+            steps,
+            gan_weight,
+            decoder_channels=1 + (1 + channels if generate else 0),
+            skip_channels=skip_channels,
+            refine=refine,
+        )
         self.max_shift, self.generate = int(max_shift), bool(generate)
         if self.generate:
             with torch.no_grad():
@@ -296,8 +345,9 @@ def warp_rows(source: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     ys = torch.arange(h, device=source.device, dtype=source.dtype).view(1, h, 1).expand(n, h, w)
     gx = 2.0 * xs / max(w - 1, 1) - 1.0
     gy = 2.0 * ys / max(h - 1, 1) - 1.0
-    return F.grid_sample(source, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="border",
-                         align_corners=True)
+    return F.grid_sample(
+        source, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="border", align_corners=True
+    )
 
 
 class SelectTranslationHead(TranslationHead):
@@ -316,13 +366,29 @@ class SelectTranslationHead(TranslationHead):
 
     needs_source = True
 
-    def __init__(self, dim: int, channels: int, steps: int, max_shift: int, gan_weight: float = 0.0,
-                 generate: bool = False, skip_channels: Sequence[int] | None = None, refine: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        channels: int,
+        steps: int,
+        max_shift: int,
+        gan_weight: float = 0.0,
+        generate: bool = False,
+        skip_channels: Sequence[int] | None = None,
+        refine: int = 0,
+    ):
         if max_shift < 1:
             raise ValueError(f"SelectTranslationHead: max_shift must be ≥ 1 px; got {max_shift}")
         extra = 1 + channels if generate else 0
-        super().__init__(dim, channels, steps, gan_weight, decoder_channels=2 * max_shift + 1 + extra,
-                         skip_channels=skip_channels, refine=refine)
+        super().__init__(
+            dim,
+            channels,
+            steps,
+            gan_weight,
+            decoder_channels=2 * max_shift + 1 + extra,
+            skip_channels=skip_channels,
+            refine=refine,
+        )
         self.max_shift, self.generate = int(max_shift), bool(generate)
         self.candidates = 2 * self.max_shift + 1 + int(self.generate)
 
@@ -334,13 +400,17 @@ class SelectTranslationHead(TranslationHead):
         padded = F.pad(source.float(), (self.max_shift, self.max_shift))  # (n, c, h, w + 2R)
         windows = padded.unfold(-1, w, 1)  # (n, c, h, k, w), a view: windows[..., j, x] = source[..., x + j − R]
         warped = torch.einsum("nchkw,nkhw->nchw", windows, p[:, :k])
-        return warped + p[:, k:] * torch.sigmoid(y[:, k + 1:]) if self.generate else warped
+        return warped + p[:, k:] * torch.sigmoid(y[:, k + 1 :]) if self.generate else warped
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, candidates, H, W) logits → probabilities, the shifts reading outside the image masked out."""
         r, k, w = self.max_shift, 2 * self.max_shift + 1, logits.shape[-1]
-        col = torch.arange(w, device=logits.device).view(1, w) + torch.arange(-r, r + 1, device=logits.device).view(k, 1)
-        inside = torch.cat([(col >= 0) & (col < w), torch.ones(self.candidates - k, w, dtype=torch.bool, device=logits.device)])
+        col = torch.arange(w, device=logits.device).view(1, w) + torch.arange(-r, r + 1, device=logits.device).view(
+            k, 1
+        )
+        inside = torch.cat(
+            [(col >= 0) & (col < w), torch.ones(self.candidates - k, w, dtype=torch.bool, device=logits.device)]
+        )
         return torch.softmax(logits.masked_fill(~inside.view(1, self.candidates, 1, w), float("-inf")), dim=1)
 
     def shift_probs(self, grid: torch.Tensor, size: tuple[int, int], skips=None) -> torch.Tensor:
@@ -354,8 +424,12 @@ class ClassificationHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, num_modalities: int):
         super().__init__()
         self.num_classes = num_classes
-        self.mlp = nn.Sequential(nn.LayerNorm(dim * num_modalities), nn.Linear(dim * num_modalities, dim), nn.GELU(),
-                                 nn.Linear(dim, num_classes))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim * num_modalities),
+            nn.Linear(dim * num_modalities, dim),
+            nn.GELU(),
+            nn.Linear(dim, num_classes),
+        )
 
     def forward(self, zs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
         pooled = []
@@ -369,7 +443,9 @@ class ClassificationHead(nn.Module):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if target.shape != logits.shape:
-            raise ValueError(f"classification: target {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+            raise ValueError(
+                f"classification: target {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
+            )
         bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
         return bce.mean(), bce.mean(1)
 

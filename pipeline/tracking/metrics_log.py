@@ -100,7 +100,8 @@ def plot_metrics(
     records = read_metrics(jsonl_path)
     series = {
         key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        for _, keys in panels for key in keys
+        for _, keys in panels
+        for key in keys
     }
     if not any(series.values()):
         wanted = sorted({k for _, keys in panels for k in keys})

@@ -136,8 +136,14 @@ class MlflowTracker:
     @classmethod
     def from_config(cls, cfg: Config) -> MlflowTracker:
         t = cfg.tracking
-        return cls(t.experiment, uri=t.uri, log_every=t.log_every, queue_size=t.queue_size,
-                   timeout_s=t.timeout_s, retries=t.retries)
+        return cls(
+            t.experiment,
+            uri=t.uri,
+            log_every=t.log_every,
+            queue_size=t.queue_size,
+            timeout_s=t.timeout_s,
+            retries=t.retries,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -407,7 +413,7 @@ class MlflowTracker:
             except Exception as e:
                 if attempt == attempts - 1 or _is_rejection(e):
                     raise
-                time.sleep(0.2 * 2 ** attempt)
+                time.sleep(0.2 * 2**attempt)
 
     def _warn_unreachable(self, error: BaseException) -> None:
         with self._cond:  # the worker and close() may both get here
@@ -415,7 +421,9 @@ class MlflowTracker:
         if first:
             log.warning(
                 "MLflow tracking at %s is unreachable or failing (%s); training continues and what cannot be "
-                "sent is dropped (this warning is shown once per run)", self.uri, _short(error),
+                "sent is dropped (this warning is shown once per run)",
+                self.uri,
+                _short(error),
             )
 
     @staticmethod

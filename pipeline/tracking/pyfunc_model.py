@@ -40,8 +40,15 @@ from .serving import signature as _signature
 ARTIFACT = "model"  # the artifact directory's name inside the logged model
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["ARTIFACT", "PREDICT_PARAMS", "WEIGHTS_FILE", "MangoPyfuncModel", "pip_requirements",
-           "run_task", "signature"]
+__all__ = [
+    "ARTIFACT",
+    "PREDICT_PARAMS",
+    "WEIGHTS_FILE",
+    "MangoPyfuncModel",
+    "pip_requirements",
+    "run_task",
+    "signature",
+]
 
 
 def signature(io=None):

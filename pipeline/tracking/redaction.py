@@ -9,17 +9,49 @@ from typing import Any
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value, in characters
 
 # words that only ever name credentials
-_SECRET_WORDS = frozenset({
-    "secret", "secrets", "password", "passwd", "pwd", "passphrase", "credential", "credentials", "apikey",
-    "auth", "authorization", "cookie", "private", "signature", "sas", "bearer",
-})
+_SECRET_WORDS = frozenset(
+    {
+        "secret",
+        "secrets",
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "credential",
+        "credentials",
+        "apikey",
+        "auth",
+        "authorization",
+        "cookie",
+        "private",
+        "signature",
+        "sas",
+        "bearer",
+    }
+)
 # words that are ordinary ML vocabulary (attention keys, sequence tokens) as well as credential names
 _AMBIGUOUS_WORDS = frozenset({"key", "keys", "token", "tokens"})
 # ... and that are credentials whenever one of these comes right before them (access_key, api_token, …)
-_CREDENTIAL_QUALIFIERS = frozenset({
-    "access", "api", "secret", "private", "auth", "session", "refresh", "bearer", "client", "signing",
-    "encryption", "ssh", "account", "master", "personal", "id",
-})
+_CREDENTIAL_QUALIFIERS = frozenset(
+    {
+        "access",
+        "api",
+        "secret",
+        "private",
+        "auth",
+        "session",
+        "refresh",
+        "bearer",
+        "client",
+        "signing",
+        "encryption",
+        "ssh",
+        "account",
+        "master",
+        "personal",
+        "id",
+    }
+)
 # sections of the typed config whose fields are numeric/architectural hyperparameters: there, key/token
 # mean attention keys or sequence tokens (model.tokens, model.key_dim) — the typed config cannot carry a
 # credential there, because unknown keys are refused

@@ -62,6 +62,7 @@ def registered_name(task: str) -> str:
 
 # -- lookups ----------------------------------------------------------------------------------------------
 
+
 def source_from_run(run_id: str, scratch: str | Path, tracking_uri: str = "") -> ModelSource:
     """The newest complete checkpoint of the training run ``run_id`` (its ``run.dir`` tag)."""
     from mlflow.exceptions import MlflowException
@@ -80,6 +81,7 @@ def source_from_run(run_id: str, scratch: str | Path, tracking_uri: str = "") ->
 
 
 # -- registration -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class GateDecision:
@@ -102,10 +104,20 @@ def git_commit() -> tuple[str, bool]:
         return os.environ[GIT_COMMIT_ENV], False
     root = project_root()
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True,
-                             timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=30).stdout.strip() != ""
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(f"cannot read the git commit of {root} ({e}); set {GIT_COMMIT_ENV}=<sha>") from e
     return sha, dirty
@@ -138,8 +150,10 @@ def train_manifest_sha256(source: ModelSource, client: MlflowClient | None) -> s
     try:
         return load_manifest(url).manifest_checksum()
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"the training manifest {url} is gone and the training run is unknown: cannot "
-                                "tag the version with its training data") from e
+        raise FileNotFoundError(
+            f"the training manifest {url} is gone and the training run is unknown: cannot "
+            "tag the version with its training data"
+        ) from e
 
 
 def version_tags(source: ModelSource, result: EvalResult, train_sha: str) -> dict[str, str]:
@@ -147,15 +161,26 @@ def version_tags(source: ModelSource, result: EvalResult, train_sha: str) -> dic
     sha, dirty = git_commit()
     cfg = source.cfg
     tags = {f"metric.{k}": repr(float(v)) for k, v in result.metrics.items()}
-    tags |= {"eval.metric": metric_for_split(cfg.eval.metric, result.split), "eval.mode": cfg.eval.mode,
-             "eval.split": result.split, "eval.shards": result.shards, "eval.manifest_sha256": result.manifest_sha256,
-             "data.train_manifest_sha256": train_sha, "git.commit": sha, "git.dirty": str(dirty).lower(),
-             "weights.sha256": file_sha256(source.weights), "task": cfg.model.task, "source": source.origin}
+    tags |= {
+        "eval.metric": metric_for_split(cfg.eval.metric, result.split),
+        "eval.mode": cfg.eval.mode,
+        "eval.split": result.split,
+        "eval.shards": result.shards,
+        "eval.manifest_sha256": result.manifest_sha256,
+        "data.train_manifest_sha256": train_sha,
+        "git.commit": sha,
+        "git.dirty": str(dirty).lower(),
+        "weights.sha256": file_sha256(source.weights),
+        "task": cfg.model.task,
+        "source": source.origin,
+    }
     if source.step is not None:
         tags["step"] = str(source.step)
     if tags["eval.metric"] not in result.metrics:
-        raise ValueError(f"eval.metric={cfg.eval.metric!r} is not among the evaluation's metrics "
-                         f"{sorted(result.metrics)}; the gate could never compare this version")
+        raise ValueError(
+            f"eval.metric={cfg.eval.metric!r} is not among the evaluation's metrics "
+            f"{sorted(result.metrics)}; the gate could never compare this version"
+        )
     return tags
 
 
@@ -185,8 +210,9 @@ def _logging_run(client: MlflowClient, source: ModelSource) -> str:
             client.get_run(source.run_id)
             return source.run_id
         except MlflowException:
-            log.warning("training run %s is not in %s; logging the model in a new run", source.run_id,
-                        client.tracking_uri)
+            log.warning(
+                "training run %s is not in %s; logging the model in a new run", source.run_id, client.tracking_uri
+            )
     exp = ensure_experiment(client, source.cfg.tracking.experiment)
     tags = {"mango.job": "register", "mango.source": source.origin}
     if source.run_id:
@@ -221,10 +247,14 @@ def pyfunc_arguments(weights: str | Path, tmp: str | Path, input_example=None) -
     shutil.copy2(weights, bundle / WEIGHTS_FILE)
     shutil.copy2(config_path(weights), bundle / "model.config.yaml")
     io = io_for_weights(weights)
-    args = {"python_model": MangoPyfuncModel(), "artifacts": {ARTIFACT: str(bundle)},
-            "code_paths": [str(stage_code(tmp))],
-            "pip_requirements": pip_requirements(text=any(f.kind == "text" for f in io.inputs)), "signature": signature(io),
-            "metadata": {"mango": io.describe(), "architecture": architecture(weights_config(weights))}}
+    args = {
+        "python_model": MangoPyfuncModel(),
+        "artifacts": {ARTIFACT: str(bundle)},
+        "code_paths": [str(stage_code(tmp))],
+        "pip_requirements": pip_requirements(text=any(f.kind == "text" for f in io.inputs)),
+        "signature": signature(io),
+        "metadata": {"mango": io.describe(), "architecture": architecture(weights_config(weights))},
+    }
     if input_example is not None:
         args["input_example"] = input_example
     return args
@@ -285,24 +315,37 @@ def gate(client: MlflowClient, name: str, version: str) -> GateDecision:
     champ = client.get_model_version(name, champ_version)
     ct, pt = cand.tags, champ.tags
     if ct.get("eval.manifest_sha256") != pt.get("eval.manifest_sha256"):
-        return GateDecision(False, (
-            f"refused: version {version} was evaluated on manifest {ct.get('eval.manifest_sha256')} "
-            f"({ct.get('eval.shards')} split {ct.get('eval.split')}) but {CHAMPION} version {champ_version} on "
-            f"{pt.get('eval.manifest_sha256')} ({pt.get('eval.shards')} split {pt.get('eval.split')}); metrics on "
-            "different evaluation data are not comparable — evaluate on the champion's manifest"))
+        return GateDecision(
+            False,
+            (
+                f"refused: version {version} was evaluated on manifest {ct.get('eval.manifest_sha256')} "
+                f"({ct.get('eval.shards')} split {ct.get('eval.split')}) but {CHAMPION} version {champ_version} on "
+                f"{pt.get('eval.manifest_sha256')} ({pt.get('eval.shards')} split {pt.get('eval.split')}); metrics on "
+                "different evaluation data are not comparable — evaluate on the champion's manifest"
+            ),
+        )
     metric, mode = ct.get("eval.metric"), ct.get("eval.mode")
     if metric != pt.get("eval.metric") or mode != pt.get("eval.mode"):
-        return GateDecision(False, (f"refused: version {version} is gated on {metric} ({mode}) but {CHAMPION} "
-                                    f"version {champ_version} on {pt.get('eval.metric')} ({pt.get('eval.mode')})"))
-    missing = [f"version {v} ({role})" for v, role, t in ((version, "candidate", ct), (champ_version, CHAMPION, pt))
-               if f"metric.{metric}" not in t]
+        return GateDecision(
+            False,
+            (
+                f"refused: version {version} is gated on {metric} ({mode}) but {CHAMPION} "
+                f"version {champ_version} on {pt.get('eval.metric')} ({pt.get('eval.mode')})"
+            ),
+        )
+    missing = [
+        f"version {v} ({role})"
+        for v, role, t in ((version, "candidate", ct), (champ_version, CHAMPION, pt))
+        if f"metric.{metric}" not in t
+    ]
     if missing:
         return GateDecision(False, f"refused: no metric.{metric} tag on {' and '.join(missing)}")
     new, old = float(ct[f"metric.{metric}"]), float(pt[f"metric.{metric}"])
     better = new < old if mode == "min" else new > old
     verdict = "better" if better else ("equal" if new == old else "worse")
-    reason = (f"{metric} ({mode}) {new:.6g} vs {CHAMPION} version {champ_version} {old:.6g} on the same manifest: "
-              f"{verdict}")
+    reason = (
+        f"{metric} ({mode}) {new:.6g} vs {CHAMPION} version {champ_version} {old:.6g} on the same manifest: {verdict}"
+    )
     if better:
         return GateDecision(True, f"{reason}; version {version} becomes {CHAMPION}")
     return GateDecision(False, f"{reason}; {CHAMPION} stays at version {champ_version}")

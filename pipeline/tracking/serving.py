@@ -61,9 +61,11 @@ class ModelIO:
         return any(f.kind == "text" for f in self.inputs)
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.task,
-                "inputs": {f.key: {"dtype": f.dtype, "shape": [-1, *f.shape], "kind": f.kind} for f in self.inputs},
-                "outputs": {n: {"dtype": d, "shape": [-1, *s]} for n, d, s in self.outputs}}
+        return {
+            "task": self.task,
+            "inputs": {f.key: {"dtype": f.dtype, "shape": [-1, *f.shape], "kind": f.kind} for f in self.inputs},
+            "outputs": {n: {"dtype": d, "shape": [-1, *s]} for n, d, s in self.outputs},
+        }
 
 
 def weights_specs(weights: str | Path) -> list[tuple[str, tuple[int, ...], int]]:
@@ -87,13 +89,18 @@ def model_io(cfg, specs: list[tuple[str, tuple[int, ...], int]]) -> ModelIO:
     from pipeline.models import task_layout
 
     inputs, target = task_layout(cfg, specs)
-    fields = tuple(Field(m.key, "text", "str", ()) if m.kind == "text" else
-                   Field(m.key, "image", "uint16" if m.bits == 16 else "uint8", shapes[m.key], m.bits)
-                   for m in inputs)
+    fields = tuple(
+        Field(m.key, "text", "str", ())
+        if m.kind == "text"
+        else Field(m.key, "image", "uint16" if m.bits == 16 else "uint8", shapes[m.key], m.bits)
+        for m in inputs
+    )
     t_shape = shapes[target.key]
-    out = {"segmentation": ("pred", "int64", t_shape[-2:]),
-           "translation": ("pred", "float32", t_shape),
-           "classification": ("probs", "float32", (cfg.model.num_classes,))}[task]
+    out = {
+        "segmentation": ("pred", "int64", t_shape[-2:]),
+        "translation": ("pred", "float32", t_shape),
+        "classification": ("probs", "float32", (cfg.model.num_classes,)),
+    }[task]
     return ModelIO(task, fields, (out,))
 
 
@@ -131,6 +138,7 @@ def signature(io: ModelIO | None = None):
 
 # -- requests -----------------------------------------------------------------------------------------------
 
+
 def invalid(message: str):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -160,8 +168,9 @@ def to_batch(model_input: Any, io: ModelIO) -> dict[str, Any]:
     if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):  # a pandas DataFrame
         model_input = {c: list(model_input[c]) for c in model_input.columns}
     if not isinstance(model_input, Mapping):
-        raise invalid(f"mango-{io.task} takes named inputs {[f.key for f in io.inputs]}; got "
-                      f"{type(model_input).__name__}")
+        raise invalid(
+            f"mango-{io.task} takes named inputs {[f.key for f in io.inputs]}; got {type(model_input).__name__}"
+        )
     missing = [f.key for f in io.inputs if f.key not in model_input]
     if missing:
         raise invalid(f"missing input(s) {missing}; mango-{io.task} takes {[f.key for f in io.inputs]}")
@@ -184,13 +193,17 @@ def to_batch(model_input: Any, io: ModelIO) -> dict[str, Any]:
             raise invalid(f"input '{f.key}': shape {list(a.shape)}, expected {[-1, *f.shape]}")
         if f.kind == "dequantised":
             if a.dtype.kind != "f":
-                raise invalid(f"input '{f.key}': expected float32 values already dequantised into [-0.5, 0.5) "
-                              f"((v + u) / 2^{f.bits} - 0.5), got {a.dtype}")
+                raise invalid(
+                    f"input '{f.key}': expected float32 values already dequantised into [-0.5, 0.5) "
+                    f"((v + u) / 2^{f.bits} - 0.5), got {a.dtype}"
+                )
             a = a.astype(np.float32, copy=False)
             if a.size and not (np.isfinite(a).all() and a.min() >= -0.5 and a.max() < 0.5):
-                raise invalid(f"input '{f.key}': values must be finite and inside [-0.5, 0.5) (dequantised "
-                              f"(v + u) / 2^{f.bits} - 0.5); got min {float(np.nanmin(a)):.4g}, max "
-                              f"{float(np.nanmax(a)):.4g}")
+                raise invalid(
+                    f"input '{f.key}': values must be finite and inside [-0.5, 0.5) (dequantised "
+                    f"(v + u) / 2^{f.bits} - 0.5); got min {float(np.nanmin(a)):.4g}, max "
+                    f"{float(np.nanmax(a)):.4g}"
+                )
             t = torch.from_numpy(np.ascontiguousarray(a))
         else:
             if a.dtype.kind not in "iu":
@@ -198,10 +211,12 @@ def to_batch(model_input: Any, io: ModelIO) -> dict[str, Any]:
                     a = a.astype(np.int64)
                 else:
                     raise invalid(f"input '{f.key}': expected integer pixel values ({f.dtype}), got {a.dtype}")
-            hi = 2 ** f.bits - 1
+            hi = 2**f.bits - 1
             if a.size and (a.min() < 0 or a.max() > hi):
-                raise invalid(f"input '{f.key}': pixel values must lie in [0, {hi}] ({f.dtype}); got "
-                              f"[{int(a.min())}, {int(a.max())}]")
+                raise invalid(
+                    f"input '{f.key}': pixel values must lie in [0, {hi}] ({f.dtype}); got "
+                    f"[{int(a.min())}, {int(a.max())}]"
+                )
             # the loader's dtypes: uint8 images; 16-bit depth as int32 (torch has no uint16 arithmetic)
             t = torch.from_numpy(np.ascontiguousarray(a.astype(np.uint8 if f.bits == 8 else np.int32, copy=False)))
         batch[f.key], sizes[f.key] = t, a.shape[0]
@@ -211,6 +226,7 @@ def to_batch(model_input: Any, io: ModelIO) -> dict[str, Any]:
 
 
 # -- dequantisation seeded by sample key, input examples ---------------------------------------------------
+
 
 def key_seed(key: str) -> int:
     """A 63-bit seed from a sample key (stable across processes and machines, unlike ``hash``)."""
@@ -227,7 +243,7 @@ def dequantise(images: np.ndarray | Any, bits: int, keys: list[str], modality: s
     out = torch.empty(v.shape, dtype=torch.float64)
     for i, key in enumerate(keys):
         g = torch.Generator().manual_seed(key_seed(f"{key}/{modality}"))
-        out[i] = (v[i] + torch.rand(v.shape[1:], generator=g, dtype=torch.float64)) / 2 ** bits - 0.5
+        out[i] = (v[i] + torch.rand(v.shape[1:], generator=g, dtype=torch.float64)) / 2**bits - 0.5
     # (v + u)/2^bits - 1/2 < 1/2 in float64; the float32 rounding of values next to 1/2 is clamped below it
     return out.float().clamp_(max=float(np.nextafter(np.float32(0.5), np.float32(0)))).numpy()
 
@@ -266,8 +282,9 @@ def read_samples(shards: str, split: str, keys: list[str], n: int) -> list[dict[
     got: list[dict[str, Any]] = []
     for url in manifest.shard_urls():
         for raw in tarfile_samples(iter([{"url": url}])):
-            sample = decode_sample({k: v for k, v in raw.items() if k in keys or k.startswith("__")},
-                                   manifest.modalities)
+            sample = decode_sample(
+                {k: v for k, v in raw.items() if k in keys or k.startswith("__")}, manifest.modalities
+            )
             got.append(sample)
             if len(got) == n:
                 return got

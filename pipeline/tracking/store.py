@@ -76,7 +76,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         uri = client.tracking_uri
         if uri.startswith("sqlite:///"):
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-            location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / safe).resolve().as_uri()
+            location = (Path(uri[len("sqlite:///") :]).parent / "mlruns" / safe).resolve().as_uri()
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException as e:

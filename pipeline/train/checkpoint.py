@@ -70,7 +70,9 @@ def verify_files(tag_dir: Path) -> None:
     try:
         state = json.loads((tag_dir / STATE).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{tag_dir / STATE} is unreadable or corrupt ({type(e).__name__}){_previous(tag_dir)}") from None
+        raise CheckpointError(
+            f"{tag_dir / STATE} is unreadable or corrupt ({type(e).__name__}){_previous(tag_dir)}"
+        ) from None
     for rel, want in state.get("files", {}).items():
         f = tag_dir / rel
         if not f.is_file():
@@ -93,12 +95,17 @@ def _previous(tag_dir: Path) -> str:
     """'; the previous complete checkpoint is X: …' for a message about ``tag_dir``."""
     tag_dir = Path(tag_dir)
     root = tag_dir.parent
-    older = sorted(p for p in root.glob("step*") if p.name < tag_dir.name and (p / COMPLETE).exists()) \
-        if root.exists() else []
+    older = (
+        sorted(p for p in root.glob("step*") if p.name < tag_dir.name and (p / COMPLETE).exists())
+        if root.exists()
+        else []
+    )
     if not older:
         return "; no earlier complete checkpoint is left in " + str(root)
-    return (f"; the previous complete checkpoint is {older[-1]}: resume from it with "
-            f"checkpoint.resume={older[-1]} (or move {tag_dir.name} aside)")
+    return (
+        f"; the previous complete checkpoint is {older[-1]}: resume from it with "
+        f"checkpoint.resume={older[-1]} (or move {tag_dir.name} aside)"
+    )
 
 
 def safe_load(path: Path, **kw: Any) -> Any:
@@ -112,8 +119,10 @@ def safe_load(path: Path, **kw: Any) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in first or "Weights only" in first:
             first = "not a valid weights-only checkpoint file"
-        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {first[:120]})"
-                              f"{_previous(path.parent) if path.parent.name.startswith('step') else ''}") from None
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({type(e).__name__}: {first[:120]})"
+            f"{_previous(path.parent) if path.parent.name.startswith('step') else ''}"
+        ) from None
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -151,7 +160,9 @@ def _tuples(v: Any) -> Any:
     return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], per_rank: dict[str, Any], keep: int) -> Path:
+def save(
+    engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], per_rank: dict[str, Any], keep: int
+) -> Path:
     """Collective: save on every rank, then mark complete and move ``latest`` on rank 0."""
     root = checkpoint_root(run_dir)
     tag = step_tag(step)
@@ -164,17 +175,21 @@ def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], 
             UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         )
 
-        shared = {**shared, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
-                                                         UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        shared = {
+            **shared,
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        }
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=shared, save_latest=False)
         torch.save({**per_rank, "rng": rng_state()}, root / tag / f"trainer-rank{rank}.pt")
     except (OSError, RuntimeError) as e:  # ENOSPC, EDQUOT, EFBIG (RLIMIT_FSIZE); torch wraps them in RuntimeError
         first = " ".join(str(e).split())[:200]
         prev = latest_complete(run_dir)
-        raise SaveError(f"rank {rank}: saving checkpoint {root / tag} failed ({type(e).__name__}: {first}); disk full "
-                        f"or over quota? {prev if prev else 'no earlier checkpoint'} stays in charge "
-                        f"(checkpoint.resume=latest continues from it once there is space)") from None
+        raise SaveError(
+            f"rank {rank}: saving checkpoint {root / tag} failed ({type(e).__name__}: {first}); disk full "
+            f"or over quota? {prev if prev else 'no earlier checkpoint'} stays in charge "
+            f"(checkpoint.resume=latest continues from it once there is space)"
+        ) from None
     dist.barrier()
     if rank == 0:
         for f in (root / tag).iterdir():  # every rank's files reach the disk before the marker says so
@@ -182,8 +197,9 @@ def save(engine, run_dir: str | os.PathLike, step: int, shared: dict[str, Any], 
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         # one checksum per file, verified on resume and by jobs.consolidate
-        _write_durable(root / tag / STATE, json.dumps({**shared, "files": file_checksums(root / tag)}, indent=1,
-                                                      default=str))
+        _write_durable(
+            root / tag / STATE, json.dumps({**shared, "files": file_checksums(root / tag)}, indent=1, default=str)
+        )
         _write_durable(root / tag / COMPLETE, f"{step}\n")
         tmp = root / f".{LATEST}.tmp"
         _write_durable(tmp, tag + "\n")
@@ -239,8 +255,13 @@ def latest_complete(run_dir: str | os.PathLike, warn: bool = False) -> Path | No
     found = tags[-1] if tags else None
     if warn and named is not None and found is not None:
         state = "missing" if not named.exists() else f"incomplete (no {COMPLETE})"
-        log.warning("checkpoint %s named by %s is %s: falling back to %s, the newest complete checkpoint",
-                    named, pointer, state, found)
+        log.warning(
+            "checkpoint %s named by %s is %s: falling back to %s, the newest complete checkpoint",
+            named,
+            pointer,
+            state,
+            found,
+        )
     return found
 
 
@@ -255,16 +276,20 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
             pointer = checkpoint_root(run_dir) / LATEST
             if path is None and pointer.exists():
                 # a checkpoint was completed here once: starting over would silently drop that history
-                error = (f"checkpoint.resume=latest: {pointer} names {pointer.read_text().strip()!r} but no complete "
-                         f"checkpoint is left in {pointer.parent} (deleted or never finished copying?); restore it, "
-                         "or start over deliberately with checkpoint.resume= and a new run.dir")
+                error = (
+                    f"checkpoint.resume=latest: {pointer} names {pointer.read_text().strip()!r} but no complete "
+                    f"checkpoint is left in {pointer.parent} (deleted or never finished copying?); restore it, "
+                    "or start over deliberately with checkpoint.resume= and a new run.dir"
+                )
         else:
             path = Path(resume)
             if path.is_dir() and (path / LATEST).exists():
                 path = latest_complete(path.parent) if path.name == "checkpoints" else path
             if path is None or not (path / COMPLETE).exists():
-                error = (f"checkpoint.resume={resume!r}: not a complete checkpoint directory "
-                         f"(no {COMPLETE} marker in {path})")
+                error = (
+                    f"checkpoint.resume={resume!r}: not a complete checkpoint directory "
+                    f"(no {COMPLETE} marker in {path})"
+                )
         if path is not None and not error:
             try:
                 verify_files(path)
@@ -295,16 +320,29 @@ def universal_checkpoint(tag_dir: Path) -> Path:
     tmp = tag_dir.parent / UNIVERSAL / f".{tag_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(tmp),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
     log.warning("converting %s to a DeepSpeed universal checkpoint in %s (once; reused by later resizes)", tag_dir, out)
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["?"])[-1][:200]
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed ({last}); resume at the world "
-                              f"size that wrote it, or consolidate it: python -m jobs.consolidate {tag_dir}")
+        raise CheckpointError(
+            f"converting {tag_dir} to a universal checkpoint failed ({last}); resume at the world "
+            f"size that wrote it, or consolidate it: python -m jobs.consolidate {tag_dir}"
+        )
     _write_durable(tmp / COMPLETE, tag_dir.name + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -31,8 +31,10 @@ def resolve_tag_dir(path: str | Path) -> Path:
     found = ckpt.latest_complete(path.parent if path.name == "checkpoints" else path)
     if found is not None:
         return found
-    raise FileNotFoundError(f"{path}: no complete checkpoint here (expected a tag directory with a {ckpt.COMPLETE} "
-                            "marker, a checkpoints/ directory, or a run directory)")
+    raise FileNotFoundError(
+        f"{path}: no complete checkpoint here (expected a tag directory with a {ckpt.COMPLETE} "
+        "marker, a checkpoints/ directory, or a run directory)"
+    )
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -50,8 +52,9 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
             module = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            raise ckpt.CheckpointError(f"{tag_dir}: the ZeRO-{stage} shards do not load ({type(e).__name__}: "
-                                       f"{first}){ckpt._previous(tag_dir)}") from None
+            raise ckpt.CheckpointError(
+                f"{tag_dir}: the ZeRO-{stage} shards do not load ({type(e).__name__}: {first}){ckpt._previous(tag_dir)}"
+            ) from None
     return {k: (v.float() if v.is_floating_point() else v).detach().contiguous().clone() for k, v in module.items()}
 
 
@@ -64,8 +67,12 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = consolidated_state_dict(tag_dir)
-    meta = {"step": str(state["step"]), "task": cfg.model.task, "modalities": json.dumps(state.get("modalities", [])),
-            "source": str(tag_dir)}
+    meta = {
+        "step": str(state["step"]),
+        "task": cfg.model.task,
+        "modalities": json.dumps(state.get("modalities", [])),
+        "source": str(tag_dir),
+    }
     save_file(tensors, str(out), metadata=meta)
     save_resolved(cfg, config_path(out))
     if cfg.optim.ema:
@@ -85,12 +92,14 @@ def config_path(weights: str | Path) -> Path:
     weights = Path(weights)
     return weights.with_name(weights.stem.removesuffix(".ema") + ".config.yaml")
 
+
 def weights_config(weights: str | Path) -> Config:
     """The resolved config written beside consolidated weights (``FileNotFoundError`` naming it when absent)."""
     cfg_path = config_path(weights)
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{weights}: no config beside the weights (expected {cfg_path}, written by "
-                                "python -m jobs.consolidate)")
+        raise FileNotFoundError(
+            f"{weights}: no config beside the weights (expected {cfg_path}, written by python -m jobs.consolidate)"
+        )
     return load_config(cfg_path, [])
 
 
@@ -103,8 +112,10 @@ def read_weights(weights: str | Path, device: str = "cpu") -> dict[str, torch.Te
         return load_file(str(weights), device=device)
     except Exception as e:  # noqa: BLE001 - SafetensorError (header / size mismatch), OSError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ckpt.CheckpointError(f"{weights} is not a readable safetensors file: corrupt or truncated "
-                                   f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate") from None
+        raise ckpt.CheckpointError(
+            f"{weights} is not a readable safetensors file: corrupt or truncated "
+            f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate"
+        ) from None
 
 
 def _weights_meta(weights: Path) -> dict[str, str]:
@@ -115,8 +126,10 @@ def _weights_meta(weights: Path) -> dict[str, str]:
         raise
     except Exception as e:  # noqa: BLE001 - SafetensorError (header / size mismatch), OSError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ckpt.CheckpointError(f"{weights} is not a readable safetensors file: corrupt or truncated "
-                                   f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate") from None
+        raise ckpt.CheckpointError(
+            f"{weights} is not a readable safetensors file: corrupt or truncated "
+            f"({type(e).__name__}: {first}); re-create it with python -m jobs.consolidate"
+        ) from None
 
 
 def load_model(weights: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:

@@ -36,9 +36,11 @@ class WeightEMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.shadow):
-            raise ValueError(f"WeightEMA: checkpoint EMA keys differ from the model's "
-                             f"(missing {sorted(set(self.shadow) - set(state))[:3]}, "
-                             f"unexpected {sorted(set(state) - set(self.shadow))[:3]})")
+            raise ValueError(
+                f"WeightEMA: checkpoint EMA keys differ from the model's "
+                f"(missing {sorted(set(self.shadow) - set(state))[:3]}, "
+                f"unexpected {sorted(set(state) - set(self.shadow))[:3]})"
+            )
         for n, t in state.items():
             self.shadow[n].copy_(t)
 

@@ -60,20 +60,26 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     model's pretrained-able backbones (``model.backbone_parameter_names()``: MiT encoders, MiniLM) get
     ``lr · new_lr_mult`` (TokenFusion's ×10 for newly initialised parts), as two more groups."""
     mult = cfg.optim.new_lr_mult
-    backbone = set(model.backbone_parameter_names()) if mult != 1.0 and hasattr(model, "backbone_parameter_names") else set()
+    backbone = (
+        set(model.backbone_parameter_names()) if mult != 1.0 and hasattr(model, "backbone_parameter_names") else set()
+    )
     if mult != 1.0 and not any(p.requires_grad for n, p in model.named_parameters() if n in backbone):
-        raise ConfigError(f"optim.new_lr_mult={mult:g}: this model has no trainable pretrained-able backbone (MiT "
-                          f"encoder, trainable MiniLM), so every part is new; set optim.lr instead and new_lr_mult=1")
+        raise ConfigError(
+            f"optim.new_lr_mult={mult:g}: this model has no trainable pretrained-able backbone (MiT "
+            f"encoder, trainable MiniLM), so every part is new; set optim.lr instead and new_lr_mult=1"
+        )
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             # Norm/ActNorm/gate vectors and biases are not weight-decayed (they set scales, not capacity).
             buckets.setdefault((p.ndim > 1, mult != 1.0 and name not in backbone), []).append(p)
     groups = []
-    for new in ((False, True) if mult != 1.0 else (False,)):
+    for new in (False, True) if mult != 1.0 else (False,):
         lr = cfg.optim.lr * (mult if new else 1.0)
-        groups += [{"params": buckets.get((True, new), []), "weight_decay": cfg.optim.weight_decay, "lr": lr},
-                   {"params": buckets.get((False, new), []), "weight_decay": 0.0, "lr": lr}]
+        groups += [
+            {"params": buckets.get((True, new), []), "weight_decay": cfg.optim.weight_decay, "lr": lr},
+            {"params": buckets.get((False, new), []), "weight_decay": 0.0, "lr": lr},
+        ]
     return groups if mult == 1.0 else [g for g in groups if g["params"]]
 
 

@@ -78,7 +78,8 @@ def check_architecture(saved: Mapping[str, Any], cfg: Config) -> None:
         raise ConfigError(
             f"optim.new_lr_mult: the checkpoint was trained with {old_mult!r} but the config says "
             f"{cfg.optim.new_lr_mult!r}; turning the new-parts learning rate on or off changes the optimizer's "
-            f"parameter groups, which the saved optimizer state must match (keep it, or start a new run.dir)")
+            f"parameter groups, which the saved optimizer state must match (keep it, or start a new run.dir)"
+        )
 
 
 class Watchdog:
@@ -100,8 +101,10 @@ class Watchdog:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
             idle = time.monotonic() - self.last
             if idle > self.timeout_s:
-                msg = (f"watchdog: no training step completed for {idle:.0f}s (train.watchdog_s={self.timeout_s:g}) "
-                       f"on rank {dist.get_rank()}; aborting (a hung collective or data source?)")
+                msg = (
+                    f"watchdog: no training step completed for {idle:.0f}s (train.watchdog_s={self.timeout_s:g}) "
+                    f"on rank {dist.get_rank()}; aborting (a hung collective or data source?)"
+                )
                 log.error(msg)
                 print(msg, flush=True)
                 os._exit(3)
@@ -147,23 +150,32 @@ def evaluate(engine, cfg: Config, loader, device: torch.device) -> dict[str, flo
             for k, v in out.items():
                 v = v.detach().double().cpu()
                 if k in sums and sums[k].shape != v.shape:
-                    raise ValueError(f"evaluate: eval output {k!r} changed shape from {tuple(sums[k].shape)} "
-                                     f"to {tuple(v.shape)} between batches")
+                    raise ValueError(
+                        f"evaluate: eval output {k!r} changed shape from {tuple(sums[k].shape)} "
+                        f"to {tuple(v.shape)} between batches"
+                    )
                 sums[k] = sums[k] + v if k in sums else v
             if cfg.eval.batches and i + 1 >= cfg.eval.batches:
                 break
     engine.train()
     # rank 0 names the keys and shapes; a rank that saw no batch contributes zeros of those shapes
     layout = dist.broadcast_object([(k, tuple(sums[k].shape)) for k in sorted(sums)], src=0)
-    flat = [sums[k].reshape(-1) if k in sums else torch.zeros(math.prod(shape), dtype=torch.float64)
-            for k, shape in layout]
+    flat = [
+        sums[k].reshape(-1) if k in sums else torch.zeros(math.prod(shape), dtype=torch.float64) for k, shape in layout
+    ]
     total = dist.all_reduce_sum(torch.cat(flat)) if flat else torch.zeros(0, dtype=torch.float64)
-    reduced = dict(zip((k for k, _ in layout), (t.reshape(shape) for t, (_, shape) in
-                                                  zip(total.split([math.prod(s) for _, s in layout]), layout))))
+    reduced = dict(
+        zip(
+            (k for k, _ in layout),
+            (t.reshape(shape) for t, (_, shape) in zip(total.split([math.prod(s) for _, s in layout]), layout)),
+        )
+    )
     count = float(reduced["count"]) if "count" in reduced else 0.0
     if count <= 0:
-        raise RuntimeError(f"evaluate: the validation pass saw no valid sample (split {cfg.data.val_split!r}, "
-                           f"eval.batches={cfg.eval.batches}); check the val shards")
+        raise RuntimeError(
+            f"evaluate: the validation pass saw no valid sample (split {cfg.data.val_split!r}, "
+            f"eval.batches={cfg.eval.batches}); check the val shards"
+        )
     metrics = finalize(cfg.model.task, reduced)
     return {f"val_{k}": v for k, v in metrics.items()} | {"val_samples": count}
 
@@ -184,14 +196,24 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     world = dist.world_info_from_env()
     device = _device(cfg, world)
     # bad data is refused here, before any process group starts (DataError: one line, jobs.train exits 2)
-    train_split, val_split = preflight(cfg.data.shards, cfg.data.train_split, cfg.data.val_split,
-                                       batch_size=cfg.data.batch_size, world_size=world.world_size,
-                                       verify=cfg.data.verify, max_bad_fraction=cfg.data.max_bad_fraction)
+    train_split, val_split = preflight(
+        cfg.data.shards,
+        cfg.data.train_split,
+        cfg.data.val_split,
+        batch_size=cfg.data.batch_size,
+        world_size=world.world_size,
+        verify=cfg.data.verify,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
     # the backend follows the device the run asked for (nccl only for CUDA runs), not what the node has
     # a group this call starts, it also destroys on the way out (a launcher's or Ray Train's group is theirs)
     owned = not dist.is_initialized()
-    info = dist.init_distributed(world, backend="nccl" if device.type == "cuda" else "gloo", use_deepspeed=True,
-                                 timeout_s=cfg.train.collective_timeout_s)
+    info = dist.init_distributed(
+        world,
+        backend="nccl" if device.type == "cuda" else "gloo",
+        use_deepspeed=True,
+        timeout_s=cfg.train.collective_timeout_s,
+    )
     rank0 = info.rank == 0
     run_dir = Path(cfg.run.dir)
     if rank0:
@@ -218,8 +240,10 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         # then leave a "complete" checkpoint of mixed files): refuse instead, on every rank alike.
         existing = dist.broadcast_object(str(ckpt.latest_complete(run_dir) or "") if rank0 else None, src=0)
         if existing:
-            raise ConfigError(f"run.dir={str(run_dir)!r} already holds checkpoints (newest {Path(existing).name}): "
-                              "continue that run with checkpoint.resume=latest, or choose a new run.dir")
+            raise ConfigError(
+                f"run.dir={str(run_dir)!r} already holds checkpoints (newest {Path(existing).name}): "
+                "continue that run with checkpoint.resume=latest, or choose a new run.dir"
+            )
     saved: dict[str, Any] = {}
     mine: dict[str, Any] = {}  # this rank's trainer state in the checkpoint (loader cursor, RNG states, EMA)
     loader_state = LoaderState(seed=cfg.run.seed)
@@ -243,20 +267,35 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             # the ranks' cursors are equal (lockstep); rank 0's is re-split over the new ranks
             mine = ckpt.safe_load(resume_from / "trainer-rank0.pt")
             loader_state.load_state_dict(mine["loader"])
-            loader_state.resplit(saved["world_size"], info.world_size, train_split.usable.total_samples,
-                                 cfg.data.batch_size)
-            log.warning("resuming %s (written by %d ranks) on %d ranks: weights, optimizer moments, step and "
-                        "schedule reloaded; data cursor re-split to epoch %d batch %d per rank", resume_from,
-                        saved["world_size"], info.world_size, loader_state.epoch, loader_state.batches)
+            loader_state.resplit(
+                saved["world_size"], info.world_size, train_split.usable.total_samples, cfg.data.batch_size
+            )
+            log.warning(
+                "resuming %s (written by %d ranks) on %d ranks: weights, optimizer moments, step and "
+                "schedule reloaded; data cursor re-split to epoch %d batch %d per rank",
+                resume_from,
+                saved["world_size"],
+                info.world_size,
+                loader_state.epoch,
+                loader_state.batches,
+            )
         else:
             mine = ckpt.read_rank_state(resume_from)
             loader_state.load_state_dict(mine["loader"])
     elif cfg.model.init_weights:
         load_init_weights(model, cfg.model.init_weights)
 
-    train_loader = build_train_loader(train_split.usable, cfg.data.batch_size, rank=info.rank,
-                                      world_size=info.world_size, num_workers=cfg.data.num_workers,
-                                      seed=cfg.run.seed, state=loader_state, modalities=keys, verify=cfg.data.verify)
+    train_loader = build_train_loader(
+        train_split.usable,
+        cfg.data.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed,
+        state=loader_state,
+        modalities=keys,
+        verify=cfg.data.verify,
+    )
     batches = _forever(train_loader)
     first = None
     if resume_from is None and not cfg.model.init_weights:
@@ -272,8 +311,12 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     # model FLOPs for achieved_tflops / mfu: counted once, on a copy, before DeepSpeed wraps or partitions the model
     flops = count_step_flops(model, first, lambda: autocast(cfg, device), device)
     if rank0:
-        log.info("model FLOPs of a forward + backward (no recompute): %.4g + %.4g per sample; bf16 share %.3f",
-                 flops.fixed, flops.per_sample, flops.bf16_share)
+        log.info(
+            "model FLOPs of a forward + backward (no recompute): %.4g + %.4g per sample; bf16 share %.3f",
+            flops.fixed,
+            flops.per_sample,
+            flops.bf16_share,
+        )
     engine, _, scheduler = build_engine(model, cfg, info.world_size)
     step, skipped_total = 0, 0
     ema = WeightEMA(engine.module, cfg.optim.ema) if cfg.optim.ema else None
@@ -298,16 +341,25 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         metrics_log.truncate_after(step)  # a resumed run repeats the steps after its checkpoint
         if cfg.tracking.enabled:
             tracker = MlflowTracker.from_config(cfg)
-            tracker.start(cfg.run.name, run_id=saved.get("mlflow_run_id") or None,
-                          parent_run_id=cfg.tracking.parent_run_id or None,
-                          tags={"data.train_manifest_sha256": train_manifest.manifest_checksum(),
-                                "data.val_manifest_sha256": val_manifest.manifest_checksum(),
-                                "run.dir": str(run_dir.resolve())})
+            tracker.start(
+                cfg.run.name,
+                run_id=saved.get("mlflow_run_id") or None,
+                parent_run_id=cfg.tracking.parent_run_id or None,
+                tags={
+                    "data.train_manifest_sha256": train_manifest.manifest_checksum(),
+                    "data.val_manifest_sha256": val_manifest.manifest_checksum(),
+                    "run.dir": str(run_dir.resolve()),
+                },
+            )
             tracker.log_config(cfg, run_dir / "config.yaml")
     run_id = dist.broadcast_object(tracker.run_id if tracker is not None else None, src=0)
     watch, watchdog = PreemptionWatch(cfg.checkpoint.grace_s), Watchdog(cfg.train.watchdog_s)
     # completed checkpoints are mirrored to S3 by rank 0 in the background, never blocking a step
-    sync = RemoteSync(cfg.checkpoint.remote, run_dir, keep=cfg.checkpoint.keep) if rank0 and cfg.checkpoint.remote else None
+    sync = (
+        RemoteSync(cfg.checkpoint.remote, run_dir, keep=cfg.checkpoint.keep)
+        if rank0 and cfg.checkpoint.remote
+        else None
+    )
 
     def record(at: int, values: dict[str, Any], force: bool = False) -> None:
         if metrics_log is not None:
@@ -316,9 +368,15 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             tracker.log_metrics(values, at, force=force)
 
     def val_pass() -> dict[str, float]:
-        loader = build_eval_loader(val_split.usable, cfg.data.batch_size, rank=info.rank,
-                                   world_size=info.world_size, num_workers=cfg.data.num_workers, modalities=keys,
-                                   verify=cfg.data.verify)
+        loader = build_eval_loader(
+            val_split.usable,
+            cfg.data.batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            num_workers=cfg.data.num_workers,
+            modalities=keys,
+            verify=cfg.data.verify,
+        )
         out = evaluate(engine, cfg, loader, device)
         val_bad.update(loader.bad_shards)
         return out
@@ -343,9 +401,11 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         if max(t_frac, v_frac) > cfg.data.max_bad_fraction:
             from pipeline.data.verify import DataError
 
-            raise DataError(f"shards failing the manifest check (data.verify={cfg.data.verify}) hold {t_frac:.1%} of "
-                            f"split {cfg.data.train_split!r} and {v_frac:.1%} of {cfg.data.val_split!r}, more than "
-                            f"data.max_bad_fraction={cfg.data.max_bad_fraction:g}: re-copy or re-shard the data")
+            raise DataError(
+                f"shards failing the manifest check (data.verify={cfg.data.verify}) hold {t_frac:.1%} of "
+                f"split {cfg.data.train_split!r} and {v_frac:.1%} of {cfg.data.val_split!r}, more than "
+                f"data.max_bad_fraction={cfg.data.max_bad_fraction:g}: re-copy or re-shard the data"
+            )
         return {"data_bad_shards": float(bad), "data_bad_fraction": max(t_frac, v_frac)} if bad else {}
 
     def validate(at: int) -> dict[str, Any]:
@@ -357,8 +417,14 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         return val
 
     def save(at: int) -> None:
-        shared = {"step": at, "config": to_dict(cfg), "world_size": info.world_size, "modalities": specs,
-                  "mlflow_run_id": run_id, "skipped_steps": skipped_total}
+        shared = {
+            "step": at,
+            "config": to_dict(cfg),
+            "world_size": info.world_size,
+            "modalities": specs,
+            "mlflow_run_id": run_id,
+            "skipped_steps": skipped_total,
+        }
         per_rank = {"loader": loader_state.state_dict()}
         if ema is not None and rank0:  # identical on every rank under ZeRO ≤ 2: rank 0's copy is stored
             per_rank["ema"] = ema.state_dict()
@@ -375,8 +441,13 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
         from tqdm import tqdm
 
         # batch logs (SLURM, kubectl logs) get a line every 30 s instead of one per step
-        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True,
-                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        progress = tqdm(
+            total=cfg.train.max_steps,
+            initial=step,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+        )
     tick, samples = time.monotonic(), 0
     meter = SpeedMeter(flops, device)
     engine.train()
@@ -389,11 +460,14 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             loss = out["loss"]
             if not _all_finite(loss):
                 nonfinite, skipped_total = nonfinite + 1, skipped_total + 1
-                log.warning("step %d: non-finite loss; micro-batch skipped on every rank (%d in a row)", step, nonfinite)
+                log.warning(
+                    "step %d: non-finite loss; micro-batch skipped on every rank (%d in a row)", step, nonfinite
+                )
                 if nonfinite >= cfg.train.max_nonfinite:
                     raise FloatingPointError(
                         f"{nonfinite} non-finite losses in a row (train.max_nonfinite={cfg.train.max_nonfinite}) at "
-                        f"step {step}: lower optim.lr, check the data, or resume from an earlier checkpoint")
+                        f"step {step}: lower optim.lr, check the data, or resume from an earlier checkpoint"
+                    )
                 continue
             nonfinite = 0
             engine.backward(loss)
@@ -413,21 +487,30 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
                 now = time.monotonic()
                 norm = stage0_norm if stage0_norm is not None else engine.get_global_grad_norm()
                 # the logged loss / metrics are means over ranks (collective: every rank logs the same steps)
-                local = torch.stack([loss.detach().double().cpu()] + [v.detach().double().cpu().reshape(())
-                                                                     for k, v in out.items() if k != "loss"])
+                local = torch.stack(
+                    [loss.detach().double().cpu()]
+                    + [v.detach().double().cpu().reshape(()) for k, v in out.items() if k != "loss"]
+                )
                 means = (dist.all_reduce_sum(local) / info.world_size).tolist()
                 names = ["loss"] + [k for k in out if k != "loss"]
-                values = {**dict(zip(names, means)),
-                          "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(norm) if norm is not None else float("nan"),
-                          "samples_per_s": samples / max(now - tick, 1e-9), "skipped_steps": skipped_total,
-                          **meter.window()}
+                values = {
+                    **dict(zip(names, means)),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(norm) if norm is not None else float("nan"),
+                    "samples_per_s": samples / max(now - tick, 1e-9),
+                    "skipped_steps": skipped_total,
+                    **meter.window(),
+                }
                 tick, samples = now, 0
                 last |= values | {"step": step}
                 record(step, values)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", sps=f"{values['samples_per_s']:.1f}",
-                                         step_s=f"{values['step_time_s']:.3f}", tflops=f"{values['achieved_tflops']:.3g}")
+                    progress.set_postfix(
+                        loss=f"{values['loss']:.4f}",
+                        sps=f"{values['samples_per_s']:.1f}",
+                        step_s=f"{values['step_time_s']:.3f}",
+                        tflops=f"{values['achieved_tflops']:.3g}",
+                    )
             if progress is not None:
                 progress.update(1)
             validated = step % cfg.eval.every == 0 or step == cfg.train.max_steps
@@ -445,9 +528,22 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             if code is not None:
                 if not saved_now:
                     save(step)
-                log.warning("received %s: saved step %d; exiting with %d", watch.received.name if watch.received
-                            else "a signal on another rank", step, code)
-                _finish(tracker, progress, watchdog, watch, "KILLED" if code else "FINISHED", None, sync, cfg.checkpoint.grace_s)
+                log.warning(
+                    "received %s: saved step %d; exiting with %d",
+                    watch.received.name if watch.received else "a signal on another rank",
+                    step,
+                    code,
+                )
+                _finish(
+                    tracker,
+                    progress,
+                    watchdog,
+                    watch,
+                    "KILLED" if code else "FINISHED",
+                    None,
+                    sync,
+                    cfg.checkpoint.grace_s,
+                )
                 _release(owned)
                 raise SystemExit(code)
     except BaseException:
@@ -472,7 +568,8 @@ def _check_elastic(saved: Mapping[str, Any], cfg: Config, info: dist.WorldInfo, 
         f"{info.world_size} ranks at ZeRO-{cfg.deepspeed.zero_stage}: a resize keeps the ZeRO stage (set "
         f"deepspeed.zero_stage={old_stage}). Or continue from consolidated weights with a fresh optimizer: "
         f"python -m jobs.consolidate {tag_dir} --out model.safetensors, then train with "
-        f"model.init_weights=model.safetensors checkpoint.resume= and a new run.dir")
+        f"model.init_weights=model.safetensors checkpoint.resume= and a new run.dir"
+    )
 
 
 def _set_aside(path: Path) -> Path | None:
@@ -483,8 +580,12 @@ def _set_aside(path: Path) -> Path | None:
     while (target := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
         n += 1
     os.replace(path, target)
-    log.warning("fresh start in %s: the earlier %s (no checkpoint to resume from) was moved to %s",
-                path.parent, path.name, target.name)
+    log.warning(
+        "fresh start in %s: the earlier %s (no checkpoint to resume from) was moved to %s",
+        path.parent,
+        path.name,
+        target.name,
+    )
     return target
 
 
@@ -506,8 +607,9 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     state = read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"model.init_weights={path!r} does not fit this model: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise ConfigError(
+            f"model.init_weights={path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def _fetch_remote_latest(remote: str, run_dir: Path, info: dist.WorldInfo) -> None:
@@ -526,15 +628,26 @@ def _fetch_remote_latest(remote: str, run_dir: Path, info: dist.WorldInfo) -> No
     dist.barrier()
 
 
-def _finish(tracker, progress, watchdog: Watchdog, watch: PreemptionWatch, status: str, run_dir: Path | None,
-            sync: RemoteSync | None, grace_s: float) -> None:
+def _finish(
+    tracker,
+    progress,
+    watchdog: Watchdog,
+    watch: PreemptionWatch,
+    status: str,
+    run_dir: Path | None,
+    sync: RemoteSync | None,
+    grace_s: float,
+) -> None:
     watchdog.stop()
     watch.restore()
     if sync is not None:
         # the last checkpoint must reach S3 before a preempted node disappears: bounded by the grace time
         if not sync.wait(grace_s):
-            log.warning("checkpoint upload to %s still running after %.0fs; the newest remote checkpoint may be "
-                        "an older one", sync.remote_url, grace_s)
+            log.warning(
+                "checkpoint upload to %s still running after %.0fs; the newest remote checkpoint may be an older one",
+                sync.remote_url,
+                grace_s,
+            )
         sync.close()
     if progress is not None:
         progress.close()

@@ -51,7 +51,7 @@ _TAG_PREFIX = "step"  # checkpoint.step_tag: step%08d, so lexical order is step 
 def _bucket_path(remote_url: str) -> str:
     if not is_s3(remote_url):
         raise ValueError(f"checkpoint.remote={remote_url!r}: only s3://bucket/prefix is supported")
-    path = remote_url[len("s3://"):].strip("/")
+    path = remote_url[len("s3://") :].strip("/")
     if not path:
         raise ValueError(f"checkpoint.remote={remote_url!r}: no bucket")
     return path
@@ -64,7 +64,7 @@ def _listing(fs: Any, prefix: str) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     # The "/" matters: a listing of .../step00000001 must not take in .../step000000010.
-    return {k[len(prefix) + 1:]: int(info["size"]) for k, info in found.items() if k.startswith(prefix + "/")}
+    return {k[len(prefix) + 1 :]: int(info["size"]) for k, info in found.items() if k.startswith(prefix + "/")}
 
 
 def _remote_tags(fs: Any, root: str) -> dict[str, dict[str, int]]:
@@ -119,8 +119,10 @@ def _fetch(remote_url: str, tag: str, root: Path) -> None:
     fs, src = s3_filesystem(), f"{_bucket_path(remote_url)}/{tag}"
     sizes = _listing(fs, src)
     if COMPLETE not in sizes:
-        raise FileNotFoundError(f"{remote_url.rstrip('/')}/{tag}: not a complete remote checkpoint "
-                                f"(no {COMPLETE} marker; an upload was interrupted or it was never made)")
+        raise FileNotFoundError(
+            f"{remote_url.rstrip('/')}/{tag}: not a complete remote checkpoint "
+            f"(no {COMPLETE} marker; an upload was interrupted or it was never made)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     # Hidden and not "step*": checkpoint.latest_complete and _prune never look at it.
     tmp = root / f".{tag}.download-{uuid.uuid4().hex[:8]}"
@@ -198,8 +200,11 @@ class RemoteSync:
             if self._closed:
                 raise RuntimeError("RemoteSync.submit after close()")
             if self._pending is not None:
-                log.info("checkpoint.remote: %s superseded by %s before its upload began; skipped",
-                         self._pending.name, tag_dir.name)
+                log.info(
+                    "checkpoint.remote: %s superseded by %s before its upload began; skipped",
+                    self._pending.name,
+                    tag_dir.name,
+                )
                 self.skipped.append(self._pending.name)
             self._pending = tag_dir
             self._cond.notify_all()
@@ -242,8 +247,14 @@ class RemoteSync:
             except Exception as exc:  # noqa: BLE001 — the training loop must never see a sync error
                 with self._cond:
                     self.failures += 1
-                log.warning("checkpoint.remote: %s %s to %s failed (%s: %s)", action, tag_dir.name,
-                            self.remote_url, type(exc).__name__, exc)
+                log.warning(
+                    "checkpoint.remote: %s %s to %s failed (%s: %s)",
+                    action,
+                    tag_dir.name,
+                    self.remote_url,
+                    type(exc).__name__,
+                    exc,
+                )
                 return
 
     def _upload(self, tag_dir: Path) -> None:
@@ -251,8 +262,9 @@ class RemoteSync:
         dest = f"{self._root}/{tag}"
         # Read everything local first: a tag pruned locally before its upload fails here, before any PUT.
         marker = (tag_dir / COMPLETE).read_bytes()
-        files = sorted(p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*")
-                       if p.is_file() and p != tag_dir / COMPLETE)
+        files = sorted(
+            p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file() and p != tag_dir / COMPLETE
+        )
         sizes = {rel: (tag_dir / rel).stat().st_size for rel in files}
         _check_all_ranks(tag_dir, files)
 
@@ -266,8 +278,13 @@ class RemoteSync:
         fs.pipe_file(f"{dest}/{COMPLETE}", marker)  # the commit point
         fs.pipe_file(f"{self._root}/{LATEST}", (tag + "\n").encode())
         self.uploaded.append(tag)
-        log.info("checkpoint.remote: %s committed to %s (%d files, %.1f MB)", tag, self.remote_url, len(files),
-                 sum(sizes.values()) / 1e6)
+        log.info(
+            "checkpoint.remote: %s committed to %s (%d files, %.1f MB)",
+            tag,
+            self.remote_url,
+            len(files),
+            sum(sizes.values()) / 1e6,
+        )
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` complete remote tags (and whatever ``latest`` names); drop partial tags
@@ -278,7 +295,7 @@ class RemoteSync:
         if not complete:
             return
         named = _read_latest(fs, self._root)
-        doomed = set(complete[:-self.keep]) | {t for t in tags if COMPLETE not in tags[t] and t < complete[-1]}
+        doomed = set(complete[: -self.keep]) | {t for t in tags if COMPLETE not in tags[t] and t < complete[-1]}
         for tag in sorted(doomed - {named}):
             _delete_tag(fs, f"{self._root}/{tag}", tags[tag])
 
@@ -296,5 +313,7 @@ def _check_all_ranks(tag_dir: Path, files: list[str]) -> None:
     world = int(json.loads((tag_dir / STATE).read_text())["world_size"])
     missing = [f"trainer-rank{r}.pt" for r in range(world) if f"trainer-rank{r}.pt" not in files]
     if missing:
-        raise FileNotFoundError(f"{tag_dir} lacks {missing} of its {world} ranks: is run.dir on node-local "
-                                f"disks? checkpoint.remote needs every rank's files in rank 0's run.dir")
+        raise FileNotFoundError(
+            f"{tag_dir} lacks {missing} of its {world} ranks: is run.dir on node-local "
+            f"disks? checkpoint.remote needs every rank's files in rank 0's run.dir"
+        )

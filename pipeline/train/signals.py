@@ -55,9 +55,11 @@ class PreemptionWatch:
 
     def _out_of_time(self) -> None:
         code = EXIT_CODES[self.received] if self.received is not None else 143
-        msg = (f"{self.received.name if self.received else 'signal'}: the step and checkpoint did not finish within "
-               f"checkpoint.grace_s={self.grace_s:g}s; exiting {code} now (the previous complete checkpoint stays "
-               "the one `latest` names)")
+        msg = (
+            f"{self.received.name if self.received else 'signal'}: the step and checkpoint did not finish within "
+            f"checkpoint.grace_s={self.grace_s:g}s; exiting {code} now (the previous complete checkpoint stays "
+            "the one `latest` names)"
+        )
         log.error(msg)
         print(msg, flush=True)
         os._exit(code)

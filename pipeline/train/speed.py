@@ -59,8 +59,9 @@ def _first(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
     return {k: v[:n] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in batch.items()}
 
 
-def _count(model: nn.Module, batch: Mapping[str, Any], precision: Callable[[], Any],
-           device: torch.device) -> DtypeFlopCounter:
+def _count(
+    model: nn.Module, batch: Mapping[str, Any], precision: Callable[[], Any], device: torch.device
+) -> DtypeFlopCounter:
     probe = copy.deepcopy(model)
     for m in probe.modules():
         if isinstance(m, MangoFlow):
@@ -76,8 +77,9 @@ def _count(model: nn.Module, batch: Mapping[str, Any], precision: Callable[[], A
     return counter
 
 
-def count_step_flops(model: nn.Module, batch: Mapping[str, Any], precision: Callable[[], Any],
-                     device: torch.device) -> StepFlops:
+def count_step_flops(
+    model: nn.Module, batch: Mapping[str, Any], precision: Callable[[], Any], device: torch.device
+) -> StepFlops:
     """FLOPs of one forward + backward of ``model(batch, mode="loss")`` as a function of the batch size.
 
     Counted on deep copies at batch 1 and 2 (the first samples of ``batch``; the model's weights, gradients
@@ -131,8 +133,12 @@ class SpeedMeter:
         now = time.perf_counter()
         elapsed, steps = now - self._start - self._excluded, max(self._steps, 1)
         flops = self._flops
-        values = {"step_time_s": elapsed / steps, "data_wait_s": self._wait / steps,
-                  "achieved_tflops": flops / max(elapsed, 1e-9) / 1e12, "peak_memory_gib": peak_memory_gib(self.device)}
+        values = {
+            "step_time_s": elapsed / steps,
+            "data_wait_s": self._wait / steps,
+            "achieved_tflops": flops / max(elapsed, 1e-9) / 1e12,
+            "peak_memory_gib": peak_memory_gib(self.device),
+        }
         if self.peak is not None:
             values["mfu"] = values["achieved_tflops"] / self.peak
         self.total_steps += self._steps
@@ -158,6 +164,8 @@ class SpeedMeter:
         step = self.total_time / self.total_steps
         tflops = self.total_flops / max(self.total_time, 1e-9) / 1e12
         mfu = f"{tflops / self.peak:.1%}" if self.peak is not None else f"n/a ({self.device.type})"
-        return (f"speed: {self.total_steps} steps, {step:.3f} s/step, data wait {self.total_wait / self.total_steps:.3f} "
-                f"s/step ({self.total_wait / max(self.total_time, 1e-9):.0%}), {tflops:.3g} TFLOP/s per rank, "
-                f"MFU {mfu}, peak memory {peak_memory_gib(self.device):.2f} GiB")
+        return (
+            f"speed: {self.total_steps} steps, {step:.3f} s/step, data wait {self.total_wait / self.total_steps:.3f} "
+            f"s/step ({self.total_wait / max(self.total_time, 1e-9):.0%}), {tflops:.3g} TFLOP/s per rank, "
+            f"MFU {mfu}, peak memory {peak_memory_gib(self.device):.2f} GiB"
+        )

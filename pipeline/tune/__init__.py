@@ -51,12 +51,25 @@ weights ``<sweep dir>/best.safetensors`` with ``best.config.yaml`` beside them (
 so ``jobs.register`` can take them directly.
 """
 
-
 from .driver import SweepResult, TrialRow, format_table, pick_best, run_sweep, write_best
 from .space import RESERVED_KEYS, SAMPLERS, SpaceError, SweepSpec, load_space, tune_space
 from .trial import TrialContext, TrialReporter, run_trial, trial_config
 
 __all__ = [
-    "RESERVED_KEYS", "SAMPLERS", "SpaceError", "SweepResult", "SweepSpec", "TrialContext", "TrialReporter", "TrialRow",
-    "format_table", "load_space", "pick_best", "run_sweep", "run_trial", "trial_config", "tune_space", "write_best",
+    "RESERVED_KEYS",
+    "SAMPLERS",
+    "SpaceError",
+    "SweepResult",
+    "SweepSpec",
+    "TrialContext",
+    "TrialReporter",
+    "TrialRow",
+    "format_table",
+    "load_space",
+    "pick_best",
+    "run_sweep",
+    "run_trial",
+    "trial_config",
+    "tune_space",
+    "write_best",
 ]

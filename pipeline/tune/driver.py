@@ -71,10 +71,18 @@ def run_sweep(base: Config, spec: SweepSpec, *, sweep_name: str | None = None, v
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     parent = _ParentRun.open(base, spec, name) if base.tracking.enabled else None
-    ctx = TrialContext(base=to_dict(base), sweep=name, sweep_dir=str(sweep_dir), storage=spec.storage,
-                       metric=spec.metric, workers=spec.workers, cpus_per_worker=spec.cpus_per_worker,
-                       gpus_per_worker=spec.gpus_per_worker, tracking_uri=parent.uri if parent else "",
-                       parent_run_id=parent.run_id if parent else "")
+    ctx = TrialContext(
+        base=to_dict(base),
+        sweep=name,
+        sweep_dir=str(sweep_dir),
+        storage=spec.storage,
+        metric=spec.metric,
+        workers=spec.workers,
+        cpus_per_worker=spec.cpus_per_worker,
+        gpus_per_worker=spec.gpus_per_worker,
+        tracking_uri=parent.uri if parent else "",
+        parent_run_id=parent.run_id if parent else "",
+    )
 
     def mango_trial(params: dict[str, Any]) -> None:
         run_trial(params, ctx)
@@ -90,9 +98,16 @@ def run_sweep(base: Config, spec: SweepSpec, *, sweep_name: str | None = None, v
     s = spec.scheduler
     # max_t one past the last validation: trials end on their own at train.max_steps, and ASHA stopping a trial at
     # max_t would kill its actor before train_loop closes the MLflow run (the rungs stay those of max_t)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=s["max_t"] + 1, grace_period=s["grace_period"],
-                               reduction_factor=s["reduction_factor"])
-                 if s["name"] == "asha" else FIFOScheduler())
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=s["max_t"] + 1,
+            grace_period=s["grace_period"],
+            reduction_factor=s["reduction_factor"],
+        )
+        if s["name"] == "asha"
+        else FIFOScheduler()
+    )
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     tuner = tune.Tuner(
@@ -100,11 +115,14 @@ def run_sweep(base: Config, spec: SweepSpec, *, sweep_name: str | None = None, v
         param_space=tune_space(spec),
         # the concurrency cap goes to the search algorithm: Tune ignores TuneConfig.max_concurrent_trials when a
         # BasicVariantGenerator instance (needed for the seed) is passed
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                    num_samples=spec.num_samples,
-                                    search_alg=BasicVariantGenerator(random_state=spec.seed,
-                                                                     max_concurrent=spec.max_concurrent_trials),
-                                    trial_dirname_creator=_trial_dirname),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
+            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials),
+            trial_dirname_creator=_trial_dirname,
+        ),
         run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=verbose),
     )
     started = time.monotonic()
@@ -157,18 +175,32 @@ def _rows(grid, spec: SweepSpec, ctx: TrialContext) -> list[TrialRow]:
         else:
             status = "completed" if step >= cfg.train.max_steps else "stopped early"
         best = (min if spec.mode == "min" else max)(values) if values else float("nan")
-        rows.append(TrialRow(trial_id, status, step, len(values), {k: result.config[k] for k in spec.space},
-                             float(m.get(spec.metric, float("nan"))), best, cfg.run.dir,
-                             str(m.get("checkpoint_dir", "")), int(m.get("checkpoint_step", -1)),
-                             error=" ".join(str(result.error).split())[:300] if result.error else ""))
+        rows.append(
+            TrialRow(
+                trial_id,
+                status,
+                step,
+                len(values),
+                {k: result.config[k] for k in spec.space},
+                float(m.get(spec.metric, float("nan"))),
+                best,
+                cfg.run.dir,
+                str(m.get("checkpoint_dir", "")),
+                int(m.get("checkpoint_step", -1)),
+                error=" ".join(str(result.error).split())[:300] if result.error else "",
+            )
+        )
     return sorted(rows, key=lambda r: r.trial_id)
 
 
 def pick_best(rows: list[TrialRow], mode: str) -> TrialRow | None:
     """The best trial by its *last* reported metric (the state its last checkpoint holds), among trials without
     an error whose checkpoint is of that last validated step; None when there is none."""
-    ok = [r for r in rows if r.status != "error" and r.checkpoint_dir and r.checkpoint_step == r.step
-          and math.isfinite(r.last)]
+    ok = [
+        r
+        for r in rows
+        if r.status != "error" and r.checkpoint_dir and r.checkpoint_step == r.step and math.isfinite(r.last)
+    ]
     if not ok:
         return None
     return (min if mode == "min" else max)(ok, key=lambda r: r.last)
@@ -181,8 +213,18 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, best: TrialRow | None) -
     body = []
     for r in rows:
         vals = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.params[k] for k in keys)]
-        body.append([r.trial_id, r.status, str(r.step), str(r.validations), *vals, f"{r.last:.4f}", f"{r.best:.4f}",
-                     "<- best" if best is not None and r.trial_id == best.trial_id else ""])
+        body.append(
+            [
+                r.trial_id,
+                r.status,
+                str(r.step),
+                str(r.validations),
+                *vals,
+                f"{r.last:.4f}",
+                f"{r.best:.4f}",
+                "<- best" if best is not None and r.trial_id == best.trial_id else "",
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
@@ -208,11 +250,23 @@ def write_best(result: SweepResult, ctx: TrialContext) -> Path:
     weights = consolidate(best.checkpoint_dir, result.sweep_dir / "best.safetensors")
     cfg = trial_config(ctx, best.trial_id, best.params)  # consolidate wrote the checkpoint's copy of it beside
     remote = f"{cfg.checkpoint.remote}/{Path(best.checkpoint_dir).name}" if cfg.checkpoint.remote else ""
-    info = {"weights": str(weights), "config": str(config_path(weights)), "checkpoint": best.checkpoint_dir,
-            "checkpoint_remote": remote, "step": best.step, "metric": result.spec.metric, "mode": result.spec.mode,
-            "value": best.last, "trial_id": best.trial_id, "run_dir": best.run_dir, "params": best.params,
-            "sweep": ctx.sweep, "mlflow_run_id": best.mlflow_run_id, "parent_run_id": ctx.parent_run_id,
-            "tracking_uri": ctx.tracking_uri}
+    info = {
+        "weights": str(weights),
+        "config": str(config_path(weights)),
+        "checkpoint": best.checkpoint_dir,
+        "checkpoint_remote": remote,
+        "step": best.step,
+        "metric": result.spec.metric,
+        "mode": result.spec.mode,
+        "value": best.last,
+        "trial_id": best.trial_id,
+        "run_dir": best.run_dir,
+        "params": best.params,
+        "sweep": ctx.sweep,
+        "mlflow_run_id": best.mlflow_run_id,
+        "parent_run_id": ctx.parent_run_id,
+        "tracking_uri": ctx.tracking_uri,
+    }
     path = result.sweep_dir / "best.json"
     tmp = path.with_name(".best.json.tmp")
     tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
@@ -238,11 +292,17 @@ class _ParentRun:
         client = MlflowClient(tracking_uri=uri)
         exp = ensure_experiment(client, base.tracking.experiment)
         run = client.create_run(exp, run_name=f"sweep-{name}", tags={"mango.sweep": name, "sweep.role": "parent"})
-        params = {"sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.num_samples": spec.num_samples,
-                  "sweep.max_concurrent_trials": spec.max_concurrent_trials, "sweep.scheduler": json.dumps(spec.scheduler),
-                  "sweep.workers": spec.workers, "sweep.storage": spec.storage,
-                  **{f"space.{k}": json.dumps({kind: args}) for k, (kind, args) in spec.space.items()},
-                  **{f"fixed.{k}": json.dumps(v) for k, v in spec.fixed.items()}}
+        params = {
+            "sweep.metric": spec.metric,
+            "sweep.mode": spec.mode,
+            "sweep.num_samples": spec.num_samples,
+            "sweep.max_concurrent_trials": spec.max_concurrent_trials,
+            "sweep.scheduler": json.dumps(spec.scheduler),
+            "sweep.workers": spec.workers,
+            "sweep.storage": spec.storage,
+            **{f"space.{k}": json.dumps({kind: args}) for k, (kind, args) in spec.space.items()},
+            **{f"fixed.{k}": json.dumps(v) for k, v in spec.fixed.items()},
+        }
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()], synchronous=True)
         if spec.path:
             client.log_artifact(run.info.run_id, spec.path, "sweep")
@@ -251,8 +311,9 @@ class _ParentRun:
     def attach_children(self, rows: list[TrialRow], experiment: str) -> None:
         """Match the nested runs to trials (by their ``run.dir`` tag); end runs a stopped actor left RUNNING."""
         exp = self.client.get_experiment_by_name(experiment)
-        children = self.client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
-                                           max_results=10000)
+        children = self.client.search_runs(
+            [exp.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10000
+        )
         by_dir = {c.data.tags.get("run.dir"): c for c in children}
         for row in rows:
             child = by_dir.get(str(Path(row.run_dir).resolve()))
@@ -271,12 +332,26 @@ class _ParentRun:
         keys = list(result.spec.space)
         writer.writerow(["trial_id", "status", "step", "validations", *keys, "last", "best", "mlflow_run_id", "error"])
         for r in result.rows:
-            writer.writerow([r.trial_id, r.status, r.step, r.validations, *(r.params[k] for k in keys), r.last, r.best,
-                             r.mlflow_run_id, r.error])
+            writer.writerow(
+                [
+                    r.trial_id,
+                    r.status,
+                    r.step,
+                    r.validations,
+                    *(r.params[k] for k in keys),
+                    r.last,
+                    r.best,
+                    r.mlflow_run_id,
+                    r.error,
+                ]
+            )
         self.client.log_text(rid, buf.getvalue(), "sweep/results.csv")
         counts = {s: sum(r.status == s for r in result.rows) for s in ("completed", "stopped early", "error")}
-        for key, value in {"trials_completed": counts["completed"], "trials_stopped_early": counts["stopped early"],
-                           "trials_failed": counts["error"]}.items():
+        for key, value in {
+            "trials_completed": counts["completed"],
+            "trials_stopped_early": counts["stopped early"],
+            "trials_failed": counts["error"],
+        }.items():
             self.client.log_metric(rid, key, value)
         if result.best is not None:
             self.client.log_metric(rid, f"best_{result.spec.metric}", result.best.last)

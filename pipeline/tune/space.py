@@ -14,15 +14,39 @@ import yaml
 from pipeline.config import Config, ConfigError, apply_overrides
 
 SAMPLERS = {  # name → number of arguments (None: a non-empty list of values)
-    "loguniform": 2, "uniform": 2, "randn": 2, "quniform": 3, "qloguniform": 3, "randint": 2, "lograndint": 2,
-    "choice": None, "grid": None,
+    "loguniform": 2,
+    "uniform": 2,
+    "randn": 2,
+    "quniform": 3,
+    "qloguniform": 3,
+    "randint": 2,
+    "lograndint": 2,
+    "choice": None,
+    "grid": None,
 }
 SCHEDULERS = ("asha", "fifo")
 # set by the sweep for every trial: sweeping them would break the trial's bookkeeping
-RESERVED_KEYS = ("run.dir", "run.name", "tracking.uri", "tracking.parent_run_id", "checkpoint.resume",
-                 "checkpoint.remote")
-_TOP_KEYS = {"name", "metric", "mode", "num_samples", "max_concurrent_trials", "seed", "storage", "scheduler",
-             "resources", "fixed", "space"}
+RESERVED_KEYS = (
+    "run.dir",
+    "run.name",
+    "tracking.uri",
+    "tracking.parent_run_id",
+    "checkpoint.resume",
+    "checkpoint.remote",
+)
+_TOP_KEYS = {
+    "name",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_concurrent_trials",
+    "seed",
+    "storage",
+    "scheduler",
+    "resources",
+    "fixed",
+    "space",
+}
 _SCHEDULER_KEYS = {"name": "asha", "max_t": 0, "grace_period": 1, "reduction_factor": 2}
 _RESOURCE_KEYS = {"workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0}
 
@@ -107,8 +131,9 @@ def load_space(path: str | os.PathLike, base: Config) -> SweepSpec:
             raise SpaceError(f"{where}: scheduler.max_t must be given when train.max_steps or eval.every is swept")
         sched["max_t"] = math.ceil(base.train.max_steps / base.eval.every)
     if sched["grace_period"] > sched["max_t"]:
-        raise SpaceError(f"{where}: scheduler.grace_period ({sched['grace_period']}) exceeds max_t ({sched['max_t']} "
-                         f"validations)")
+        raise SpaceError(
+            f"{where}: scheduler.grace_period ({sched['grace_period']}) exceeds max_t ({sched['max_t']} validations)"
+        )
     _int_at_least(res["workers"], 1, f"{where}: resources.workers")
     for key in ("cpus_per_worker", "gpus_per_worker"):
         if isinstance(res[key], bool) or not isinstance(res[key], (int, float)) or res[key] < 0:
@@ -126,8 +151,10 @@ def load_space(path: str | os.PathLike, base: Config) -> SweepSpec:
         _int_at_least(raw.get(key, {"num_samples": 1}.get(key, 0)), 1 if key == "num_samples" else 0, f"{where}: {key}")
     storage = raw.get("storage", "") or ""
     if not isinstance(storage, str) or not (storage.startswith("s3://") or os.path.isabs(storage) or storage == ""):
-        raise SpaceError(f"{where}: storage must be an absolute local path or an s3:// URL (Ray needs absolute "
-                         f"paths); got {storage!r}")
+        raise SpaceError(
+            f"{where}: storage must be an absolute local path or an s3:// URL (Ray needs absolute "
+            f"paths); got {storage!r}"
+        )
     if not storage:
         from pipeline.tracking import project_root
 
@@ -135,11 +162,22 @@ def load_space(path: str | os.PathLike, base: Config) -> SweepSpec:
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name or "/" in name:
         raise SpaceError(f"{where}: name must be a non-empty string without '/'; got {name!r}")
-    return SweepSpec(name=name, metric=metric, mode=mode, num_samples=raw.get("num_samples", 1),
-                     max_concurrent_trials=raw.get("max_concurrent_trials", 0), seed=raw.get("seed", 0),
-                     storage=storage.rstrip("/"), scheduler=sched, workers=res["workers"],
-                     cpus_per_worker=float(res["cpus_per_worker"]), gpus_per_worker=float(res["gpus_per_worker"]),
-                     fixed=dict(fixed), space=space, path=str(path.resolve()))
+    return SweepSpec(
+        name=name,
+        metric=metric,
+        mode=mode,
+        num_samples=raw.get("num_samples", 1),
+        max_concurrent_trials=raw.get("max_concurrent_trials", 0),
+        seed=raw.get("seed", 0),
+        storage=storage.rstrip("/"),
+        scheduler=sched,
+        workers=res["workers"],
+        cpus_per_worker=float(res["cpus_per_worker"]),
+        gpus_per_worker=float(res["gpus_per_worker"]),
+        fixed=dict(fixed),
+        space=space,
+        path=str(path.resolve()),
+    )
 
 
 def _mapping(raw: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -163,9 +201,11 @@ def _int_at_least(value: Any, low: int, where: str) -> None:
 def _sampler(key: str, spec: Any, where: str) -> tuple[str, list[Any]]:
     at = f"{where}: space.{key}"
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise SpaceError(f"{at}: expected one sampler such as {{loguniform: [1e-4, 1e-2]}} or {{choice: [a, b]}} "
-                         f"(constants go under 'fixed'); got {spec!r}")
-    (kind, args), = spec.items()
+        raise SpaceError(
+            f"{at}: expected one sampler such as {{loguniform: [1e-4, 1e-2]}} or {{choice: [a, b]}} "
+            f"(constants go under 'fixed'); got {spec!r}"
+        )
+    ((kind, args),) = spec.items()
     if kind not in SAMPLERS:
         raise SpaceError(f"{at}: unknown sampler '{kind}'; use one of {', '.join(SAMPLERS)}")
     if not isinstance(args, list) or not args:
@@ -204,9 +244,17 @@ def tune_space(spec: SweepSpec) -> dict[str, Any]:
     from ray import tune
 
     make: dict[str, Callable[..., Any]] = {
-        "loguniform": tune.loguniform, "uniform": tune.uniform, "randn": tune.randn, "quniform": tune.quniform,
-        "qloguniform": tune.qloguniform, "randint": tune.randint, "lograndint": tune.lograndint,
-        "choice": tune.choice, "grid": tune.grid_search,
+        "loguniform": tune.loguniform,
+        "uniform": tune.uniform,
+        "randn": tune.randn,
+        "quniform": tune.quniform,
+        "qloguniform": tune.qloguniform,
+        "randint": tune.randint,
+        "lograndint": tune.lograndint,
+        "choice": tune.choice,
+        "grid": tune.grid_search,
     }
-    return {key: make[kind](args) if SAMPLERS[kind] is None else make[kind](*args)
-            for key, (kind, args) in spec.space.items()}
+    return {
+        key: make[kind](args) if SAMPLERS[kind] is None else make[kind](*args)
+        for key, (kind, args) in spec.space.items()
+    }

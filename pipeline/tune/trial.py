@@ -28,9 +28,13 @@ class TrialContext:
 
 def trial_config(ctx: TrialContext, trial_id: str, params: Mapping[str, Any]) -> Config:
     """The trial's config: base ← sampled ``params`` ← the sweep's own keys (run dir, tracking, remote)."""
-    own: dict[str, Any] = {"run.dir": str(Path(ctx.sweep_dir) / "trials" / trial_id),
-                           "run.name": f"{ctx.sweep}-{trial_id}", "checkpoint.resume": "",
-                           "tracking.uri": ctx.tracking_uri, "tracking.parent_run_id": ctx.parent_run_id}
+    own: dict[str, Any] = {
+        "run.dir": str(Path(ctx.sweep_dir) / "trials" / trial_id),
+        "run.name": f"{ctx.sweep}-{trial_id}",
+        "checkpoint.resume": "",
+        "tracking.uri": ctx.tracking_uri,
+        "tracking.parent_run_id": ctx.parent_run_id,
+    }
     if ctx.storage.startswith("s3://"):
         own["checkpoint.remote"] = f"{ctx.storage}/{ctx.sweep}/{trial_id}/checkpoints"
     return apply_overrides(from_dict(ctx.base), {**params, **own})
@@ -51,8 +55,10 @@ class TrialReporter:
         from pipeline.train import checkpoint as ckpt
 
         if self.metric not in metrics:
-            raise KeyError(f"sweep metric {self.metric!r} is not among the validation's metrics "
-                           f"{sorted(k for k in metrics if k.startswith('val_'))}")
+            raise KeyError(
+                f"sweep metric {self.metric!r} is not among the validation's metrics "
+                f"{sorted(k for k in metrics if k.startswith('val_'))}"
+            )
         out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tag = ckpt.latest_complete(self.run_dir)
         out["checkpoint_step"] = float(ckpt.read_state(tag)["step"]) if tag is not None else -1.0
@@ -78,10 +84,12 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": to_dict(cfg), "metric": ctx.metric},
-        scaling_config=ray.train.ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=trial_id, storage_path=f"{ctx.storage}/{ctx.sweep}/train-runs",
-                                       callbacks=[TuneReportCallback()]),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=trial_id, storage_path=f"{ctx.storage}/{ctx.sweep}/train-runs", callbacks=[TuneReportCallback()]
+        ),
     )
     trainer.fit()
 

@@ -27,6 +27,7 @@ def stereo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.data import write_split
 
     out = tmp_path_factory.mktemp("stereo")
-    write_split("embedded", "stereo", str(out), "train", options=STEREO_TRAIN_OPTIONS, samples_per_shard=16,
-                progress=False)
+    write_split(
+        "embedded", "stereo", str(out), "train", options=STEREO_TRAIN_OPTIONS, samples_per_shard=16, progress=False
+    )
     return out

@@ -85,14 +85,18 @@ def map_class_40() -> np.ndarray:
 
 def _nyu_meta(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array(NYU_TRAIN, float)[:, None],
-                                           "testNdxs": np.array(NYU_TEST, float)[:, None]})
+    scipy.io.savemat(
+        root / "splits.mat",
+        {"trainNdxs": np.array(NYU_TRAIN, float)[:, None], "testNdxs": np.array(NYU_TEST, float)[:, None]},
+    )
     names = np.empty((1, 40), dtype=object)
     names[0, :] = [f"class{i:02d}" for i in range(40)]
     all_names = np.empty((1, 894), dtype=object)
     all_names[0, :] = [f"object{i:03d}" for i in range(894)]
-    scipy.io.savemat(root / "classMapping40.mat", {"mapClass": map_class_40()[None, :], "className": names,
-                                                   "allClassName": all_names})
+    scipy.io.savemat(
+        root / "classMapping40.mat",
+        {"mapClass": map_class_40()[None, :], "className": names, "allClassName": all_names},
+    )
 
 
 def make_nyudv2(root: Path) -> Path:
@@ -154,8 +158,13 @@ def make_sunrgbd_list(root: Path, n_train: int = 4, n_test: int = 3) -> Path:
     return root
 
 
-SUN_SCENES = ("kv1/NYUdata/NYU0001", "kv1/NYUdata/NYU0002", "kv2/kinect2data/000002_2014-05-26_14-23-37",
-              "realsense/lg/2014_10_24-13_27_42-1", "xtion/xtion_align_data/2014_01_25-10_43_32-7")
+SUN_SCENES = (
+    "kv1/NYUdata/NYU0001",
+    "kv1/NYUdata/NYU0002",
+    "kv2/kinect2data/000002_2014-05-26_14-23-37",
+    "realsense/lg/2014_10_24-13_27_42-1",
+    "xtion/xtion_align_data/2014_01_25-10_43_32-7",
+)
 SUN_TRAIN = (1, 3, 4)  # 1-based indices into SUNRGBDMeta
 SUN_TEST = (2, 5)
 
@@ -181,8 +190,9 @@ def make_sunrgbd_toolbox(root: Path) -> Path:
         c[0, :] = [f"/n/fs/sun3d/data/SUNRGBD/{SUN_SCENES[i - 1]}/" for i in indices]
         return c
 
-    scipy.io.savemat(tools / "traintestSUNRGBD" / "allsplit.mat", {"alltrain": cells(SUN_TRAIN),
-                                                                    "alltest": cells(SUN_TEST)})
+    scipy.io.savemat(
+        tools / "traintestSUNRGBD" / "allsplit.mat", {"alltrain": cells(SUN_TRAIN), "alltest": cells(SUN_TEST)}
+    )
     scipy.io.savemat(tools / "Metadata" / "SUNRGBDMeta.mat", {"SUNRGBDMeta": meta})
     seg = tools / "Metadata" / "SUNRGBD2Dseg.mat"
     with h5py.File(seg, "w", userblock_size=512) as f:
@@ -219,8 +229,11 @@ def make_taskonomy(root: Path) -> Path:
     return root
 
 
-MMIMDB_SPLIT = {"train": ["0000008", "0000010", "0000012", "0000014"], "dev": ["0000020"],
-                "test": ["0000030", "0000031"]}
+MMIMDB_SPLIT = {
+    "train": ["0000008", "0000010", "0000012", "0000014"],
+    "dev": ["0000020"],
+    "test": ["0000030", "0000031"],
+}
 
 
 def make_mmimdb(root: Path) -> Path:
@@ -230,8 +243,11 @@ def make_mmimdb(root: Path) -> Path:
     for n, movie_id in enumerate(ids):
         h, w = 40 + 3 * n, 27 + 2 * n  # posters come in different sizes
         _jpeg(root / "dataset" / f"{movie_id}.jpeg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        meta = {"title": f"Movie {movie_id}", "genres": genres_cycle[n % len(genres_cycle)],
-                "plot": [f"short plot {n}.", f"a much longer plot summary number {n} that wins.", "mid plot."]}
+        meta = {
+            "title": f"Movie {movie_id}",
+            "genres": genres_cycle[n % len(genres_cycle)],
+            "plot": [f"short plot {n}.", f"a much longer plot summary number {n} that wins.", "mid plot."],
+        }
         (root / "dataset" / f"{movie_id}.json").write_text(json.dumps(meta))
     (root / "split.json").write_text(json.dumps(MMIMDB_SPLIT))
     return root

@@ -22,8 +22,6 @@ from tests.conftest import free_port
 WORLD = 2
 
 
-
-
 def _rank_main(rank: int, port: int, eval_url: str, train_url: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -43,8 +41,16 @@ def _rank_main(rank: int, port: int, eval_url: str, train_url: str, out: str) ->
             first = first or batch["__key__"]
             batches += 1
             dist.barrier()
-        result = {"keys": keys, "steps": steps, "padding": padding, "counted": counted, "expected_steps": len(loader),
-                  "train_batches": batches, "train_len": len(train), "train_first": first}
+        result = {
+            "keys": keys,
+            "steps": steps,
+            "padding": padding,
+            "counted": counted,
+            "expected_steps": len(loader),
+            "train_batches": batches,
+            "train_len": len(train),
+            "train_first": first,
+        }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -60,8 +66,11 @@ def test_two_ranks_two_workers_exact_and_training_passes(stereo_shards, tmp_path
     mp.spawn(_rank_main, args=(free_port(), str(uneven_url), full.location, str(tmp_path)), nprocs=WORLD, join=True)
     r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(WORLD)]
 
-    everything = {k for b in build_eval_loader(str(uneven_url), 16, rank=0, world_size=1, num_workers=0, decode=None)
-                  for k in b["__key__"]}
+    everything = {
+        k
+        for b in build_eval_loader(str(uneven_url), 16, rank=0, world_size=1, num_workers=0, decode=None)
+        for k in b["__key__"]
+    }
     assert len(everything) == 80
     assert not set(r[0]["keys"]) & set(r[1]["keys"]), "ranks read disjoint samples"
     assert set(r[0]["keys"]) | set(r[1]["keys"]) == everything, "their union is the split"

@@ -38,8 +38,9 @@ def test_decoded_batches_keep_dtypes_through_workers(stereo_shards):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_restoring_state_reproduces_the_next_batches(stereo_shards, num_workers):
     def build(state):
-        return build_train_loader(_manifest(stereo_shards), 6, rank=1, world_size=2, num_workers=num_workers,
-                                  epoch_batches=9, state=state)
+        return build_train_loader(
+            _manifest(stereo_shards), 6, rank=1, world_size=2, num_workers=num_workers, epoch_batches=9, state=state
+        )
 
     reference = build(LoaderState(seed=7))
     ref = [b["__key__"] for _ in range(2) for b in reference]  # two epochs
@@ -93,8 +94,11 @@ def corrupted(stereo_shards, tmp_path):
     folder = tmp_path / "s"
     manifest = load_manifest(_manifest(folder))
     names = [s.name for s in manifest.shards]
-    all_keys = {k for b in build_eval_loader(manifest, 64, rank=0, world_size=1, num_workers=0, decode=None)
-                for k in b["__key__"]}
+    all_keys = {
+        k
+        for b in build_eval_loader(manifest, 64, rank=0, world_size=1, num_workers=0, decode=None)
+        for k in b["__key__"]
+    }
 
     truncated = folder / names[0]
     with tarfile.open(truncated) as t:

@@ -23,7 +23,7 @@ def test_shifted_view_is_the_right_view_displaced_by_r_half_to_r_inside_the_spli
             s = src.load(split, key)
             y, x, dx = s["json"]["y"], s["json"]["x"], s["json"]["shift"]
             assert 8 <= abs(dx) <= 16 and x0 <= x + dx and x + dx + 24 <= x1  # never leaves its split's columns
-            np.testing.assert_array_equal(s["shifted.png"], right[y:y + 24, x + dx:x + dx + 24])
+            np.testing.assert_array_equal(s["shifted.png"], right[y : y + 24, x + dx : x + dx + 24])
             shifts.append(dx)
         assert min(shifts) < 0 < max(shifts)  # both directions occur
     assert src.load("val", src.keys("val")[3])["json"]["shift"] == src.shift_of(src.keys("val")[3])  # by key

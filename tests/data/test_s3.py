@@ -24,8 +24,21 @@ from .util import REPO, run_cli
 @pytest.mark.timeout(120)
 def test_shards_written_to_s3_read_back_with_workers(s3_env, stereo_shards):
     out = s3_env.make_bucket() + "/mango/stereo"
-    r = run_cli("embedded", "--src", "stereo", "--split", "train", "--out", out, "--samples-per-shard", "16",
-                "--workers", "2", "--quiet", *[f"--{k}={v}" for k, v in STEREO_TRAIN_OPTIONS.items()])
+    r = run_cli(
+        "embedded",
+        "--src",
+        "stereo",
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--samples-per-shard",
+        "16",
+        "--workers",
+        "2",
+        "--quiet",
+        *[f"--{k}={v}" for k, v in STEREO_TRAIN_OPTIONS.items()],
+    )
     assert r.returncode == 0, r.stderr
     objects = s3_env.keys(out)
     assert "mango/stereo/manifest-train.json" in objects
@@ -53,8 +66,21 @@ def test_killed_job_leaves_nothing_readers_accept_and_rerun_reuses_shards(s3_env
     blocker.unlink()
     os.mkfifo(blocker)  # reading it blocks: the job is deterministically stuck after shard 0 is published
     out = s3_env.make_bucket() + "/nyu"
-    cmd = [sys.executable, "-m", "jobs.shard", "nyudv2", "--src", str(src), "--out", out, "--split", "train",
-           "--samples-per-shard", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.shard",
+        "nyudv2",
+        "--src",
+        str(src),
+        "--out",
+        out,
+        "--split",
+        "train",
+        "--samples-per-shard",
+        "2",
+        "--quiet",
+    ]
     job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

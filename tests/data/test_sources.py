@@ -27,11 +27,13 @@ def _by_key(samples):
 
 # -- embedded -------------------------------------------------------------------------------------------
 
+
 def test_embedded_stereo_depth_from_disparity_and_disjoint_regions(tmp_path):
     from skimage.data import stereo_motorcycle
 
-    m_train = shard("embedded", "stereo", tmp_path, "train", options={"patch": 16, "downscale": 4},
-                    samples_per_shard=64)
+    m_train = shard(
+        "embedded", "stereo", tmp_path, "train", options={"patch": 16, "downscale": 4}, samples_per_shard=64
+    )
     m_val = shard("embedded", "stereo", tmp_path, "val", options={"patch": 32})
     assert m_train.total_samples == 224 and m_val.total_samples == 60
     train_x = [s["json"][0]["x"] for s in read_all(m_train)]
@@ -46,10 +48,10 @@ def test_embedded_stereo_depth_from_disparity_and_disjoint_regions(tmp_path):
     assert sample["depth.png"].dtype == torch.uint16 and sample["depth.png"].shape == (1, 1, 32, 32)
     left, right, disparity = stereo_motorcycle()
     y, x = sample["json"][0]["y"], sample["json"][0]["x"]
-    d = disparity[y:y + 32, x:x + 32].astype(np.float64)
+    d = disparity[y : y + 32, x : x + 32].astype(np.float64)
     expected = np.where(np.isfinite(d), np.round(994.978 * 193.001 / (np.where(np.isfinite(d), d, 0) + 31.086)), 0)
     assert np.array_equal(sample["depth.png"][0, 0].numpy().astype(np.float64), expected)
-    assert np.array_equal(sample["right.png"][0].permute(1, 2, 0).numpy(), right[y:y + 32, x:x + 32])
+    assert np.array_equal(sample["right.png"][0].permute(1, 2, 0).numpy(), right[y : y + 32, x : x + 32])
 
 
 def test_embedded_scenes_have_exact_labels_and_depth(tmp_path):
@@ -72,6 +74,7 @@ def test_embedded_scenes_have_exact_labels_and_depth(tmp_path):
 
 
 # -- NYUDv2 ---------------------------------------------------------------------------------------------
+
 
 def test_nyudv2_official_layout(raw_datasets, tmp_path):
     src = raw_datasets["nyudv2"]
@@ -100,9 +103,14 @@ def test_nyudv2_refuses_wrong_mat_version_and_bad_files(raw_datasets, tmp_path):
         shard("nyudv2", raw_datasets["nyudv2_v5"], tmp_path, "train")
     broken = tmp_path / "broken"
     fx._nyu_meta(broken)
-    fx._matlab_v73(broken / "nyu_depth_v2_labeled.mat", {
-        "images": np.zeros((6, 3, 8, 6), np.uint8), "depths": np.zeros((6, 8, 6), np.float32),
-        "labels": np.zeros((6, 8, 5), np.uint16)})
+    fx._matlab_v73(
+        broken / "nyu_depth_v2_labeled.mat",
+        {
+            "images": np.zeros((6, 3, 8, 6), np.uint8),
+            "depths": np.zeros((6, 8, 6), np.float32),
+            "labels": np.zeros((6, 8, 5), np.uint16),
+        },
+    )
     with pytest.raises(ValueError, match=r"nyu_depth_v2_labeled\.mat: shapes disagree between modalities"):
         shard("nyudv2", broken, tmp_path / "out", "train")
     (broken / "splits.mat").unlink()
@@ -137,6 +145,7 @@ def test_nyudv2_tokenfusion_layout_and_skip_bad(raw_datasets, tmp_path):
 
 
 # -- SUN RGB-D ------------------------------------------------------------------------------------------
+
 
 def _sun_expected_depth(path: Path) -> np.ndarray:
     raw = np.asarray(Image.open(path)).astype(np.int64)
@@ -174,6 +183,7 @@ def test_sunrgbd_toolbox_layout(raw_datasets, tmp_path):
 
 # -- Taskonomy ------------------------------------------------------------------------------------------
 
+
 def test_taskonomy_keeps_bit_depth_and_invalid_value(raw_datasets, tmp_path):
     src = tmp_path / "tk"
     shutil.copytree(raw_datasets["taskonomy"], src)
@@ -197,10 +207,13 @@ def test_taskonomy_keeps_bit_depth_and_invalid_value(raw_datasets, tmp_path):
 
 # -- MM-IMDB --------------------------------------------------------------------------------------------
 
+
 def test_mmimdb_text_labels_and_posters(raw_datasets, tmp_path):
     src = raw_datasets["mmimdb"]
-    sizes = {split: shard("mmimdb", src, tmp_path, split, options={"image_size": 24}).total_samples
-             for split in ("train", "dev", "test")}
+    sizes = {
+        split: shard("mmimdb", src, tmp_path, split, options={"image_size": 24}).total_samples
+        for split in ("train", "dev", "test")
+    }
     assert sizes == {"train": 4, "dev": 1, "test": 2}
     samples = _by_key(read_all(load_manifest(str(tmp_path / "manifest-train.json"))))
     s = samples["imdb-0000012"]  # genres Sci-Fi, Reality-TV (not one of the 23), Action

@@ -69,9 +69,11 @@ def test_poster_tiles_are_motif_crops_from_disjoint_regions(movie_folder):
                 assert x + s <= cut
             else:
                 assert x >= cut  # held-out posters never show a pixel a training poster could show
-            crop = np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((q, q), Image.Resampling.BICUBIC)).astype(np.float64)
+            crop = np.asarray(
+                Image.fromarray(img[y : y + s, x : x + s]).resize((q, q), Image.Resampling.BICUBIC)
+            ).astype(np.float64)
             r, c = divmod(tile["quadrant"], 2)
-            quad = poster[r * q:(r + 1) * q, c * q:(c + 1) * q]
+            quad = poster[r * q : (r + 1) * q, c * q : (c + 1) * q]
             err = min(np.abs(quad - crop).mean(), np.abs(quad - crop[:, ::-1]).mean())  # tiles may be mirrored
             assert err < 6.0, (movie_id, genre, err)  # JPEG q95 noise only
             checked += 1
@@ -79,12 +81,14 @@ def test_poster_tiles_are_motif_crops_from_disjoint_regions(movie_folder):
 
 
 def test_movie_folder_shards_through_the_mmimdb_source(movie_folder, tmp_path):
-    sizes = {s: shard("mmimdb", movie_folder, tmp_path, s, options={"image_size": 32}).total_samples
-             for s in ("train", "dev", "test")}
+    sizes = {
+        s: shard("mmimdb", movie_folder, tmp_path, s, options={"image_size": 32}).total_samples
+        for s in ("train", "dev", "test")
+    }
     assert sizes == {"train": 40, "dev": 12, "test": 12}
     samples = read_all(load_manifest(str(tmp_path / "manifest-dev.json")))
     for s in samples:
-        meta = json.loads((movie_folder / "dataset" / f"{s['__key__'][0][len('imdb-'):]}.json").read_text())
+        meta = json.loads((movie_folder / "dataset" / f"{s['__key__'][0][len('imdb-') :]}.json").read_text())
         assert s["rgb.png"].shape == (1, 3, 32, 32)
         assert s["text.txt"] == [max(meta["plot"], key=len)]  # real text strings reach the batch
         assert {GENRES[i] for i in s["labels.npy"][0].nonzero().flatten().tolist()} == set(meta["genres"])
@@ -95,7 +99,9 @@ def test_movie_folder_is_determined_by_the_seed(tmp_path):
     movies.write_movie_folder(str(tmp_path / "b"), 3, 1, 1, seed=5)
     movies.write_movie_folder(str(tmp_path / "c"), 3, 1, 1, seed=6)
     files = sorted(p.name for p in (tmp_path / "a" / "dataset").iterdir())
-    same = [(tmp_path / "a" / "dataset" / f).read_bytes() == (tmp_path / "b" / "dataset" / f).read_bytes() for f in files]
+    same = [
+        (tmp_path / "a" / "dataset" / f).read_bytes() == (tmp_path / "b" / "dataset" / f).read_bytes() for f in files
+    ]
     assert all(same)
     assert (tmp_path / "a" / "dataset" / files[0]).read_bytes() != (tmp_path / "c" / "dataset" / files[0]).read_bytes()
     with pytest.raises(ValueError, match="at least one movie"):
@@ -135,4 +141,3 @@ def test_top_view_scenes_low_and_tall_boxes_differ_only_in_depth(tmp_path):
         open_source("embedded", "scenes", view="side")
     with pytest.raises(ValueError, match="apply only to the other"):
         open_source("embedded", "stereo", view="top")
-

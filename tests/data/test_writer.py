@@ -18,8 +18,11 @@ STEREO_VAL = {"patch": 32}  # 60 samples
 
 
 def _keys(manifest):
-    return sorted(k for b in build_eval_loader(manifest, 16, rank=0, world_size=1, num_workers=0, decode=None)
-                  for k in b["__key__"])
+    return sorted(
+        k
+        for b in build_eval_loader(manifest, 16, rank=0, world_size=1, num_workers=0, decode=None)
+        for k in b["__key__"]
+    )
 
 
 def test_manifest_round_trip_and_checksum_identifies_the_data(tmp_path):
@@ -31,8 +34,13 @@ def test_manifest_round_trip_and_checksum_identifies_the_data(tmp_path):
     again = ShardManifest.from_json(text, location=m.location)
     assert again == m and again.manifest_checksum() == manifest_checksum(m)
     assert json.loads(text)["modalities"]["depth.png"] == {
-        "dtype": "uint16", "kind": "depth", "shape": [32, 32], "quantisation": "1 mm, 0 = invalid",
-        "classes": None, "ignore_index": None}
+        "dtype": "uint16",
+        "kind": "depth",
+        "shape": [32, 32],
+        "quantisation": "1 mm, 0 = invalid",
+        "classes": None,
+        "ignore_index": None,
+    }
     assert dataclasses.replace(m, args={"workers": 8}).manifest_checksum() == m.manifest_checksum()
     tampered = dataclasses.replace(m, shards=[dataclasses.replace(m.shards[0], sha256="0" * 64), *m.shards[1:]])
     assert tampered.manifest_checksum() != m.manifest_checksum()
@@ -58,8 +66,9 @@ def test_rerun_skips_matching_shards_and_rewrites_damaged_ones(tmp_path):
         changed = os.stat(tmp_path / s.name).st_mtime_ns != mtimes[s.name]
         assert changed == (s.name == m.shards[1].name), s.name
     # Different content-affecting options never reuse a shard.
-    other = shard("embedded", "stereo", tmp_path, "val", options={"patch": 32, "downscale": 1, "stride": 8},
-                  samples_per_shard=16)
+    other = shard(
+        "embedded", "stereo", tmp_path, "val", options={"patch": 32, "downscale": 1, "stride": 8}, samples_per_shard=16
+    )
     assert other.manifest_checksum() != m.manifest_checksum()
 
 
@@ -84,8 +93,9 @@ def test_array_tasks_write_parts_and_merge_verifies_them(tmp_path):
     assert sorted(k for ps in plans for p in ps for k in p.keys) == keys, "disjoint key ranges covering all"
 
     for t in range(3):
-        m = shard("embedded", "stereo", tmp_path, "val", options=STEREO_VAL, samples_per_shard=8, task_index=t,
-                  num_tasks=3)
+        m = shard(
+            "embedded", "stereo", tmp_path, "val", options=STEREO_VAL, samples_per_shard=8, task_index=t, num_tasks=3
+        )
         assert m.location.endswith(f"manifest-val.part-{t:04d}-of-0003.json")
     assert not (tmp_path / "manifest-val.json").exists(), "parts are not a committed split"
     merged = merge_split(str(tmp_path), "val")
@@ -119,8 +129,20 @@ def test_task_coordinates_from_flags_slurm_and_kubernetes():
 
 def test_cli_shards_merges_and_reports_bad_input(raw_datasets, tmp_path):
     out = tmp_path / "cli"
-    base = ["embedded", "--src", "stereo", "--split", "val", "--out", str(out), "--patch", "32",
-            "--samples-per-shard", "16", "--quiet"]
+    base = [
+        "embedded",
+        "--src",
+        "stereo",
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--patch",
+        "32",
+        "--samples-per-shard",
+        "16",
+        "--quiet",
+    ]
     for task in range(2):  # a SLURM array of 2 tasks, the second with 2 local workers
         env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"}
         r = run_cli(*base, "--workers", str(1 + task), env=env)

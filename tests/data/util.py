@@ -25,5 +25,11 @@ def read_all(manifest: ShardManifest | str, num_workers: int = 0) -> list[dict[s
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m jobs.shard ARGS`` from the repository root (the way users run it)."""
-    return subprocess.run([sys.executable, "-m", "jobs.shard", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.shard", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )

@@ -31,10 +31,17 @@ def adam_matches(tag_dir: Path) -> dict:
     loaded = engine.optimizer.state_dict()
     want, got = saved["optimizer"]["state"], loaded["state"]
     same = set(want) == set(got) and all(
-        torch.equal(want[i][k], got[i][k]) for i in want for k in ("step", "exp_avg", "exp_avg_sq"))
+        torch.equal(want[i][k], got[i][k]) for i in want for k in ("step", "exp_avg", "exp_avg_sq")
+    )
     steps = sorted({int(v["step"]) for v in got.values()})
-    return {"world_size": info.world_size, "same": same, "params": len(got), "adam_steps": steps,
-            "scheduler_epoch": scheduler.last_epoch, "saved_scheduler_epoch": saved["lr_scheduler"]["last_epoch"]}
+    return {
+        "world_size": info.world_size,
+        "same": same,
+        "params": len(got),
+        "adam_steps": steps,
+        "scheduler_epoch": scheduler.last_epoch,
+        "saved_scheduler_epoch": saved["lr_scheduler"]["last_epoch"],
+    }
 
 
 def adam_matches_universal(tag_dir: Path) -> dict:
@@ -67,8 +74,14 @@ def adam_matches_universal(tag_dir: Path) -> dict:
         if (zero / name / "step.pt").exists():
             steps.add(_step(zero / name / "step.pt"))
     steps = steps or set(_global_steps(zero))
-    return {"world_size": info.world_size, "same": same, "compared": compared, "saved_steps": sorted(steps),
-            "client_step": int(client["step"]), "scheduler_epoch": scheduler.last_epoch}
+    return {
+        "world_size": info.world_size,
+        "same": same,
+        "compared": compared,
+        "saved_steps": sorted(steps),
+        "client_step": int(client["step"]),
+        "scheduler_epoch": scheduler.last_epoch,
+    }
 
 
 def universal_steps(tag_dir: Path) -> list[int]:

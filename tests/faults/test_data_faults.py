@@ -42,8 +42,12 @@ def test_missing_empty_unmanifested_and_too_small_data_is_refused_up_front(shard
     (shards / "manifest-val.json").write_text("{not json")
     _refused(capsys, tiny(shards, run), "manifest-val.json is unusable")
     os.unlink(shards / "manifest-val.json")
-    _refused(capsys, tiny(shards, run, "data.val_split=train", "data.batch_size=500"),
-             "fewer than one batch", "data.batch_size=500")
+    _refused(
+        capsys,
+        tiny(shards, run, "data.val_split=train", "data.batch_size=500"),
+        "fewer than one batch",
+        "data.batch_size=500",
+    )
     assert not run.exists(), "nothing was written for a refused run"
 
 
@@ -55,8 +59,13 @@ def _truncate(shard: Path) -> None:
 def test_truncated_shard_stops_the_run_above_max_bad_fraction(shards: Path, tmp_path: Path, capsys):
     first = min(shards.glob("train-*.tar"))
     _truncate(first)
-    line = _refused(capsys, tiny(shards, tmp_path / "run", "data.max_bad_fraction=0"),
-                    first.name, "manifest says", "data.max_bad_fraction=0")
+    line = _refused(
+        capsys,
+        tiny(shards, tmp_path / "run", "data.max_bad_fraction=0"),
+        first.name,
+        "manifest says",
+        "data.max_bad_fraction=0",
+    )
     assert "24 of 224 samples" in line
 
 
@@ -64,8 +73,12 @@ def test_truncated_shard_is_skipped_whole_logged_once_and_counted(shards: Path, 
     first = min(shards.glob("train-*.tar"))
     _truncate(first)
     run = tmp_path / "run"
-    assert train_main(tiny(shards, run, "data.max_bad_fraction=0.2", "train.max_steps=3", "eval.every=3",
-                           "checkpoint.every=3")) == 0
+    assert (
+        train_main(
+            tiny(shards, run, "data.max_bad_fraction=0.2", "train.max_steps=3", "eval.every=3", "checkpoint.every=3")
+        )
+        == 0
+    )
     warnings = [r.getMessage() for r in caplog.records if first.name in r.getMessage()]
     assert len(warnings) == 1 and "skipped" in warnings[0], warnings
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "data_bad_shards" in r]
@@ -99,8 +112,9 @@ def test_sha256_catches_a_same_size_corruption_and_skips_the_shard_whole(shards:
     assert exact.bad_shards == {str(victim)}
 
 
-def test_a_bad_shard_found_while_reading_is_counted_and_stops_the_run_above_the_bound(shards: Path, tmp_path: Path,
-                                                                                      capsys):
+def test_a_bad_shard_found_while_reading_is_counted_and_stops_the_run_above_the_bound(
+    shards: Path, tmp_path: Path, capsys
+):
     val = load_manifest(str(shards / "manifest-val.json"))
     victim = Path(val.shard_urls()[0])  # 3 of the 7 val samples; same size, so only sha256 can tell
     data = bytearray(victim.read_bytes())

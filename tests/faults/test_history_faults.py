@@ -38,8 +38,10 @@ def _flip(path: Path, at: float = 0.5) -> None:
 @pytest.fixture
 def trained(shards: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
-    assert train_main(tiny(shards, run, "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=3",
-                           "eval.every=2")) == 0
+    assert (
+        train_main(tiny(shards, run, "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=3", "eval.every=2"))
+        == 0
+    )
     return run
 
 
@@ -51,8 +53,12 @@ def test_fallback_refusal_and_fresh_start_keep_history(trained: Path, shards: Pa
     # latest names a missing tag: one warning naming both, then the run continues from the older one
     shutil.rmtree(ckpts / "step00000004")
     caplog.set_level(logging.WARNING)
-    assert train_main(tiny(shards, trained, "train.max_steps=5", "checkpoint.every=5", "eval.every=5",
-                           "checkpoint.resume=latest")) == 0
+    assert (
+        train_main(
+            tiny(shards, trained, "train.max_steps=5", "checkpoint.every=5", "eval.every=5", "checkpoint.resume=latest")
+        )
+        == 0
+    )
     fallback = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
     assert len(fallback) == 1 and "step00000004" in fallback[0] and "step00000002" in fallback[0], fallback
     assert [r["step"] for r in read_metrics(trained / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
@@ -73,8 +79,9 @@ def test_fallback_refusal_and_fresh_start_keep_history(trained: Path, shards: Pa
     assert [r["step"] for r in read_metrics(trained / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
-def test_corrupt_checkpoint_and_weights_are_named_in_one_line(trained: Path, shards: Path, tmp_path: Path, capsys,
-                                                              monkeypatch):
+def test_corrupt_checkpoint_and_weights_are_named_in_one_line(
+    trained: Path, shards: Path, tmp_path: Path, capsys, monkeypatch
+):
     ckpts = trained / "checkpoints"
     # jobs.evaluate without --out writes into the run, never the current directory
     monkeypatch.chdir(tmp_path)
@@ -88,8 +95,14 @@ def test_corrupt_checkpoint_and_weights_are_named_in_one_line(trained: Path, sha
     model_file = ckpts / "step00000004" / "mp_rank_00_model_states.pt"
     _flip(model_file)
     assert train_main(tiny(shards, trained, "train.max_steps=6", "checkpoint.resume=latest")) == 2
-    _one_line(capsys.readouterr().err, "checkpoint error: ", str(model_file), "corrupt",
-              "previous complete checkpoint is", "step00000002")
+    _one_line(
+        capsys.readouterr().err,
+        "checkpoint error: ",
+        str(model_file),
+        "corrupt",
+        "previous complete checkpoint is",
+        "step00000002",
+    )
     assert consolidate_main([str(trained), "--out", str(tmp_path / "x.safetensors")]) == 2
     _one_line(capsys.readouterr().err, "error: ", str(model_file), "corrupt")
     # a checkpoint without recorded checksums (older format): the unreadable file is still named

@@ -49,8 +49,10 @@ def test_deepspeed_init_goes_through_a_stale_lock_on_its_comm_op(tmp_path: Path)
     assert locks
     for lock in locks:
         lock.write_text("")
-    code = ("from pipeline import dist; info = dist.init_distributed(dist.world_info_from_env(), backend='gloo', "
-            "use_deepspeed=True); print('group up', info.world_size)")
+    code = (
+        "from pipeline import dist; info = dist.init_distributed(dist.world_info_from_env(), backend='gloo', "
+        "use_deepspeed=True); print('group up', info.world_size)"
+    )
     r = run([sys.executable, "-c", code], timeout=90, env={"TORCH_EXTENSIONS_DIR": str(cache)})
     assert r.returncode == 0 and "group up 1" in r.stdout, r.stderr[-3000:]
     assert r.stderr.count("removed a stale extension build lock") == len(locks), r.stderr[-3000:]

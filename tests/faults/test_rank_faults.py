@@ -23,8 +23,15 @@ from tests.train.conftest import REPO, run, torchrun_cmd
 from .conftest import tiny
 from .rank_worker import adam_matches, adam_matches_universal, universal_steps
 
-DEMO = ["--config", "launch/configs/demo.yaml", "tracking.enabled=false", "train.log_every=1",
-        "optim.warmup_steps=2", "eval.every=4", "checkpoint.every=4"]
+DEMO = [
+    "--config",
+    "launch/configs/demo.yaml",
+    "tracking.enabled=false",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "eval.every=4",
+    "checkpoint.every=4",
+]
 
 
 @pytest.mark.timeout(420)
@@ -49,8 +56,7 @@ def test_demo_config_on_two_ranks_resumes_2_to_1_to_2_with_adam_state(tmp_path: 
     assert train_main([*common, "train.max_steps=6", "checkpoint.every=6", "checkpoint.resume=latest"]) == 0
     assert any("written by 2 ranks) on 1 ranks" in r.getMessage() for r in caplog.records)
     # 1 → 2
-    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=8", "checkpoint.resume=latest"),
-            timeout=180)
+    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=8", "checkpoint.resume=latest"), timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "written by 1 ranks) on 2 ranks" in r.stderr
     final = torch.load(run_dir / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt", weights_only=True)
@@ -65,8 +71,9 @@ def test_demo_config_on_two_ranks_resumes_2_to_1_to_2_with_adam_state(tmp_path: 
 
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stage_resumes_at_other_world_sizes_through_universal_checkpoints(shards: Path, tmp_path: Path,
-                                                                                stage: int, caplog) -> None:
+def test_zero_stage_resumes_at_other_world_sizes_through_universal_checkpoints(
+    shards: Path, tmp_path: Path, stage: int, caplog
+) -> None:
     from pipeline import dist
 
     run_dir = tmp_path / "run"
@@ -78,15 +85,18 @@ def test_zero_stage_resumes_at_other_world_sizes_through_universal_checkpoints(s
     dist.cleanup()
     assert got["same"] and got["compared"] > 100 and got["saved_steps"] == [4], got
     assert got["client_step"] == got["scheduler_epoch"] == 4, got
-    assert train_main([*common, "train.max_steps=6", "checkpoint.every=6", "eval.every=6",
-                       "checkpoint.resume=latest"]) == 0
+    assert (
+        train_main([*common, "train.max_steps=6", "checkpoint.every=6", "eval.every=6", "checkpoint.resume=latest"])
+        == 0
+    )
     dist.cleanup()
     assert any("written by 2 ranks) on 1 ranks" in r.getMessage() for r in caplog.records)
     if stage == 3:  # once is enough for ZeRO-3 (the slowest launches)
         assert universal_steps(run_dir / "checkpoints" / "step00000006") == [6]
         return
-    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=8", "checkpoint.resume=latest"),
-            timeout=180)  # 1 → 2
+    r = run(
+        torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=8", "checkpoint.resume=latest"), timeout=180
+    )  # 1 → 2
     assert r.returncode == 0, r.stderr[-3000:]
     assert universal_steps(run_dir / "checkpoints" / "step00000008") == [8], "Adam's step == steps trained"
     steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
@@ -94,10 +104,22 @@ def test_zero_stage_resumes_at_other_world_sizes_through_universal_checkpoints(s
 
 
 def _per_rank(shards: Path, run_dir: Path, port: int, rank: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "jobs.train", *tiny(shards, run_dir, "train.max_steps=100000", "eval.every=100000",
-                                                      "checkpoint.every=100000", *extra)]
+    env = {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PYTHONWARNINGS": "ignore",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        *tiny(shards, run_dir, "train.max_steps=100000", "eval.every=100000", "checkpoint.every=100000", *extra),
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -141,14 +163,34 @@ def test_a_rank_killed_under_torchrun_ends_the_job_within_the_bound(shards: Path
 
     bound = 10.0
     run_dir = tmp_path / "run"
-    cmd = torchrun_cmd(2, "-m", "jobs.train", *tiny(shards, run_dir, "train.max_steps=100000", "eval.every=100000",
-                                                     "checkpoint.every=100000", f"train.collective_timeout_s={bound}"))
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = torchrun_cmd(
+        2,
+        "-m",
+        "jobs.train",
+        *tiny(
+            shards,
+            run_dir,
+            "train.max_steps=100000",
+            "eval.every=100000",
+            "checkpoint.every=100000",
+            f"train.collective_timeout_s={bound}",
+        ),
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_step(run_dir, 3, [proc])
-        ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children(recursive=True)
-                 if "RANK" in c.environ()}
+        ranks = {
+            int(c.environ().get("RANK", -1)): c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "RANK" in c.environ()
+        }
         t0 = time.monotonic()
         ranks[1].send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=bound + 60)

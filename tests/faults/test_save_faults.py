@@ -25,8 +25,14 @@ from .conftest import tiny
 
 def _start(shards: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jobs.train", *tiny(shards, run_dir, "train.max_steps=100000", *extra)]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _latest(run_dir: Path) -> int:
@@ -47,8 +53,19 @@ def _check_latest_and_resume(shards: Path, run_dir: Path) -> int:
     assert tag is not None and (tag / ckpt.COMPLETE).exists()
     ckpt.verify_files(tag)  # every file as recorded at save time
     at = int(tag.name.removeprefix("step"))
-    assert train_main(tiny(shards, run_dir, f"train.max_steps={at + 2}", "checkpoint.every=100000",
-                           "eval.every=100000", "checkpoint.resume=latest")) == 0
+    assert (
+        train_main(
+            tiny(
+                shards,
+                run_dir,
+                f"train.max_steps={at + 2}",
+                "checkpoint.every=100000",
+                "eval.every=100000",
+                "checkpoint.resume=latest",
+            )
+        )
+        == 0
+    )
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, at + 3)), steps[-5:]
     return at
@@ -62,8 +79,11 @@ def test_kill9_during_saves_leaves_latest_complete(shards: Path, tmp_path: Path)
 
     def mid_save() -> bool:  # a tag directory newer than latest, without COMPLETE: a save in progress
         newest = max((p.name for p in root.glob("step*")), default="") if root.exists() else ""
-        return _latest(run_dir) >= 5 and newest > ckpt.step_tag(_latest(run_dir)) and \
-            not (root / newest / ckpt.COMPLETE).exists()
+        return (
+            _latest(run_dir) >= 5
+            and newest > ckpt.step_tag(_latest(run_dir))
+            and not (root / newest / ckpt.COMPLETE).exists()
+        )
 
     try:
         _wait(mid_save, proc)
@@ -104,8 +124,13 @@ def test_sigterm_during_validation_saves_and_exits_143(shards: Path, tmp_path: P
     # validation after every step, over batches of one sample: most of the run's time is validation
     proc = _start(shards, run_dir, "checkpoint.every=100000", "eval.every=1", "data.batch_size=1")
     try:
-        _wait(lambda: (run_dir / "metrics.jsonl").exists() and
-              sum("val_samples" in r for r in read_metrics(run_dir / "metrics.jsonl")) >= 3, proc)
+        _wait(
+            lambda: (
+                (run_dir / "metrics.jsonl").exists()
+                and sum("val_samples" in r for r in read_metrics(run_dir / "metrics.jsonl")) >= 3
+            ),
+            proc,
+        )
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -118,14 +143,22 @@ def test_sigterm_during_validation_saves_and_exits_143(shards: Path, tmp_path: P
 
 
 @pytest.mark.timeout(300)
-def test_kill9_during_s3_upload_never_leaves_remote_latest_on_a_partial_tag(shards: Path, tmp_path: Path,
-                                                                           s3_env) -> None:
+def test_kill9_during_s3_upload_never_leaves_remote_latest_on_a_partial_tag(
+    shards: Path, tmp_path: Path, s3_env
+) -> None:
     from pipeline.train.remote import latest_remote
 
     remote = s3_env.make_bucket() + "/run"
     run_dir = tmp_path / "run"
-    proc = _start(shards, run_dir, "checkpoint.every=1", "checkpoint.keep=3", "eval.every=100000",
-                  f"checkpoint.remote={remote}", env=s3_env.env)
+    proc = _start(
+        shards,
+        run_dir,
+        "checkpoint.every=1",
+        "checkpoint.keep=3",
+        "eval.every=100000",
+        f"checkpoint.remote={remote}",
+        env=s3_env.env,
+    )
     try:
         _wait(lambda: len([k for k in s3_env.keys(remote) if k.endswith("/COMPLETE")]) >= 3, proc)
         proc.send_signal(signal.SIGKILL)
@@ -135,12 +168,14 @@ def test_kill9_during_s3_upload_never_leaves_remote_latest_on_a_partial_tag(shar
             proc.kill()
             proc.wait()
     keys = s3_env.keys(remote)
-    bucket, _, prefix = remote[len("s3://"):].partition("/")
+    bucket, _, prefix = remote[len("s3://") :].partition("/")
     client = s3_env.client()
     named = client.get_object(Bucket=bucket, Key=f"{prefix}/latest")["Body"].read().decode().strip()
     assert f"{prefix}/{named}/COMPLETE" in keys
     state = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/{named}/state.json")["Body"].read())
-    sizes = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{named}/")["Contents"]}
+    sizes = {
+        o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{named}/")["Contents"]
+    }
     for rel, want in state["files"].items():  # every file of the tag, at its recorded size
         assert sizes.get(f"{prefix}/{named}/{rel}") == want["size"], (rel, want, sizes)
     assert latest_remote(remote) is not None

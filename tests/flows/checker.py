@@ -52,7 +52,9 @@ def check_flow(
     tol = roundtrip_tol if roundtrip_tol is not None else (1e-10 if x.dtype == torch.float64 else 1e-5)
     with torch.no_grad():
         y, logdet = module(x)
-        assert y.shape == x.shape and y.dtype == x.dtype, f"shape/dtype changed: {x.shape}/{x.dtype} → {y.shape}/{y.dtype}"
+        assert y.shape == x.shape and y.dtype == x.dtype, (
+            f"shape/dtype changed: {x.shape}/{x.dtype} → {y.shape}/{y.dtype}"
+        )
         assert logdet.shape == (x.shape[0],), f"log-det must be per sample (N,); got {tuple(logdet.shape)}"
         want = torch.float64 if x.dtype == torch.float64 else torch.float32
         assert logdet.dtype == want, f"log-det dtype {logdet.dtype}, want {want}"

@@ -118,8 +118,19 @@ def test_model_attention_key_reaches_every_ica_layer(attention: str) -> None:
     from pipeline.config import load_config
     from pipeline.models import build_model
 
-    density = build_model(load_config(None, ["model.image_size=8", "model.levels=1", "model.blocks_per_level=1",
-                                             "model.dim=8", "model.lica_group=4", f"model.attention={attention}"]),
-                          [("rgb.png", (3, 8, 8), 8), ("right.png", (3, 8, 8), 8)])
+    density = build_model(
+        load_config(
+            None,
+            [
+                "model.image_size=8",
+                "model.levels=1",
+                "model.blocks_per_level=1",
+                "model.dim=8",
+                "model.lica_group=4",
+                f"model.attention={attention}",
+            ],
+        ),
+        [("rgb.png", (3, 8, 8), 8), ("right.png", (3, 8, 8), 8)],
+    )
     layers = [m for m in density.modules() if isinstance(m, ICA)]
     assert layers and {m.attention for m in layers} == {attention}

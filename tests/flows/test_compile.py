@@ -20,8 +20,9 @@ def test_a_compiled_flow_matches_eager_in_values_log_dets_gradients_and_inverse(
     torch.manual_seed(0)
     # one block with an MMCA pair and a LICA layer: every kind of node the compiler must trace, in few layers
     eager = randomise_parameters(MangoFlow(8, 16, num_blocks=1, partitions="mmca1+imca2+lica", lica_group=8), std=0.1)
-    compiled = randomise_parameters(MangoFlow(8, 16, num_blocks=1, partitions="mmca1+imca2+lica", lica_group=8),
-                                    std=0.1)
+    compiled = randomise_parameters(
+        MangoFlow(8, 16, num_blocks=1, partitions="mmca1+imca2+lica", lica_group=8), std=0.1
+    )
     plan = ExecutionPlan(compile=True)
     plan.apply(compiled)
     assert plan.effective_kernels == "python"  # the compiler traces the Python nodes, not the C++ ones

@@ -50,8 +50,10 @@ def test_kernel_matches_its_reference_in_fp64_values_lse_and_every_gradient(kern
     gen = torch.Generator().manual_seed(n)
     q, k = (torch.randn(3, n, e, generator=gen, dtype=torch.float64) for _ in range(2))
     v = torch.randn(3, n, ev, generator=gen, dtype=torch.float64)
-    g_out, g_lse = torch.randn(3, n, ev, generator=gen, dtype=torch.float64), torch.randn(3, n, generator=gen,
-                                                                                            dtype=torch.float64)
+    g_out, g_lse = (
+        torch.randn(3, n, ev, generator=gen, dtype=torch.float64),
+        torch.randn(3, n, generator=gen, dtype=torch.float64),
+    )
     for got, want in zip(_grads(fast, q, k, v, g_out, g_lse), _grads(ref, q, k, v, g_out, g_lse)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -69,8 +71,10 @@ def test_kernel_in_bf16_stays_within_the_stated_tolerance_of_the_fp64_reference(
     fast, ref = KERNELS[kernel]
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 96, 32, generator=gen, dtype=torch.float64) for _ in range(3))
-    g_out, g_lse = torch.randn(2, 96, 32, generator=gen, dtype=torch.float64), torch.randn(2, 96, generator=gen,
-                                                                                             dtype=torch.float64)
+    g_out, g_lse = (
+        torch.randn(2, 96, 32, generator=gen, dtype=torch.float64),
+        torch.randn(2, 96, generator=gen, dtype=torch.float64),
+    )
     got = _grads(fast, *(t.bfloat16() for t in (q, k, v)), g_out, g_lse)
     want = _grads(ref, q, k, v, g_out, g_lse)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32  # out in bf16, lse in fp32
@@ -118,8 +122,10 @@ def test_the_bf16_ica_runs_its_attention_in_bf16_with_no_second_score_pass() -> 
     fp32_ops = {op for (op, dt) in c.by_op if dt == torch.float32}
     assert not fp32_ops, f"fp32 matmul/attention work left in the bf16 ICA: {fp32_ops}"
     attention = {op for (op, dt) in c.by_op if "scaled_dot_product" in op}
-    assert attention == {"_scaled_dot_product_flash_attention_for_cpu",
-                         "_scaled_dot_product_flash_attention_for_cpu_backward"}  # one pass each way
+    assert attention == {
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    }  # one pass each way
     # the plan can switch it back to the fp32 attention (the baseline of benchmarks/flops_dtype.py)
     layer.lowp_attention = False
     with torch.autocast("cpu", dtype=torch.bfloat16), DtypeFlopCounter() as c32:
@@ -184,9 +190,13 @@ LAYERS = {
     "flow_checkpoint": lambda: MangoFlow(6, 16, num_blocks=2, memory="checkpoint", lica_group=8),
 }
 #: C++ entry points (pipeline/flows/kernels/csrc) and the cases above that run them under kernels=auto
-CPP_COVERAGE = {"gated_ica_core": "ica_*_gated, block, flow_checkpoint", "block_mix": "ica_lica_gated, block",
-                "channel_mix": "channel_mix, block", "affine_coupling": "coupling_*, block",
-                "gated_solve": "reverse of every gated ICA case"}
+CPP_COVERAGE = {
+    "gated_ica_core": "ica_*_gated, block, flow_checkpoint",
+    "block_mix": "ica_lica_gated, block",
+    "channel_mix": "channel_mix, block",
+    "affine_coupling": "coupling_*, block",
+    "gated_solve": "reverse of every gated ICA case",
+}
 
 
 def _layer(name: str, kernels: str, dtype=torch.float64):
@@ -198,16 +208,36 @@ def _layer(name: str, kernels: str, dtype=torch.float64):
 
 
 #: autograd node names of the hand-written backwards (Python Functions and the C++ nodes)
-CUSTOM_NODES = ("GatedICACore", "GatedUpperAttention", "ActNormAffine", "CppFunction", "_UpperAttentionLSE",
-                "_DiagLogSoftmax")
+CUSTOM_NODES = (
+    "GatedICACore",
+    "GatedUpperAttention",
+    "ActNormAffine",
+    "CppFunction",
+    "_UpperAttentionLSE",
+    "_DiagLogSoftmax",
+)
 #: the hand-written node each case must actually run, per kernels setting (None: that layer has no such node)
 FAST_NODE = {
-    "auto": {"actnorm": "ActNormAffineBackward", "channel_mix": "CppFunction", "coupling": "CppFunction",
-             "ica_imca1_gated_fused": "_DiagLogSoftmaxBackward", "ica_mmca1_paper": None, "ica": "CppFunction",
-             "block": "CppFunction", "flow": "CppFunction"},
-    "python": {"actnorm": "ActNormAffineBackward", "channel_mix": None, "coupling": None,
-               "ica_imca1_gated_fused": "_DiagLogSoftmaxBackward", "ica_mmca1_paper": None,
-               "ica": "GatedICACoreBackward", "block": "GatedICACoreBackward", "flow": "GatedICACoreBackward"},
+    "auto": {
+        "actnorm": "ActNormAffineBackward",
+        "channel_mix": "CppFunction",
+        "coupling": "CppFunction",
+        "ica_imca1_gated_fused": "_DiagLogSoftmaxBackward",
+        "ica_mmca1_paper": None,
+        "ica": "CppFunction",
+        "block": "CppFunction",
+        "flow": "CppFunction",
+    },
+    "python": {
+        "actnorm": "ActNormAffineBackward",
+        "channel_mix": None,
+        "coupling": None,
+        "ica_imca1_gated_fused": "_DiagLogSoftmaxBackward",
+        "ica_mmca1_paper": None,
+        "ica": "GatedICACoreBackward",
+        "block": "GatedICACoreBackward",
+        "flow": "GatedICACoreBackward",
+    },
 }
 
 
@@ -244,8 +274,11 @@ def _forward_and_grads(layer, x, g, h, autocast: bool = False):
 def _case_inputs(dtype=torch.float64):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 16, 6, generator=gen, dtype=torch.float64)
-    return x.to(dtype), torch.randn(2, 16, 6, generator=gen, dtype=torch.float64), torch.randn(2, generator=gen,
-                                                                                             dtype=torch.float64)
+    return (
+        x.to(dtype),
+        torch.randn(2, 16, 6, generator=gen, dtype=torch.float64),
+        torch.randn(2, generator=gen, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("kernels", ["auto", "python"])

@@ -68,19 +68,23 @@ def test_gradcheck_fast_nodes_in_fp64() -> None:
         return torch.randn(*shape, dtype=torch.float64, generator=gen).mul_(0.5).requires_grad_()
 
     n, d, e = 6, 4, 3
-    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
+    )
     gather = torch.randperm(2 * n, generator=gen)
     for recompute, swap, index, block in ((False, False, None, 64), (True, True, None, 4), (False, False, gather, 2)):
         args = (r(2, 2 * n, d), r(e, d), r(e, d), r(e), r(e), r(e), r(e), r(()), r(d))
         perm = (index, None if index is None else torch.argsort(index), swap)
         assert torch.autograd.gradcheck(
-            lambda x, *p: GatedICACore.apply(x, *perm, *p, bias, 1e-5, 1e-5, recompute, block), args)
+            lambda x, *p: GatedICACore.apply(x, *perm, *p, bias, 1e-5, 1e-5, recompute, block), args
+        )
     # with the preceding ActNorm fused in (loc, log_scale), stored and recomputed
     for recompute, index in ((False, None), (True, gather)):
         args = (r(2, 2 * n, d), r(e, d), r(e, d), r(e), r(e), r(e), r(e), r(()), r(d), r(d), r(d))
         perm = (index, None if index is None else torch.argsort(index), False)
         assert torch.autograd.gradcheck(
-            lambda x, *p: GatedICACore.apply(x, *perm, *p[:8], bias, 1e-5, 1e-5, recompute, 3, *p[8:]), args)
+            lambda x, *p: GatedICACore.apply(x, *perm, *p[:8], bias, 1e-5, 1e-5, recompute, 3, *p[8:]), args
+        )
     q, k, v, alpha = r(2, n, e), r(2, n, e), r(2, n, d), r(d)
     assert torch.autograd.gradcheck(lambda *a: GatedUpperAttention.apply(*a, bias), (q, k, v, alpha))
 
@@ -169,8 +173,9 @@ def test_checkpoint_memory_equals_store_in_values_and_gradients() -> None:
 def test_checkpoint_saves_at_least_3x_fewer_activation_bytes_than_store() -> None:
     def saved(memory: str) -> int:
         torch.manual_seed(0)
-        flow = randomise_parameters(MultiscaleMangoFlow(3, 16, 1, 2, 32, patch_size=2, lica_group=16, memory=memory),
-                                    std=0.05)
+        flow = randomise_parameters(
+            MultiscaleMangoFlow(3, 16, 1, 2, 32, patch_size=2, lica_group=16, memory=memory), std=0.05
+        )
         return _saved_activation_bytes(flow, *(torch.rand(2, 4, 3, 16, 16) - 0.5))
 
     assert saved("store") >= 3 * saved("checkpoint")
@@ -187,8 +192,10 @@ def _saved_activation_bytes(flow, a, b, autocast: bool = False) -> int:
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
         loss = -flow.log_prob(a, b).mean()
     loss.backward()
     return sum(seen.values())
@@ -205,7 +212,8 @@ def test_checkpoint_falls_back_to_per_block_where_layers_cannot_recompute(case: 
         torch.manual_seed(0)
         flows[memory] = randomise_parameters(
             MultiscaleMangoFlow(3, 16, 1, 2, 32, patch_size=2, lica_group=16, memory=memory, attention=attention),
-            std=0.05)
+            std=0.05,
+        )
     a, b = torch.rand(2, 4, 3, 16, 16) - 0.5
     saved = {m: _saved_activation_bytes(f, a, b, autocast) for m, f in flows.items()}
     assert saved["store"] >= 5 * saved["checkpoint"], saved  # torch's checkpoint hides the block internals

@@ -159,14 +159,16 @@ def test_lica_mixer_starts_as_imca1_and_inverts(group: int) -> None:
 def test_gated_solve_matches_dense_solve() -> None:
     torch.manual_seed(0)
     n, d = 150, 5  # not a multiple of the block size
-    logits = torch.randn(2, n, n, dtype=torch.float64).masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-1), -torch.inf)
+    logits = torch.randn(2, n, n, dtype=torch.float64).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), -torch.inf
+    )
     a = logits.softmax(-1)
     alpha = torch.tanh(torch.randn(d, dtype=torch.float64))
     y = torch.randn(2, n, d, dtype=torch.float64)
     x = solve_gated_upper(a, alpha, y, block=64)
     for c in range(d):
         dense = torch.eye(n, dtype=torch.float64) + alpha[c] * a
-        torch.testing.assert_close(dense @ x[:, :, c:c + 1], y[:, :, c:c + 1], atol=1e-10, rtol=0)
+        torch.testing.assert_close(dense @ x[:, :, c : c + 1], y[:, :, c : c + 1], atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -212,9 +214,10 @@ def test_gated_solve_is_differentiable_and_matches_the_no_grad_path() -> None:
     x = solve_gated_upper(a, alpha, y, block=32)
     with torch.no_grad():
         torch.testing.assert_close(solve_gated_upper(a, alpha, y, block=32), x)
-    assert torch.autograd.gradcheck(lambda a_, al, y_: solve_gated_upper(a_, al, y_, block=4),  # 3 blocks
-                                    (a[:1, :12, :12].detach().clone().requires_grad_(), alpha,
-                                     y[:1, :12].detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a_, al, y_: solve_gated_upper(a_, al, y_, block=4),  # 3 blocks
+        (a[:1, :12, :12].detach().clone().requires_grad_(), alpha, y[:1, :12].detach().clone().requires_grad_()),
+    )
 
 
 def test_gate_stays_inside_the_unit_interval_for_huge_beta() -> None:

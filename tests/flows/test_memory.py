@@ -52,7 +52,9 @@ def _saved_bytes(fn) -> int:
 
 def test_invert_gradients_equal_stored_activation_gradients_across_blocks() -> None:
     tokens, dim = 16, 6
-    ref = randomise_parameters(MangoFlow(dim, tokens, num_blocks=3, lica_group=4, learn_temperature=True), std=0.2).double()
+    ref = randomise_parameters(
+        MangoFlow(dim, tokens, num_blocks=3, lica_group=4, learn_temperature=True), std=0.2
+    ).double()
     inv = MangoFlow(dim, tokens, num_blocks=3, lica_group=4, learn_temperature=True, memory="invert").double()
     inv.load_state_dict(ref.state_dict())
     x = torch.randn(3, tokens, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -92,8 +94,14 @@ def test_invert_through_the_density_model_and_a_training_step() -> None:
     # the train loop's path: config → build_model (which maps model.memory onto the flow) → forward(batch, "loss")
     from pipeline.models import build_model
 
-    tiny = ["model.image_size=8", "model.levels=2", "model.blocks_per_level=2", "model.dim=8", "model.lica_group=4",
-            "model.channels=1"]
+    tiny = [
+        "model.image_size=8",
+        "model.levels=2",
+        "model.blocks_per_level=2",
+        "model.dim=8",
+        "model.lica_group=4",
+        "model.channels=1",
+    ]
     specs = [("rgb.png", (1, 8, 8), 8), ("right.png", (1, 8, 8), 8)]
     models = {}
     for memory in ("store", "invert"):
@@ -101,8 +109,10 @@ def test_invert_through_the_density_model_and_a_training_step() -> None:
         cfg = load_config(None, [*tiny, f"model.memory={memory}"])
         models[memory] = randomise_parameters(build_model(cfg, specs), std=0.1)
     assert all(f.memory == "invert" for f in models["invert"].flow.flows)
-    batch = {"rgb.png": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8),
-             "right.png": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)}
+    batch = {
+        "rgb.png": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8),
+        "right.png": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8),
+    }
     grads, losses = {}, {}
     for memory, model in models.items():
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)

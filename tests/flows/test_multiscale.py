@@ -13,8 +13,9 @@ from .checker import jacobian_logdets, randomise_parameters
 
 
 def _tiny(num_modalities: int = 2, **kw) -> MultiscaleMangoFlow:
-    flow = MultiscaleMangoFlow(1, 8, 2, 1, 8, patch_size=2, num_modalities=num_modalities,
-                               bits=(8,) * num_modalities, lica_group=4, **kw)
+    flow = MultiscaleMangoFlow(
+        1, 8, 2, 1, 8, patch_size=2, num_modalities=num_modalities, bits=(8,) * num_modalities, lica_group=4, **kw
+    )
     return randomise_parameters(flow, std=0.1).double()
 
 
@@ -58,8 +59,10 @@ def test_sixteen_bit_modality_correction() -> None:
     torch.manual_seed(1)
     bpd = flow.bits_per_dim(a, b)
     torch.manual_seed(1)
-    deq = [(a.double() + torch.rand(a.shape, dtype=torch.float64)) / 256 - 0.5,
-           (b.to(torch.int32).double() + torch.rand(b.shape, dtype=torch.float64)) / 65536 - 0.5]
+    deq = [
+        (a.double() + torch.rand(a.shape, dtype=torch.float64)) / 256 - 0.5,
+        (b.to(torch.int32).double() + torch.rand(b.shape, dtype=torch.float64)) / 65536 - 0.5,
+    ]
     expected = -flow.log_prob(*deq) / (128 * math.log(2)) + (64 * 8 + 64 * 16) / 128
     torch.testing.assert_close(bpd, expected)
 
@@ -114,7 +117,10 @@ def test_256px_forward_backward_inverse_on_cpu() -> None:
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: MultiscaleMangoFlow((3, 1), 16, 2, 1, 8), r"different channel counts \[3, 1\].*latent task model.*stereo pair"),
+        (
+            lambda: MultiscaleMangoFlow((3, 1), 16, 2, 1, 8),
+            r"different channel counts \[3, 1\].*latent task model.*stereo pair",
+        ),
         (lambda: MultiscaleMangoFlow(3, 20, 2, 1, 8, patch_size=4), r"divisible by patch_size·2\^\(levels−1\) = 8"),
         (lambda: MultiscaleMangoFlow(3, 16, 2, 1, 8, bits=(8, 12)), r"bits must give 8 or 16"),
         (lambda: MultiscaleMangoFlow(3, 16, 2, [1, 1, 1], 8), r"one block count per level"),

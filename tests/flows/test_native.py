@@ -25,19 +25,28 @@ def _args(gen: torch.Generator, n: int, d: int, e: int, norm: bool):
     def r(*shape):
         return torch.randn(*shape, dtype=torch.float64, generator=gen).mul_(0.5).requires_grad_()
 
-    return [r(3, 2 * n, d), r(e, d), r(e, d), r(e), r(e), r(e), r(e), r(()), r(d)], ([r(d), r(d)] if norm else [None, None])
+    return [r(3, 2 * n, d), r(e, d), r(e, d), r(e), r(e), r(e), r(e), r(()), r(d)], (
+        [r(d), r(d)] if norm else [None, None]
+    )
 
 
 # (recompute, swap, gathered, row block, fused ActNorm)
-CASES = [(False, False, False, 64, False), (True, True, False, 3, True), (False, False, True, 4, True),
-         (True, False, True, 64, False), (False, True, False, 4, False)]
+CASES = [
+    (False, False, False, 64, False),
+    (True, True, False, 3, True),
+    (False, False, True, 4, True),
+    (True, False, True, 64, False),
+    (False, True, False, 4, False),
+]
 
 
 @pytest.mark.parametrize("recompute, swap, gathered, block, norm", CASES)
 def test_cpp_node_equals_the_python_node_in_values_and_gradients(cpp, recompute, swap, gathered, block, norm) -> None:
     gen = torch.Generator().manual_seed(0)
     n, d, e = 10, 6, 5
-    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
+    )
     index = torch.randperm(2 * n, generator=gen) if gathered else None
     perm = (index, None if index is None else torch.argsort(index), swap)
     args, extra = _args(gen, n, d, e, norm)
@@ -53,14 +62,19 @@ def test_cpp_node_equals_the_python_node_in_values_and_gradients(cpp, recompute,
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     # and the C++ node's own gradients are right (not only equal to the Python ones)
     assert torch.autograd.gradcheck(
-        lambda x, *p: cpp.gated_ica_core(x, *perm, *p[:8], bias, 1e-5, 1e-5, recompute, block,
-                                         *(p[8:] if norm else (None, None)))[0].sum(), tuple(inputs))
+        lambda x, *p: cpp.gated_ica_core(
+            x, *perm, *p[:8], bias, 1e-5, 1e-5, recompute, block, *(p[8:] if norm else (None, None))
+        )[0].sum(),
+        tuple(inputs),
+    )
 
 
 def test_cpp_node_only_computes_gradients_that_are_asked_for(cpp) -> None:
     gen = torch.Generator().manual_seed(1)
     n, d, e = 6, 4, 3
-    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf"))
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
+    )
     args, extra = _args(gen, n, d, e, True)
     x = args[0].detach()  # the flow's first layer: data needs no gradient
     y, logdet = cpp.gated_ica_core(x, None, None, False, *args[1:], bias, 1e-5, 1e-5, False, 64, *extra)
@@ -122,8 +136,12 @@ def test_cpp_coupling_equals_the_module_path_in_values_and_gradients(cpp, swap, 
     outs = {}
     for name, fn in (("cpp", layer), ("modules", lambda z: _without_native(layer, z))):
         y, logdet = fn(x)
-        outs[name] = (y, logdet, torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *layer.parameters()]),
-                      y.grad_fn.name())
+        outs[name] = (
+            y,
+            logdet,
+            torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *layer.parameters()]),
+            y.grad_fn.name(),
+        )
     assert "AffineCouplingNative" in outs["cpp"][3] and "AffineCouplingNative" not in outs["modules"][3]
     torch.testing.assert_close(outs["cpp"][0], outs["modules"][0], atol=1e-12, rtol=0)
     torch.testing.assert_close(outs["cpp"][1], outs["modules"][1], atol=1e-11, rtol=0)
@@ -134,11 +152,14 @@ def test_cpp_coupling_equals_the_module_path_in_values_and_gradients(cpp, swap, 
 
     def through_node(z, *ps):
         conv0, norm0, act0, conv1, norm1, _, conv2 = layer.net
-        return cpp.affine_coupling(z, *ps, swap, layer.cond_dim, layer.scale_bound, norm0.eps, norm1.eps,
-                                   act0.approximate, recompute)
+        return cpp.affine_coupling(
+            z, *ps, swap, layer.cond_dim, layer.scale_bound, norm0.eps, norm1.eps, act0.approximate, recompute
+        )
 
-    assert torch.autograd.gradcheck(lambda z, *ps: through_node(z, *ps)[0].sum() + through_node(z, *ps)[1].sum(),
-                                    (x.detach()[:1].requires_grad_(), *[p.detach().requires_grad_() for p in params]))
+    assert torch.autograd.gradcheck(
+        lambda z, *ps: through_node(z, *ps)[0].sum() + through_node(z, *ps)[1].sum(),
+        (x.detach()[:1].requires_grad_(), *[p.detach().requires_grad_() for p in params]),
+    )
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "fused-actnorm"])
@@ -152,11 +173,16 @@ def test_cpp_block_mix_equals_the_lica_mixer_in_values_and_gradients(cpp, norm: 
         xn = (x + loc) * log_scale.exp() if norm and not use_cpp else x
         ops = mixer.operators(torch.float64)
         if use_cpp:
-            mixed = native.block_mix(x, ops[0], mixer.gather_in, mixer.scatter_in, None, None,
-                                     *((loc, log_scale) if norm else (None, None)))
+            mixed = native.block_mix(
+                x, ops[0], mixer.gather_in, mixer.scatter_in, None, None, *((loc, log_scale) if norm else (None, None))
+            )
             mixed = mixed.index_select(1, mixer.gather_out)
-            return native.block_mix(mixed.index_select(1, mixer.scatter_out), ops[1], None, None, mixer.scatter_in,
-                                    mixer.gather_in) + mixed
+            return (
+                native.block_mix(
+                    mixed.index_select(1, mixer.scatter_out), ops[1], None, None, mixer.scatter_in, mixer.gather_in
+                )
+                + mixed
+            )
         mixed = mixer.mix(xn, ops[0])
         return mixer.unmix(mixed, ops[1]) + mixed
 
@@ -172,7 +198,8 @@ def test_cpp_block_mix_equals_the_lica_mixer_in_values_and_gradients(cpp, norm: 
     args = (x.detach()[:1].requires_grad_(), wb)
     assert torch.autograd.gradcheck(lambda z, m: native.block_mix(z, m, mixer.gather_in, mixer.scatter_in), args)
     assert torch.autograd.gradcheck(
-        lambda z, m: native.block_mix(z, m, None, None, mixer.scatter_in, mixer.gather_in), args)
+        lambda z, m: native.block_mix(z, m, None, None, mixer.scatter_in, mixer.gather_in), args
+    )
 
 
 def test_cpp_channel_mixer_equals_the_python_path_with_either_sign(cpp) -> None:
@@ -183,8 +210,12 @@ def test_cpp_channel_mixer_equals_the_python_path_with_either_sign(cpp) -> None:
     outs = {}
     for name, fn in (("cpp", mixer), ("python", lambda z: _without_native(mixer, z))):
         y, logdet = fn(x)
-        outs[name] = (y, logdet, torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *mixer.parameters()]),
-                      y.grad_fn.name())
+        outs[name] = (
+            y,
+            logdet,
+            torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), [x, *mixer.parameters()]),
+            y.grad_fn.name(),
+        )
     assert "ChannelMixerNative" in outs["cpp"][3] and "ChannelMixerNative" not in outs["python"][3]
     torch.testing.assert_close(outs["cpp"][0], outs["python"][0], atol=1e-12, rtol=0)
     torch.testing.assert_close(outs["cpp"][1], outs["python"][1], atol=1e-12, rtol=0)
@@ -192,7 +223,8 @@ def test_cpp_channel_mixer_equals_the_python_path_with_either_sign(cpp) -> None:
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
     args = (x.detach()[:1].requires_grad_(), *[p.detach().requires_grad_() for p in mixer.parameters()])
     assert torch.autograd.gradcheck(
-        lambda z, lu, log_s: sum(t.sum() for t in cpp.channel_mix(z, lu, log_s, mixer.sign)), args)
+        lambda z, lu, log_s: sum(t.sum() for t in cpp.channel_mix(z, lu, log_s, mixer.sign)), args
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -202,8 +234,11 @@ def test_cpp_gated_solve_equals_the_blocked_solve_and_inverts_the_update(cpp, dt
 
     gen = torch.Generator().manual_seed(n)
     d = 7
-    a = torch.randn(3, n, n, generator=gen, dtype=dtype).masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-1),
-                                                                     -torch.inf).softmax(-1)
+    a = (
+        torch.randn(3, n, n, generator=gen, dtype=dtype)
+        .masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-1), -torch.inf)
+        .softmax(-1)
+    )
     alpha = torch.tanh(torch.randn(d, generator=gen, dtype=dtype)) * 0.99
     y = torch.randn(3, n, d, generator=gen, dtype=dtype)
     x = native.gated_solve(a, alpha, y)

@@ -17,8 +17,14 @@ def _value_path_jacobian(partition: str) -> torch.Tensor:
     layer = ICA(d, 2 * n, partition)
     with torch.no_grad():
         layer.beta.fill_(1.0)  # α ≠ 0: the attention term is on
-        for p in (layer.proj_q.weight, layer.proj_k.weight, layer.norm_q.weight, layer.norm_k.weight,
-                  layer.norm_q.bias, layer.norm_k.bias):
+        for p in (
+            layer.proj_q.weight,
+            layer.proj_k.weight,
+            layer.norm_q.weight,
+            layer.norm_k.weight,
+            layer.norm_q.bias,
+            layer.norm_k.bias,
+        ):
             p.zero_()
     x = torch.randn(1, 2 * n, d, dtype=torch.float64)
     layer = layer.double()
@@ -26,8 +32,9 @@ def _value_path_jacobian(partition: str) -> torch.Tensor:
     return jac[0, n:, :, 0, :n, :]  # rows: B's outputs, columns: A's inputs
 
 
-@pytest.mark.parametrize("paper, twoway", [("imca1", "imca1r"), ("imca2", "imca2r"), ("imca3", "imca3r"),
-                                           ("imca4", "imca4r")])
+@pytest.mark.parametrize(
+    "paper, twoway", [("imca1", "imca1r"), ("imca2", "imca2r"), ("imca3", "imca3r"), ("imca4", "imca4r")]
+)
 def test_b_reads_a_content_only_in_the_twoway_layout(paper, twoway) -> None:
     assert _value_path_jacobian(paper).abs().max() == 0  # the paper's layout: B never sees A's values
     assert _value_path_jacobian(twoway).abs().max() > 1e-3  # the reversed one: it does

@@ -28,9 +28,14 @@ class FakeSlurm:
 
     def env(self, job_id: int, nodes: int = 2, restart: int = 0, name: str = "mango-demo") -> dict[str, str]:
         return {
-            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(self.log),
-            "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NAME": name, "SLURM_JOB_NODELIST": f"127.0.0.[1-{nodes}]",
-            "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NODEID": "0", "SLURM_RESTART_COUNT": str(restart),
+            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_SLURM_LOG": str(self.log),
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOB_NAME": name,
+            "SLURM_JOB_NODELIST": f"127.0.0.[1-{nodes}]",
+            "SLURM_JOB_NUM_NODES": str(nodes),
+            "SLURM_NODEID": "0",
+            "SLURM_RESTART_COUNT": str(restart),
             "PYTHONWARNINGS": "ignore",
         }
 

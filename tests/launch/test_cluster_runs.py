@@ -61,17 +61,40 @@ def _latest(run_dir: Path) -> int:
     return int(latest.read_text().strip().removeprefix("step")) if latest.exists() else 0
 
 
-def _run_job(fake: FakeSlurm, run_dir: Path, shards: str, job_id: int, launcher: str, preempt_after: int | None,
-             max_steps: int = MAX_STEPS) -> Job:
-    cfg = load_config(DEMO, [*TINY_TRAIN, f"data.shards={shards}", f"run.dir={run_dir}", "deepspeed.zero_stage=3",
-                             f"train.max_steps={max_steps}", "checkpoint.every=1000", "eval.every=1000",
-                             f"launch.python={sys.executable}",
-                             f"launch.rdzv_port={free_port()}"])  # not the job-id port: other tests may hold it
+def _run_job(
+    fake: FakeSlurm,
+    run_dir: Path,
+    shards: str,
+    job_id: int,
+    launcher: str,
+    preempt_after: int | None,
+    max_steps: int = MAX_STEPS,
+) -> Job:
+    cfg = load_config(
+        DEMO,
+        [
+            *TINY_TRAIN,
+            f"data.shards={shards}",
+            f"run.dir={run_dir}",
+            "deepspeed.zero_stage=3",
+            f"train.max_steps={max_steps}",
+            "checkpoint.every=1000",
+            "eval.every=1000",
+            f"launch.python={sys.executable}",
+            f"launch.rdzv_port={free_port()}",
+        ],
+    )  # not the job-id port: other tests may hold it
     (art,) = render(cfg, LaunchSpec("slurm", 2, 0, launcher=launcher)).artifacts
     script = run_dir.parent / f"{launcher}.sbatch"
     script.write_text(art.text)
-    proc = subprocess.Popen(["bash", str(script)], env={**os.environ, **fake.env(job_id)}, cwd=run_dir.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env={**os.environ, **fake.env(job_id)},
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if preempt_after is not None:
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
@@ -84,8 +107,16 @@ def _run_job(fake: FakeSlurm, run_dir: Path, shards: str, job_id: int, launcher:
     latest = _latest(run_dir)
     tag = run_dir / "checkpoints" / f"step{latest:08d}"
     saved = {p.name for p in tag.iterdir()} if tag.is_dir() else set()
-    return Job(job_id, launcher, proc.returncode, out, latest, _steps(run_dir),
-               [p.read_text(errors="replace") for p in logs], saved)
+    return Job(
+        job_id,
+        launcher,
+        proc.returncode,
+        out,
+        latest,
+        _steps(run_dir),
+        [p.read_text(errors="replace") for p in logs],
+        saved,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +124,15 @@ def jobs(fake_slurm: FakeSlurm, tmp_path_factory: pytest.TempPathFactory) -> lis
     root = tmp_path_factory.mktemp("cluster")
     shards = str(root / "stereo8")
     for split, per_shard in (("train", 24), ("val", 3)):  # as tests/train/conftest.py: 2 ranks, one val shard each
-        write_split("embedded", "stereo", shards, split, options={"patch": 8, "downscale": 8},
-                    samples_per_shard=per_shard, progress=False)
+        write_split(
+            "embedded",
+            "stereo",
+            shards,
+            split,
+            options={"patch": 8, "downscale": 8},
+            samples_per_shard=per_shard,
+            progress=False,
+        )
     run_dir = root / "run"
     (run_dir / "logs").mkdir(parents=True)  # `jobs.launch --submit` creates it; SLURM would not
     first = _run_job(fake_slurm, run_dir, shards, 101, "torchrun", preempt_after=1)

@@ -37,8 +37,12 @@ while :; do sleep 0.05 & wait $!; done
 def _start(tmp_path: Path) -> subprocess.Popen:
     (tmp_path / "launcher.sh").write_text(LAUNCHER)
     (tmp_path / "rank.sh").write_text(RANK)
-    proc = subprocess.Popen(["bash", str(TEMPLATES / "node.sh"), "bash", str(tmp_path / "launcher.sh"),
-                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(TEMPLATES / "node.sh"), "bash", str(tmp_path / "launcher.sh"), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not (tmp_path / "events").exists() or "ready" not in (tmp_path / "events").read_text():
         assert time.monotonic() < deadline and proc.poll() is None, "the stand-in rank did not start"
@@ -46,12 +50,16 @@ def _start(tmp_path: Path) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("sig, rank_event, launcher_rc, expected", [
-    (signal.SIGUSR2, "rank USR2", 0, 0),  # saved, launcher clean, exit 0: the batch script requeues
-    (signal.SIGTERM, "rank TERM", 1, 143),  # launcher reports failure (1), node.sh still says 143: restart me
-])
-def test_the_signal_reaches_only_the_rank(tmp_path: Path, sig: int, rank_event: str, launcher_rc: int,
-                                         expected: int) -> None:
+@pytest.mark.parametrize(
+    "sig, rank_event, launcher_rc, expected",
+    [
+        (signal.SIGUSR2, "rank USR2", 0, 0),  # saved, launcher clean, exit 0: the batch script requeues
+        (signal.SIGTERM, "rank TERM", 1, 143),  # launcher reports failure (1), node.sh still says 143: restart me
+    ],
+)
+def test_the_signal_reaches_only_the_rank(
+    tmp_path: Path, sig: int, rank_event: str, launcher_rc: int, expected: int
+) -> None:
     proc = _start(tmp_path)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=30)
@@ -81,11 +89,20 @@ while :; do sleep 0.05 & wait $!; done
 
 def _pod(tmp_path: Path, node_rank: int, **env: str) -> subprocess.Popen:
     (tmp_path / "rank.sh").write_text(POD_RANK)
-    pet = {"PET_NNODES": "2", "PET_NODE_RANK": str(node_rank), "PET_NPROC_PER_NODE": "2",
-           "PET_MASTER_ADDR": "mango-demo-master-0", "PET_MASTER_PORT": "23456"}
-    return subprocess.Popen(["bash", str(TEMPLATES / "pod.sh"), "bash", str(tmp_path / "rank.sh"), str(tmp_path)],
-                            env={"PATH": os.environ["PATH"], **pet, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    pet = {
+        "PET_NNODES": "2",
+        "PET_NODE_RANK": str(node_rank),
+        "PET_NPROC_PER_NODE": "2",
+        "PET_MASTER_ADDR": "mango-demo-master-0",
+        "PET_MASTER_PORT": "23456",
+    }
+    return subprocess.Popen(
+        ["bash", str(TEMPLATES / "pod.sh"), "bash", str(tmp_path / "rank.sh"), str(tmp_path)],
+        env={"PATH": os.environ["PATH"], **pet, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _events(tmp_path: Path, n: int = 0) -> list[str]:
@@ -113,8 +130,9 @@ def test_pod_whose_ranks_stopped_for_a_peer_also_exits_143(tmp_path: Path) -> No
     assert proc.returncode == 143, out
 
 
-@pytest.mark.parametrize("codes, expected", [({"EXIT_RANK_0": "0", "EXIT_RANK_1": "0"}, 0),
-                                             ({"EXIT_RANK_0": "3"}, 3)])  # rank 1 would hang: it is killed
+@pytest.mark.parametrize(
+    "codes, expected", [({"EXIT_RANK_0": "0", "EXIT_RANK_1": "0"}, 0), ({"EXIT_RANK_0": "3"}, 3)]
+)  # rank 1 would hang: it is killed
 def test_pod_success_and_failure(tmp_path: Path, codes: dict[str, str], expected: int) -> None:
     proc = _pod(tmp_path, node_rank=0, **codes)
     out, _ = proc.communicate(timeout=30)
@@ -122,6 +140,7 @@ def test_pod_success_and_failure(tmp_path: Path, codes: dict[str, str], expected
 
 
 def test_pod_without_the_operator_variables_says_which_is_missing(tmp_path: Path) -> None:
-    r = subprocess.run(["bash", str(TEMPLATES / "pod.sh"), "true"], env={"PATH": os.environ["PATH"]},
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", str(TEMPLATES / "pod.sh"), "true"], env={"PATH": os.environ["PATH"]}, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "PET_NNODES is not set" in r.stderr

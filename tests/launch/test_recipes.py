@@ -69,6 +69,7 @@ def traced(path: Path) -> dict[str, str]:
 
 # -- headers -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", PAPER)
 def test_every_field_of_a_paper_recipe_is_traced_to_a_source(name: str) -> None:
     path = CONFIGS / f"{name}.yaml"
@@ -82,7 +83,10 @@ def test_every_field_of_a_paper_recipe_is_traced_to_a_source(name: str) -> None:
 
 def test_the_ablation_recipe_differs_from_its_base_exactly_where_its_header_says() -> None:
     path, base = ABLATIONS[6]
-    ours, theirs = leaves(yaml.safe_load(path.read_text())), leaves(yaml.safe_load((CONFIGS / f"{base}.yaml").read_text()))
+    ours, theirs = (
+        leaves(yaml.safe_load(path.read_text())),
+        leaves(yaml.safe_load((CONFIGS / f"{base}.yaml").read_text())),
+    )
     assert set(ours) == set(theirs)
     differ = {k for k in ours if ours[k] != theirs[k]}
     assert differ == set(traced(path)) and "model.encoder" in differ
@@ -104,16 +108,28 @@ def test_each_ablation_table_is_a_sweep_over_its_recipe(table: int) -> None:
 
 # -- protocols ---------------------------------------------------------------------------------------------
 
-TINY = ["run.device=cpu", "model.encoder=mit_b0", "model.dim=16", "model.num_blocks=1", "model.grid=[2,2]",
-        "deepspeed.precision=fp32", "deepspeed.zero_stage=0", "deepspeed.activation_checkpointing=false",
-        "model.memory=store", "tracking.enabled=false", "data.num_workers=0"]
+TINY = [
+    "run.device=cpu",
+    "model.encoder=mit_b0",
+    "model.dim=16",
+    "model.num_blocks=1",
+    "model.grid=[2,2]",
+    "deepspeed.precision=fp32",
+    "deepspeed.zero_stage=0",
+    "deepspeed.activation_checkpointing=false",
+    "model.memory=store",
+    "tracking.enabled=false",
+    "data.num_workers=0",
+]
 
 
 def _finalized(task: str) -> set[str]:
     """The metric names the validation reports for ``task`` (prefixed val_ as the loop logs them)."""
-    sums = {"segmentation": {"confusion": torch.eye(3)},
-            "translation": {"abs_err_sum": 1.0, "sq_err_sum": 1.0, "numel": 4.0},
-            "classification": {"tp": torch.ones(3), "fp": torch.zeros(3), "fn": torch.zeros(3), "samples_f1_sum": 1.0}}
+    sums = {
+        "segmentation": {"confusion": torch.eye(3)},
+        "translation": {"abs_err_sum": 1.0, "sq_err_sum": 1.0, "numel": 4.0},
+        "classification": {"tp": torch.ones(3), "fp": torch.zeros(3), "fn": torch.zeros(3), "samples_f1_sum": 1.0},
+    }
     return {f"val_{k}" for k in metrics.finalize(task, {**sums[task], "count": 2.0})}
 
 
@@ -156,10 +172,15 @@ def test_lr_groups_put_pretrained_parts_at_lr_and_new_parts_at_the_multiple(name
     from pipeline.models import build_model
     from pipeline.train.engine import param_groups
 
-    specs = {"nyudv2": [("rgb.png", (3, 48, 64), 8), ("depth.png", (1, 48, 64), 16), ("label.png", (48, 64), 8)],
-             "mmimdb": [("rgb.png", (3, 32, 32), 8), ("text.txt", (), 0), ("labels.npy", (23,), 8)],
-             "taskonomy": [("reshading.png", (1, 32, 32), 8), ("edge_texture.png", (1, 32, 32), 16),
-                           ("rgb.png", (3, 32, 32), 8)]}[name]
+    specs = {
+        "nyudv2": [("rgb.png", (3, 48, 64), 8), ("depth.png", (1, 48, 64), 16), ("label.png", (48, 64), 8)],
+        "mmimdb": [("rgb.png", (3, 32, 32), 8), ("text.txt", (), 0), ("labels.npy", (23,), 8)],
+        "taskonomy": [
+            ("reshading.png", (1, 32, 32), 8),
+            ("edge_texture.png", (1, 32, 32), 16),
+            ("rgb.png", (3, 32, 32), 8),
+        ],
+    }[name]
     cfg = load_config(CONFIGS / f"{name}.yaml", TINY)
     model = build_model(cfg, specs)
     groups = param_groups(model, cfg)
@@ -168,8 +189,12 @@ def test_lr_groups_put_pretrained_parts_at_lr_and_new_parts_at_the_multiple(name
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        backbone = pname.startswith("encoders.") and (".encoder.patch_embed" in pname or ".encoder.block" in pname
-                                                     or ".encoder.norm" in pname or ".bert." in pname)
+        backbone = pname.startswith("encoders.") and (
+            ".encoder.patch_embed" in pname
+            or ".encoder.block" in pname
+            or ".encoder.norm" in pname
+            or ".bert." in pname
+        )
         want = proto["backbone"] if backbone else proto["new"]
         assert math.isclose(by_param[id(p)], want), f"{pname}: lr {by_param[id(p)]} != {want}"
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
@@ -199,8 +224,12 @@ def test_bad_new_lr_mult_or_crop_width_fails_with_one_line() -> None:
 SHARDING = {  # recipe → (fixture builder, source, shard options, splits)
     "nyudv2": (make_fixtures.make_nyudv2, "nyudv2", {}, ("train", "test")),
     "sunrgbd": (make_fixtures.make_sunrgbd_list, "sunrgbd", {}, ("train", "test")),
-    "taskonomy": (make_fixtures.make_taskonomy, "taskonomy",
-                  {"domains": "reshading,edge_texture,rgb", "size": 40}, ("train", "val")),
+    "taskonomy": (
+        make_fixtures.make_taskonomy,
+        "taskonomy",
+        {"domains": "reshading,edge_texture,rgb", "size": 40},
+        ("train", "val"),
+    ),
     "mmimdb": (make_fixtures.make_mmimdb, "mmimdb", {"image_size": 40}, ("train", "dev")),
 }
 RUN = {  # recipe → overrides that make it a few-second CPU run (the protocol's structure is kept; MiT needs ≥ 32 px)
@@ -235,9 +264,21 @@ def _run(recipe: str, data: Path, run_dir: Path, extra: list[str]) -> dict:
     from pipeline.train.loop import train_loop
 
     base = "nyudv2" if recipe.startswith("nyudv2") else recipe
-    cfg = load_config(CONFIGS / f"{recipe}.yaml", [
-        *TINY, *RUN[base], *extra, f"data.shards={data}", f"run.dir={run_dir}", "train.max_steps=2",
-        "optim.warmup_steps=0", "eval.every=2", "checkpoint.every=2", "train.log_every=1"])
+    cfg = load_config(
+        CONFIGS / f"{recipe}.yaml",
+        [
+            *TINY,
+            *RUN[base],
+            *extra,
+            f"data.shards={data}",
+            f"run.dir={run_dir}",
+            "train.max_steps=2",
+            "optim.warmup_steps=0",
+            "eval.every=2",
+            "checkpoint.every=2",
+            "train.log_every=1",
+        ],
+    )
     return train_loop(cfg)
 
 

@@ -53,8 +53,13 @@ def recorder(fake_slurm: FakeSlurm) -> str:
 
 def _dry_run(fake: FakeSlurm, script: Path, job_id: int, nodes: int = 2, **env: str) -> subprocess.CompletedProcess:
     before = len(fake.records("python"))
-    r = subprocess.run(["bash", str(script)], env={**os.environ, **fake.env(job_id, nodes), **env},
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", str(script)],
+        env={**os.environ, **fake.env(job_id, nodes), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     r.calls = fake.records("python")[before:]  # type: ignore[attr-defined]
     return r
 
@@ -65,9 +70,16 @@ def _dry_run(fake: FakeSlurm, script: Path, job_id: int, nodes: int = 2, **env: 
 def test_slurm_script_has_the_lifecycle_directives(tmp_path: Path) -> None:
     text = _one("slurm", "launch.partition=gpu", "launch.account=proj", "checkpoint.grace_s=100")
     _bash_n(text, tmp_path)
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=proj", "#SBATCH --cpus-per-task=32"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --cpus-per-task=32",
+    ):
         assert line + "\n" in text, line
     assert "#SBATCH --signal=B:USR2@160\n" in text  # grace_s + 60 when that exceeds the default 120 s
     assert "srun --kill-on-bad-exit=1 " in text and "--rdzv_backend=c10d" in text
@@ -83,10 +95,18 @@ def test_srun_script_runs_one_task_per_gpu_without_torchrun(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "accelerate"])
-def test_each_node_gets_its_own_rank_and_the_first_host_as_master(launcher: str, fake_slurm: FakeSlurm,
-                                                                    recorder: str, tmp_path: Path) -> None:
-    text = _one("slurm", f"launch.python={recorder}", f"run.dir={tmp_path / 'run'}", "launch.env=[NCCL_DEBUG=WARN]",
-                nodes=3, gpus=2, launcher=launcher)
+def test_each_node_gets_its_own_rank_and_the_first_host_as_master(
+    launcher: str, fake_slurm: FakeSlurm, recorder: str, tmp_path: Path
+) -> None:
+    text = _one(
+        "slurm",
+        f"launch.python={recorder}",
+        f"run.dir={tmp_path / 'run'}",
+        "launch.env=[NCCL_DEBUG=WARN]",
+        nodes=3,
+        gpus=2,
+        launcher=launcher,
+    )
     (tmp_path / "run" / "logs").mkdir(parents=True)
     job = 5000 + len(launcher)
     r = _dry_run(fake_slurm, _bash_n(text, tmp_path), job, nodes=3)
@@ -146,8 +166,22 @@ def test_shard_array_and_its_dependent_merge(fake_slurm: FakeSlurm, recorder: st
     r = _dry_run(fake_slurm, _bash_n(array.text, tmp_path, "array.sh"), 6003, nodes=1, SLURM_ARRAY_TASK_ID="2")
     assert r.returncode == 0, r.stderr
     (call,) = r.calls
-    assert call["argv"] == ["-m", "jobs.shard", "sunrgbd", "--src", "/data/SUN RGBD", "--out", "/shared/shards/sun",
-                            "--split", "train", "--task-index", "2", "--num-tasks", "3", "--quiet"]
+    assert call["argv"] == [
+        "-m",
+        "jobs.shard",
+        "sunrgbd",
+        "--src",
+        "/data/SUN RGBD",
+        "--out",
+        "/shared/shards/sun",
+        "--split",
+        "train",
+        "--task-index",
+        "2",
+        "--num-tasks",
+        "3",
+        "--quiet",
+    ]
     r = _dry_run(fake_slurm, _bash_n(merge.text, tmp_path, "merge.sh"), 6004, nodes=1)
     assert r.calls[0]["argv"] == ["-m", "jobs.shard", "merge", "/shared/shards/sun", "--split", "train"]
     with pytest.raises(LaunchError, match="--split"):
@@ -166,7 +200,7 @@ def test_ray_slurm_starts_head_workers_then_the_sweep(tmp_path: Path) -> None:
     head = text.index("start --head --block")
     workers = text.index('start --block --address="$RAY_ADDRESS"')
     sweep = text.index("-m jobs.sweep --config")
-    assert head < workers < sweep and "--nodes=2 --ntasks=2 --ntasks-per-node=1 --exclude=\"$HEAD_NODE\"" in text
+    assert head < workers < sweep and '--nodes=2 --ntasks=2 --ntasks-per-node=1 --exclude="$HEAD_NODE"' in text
     assert "--space launch/sweeps/tiny.yaml" in text and "--num-gpus=4" in text
 
 
@@ -178,8 +212,16 @@ def _docs(text: str) -> dict[str, dict]:
 
 
 def test_pytorchjob_manifest(tmp_path: Path) -> None:
-    text = _one("k8s", "launch.tag=1.2.3", "launch.pvc=mango-runs", "data.shards=s3://bucket/shards/stereo",
-                "launch.env=[NCCL_SOCKET_IFNAME=eth0]", "checkpoint.grace_s=90", nodes=3, gpus=8)
+    text = _one(
+        "k8s",
+        "launch.tag=1.2.3",
+        "launch.pvc=mango-runs",
+        "data.shards=s3://bucket/shards/stereo",
+        "launch.env=[NCCL_SOCKET_IFNAME=eth0]",
+        "checkpoint.grace_s=90",
+        nodes=3,
+        gpus=8,
+    )
     docs = _docs(text)
     job, cm = docs["PyTorchJob"], docs["ConfigMap"]
     assert job["apiVersion"] == "kubeflow.org/v1" and job["spec"]["nprocPerNode"] == "8"
@@ -194,8 +236,15 @@ def test_pytorchjob_manifest(tmp_path: Path) -> None:
         (c,) = pod["containers"]
         assert c["name"] == "pytorch" and c["image"] == "mango-pipeline:1.2.3"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
-        assert c["command"] == ["bash", "launch/templates/pod.sh", "python", "-m", "jobs.train", "--config",
-                                "/etc/mango/config.yaml"]
+        assert c["command"] == [
+            "bash",
+            "launch/templates/pod.sh",
+            "python",
+            "-m",
+            "jobs.train",
+            "--config",
+            "/etc/mango/config.yaml",
+        ]
         assert c["envFrom"] == [{"secretRef": {"name": "mango-credentials"}}]
         assert {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"} in c["env"]
         mounts = {m["name"]: m for m in c["volumeMounts"]}
@@ -223,15 +272,21 @@ def test_k8s_refuses_what_would_break_or_leak() -> None:
 
 def test_indexed_shard_job_and_kuberay(tmp_path: Path) -> None:
     cfg = _cfg("launch.tag=2", "launch.pvc=runs", "data.shards=s3://b/s")
-    work, merge = render(cfg, LaunchSpec("k8s", 4, 0, tasks=16, shard_args=(
-        "sunrgbd", "--src", "/data", "--out", "s3://b/sun", "--split", "train"))).artifacts
+    work, merge = render(
+        cfg,
+        LaunchSpec(
+            "k8s", 4, 0, tasks=16, shard_args=("sunrgbd", "--src", "/data", "--out", "s3://b/sun", "--split", "train")
+        ),
+    ).artifacts
     job = next(yaml.safe_load_all(work.text))
     assert job["apiVersion"] == "batch/v1" and job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == 16 and job["spec"]["parallelism"] == 4
     (c,) = job["spec"]["template"]["spec"]["containers"]
     assert c["command"][-4:] == ["train", "--num-tasks", "16", "--quiet"] and "--task-index" not in c["command"]
-    assert merge.after == work.name and "merge" in next(yaml.safe_load_all(merge.text))["spec"]["template"][
-        "spec"]["containers"][0]["command"]
+    assert (
+        merge.after == work.name
+        and "merge" in next(yaml.safe_load_all(merge.text))["spec"]["template"]["spec"]["containers"][0]["command"]
+    )
 
     docs = _docs(render(cfg, LaunchSpec("kuberay", 2, 1, space="launch/sweeps/tiny.yaml")).artifacts[0].text)
     ray = docs["RayJob"]["spec"]
@@ -249,23 +304,65 @@ def test_indexed_shard_job_and_kuberay(tmp_path: Path) -> None:
 def test_submit_without_the_tool_exits_2_naming_it(tmp_path: Path, monkeypatch, capsys) -> None:
     env = {**os.environ, "PATH": str(tmp_path)}  # no sbatch, no kubectl
     base = [sys.executable, "-m", "jobs.launch"]
-    r = subprocess.run(base + ["slurm", "--config", DEMO, "--nodes", "2", "--gpus-per-node", "1", "--submit"],
-                       cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        base + ["slurm", "--config", DEMO, "--nodes", "2", "--gpus-per-node", "1", "--submit"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "`sbatch`" in r.stderr, r.stderr
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert jobs.launch.main(["k8s", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "1", "--submit",
-                             "launch.tag=1", "launch.pvc=r", "data.shards=s3://b/s"]) == 2
+    assert (
+        jobs.launch.main(
+            [
+                "k8s",
+                "--config",
+                DEMO,
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "1",
+                "--submit",
+                "launch.tag=1",
+                "launch.pvc=r",
+                "data.shards=s3://b/s",
+            ]
+        )
+        == 2
+    )
     assert "`kubectl`, which is not on PATH" in capsys.readouterr().err
 
 
-def test_submit_chains_the_merge_after_the_array(fake_slurm: FakeSlurm, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_submit_chains_the_merge_after_the_array(
+    fake_slurm: FakeSlurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     for k, v in fake_slurm.env(0).items():
         monkeypatch.setenv(k, v)
     before = len(fake_slurm.records("sbatch"))
-    rc = jobs.launch.main(["shard-array", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "0", "--tasks", "4",
-                           "--submit", f"run.dir={tmp_path / 'run'}", "--",
-                           "embedded", "--src", "stereo", "--out", "shards/x", "--split", "train"])
+    rc = jobs.launch.main(
+        [
+            "shard-array",
+            "--config",
+            DEMO,
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--tasks",
+            "4",
+            "--submit",
+            f"run.dir={tmp_path / 'run'}",
+            "--",
+            "embedded",
+            "--src",
+            "stereo",
+            "--out",
+            "shards/x",
+            "--split",
+            "train",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     first, second = fake_slurm.records("sbatch")[before:]
     assert first["argv"] == ["--parsable"] and "--array=0-3" in first["script"]
@@ -277,8 +374,10 @@ def test_submit_chains_the_merge_after_the_array(fake_slurm: FakeSlurm, tmp_path
 def test_cli_errors_exit_2(capsys) -> None:
     assert jobs.launch.main(["slurm", "--config", DEMO, "--nodes", "0", "--gpus-per-node", "1"]) == 2
     assert "--nodes" in capsys.readouterr().err
-    assert jobs.launch.main(["srun", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "1",
-                             "--launcher", "deepspeed"]) == 2
+    assert (
+        jobs.launch.main(["srun", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "1", "--launcher", "deepspeed"])
+        == 2
+    )
     assert jobs.launch.main(["slurm", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "1", "optim.lr=-1"]) == 2
     assert "optim.lr" in capsys.readouterr().err
     for extra, word in ((["--space", "launch/sweeps/tiny.yaml"], "--space"), (["--tasks", "4"], "--tasks")):
@@ -299,8 +398,12 @@ def test_render_time_values_are_shell_quoted(fake_slurm: FakeSlurm, recorder: st
     (run / "logs").mkdir(parents=True)
     with pytest.raises(LaunchError, match="#SBATCH --output"):
         _one("slurm", f"run.dir={run}")  # the default log dir <run.dir>/logs cannot go into #SBATCH --output
-    script = _bash_n(_one("slurm", f"launch.python={recorder}", f"run.dir={run}", f"launch.log_dir={run.parent}/logs",
-                          nodes=1, gpus=1), tmp_path)
+    script = _bash_n(
+        _one(
+            "slurm", f"launch.python={recorder}", f"run.dir={run}", f"launch.log_dir={run.parent}/logs", nodes=1, gpus=1
+        ),
+        tmp_path,
+    )
     r = _dry_run(fake_slurm, script, 6005, nodes=1)
     assert r.returncode == 0, r.stderr
     assert Path(r.calls[0]["cwd"]) == run / "code" / "6005"
@@ -309,8 +412,10 @@ def test_render_time_values_are_shell_quoted(fake_slurm: FakeSlurm, recorder: st
 
 
 def test_rendered_files_are_written_with_out(tmp_path: Path, capsys) -> None:
-    assert jobs.launch.main(["srun", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "2", "--out",
-                             str(tmp_path)]) == 0
+    assert (
+        jobs.launch.main(["srun", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "2", "--out", str(tmp_path)])
+        == 0
+    )
     (path,) = tmp_path.glob("*.sbatch")
     assert path.read_text().startswith("#!/bin/bash") and capsys.readouterr().out == ""
 
@@ -319,12 +424,44 @@ def test_k8s_submit_applies_the_merge_only_after_the_indexed_job(fake_slurm: Fak
     monkeypatch.setenv("PATH", fake_slurm.env(0)["PATH"])
     monkeypatch.setenv("FAKE_SLURM_LOG", str(fake_slurm.log))
     before = len(fake_slurm.records("kubectl"))
-    assert jobs.launch.main(["k8s", "--config", DEMO, "--nodes", "2", "--gpus-per-node", "0", "--tasks", "8",
-                             "--submit", "launch.tag=1", "launch.pvc=runs", "data.shards=s3://b/s", "--",
-                             "embedded", "--src", "stereo", "--out", "s3://b/x", "--split", "train"]) == 0
+    assert (
+        jobs.launch.main(
+            [
+                "k8s",
+                "--config",
+                DEMO,
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "0",
+                "--tasks",
+                "8",
+                "--submit",
+                "launch.tag=1",
+                "launch.pvc=runs",
+                "data.shards=s3://b/s",
+                "--",
+                "embedded",
+                "--src",
+                "stereo",
+                "--out",
+                "s3://b/x",
+                "--split",
+                "train",
+            ]
+        )
+        == 0
+    )
     apply, wait, merge = fake_slurm.records("kubectl")[before:]
     assert apply == {"argv": ["apply", "-f", "-"], "kinds": ["Job"]}
-    assert wait["argv"] == ["-n", "default", "wait", "--for=condition=complete", "--timeout=-1s", "job/mango-demo-shard"]
+    assert wait["argv"] == [
+        "-n",
+        "default",
+        "wait",
+        "--for=condition=complete",
+        "--timeout=-1s",
+        "job/mango-demo-shard",
+    ]
     assert merge["kinds"] == ["Job"] and "job/mango-demo-shard-merge created" in capsys.readouterr().out
 
 
@@ -341,11 +478,17 @@ def test_dockerfile_mirrors_the_readme_setup() -> None:
 
 def test_srun_tasks_get_usr2_and_the_job_requeues(fake_slurm: FakeSlurm, recorder: str, tmp_path: Path) -> None:
     (tmp_path / "run" / "logs").mkdir(parents=True)
-    script = _bash_n(_one("srun", f"launch.python={recorder}", f"run.dir={tmp_path / 'run'}", nodes=2, gpus=2),
-                     tmp_path)
+    script = _bash_n(
+        _one("srun", f"launch.python={recorder}", f"run.dir={tmp_path / 'run'}", nodes=2, gpus=2), tmp_path
+    )
     started, signalled = len(fake_slurm.records("python")), len(fake_slurm.records("signal"))
-    proc = subprocess.Popen(["bash", str(script)], env={**os.environ, **fake_slurm.env(6006), "FAKE_WAIT_FOR_USR2": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env={**os.environ, **fake_slurm.env(6006), "FAKE_WAIT_FOR_USR2": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while len(fake_slurm.records("python")) < started + 4:  # 2 nodes × 2 tasks, each a rank (no torchrun)
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""

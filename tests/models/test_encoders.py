@@ -14,15 +14,27 @@ from pipeline.models.heads import TranslationHead
 
 #: names and shapes as they appear in the released ImageNet checkpoint mit_b0.pth (SegFormer's MiT-B0)
 PUBLISHED_B0 = {
-    "patch_embed1.proj.weight": (32, 3, 7, 7), "patch_embed1.norm.weight": (32,),
-    "patch_embed2.proj.weight": (64, 32, 3, 3), "patch_embed4.proj.bias": (256,),
-    "block1.0.norm1.weight": (32,), "block1.0.attn.q.weight": (32, 32), "block1.0.attn.q.bias": (32,),
-    "block1.0.attn.kv.weight": (64, 32), "block1.0.attn.proj.weight": (32, 32),
-    "block1.0.attn.sr.weight": (32, 32, 8, 8), "block1.0.attn.norm.weight": (32,), "block1.1.norm2.bias": (32,),
-    "block1.0.mlp.fc1.weight": (128, 32), "block1.0.mlp.dwconv.dwconv.weight": (128, 1, 3, 3),
-    "block1.0.mlp.fc2.weight": (32, 128), "block3.1.attn.sr.weight": (160, 160, 2, 2),
-    "block4.1.mlp.fc2.weight": (256, 1024), "norm1.weight": (32,), "norm4.bias": (256,),
-    "head.weight": (1000, 256), "head.bias": (1000,),
+    "patch_embed1.proj.weight": (32, 3, 7, 7),
+    "patch_embed1.norm.weight": (32,),
+    "patch_embed2.proj.weight": (64, 32, 3, 3),
+    "patch_embed4.proj.bias": (256,),
+    "block1.0.norm1.weight": (32,),
+    "block1.0.attn.q.weight": (32, 32),
+    "block1.0.attn.q.bias": (32,),
+    "block1.0.attn.kv.weight": (64, 32),
+    "block1.0.attn.proj.weight": (32, 32),
+    "block1.0.attn.sr.weight": (32, 32, 8, 8),
+    "block1.0.attn.norm.weight": (32,),
+    "block1.1.norm2.bias": (32,),
+    "block1.0.mlp.fc1.weight": (128, 32),
+    "block1.0.mlp.dwconv.dwconv.weight": (128, 1, 3, 3),
+    "block1.0.mlp.fc2.weight": (32, 128),
+    "block3.1.attn.sr.weight": (160, 160, 2, 2),
+    "block4.1.mlp.fc2.weight": (256, 1024),
+    "norm1.weight": (32,),
+    "norm4.bias": (256,),
+    "head.weight": (1000, 256),
+    "head.bias": (1000,),
 }
 
 
@@ -60,17 +72,23 @@ def test_mit_loader_consumes_every_key(b0_shapes):
     assert [tuple(m.shape) for m in maps] == [(1, 32, 16, 16), (1, 64, 8, 8), (1, 160, 4, 4), (1, 256, 2, 2)]
 
 
-@pytest.mark.parametrize("damage, named", [
-    (lambda s: s.pop("block2.1.attn.kv.weight"), "missing [1]: block2.1.attn.kv.weight"),
-    (lambda s: s.__setitem__("block9.0.attn.q.weight", torch.zeros(1)), "unexpected [1]: block9.0.attn.q.weight"),
-    (lambda s: s.__setitem__("norm3.weight", torch.zeros(320)), "norm3.weight: file (320,) vs mit_b0 (160,)"),
-])
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda s: s.pop("block2.1.attn.kv.weight"), "missing [1]: block2.1.attn.kv.weight"),
+        (lambda s: s.__setitem__("block9.0.attn.q.weight", torch.zeros(1)), "unexpected [1]: block9.0.attn.q.weight"),
+        (lambda s: s.__setitem__("norm3.weight", torch.zeros(320)), "norm3.weight: file (320,) vs mit_b0 (160,)"),
+    ],
+)
 def test_mit_loader_names_every_mismatch_and_copies_nothing(damage, named, b0_shapes, b0_encoder):
     enc = b0_encoder
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     state = synthetic_b0(b0_shapes)
     damage(state)
-    with pytest.raises(WeightsMismatchError, match=named.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=named.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+    ):
         load_mit_weights(enc, state)
     assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items())
 
@@ -80,16 +98,27 @@ def test_encoder_weights_from_a_local_file_reach_every_mit_encoder(tmp_path, b0_
     path = tmp_path / "mit_b0.pth"
     torch.save(state, path)
     specs = [("rgb.png", (3, 32, 32), 8), ("depth.png", (1, 32, 32), 16), ("label.png", (32, 32), 8)]
-    over = ["model.task=segmentation", "data.modalities=[rgb,depth,label]", "model.num_classes=3", "model.dim=16",
-            "model.image_size=32", "model.tokens=16", "model.num_blocks=1", "model.lica_group=0", "model.encoder=mit_b0"]
+    over = [
+        "model.task=segmentation",
+        "data.modalities=[rgb,depth,label]",
+        "model.num_classes=3",
+        "model.dim=16",
+        "model.image_size=32",
+        "model.tokens=16",
+        "model.num_blocks=1",
+        "model.lica_group=0",
+        "model.encoder=mit_b0",
+    ]
     model = build_model(load_config(None, over + [f"model.encoder_weights={path}"]), specs)
     for name in ("rgb", "depth"):
         w = model.encoders[name].encoder.patch_embed1.proj.weight
         assert torch.equal(w, state["patch_embed1.proj.weight"])
     with torch.no_grad():
         model.eval()
-        b = {"rgb.png": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
-             "depth.png": torch.randint(0, 5000, (2, 1, 32, 32)).to(torch.uint16)}
+        b = {
+            "rgb.png": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+            "depth.png": torch.randint(0, 5000, (2, 1, 32, 32)).to(torch.uint16),
+        }
         assert model(b, mode="predict")["pred"].shape == (2, 32, 32)
     bad = dict(state)
     bad.pop("norm2.bias")
@@ -139,8 +168,10 @@ def test_gan_generator_term_never_trains_the_discriminator():
     d_grads = {k: p.grad.clone() for k, p in head.discriminator.named_parameters()}
     head.zero_grad()
     real, fake = head.discriminator(target), head.discriminator(pred.detach())
-    d_only = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                    + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+    d_only = 0.5 * (
+        F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+        + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    )
     d_only.backward()
     for k, p in head.discriminator.named_parameters():
         torch.testing.assert_close(d_grads[k], p.grad)

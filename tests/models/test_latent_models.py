@@ -19,9 +19,19 @@ TEXTS = ["a drama about a family", "an action film with car chases and explosion
 
 
 def cfg_for(task: str, modalities: str, *extra: str):
-    return load_config(None, [f"model.task={task}", f"data.modalities={modalities}", "model.dim=16",
-                              f"model.image_size={S}", "model.patch_size=4", "model.num_blocks=1", "model.lica_group=0",
-                              *extra])
+    return load_config(
+        None,
+        [
+            f"model.task={task}",
+            f"data.modalities={modalities}",
+            "model.dim=16",
+            f"model.image_size={S}",
+            "model.patch_size=4",
+            "model.num_blocks=1",
+            "model.lica_group=0",
+            *extra,
+        ],
+    )
 
 
 def seg_model(*extra: str) -> LatentTaskModel:
@@ -34,11 +44,15 @@ def batch(seed: int = 0) -> dict:
     depth = torch.randint(500, 9000, (N, 1, S, S), generator=g)
     label = (depth[:, 0] > 4000).long() + (torch.arange(S) > S // 2).long().view(1, 1, S)  # needs depth and position
     label[:, 0, :] = 255
-    return {"rgb.png": torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, generator=g),
-            "depth.png": depth.to(torch.uint16), "label.png": label,
-            "right.png": torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, generator=g),
-            "text.txt": list(TEXTS), "labels.npy": torch.randint(0, 2, (N, 5), dtype=torch.uint8, generator=g),
-            "__key__": [f"k{i}" for i in range(N)]}
+    return {
+        "rgb.png": torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, generator=g),
+        "depth.png": depth.to(torch.uint16),
+        "label.png": label,
+        "right.png": torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, generator=g),
+        "text.txt": list(TEXTS),
+        "labels.npy": torch.randint(0, 2, (N, 5), dtype=torch.uint8, generator=g),
+        "__key__": [f"k{i}" for i in range(N)],
+    }
 
 
 def fit(model, b, steps: int = 12, lr: float = 1e-2) -> list[float]:
@@ -72,7 +86,9 @@ def test_segmentation_learns_and_predicts_full_resolution():
 
 def test_translation_learns_with_gan_and_outputs_unit_range():
     torch.manual_seed(0)
-    model = build_model(cfg_for("translation", "[rgb,depth,right]", "model.target=right", "model.gan_weight=0.05"), TR_SPECS)
+    model = build_model(
+        cfg_for("translation", "[rgb,depth,right]", "model.target=right", "model.gan_weight=0.05"), TR_SPECS
+    )
     b = batch()
     ramp = torch.linspace(0, 255, S).view(1, 1, 1, S) * torch.ones(N, 3, S, 1)
     b["right.png"] = ramp.round().to(torch.uint8)  # smooth and learnable from the grid
@@ -175,11 +191,14 @@ def test_partitions_and_training_augmentation_apply():
     assert set(aug["label.png"].unique().tolist()) <= {0, 1, 2, 255}
 
 
-@pytest.mark.parametrize("mods, extra, match", [
-    ("[rgb,depth]", ("model.num_classes=3",), "exactly one label"),
-    ("[rgb,depth,label]", (), "num_classes"),
-    ("[rgb,depth,right]", (), "model.target"),
-])
+@pytest.mark.parametrize(
+    "mods, extra, match",
+    [
+        ("[rgb,depth]", ("model.num_classes=3",), "exactly one label"),
+        ("[rgb,depth,label]", (), "num_classes"),
+        ("[rgb,depth,right]", (), "model.target"),
+    ],
+)
 def test_layout_errors_are_config_errors(mods, extra, match):
     task = "translation" if "right" in mods else "segmentation"
     specs = TR_SPECS if "right" in mods else SEG_SPECS[:2] if "label" not in mods else SEG_SPECS
@@ -189,10 +208,20 @@ def test_layout_errors_are_config_errors(mods, extra, match):
 
 def test_gan_with_zero3_and_gan_outside_translation_are_refused():
     with pytest.raises(ConfigError, match="zero_stage=3"):
-        build_model(cfg_for("translation", "[rgb,depth,right]", "model.target=right", "model.gan_weight=0.1",
-                            "deepspeed.zero_stage=3"), TR_SPECS)
+        build_model(
+            cfg_for(
+                "translation",
+                "[rgb,depth,right]",
+                "model.target=right",
+                "model.gan_weight=0.1",
+                "deepspeed.zero_stage=3",
+            ),
+            TR_SPECS,
+        )
     with pytest.raises(ConfigError, match="translation task"):
-        build_model(cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.gan_weight=0.1"), SEG_SPECS)
+        build_model(
+            cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.gan_weight=0.1"), SEG_SPECS
+        )
 
 
 def test_manifest_modalities_are_checked_against_the_config():
@@ -201,10 +230,14 @@ def test_manifest_modalities_are_checked_against_the_config():
     from pipeline.data.manifest import ModalitySpec
     from pipeline.models import modality_specs
 
-    manifest = SimpleNamespace(modalities={
-        "rgb.png": ModalitySpec("uint8", "image", (S, S, 3)), "depth.png": ModalitySpec("uint16", "depth", (S, S)),
-        "label.png": ModalitySpec("uint8", "label", (S, S), "class index", ("a", "b", "c", "d"), 255),
-        "json": ModalitySpec("json", "meta")})
+    manifest = SimpleNamespace(
+        modalities={
+            "rgb.png": ModalitySpec("uint8", "image", (S, S, 3)),
+            "depth.png": ModalitySpec("uint16", "depth", (S, S)),
+            "label.png": ModalitySpec("uint8", "label", (S, S), "class index", ("a", "b", "c", "d"), 255),
+            "json": ModalitySpec("json", "meta"),
+        }
+    )
     ok = cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=4")
     assert modality_specs(ok, manifest) == SEG_SPECS
     with pytest.raises(ConfigError, match="num_classes=3 but the shards' label.png has 4 classes"):

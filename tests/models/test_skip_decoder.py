@@ -15,15 +15,23 @@ from pipeline.models.heads import SkipDecoder
 
 NYUDV2 = Path(__file__).resolve().parents[2] / "launch" / "configs" / "nyudv2.yaml"
 SPECS = [("rgb.png", (3, 48, 64), 8), ("depth.png", (1, 48, 64), 16), ("label.png", (48, 64), 8)]
-TINY = ["run.device=cpu", "model.dim=16", "model.num_blocks=1", "model.grid=[2,2]", "model.memory=store",
-        "deepspeed.activation_checkpointing=false"]
+TINY = [
+    "run.device=cpu",
+    "model.dim=16",
+    "model.num_blocks=1",
+    "model.grid=[2,2]",
+    "model.memory=store",
+    "deepspeed.activation_checkpointing=false",
+]
 
 
 def _batch(h: int, w: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"rgb.png": torch.randint(0, 256, (2, 3, h, w), generator=g, dtype=torch.uint8),
-            "depth.png": torch.randint(0, 9000, (2, 1, h, w), generator=g).to(torch.int32),
-            "label.png": torch.randint(0, 40, (2, h, w), generator=g)}
+    return {
+        "rgb.png": torch.randint(0, 256, (2, 3, h, w), generator=g, dtype=torch.uint8),
+        "depth.png": torch.randint(0, 9000, (2, 1, h, w), generator=g).to(torch.int32),
+        "label.png": torch.randint(0, 40, (2, h, w), generator=g),
+    }
 
 
 def test_skip_decoder_output_follows_the_input_size_and_reads_every_level() -> None:

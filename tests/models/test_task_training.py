@@ -22,12 +22,32 @@ CONFIGS = REPO / "launch" / "configs"
 def test_segmentation_trains_consolidates_and_reloads(tmp_path):
     shards = tmp_path / "scenes"
     for split, n in (("train", 16), ("val", 4)):
-        write_split("embedded", "scenes", str(shards), split, options={"size": 16, "scenes": n, "view": "top"},
-                    samples_per_shard=8 if split == "train" else 2, progress=False)
-    cfg = load_config(CONFIGS / "segmentation_demo.yaml", [
-        f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", "model.image_size=16", "model.num_blocks=1",
-        "model.dim=16", "train.max_steps=4", "optim.warmup_steps=1", "eval.every=4", "checkpoint.every=4",
-        "train.log_every=2", "tracking.enabled=false", "data.batch_size=4"])
+        write_split(
+            "embedded",
+            "scenes",
+            str(shards),
+            split,
+            options={"size": 16, "scenes": n, "view": "top"},
+            samples_per_shard=8 if split == "train" else 2,
+            progress=False,
+        )
+    cfg = load_config(
+        CONFIGS / "segmentation_demo.yaml",
+        [
+            f"data.shards={shards}",
+            f"run.dir={tmp_path / 'run'}",
+            "model.image_size=16",
+            "model.num_blocks=1",
+            "model.dim=16",
+            "train.max_steps=4",
+            "optim.warmup_steps=1",
+            "eval.every=4",
+            "checkpoint.every=4",
+            "train.log_every=2",
+            "tracking.enabled=false",
+            "data.batch_size=4",
+        ],
+    )
     result = train_loop(cfg)
     assert result["val_samples"] == 4.0 and 0.0 <= result["val_miou"] <= 1.0
     assert {"task_loss", "nll", "val_task_loss", "val_nll"} <= set(result)
@@ -37,7 +57,18 @@ def test_segmentation_trains_consolidates_and_reloads(tmp_path):
     norms = [m for m in model.modules() if type(m).__name__ == "ActNorm"]
     assert norms and all(bool(m.initialized) for m in norms)  # data init happened before the engine, and was saved
     manifest = load_manifest(str(shards / "manifest-val.json"))
-    batch = next(iter(build_eval_loader(manifest, 4, rank=0, world_size=1, num_workers=0, modalities=tuple(s[0] for s in modality_specs(cfg, manifest)))))
+    batch = next(
+        iter(
+            build_eval_loader(
+                manifest,
+                4,
+                rank=0,
+                world_size=1,
+                num_workers=0,
+                modalities=tuple(s[0] for s in modality_specs(cfg, manifest)),
+            )
+        )
+    )
     with torch.no_grad():
         pred = model(batch, mode="predict")["pred"]
         again = load_model(weights)[0](batch, mode="predict")["pred"]
@@ -47,8 +78,11 @@ def test_segmentation_trains_consolidates_and_reloads(tmp_path):
 SPECS = {
     "nyudv2": [("rgb.png", (3, 480, 640), 8), ("depth.png", (1, 480, 640), 16), ("label.png", (480, 640), 8)],
     "sunrgbd": [("rgb.png", (3, None, None), 8), ("depth.png", (1, None, None), 16), ("label.png", (None, None), 8)],
-    "taskonomy": [("reshading.png", (3, None, None), 8), ("edge_texture.png", (1, None, None), 16),
-                  ("rgb.png", (3, None, None), 8)],
+    "taskonomy": [
+        ("reshading.png", (3, None, None), 8),
+        ("edge_texture.png", (1, None, None), 16),
+        ("rgb.png", (3, None, None), 8),
+    ],
     "mmimdb": [("rgb.png", (3, 256, 256), 8), ("text.txt", (), 0), ("labels.npy", (23,), 8)],
     "segmentation_demo": [("rgb.png", (3, 32, 32), 8), ("depth.png", (1, 32, 32), 16), ("label.png", (32, 32), 8)],
     "translation_demo": [("rgb.png", (3, 16, 16), 8), ("depth.png", (1, 16, 16), 16), ("right.png", (3, 16, 16), 8)],

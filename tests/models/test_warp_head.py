@@ -92,11 +92,14 @@ def test_select_generated_candidate_fills_in_and_source_is_checked():
 
 
 @pytest.mark.parametrize("decoder", [WARP, SELECT])
-@pytest.mark.parametrize("mods, specs, extra", [
-    ("[rgb,depth,right]", TR_SPECS, ()),                      # MANGO
-    ("[rgb,right]", TR_SPECS[::2], ()),                       # single modality
-    ("[rgb,depth,right]", TR_SPECS, ("model.fusion=concat",)),  # concat, no flow
-])
+@pytest.mark.parametrize(
+    "mods, specs, extra",
+    [
+        ("[rgb,depth,right]", TR_SPECS, ()),  # MANGO
+        ("[rgb,right]", TR_SPECS[::2], ()),  # single modality
+        ("[rgb,depth,right]", TR_SPECS, ("model.fusion=concat",)),  # concat, no flow
+    ],
+)
 def test_warp_model_forward_backward_shapes_in_every_variant(mods, specs, extra, decoder):
     torch.manual_seed(0)
     model = build_model(cfg_for("translation", mods, *decoder, *extra), specs)
@@ -123,8 +126,11 @@ def test_warp_model_learns_a_depth_dependent_shift(decoder):
     b = batch()
     g = torch.Generator().manual_seed(1)  # smooth texture (a 4×4 random image upsampled), as photographs are
     coarse = torch.rand(N, 3, 4, 4, generator=g)
-    b["rgb.png"] = (255 * torch.nn.functional.interpolate(coarse, size=(S, S), mode="bicubic", align_corners=False)
-                    .clamp(0, 1)).round().to(torch.uint8)
+    b["rgb.png"] = (
+        (255 * torch.nn.functional.interpolate(coarse, size=(S, S), mode="bicubic", align_corners=False).clamp(0, 1))
+        .round()
+        .to(torch.uint8)
+    )
     near = torch.arange(N).view(N, 1, 1, 1) % 2 == 0
     b["depth.png"] = torch.where(near, 1500, 6000).expand(N, 1, S, S).to(torch.uint16).clone()
     left = b["rgb.png"]
@@ -147,8 +153,12 @@ def test_bad_decoder_values_fail_clearly():
     with pytest.raises(ConfigError, match=r"model\.warp_range"):
         cfg_for("translation", "[rgb,depth,right]", "model.target=right", "model.decoder=warp", "model.warp_range=0")
     with pytest.raises(ConfigError, match=r"model\.decoder='warp' is a translation head"):
-        build_model(cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.decoder=warp"), SEG_SPECS)
-    with pytest.raises(ConfigError, match="moves pixels of an input image like the target"):  # depth → right: no RGB source
+        build_model(
+            cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.decoder=warp"), SEG_SPECS
+        )
+    with pytest.raises(
+        ConfigError, match="moves pixels of an input image like the target"
+    ):  # depth → right: no RGB source
         build_model(cfg_for("translation", "[depth,right]", *WARP), TR_SPECS[1:])
 
 

@@ -12,8 +12,10 @@ from .test_latent_models import CLS_SPECS, SEG_SPECS, batch, cfg_for, fit
 
 def test_xattn_segmentation_learns_a_fixed_batch_without_a_flow_or_nll() -> None:
     torch.manual_seed(0)
-    model = build_model(cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.fusion=xattn",
-                                "model.num_blocks=2"), SEG_SPECS)
+    model = build_model(
+        cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3", "model.fusion=xattn", "model.num_blocks=2"),
+        SEG_SPECS,
+    )
     assert model.flow is None and len(model.xattn.blocks) == 2
     losses = fit(model, batch())
     assert losses[-1] < 0.7 * losses[0]
@@ -22,8 +24,9 @@ def test_xattn_segmentation_learns_a_fixed_batch_without_a_flow_or_nll() -> None
 
 def test_xattn_classification_with_text_builds_and_runs() -> None:
     torch.manual_seed(0)
-    model = build_model(cfg_for("classification", "[rgb,text,labels]", "model.num_classes=5", "model.fusion=xattn"),
-                        CLS_SPECS)
+    model = build_model(
+        cfg_for("classification", "[rgb,text,labels]", "model.num_classes=5", "model.fusion=xattn"), CLS_SPECS
+    )
     out = model(batch(), mode="loss")
     assert torch.isfinite(out["loss"])
 
@@ -54,8 +57,9 @@ def test_the_nll_lever_lets_the_nll_gradient_reach_the_encoders() -> None:
         model = seg_model(f"model.nll_weight={lam}", f"model.nll_to_encoders={lever}")
         data_init(model, b, mode="loss")
         model(b, mode="loss")["loss"].backward()
-        grads[lam, lever] = {k: p.grad.clone() for k, p in model.named_parameters()
-                             if p.grad is not None and k.startswith("encoders.")}
+        grads[lam, lever] = {
+            k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None and k.startswith("encoders.")
+        }
     moved = max(float((grads[1.0, "true"][k] - grads[0.0, "true"][k]).abs().max()) for k in grads[0.0, "true"])
     stopped = max(float((grads[1.0, "false"][k] - grads[0.0, "true"][k]).abs().max()) for k in grads[0.0, "true"])
     assert moved > 1e-5 and stopped < 1e-7  # on: the NLL trains the encoders too; off (default): it does not

@@ -50,8 +50,6 @@ class MlflowServer:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-
-
 def start_mlflow_server(root: Path) -> MlflowServer:
     """Start a server storing everything under ``root``; returns once ``/health`` answers."""
     root.mkdir(parents=True, exist_ok=True)
@@ -60,15 +58,24 @@ def start_mlflow_server(root: Path) -> MlflowServer:
     env.pop("MLFLOW_TRACKING_URI", None)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner forks workers we do not use
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
         "--serve-artifacts",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = MlflowServer(f"http://127.0.0.1:{port}", root, proc)
     deadline = time.monotonic() + _STARTUP_S
     while time.monotonic() < deadline:

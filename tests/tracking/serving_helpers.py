@@ -36,16 +36,37 @@ class ModelServer:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
-def start_model_server(model_uri: str, tracking_uri: str, root: Path, *, env_manager: str = "local",
-                       extra_env: dict[str, str] | None = None) -> ModelServer:
+def start_model_server(
+    model_uri: str,
+    tracking_uri: str,
+    root: Path,
+    *,
+    env_manager: str = "local",
+    extra_env: dict[str, str] | None = None,
+) -> ModelServer:
     """``mlflow models serve -m URI`` on 127.0.0.1 (a free port), run from ``root`` (outside the checkout).
     The scoring server is ``uvicorn`` from PATH: the venv's bin goes first, as an activated venv would."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", env_manager,
-           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        env_manager,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     log = root / f"serve-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -71,8 +92,9 @@ def wait_ready(server: ModelServer, timeout: float = 240.0) -> None:
 def post(url: str, payload: dict | str) -> tuple[int, dict]:
     """POST JSON to ``url``/invocations → (status, decoded body)."""
     body = payload if isinstance(payload, str) else json.dumps(payload)
-    req = urllib.request.Request(f"{url}/invocations", data=body.encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/invocations", data=body.encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -81,12 +103,39 @@ def post(url: str, payload: dict | str) -> tuple[int, dict]:
 
 
 LATENT = {  # task → (source, split, config overrides)
-    "segmentation": ("scenes", "val", ["data.modalities=[rgb,depth,label]", "model.num_classes=6", "model.image_size=16",
-                                       "eval.metric=val_miou", "eval.mode=max"]),
-    "translation": ("stereo", "val", ["data.modalities=[rgb,depth,right]", "model.target=right", "model.image_size=8",
-                                      "eval.metric=val_mae", "eval.mode=min"]),
-    "classification": ("movies", "dev", ["data.modalities=[rgb,text,labels]", "model.num_classes=23",
-                                         "model.image_size=16", "eval.metric=val_macro_f1", "eval.mode=max"]),
+    "segmentation": (
+        "scenes",
+        "val",
+        [
+            "data.modalities=[rgb,depth,label]",
+            "model.num_classes=6",
+            "model.image_size=16",
+            "eval.metric=val_miou",
+            "eval.mode=max",
+        ],
+    ),
+    "translation": (
+        "stereo",
+        "val",
+        [
+            "data.modalities=[rgb,depth,right]",
+            "model.target=right",
+            "model.image_size=8",
+            "eval.metric=val_mae",
+            "eval.mode=min",
+        ],
+    ),
+    "classification": (
+        "movies",
+        "dev",
+        [
+            "data.modalities=[rgb,text,labels]",
+            "model.num_classes=23",
+            "model.image_size=16",
+            "eval.metric=val_macro_f1",
+            "eval.mode=max",
+        ],
+    ),
 }
 
 
@@ -120,24 +169,45 @@ def task_weights(root: Path, task: str, stereo_shards: str | None = None) -> tup
         return weights, shards, split
     if kind == "scenes":
         for s in ("train", "val"):
-            write_split("embedded", "scenes", shards, s, options={"scenes": 4, "size": 16}, samples_per_shard=4,
-                        progress=False)
+            write_split(
+                "embedded", "scenes", shards, s, options={"scenes": 4, "size": 16}, samples_per_shard=4, progress=False
+            )
     elif kind == "movies":
         movies.write_movie_folder(str(root / "movie-folder"), 2, 5, 2, seed=1)
         for s in ("train", "dev"):
-            write_split("mmimdb", str(root / "movie-folder"), shards, s, options={"image_size": 16},
-                        samples_per_shard=5, progress=False)
-    cfg = load_config(None, [f"model.task={task}", f"data.shards={shards}", f"data.val_split={split}", "model.dim=16",
-                             "model.patch_size=4", "model.num_blocks=1", "model.lica_group=0", "data.batch_size=4",
-                             *extra])
+            write_split(
+                "mmimdb",
+                str(root / "movie-folder"),
+                shards,
+                s,
+                options={"image_size": 16},
+                samples_per_shard=5,
+                progress=False,
+            )
+    cfg = load_config(
+        None,
+        [
+            f"model.task={task}",
+            f"data.shards={shards}",
+            f"data.val_split={split}",
+            "model.dim=16",
+            "model.patch_size=4",
+            "model.num_blocks=1",
+            "model.lica_group=0",
+            "data.batch_size=4",
+            *extra,
+        ],
+    )
     loader, manifest = eval_loader(cfg, shards, split)
     specs = modality_specs(cfg, manifest)
     torch.manual_seed(0)
     model = build_model(cfg, specs)
     data_init(model, next(iter(loader)), mode="loss")
     weights.parent.mkdir(parents=True)
-    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+        for k, v in model.state_dict().items()
+    }
     save_file(state, str(weights), metadata={"step": "0", "task": task, "modalities": _json.dumps(specs)})
     save_resolved(cfg, config_path(weights))
     return weights, shards, split

@@ -30,8 +30,13 @@ def density(tmp_path_factory, mlflow_server):
     source = resolve_checkpoint(trained["weights"][6], tmp_path_factory.mktemp("predict-reg"))
     result = evaluate_model(load_source(source), source.cfg, trained["shards"], "val")
     reg = registry.register(source, result, tracking_uri=mlflow_server)
-    return {"server": mlflow_server, "shards": trained["shards"], "weights": trained["weights"][6],
-            "uri": f"models:/mango-density/{reg.version}", "version": reg.version}
+    return {
+        "server": mlflow_server,
+        "shards": trained["shards"],
+        "weights": trained["weights"][6],
+        "uri": f"models:/mango-density/{reg.version}",
+        "version": reg.version,
+    }
 
 
 def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -49,9 +54,26 @@ def _input_keys(path: str) -> list[str]:
 
 
 def _run(density, out: Path, *extra: str) -> int:
-    return predict_main(["--model", density["uri"], "--shards", density["shards"], "--split", "val", "--out", str(out),
-                         "--tracking-uri", density["server"], "--threads", "1", "--batch-size", "2",
-                         "--no-progress", *extra])
+    return predict_main(
+        [
+            "--model",
+            density["uri"],
+            "--shards",
+            density["shards"],
+            "--split",
+            "val",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            density["server"],
+            "--threads",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_local_and_ray_score_equal_key_by_key_with_a_manifest(density, tmp_path, capsys):
@@ -112,21 +134,41 @@ def test_local_and_ray_score_equal_key_by_key_with_a_manifest(density, tmp_path,
 
 def test_bad_inputs_exit_2_with_one_line(density, tmp_path, capsys):
     scenes = str(tmp_path / "scenes")
-    write_split("embedded", "scenes", scenes, "val", options={"scenes": 2, "size": 8}, samples_per_shard=4,
-                progress=False)
+    write_split(
+        "embedded", "scenes", scenes, "val", options={"scenes": 2, "size": 8}, samples_per_shard=4, progress=False
+    )
     base = ["--tracking-uri", density["server"], "--no-progress"]
     cases = [
-        (["--model", "models:/mango@champion", "--shards", density["shards"], "--out", str(tmp_path / "a")],
-         "expected models:/mango-<task>@<alias>"),
-        (["--model", "models:/mango-density@nobody", "--shards", density["shards"], "--out", str(tmp_path / "b")],
-         "not found in the registry"),
-        (["--model", density["uri"], "--shards", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")],
-         "no committed manifest"),
+        (
+            ["--model", "models:/mango@champion", "--shards", density["shards"], "--out", str(tmp_path / "a")],
+            "expected models:/mango-<task>@<alias>",
+        ),
+        (
+            ["--model", "models:/mango-density@nobody", "--shards", density["shards"], "--out", str(tmp_path / "b")],
+            "not found in the registry",
+        ),
+        (
+            ["--model", density["uri"], "--shards", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")],
+            "no committed manifest",
+        ),
         (["--model", density["uri"], "--shards", scenes, "--out", str(tmp_path / "d")], "missing ['right.png']"),
-        (["--model", density["uri"], "--shards", density["shards"], "--out", density["shards"]],
-         "is the input shard store"),
-        (["--model", density["uri"], "--shards", density["shards"], "--out", str(tmp_path / "e"), "--batch-size", "0"],
-         "--batch-size"),
+        (
+            ["--model", density["uri"], "--shards", density["shards"], "--out", density["shards"]],
+            "is the input shard store",
+        ),
+        (
+            [
+                "--model",
+                density["uri"],
+                "--shards",
+                density["shards"],
+                "--out",
+                str(tmp_path / "e"),
+                "--batch-size",
+                "0",
+            ],
+            "--batch-size",
+        ),
     ]
     for args, words in cases:
         assert predict_main(args + base) == 2, args
@@ -138,11 +180,28 @@ def test_bad_inputs_exit_2_with_one_line(density, tmp_path, capsys):
 def test_s3_in_and_out(density, s3_env, tmp_path, capsys):
     bucket = s3_env.make_bucket()
     shards = f"{bucket}/stereo"
-    write_split("embedded", "stereo", shards, "val", options={"patch": 8, "downscale": 8}, samples_per_shard=3,
-                progress=False)
+    write_split(
+        "embedded", "stereo", shards, "val", options={"patch": 8, "downscale": 8}, samples_per_shard=3, progress=False
+    )
     out = f"{bucket}/preds"
-    assert predict_main(["--model", density["uri"], "--shards", shards, "--out", out, "--tracking-uri",
-                         density["server"], "--threads", "1", "--no-progress"]) == 0
+    assert (
+        predict_main(
+            [
+                "--model",
+                density["uri"],
+                "--shards",
+                shards,
+                "--out",
+                out,
+                "--tracking-uri",
+                density["server"],
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = load_manifest(f"{out}/manifest-val.json")
     keys = s3_env.keys(out)
     assert all(f"preds/{s.name}" in keys for s in m.shards) and m.source_config["model_version"] == density["version"]
@@ -151,8 +210,21 @@ def test_s3_in_and_out(density, s3_env, tmp_path, capsys):
     assert _run(density, local) == 0
     local_m = load_manifest(str(local / "manifest-val.json"))
     assert [(s.name, s.sha256) for s in m.shards] == [(s.name, s.sha256) for s in local_m.shards]
-    assert predict_main(["--model", density["uri"], "--shards", shards, "--out", "s3://no-such-bucket-x/p",
-                         "--tracking-uri", density["server"]]) == 2
+    assert (
+        predict_main(
+            [
+                "--model",
+                density["uri"],
+                "--shards",
+                shards,
+                "--out",
+                "s3://no-such-bucket-x/p",
+                "--tracking-uri",
+                density["server"],
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -163,11 +235,28 @@ def test_segmentation_predictions_are_label_shards(mlflow_server, tmp_path_facto
     root = tmp_path_factory.mktemp("predict-seg")
     weights, shards, split = task_weights(latent_root(tmp_path_factory), "segmentation")
     source = resolve_checkpoint(weights, root / "scratch")
-    reg = registry.register(source, evaluate_model(load_source(source), source.cfg, shards, split),
-                            tracking_uri=mlflow_server)
+    reg = registry.register(
+        source, evaluate_model(load_source(source), source.cfg, shards, split), tracking_uri=mlflow_server
+    )
     out = tmp_path / "preds"
-    assert predict_main(["--model", f"models:/mango-segmentation/{reg.version}", "--shards", shards, "--out", str(out),
-                         "--tracking-uri", mlflow_server, "--batch-size", "3", "--no-progress"]) == 0
+    assert (
+        predict_main(
+            [
+                "--model",
+                f"models:/mango-segmentation/{reg.version}",
+                "--shards",
+                shards,
+                "--out",
+                str(out),
+                "--tracking-uri",
+                mlflow_server,
+                "--batch-size",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = load_manifest(str(out / "manifest-val.json"))
     inp = load_manifest(join(shards, manifest_name("val")))
     spec = m.modalities["pred.npy"]
@@ -181,7 +270,12 @@ def test_segmentation_predictions_are_label_shards(mlflow_server, tmp_path_facto
     net, _ = load_model(weights)
     batch = request_from_samples(samples, io_)
     with torch.no_grad():
-        want = net({"rgb.png": torch.from_numpy(batch["rgb.png"]),
-                    "depth.png": torch.from_numpy(batch["depth.png"].astype(np.int32))}, mode="predict")["pred"]
+        want = net(
+            {
+                "rgb.png": torch.from_numpy(batch["rgb.png"]),
+                "depth.png": torch.from_numpy(batch["depth.png"].astype(np.int32)),
+            },
+            mode="predict",
+        )["pred"]
     for i, s in enumerate(samples):
         assert (got[s["__key__"]] == want[i].numpy()).mean() > 0.99  # argmax ties aside

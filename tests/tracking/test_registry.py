@@ -33,18 +33,43 @@ def trained_run(tmp_path_factory) -> dict:
     """Tiny stereo shards and a 6-step density run (checkpoints at steps 3 and 6, both consolidated), tracked
     in a local sqlite store. Built once per session and shared with tests/test_evaluate_sample.py."""
     root = tmp_path_factory.getbasetemp() / "mango-registry-run"
-    info = {"root": root, "store": f"sqlite:///{root / 'mlflow.db'}", "run_dir": root / "run",
-            "shards": str(root / "shards"), "weights": {s: root / f"step{s}" / "model.safetensors" for s in (3, 6)}}
+    info = {
+        "root": root,
+        "store": f"sqlite:///{root / 'mlflow.db'}",
+        "run_dir": root / "run",
+        "shards": str(root / "shards"),
+        "weights": {s: root / f"step{s}" / "model.safetensors" for s in (3, 6)},
+    }
     if (root / "DONE").exists():
         return info
     root.mkdir(exist_ok=True)
     for split, per_shard in (("train", 24), ("val", 3)):
-        write_split("embedded", "stereo", info["shards"], split, options={"patch": 8, "downscale": 8},
-                    samples_per_shard=per_shard, progress=False)
-    r = run([sys.executable, "-m", "jobs.train", *TINY_TRAIN, f"data.shards={info['shards']}",
-             f"run.dir={info['run_dir']}", "train.max_steps=6", "checkpoint.every=3", "checkpoint.keep=2",
-             "eval.every=3", "tracking.enabled=true", f"tracking.uri={info['store']}",
-             "tracking.experiment=registry-test"])
+        write_split(
+            "embedded",
+            "stereo",
+            info["shards"],
+            split,
+            options={"patch": 8, "downscale": 8},
+            samples_per_shard=per_shard,
+            progress=False,
+        )
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            *TINY_TRAIN,
+            f"data.shards={info['shards']}",
+            f"run.dir={info['run_dir']}",
+            "train.max_steps=6",
+            "checkpoint.every=3",
+            "checkpoint.keep=2",
+            "eval.every=3",
+            "tracking.enabled=true",
+            f"tracking.uri={info['store']}",
+            "tracking.experiment=registry-test",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for s, out in info["weights"].items():
         consolidate(info["run_dir"] / "checkpoints" / f"step{s:08d}", out)
@@ -57,8 +82,7 @@ def trained(tmp_path_factory):
     return trained_run(tmp_path_factory)
 
 
-def _register(trained, step: int, *, promote: bool, shards: str | None = None, uri: str | None = None,
-              scratch: Path):
+def _register(trained, step: int, *, promote: bool, shards: str | None = None, uri: str | None = None, scratch: Path):
     source = resolve_checkpoint(trained["weights"][step], scratch)
     result = evaluate_model(load_source(source), source.cfg, shards or trained["shards"], "val")
     return registry.register(source, result, tracking_uri=uri or trained["store"], promote=promote), result
@@ -66,8 +90,14 @@ def _register(trained, step: int, *, promote: bool, shards: str | None = None, u
 
 def _dequantised_inputs(seed: int = 0) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
-    return {k: (torch.randint(0, 256, (5, 3, 8, 8), generator=g).double() + torch.rand(5, 3, 8, 8, generator=g))
-            .div(256).sub(0.5).float().numpy() for k in ("rgb.png", "right.png")}
+    return {
+        k: (torch.randint(0, 256, (5, 3, 8, 8), generator=g).double() + torch.rand(5, 3, 8, 8, generator=g))
+        .div(256)
+        .sub(0.5)
+        .float()
+        .numpy()
+        for k in ("rgb.png", "right.png")
+    }
 
 
 def test_register_tags_aliases_and_fresh_process_load(trained, tmp_path, capsys):
@@ -94,13 +124,13 @@ def test_register_tags_aliases_and_fresh_process_load(trained, tmp_path, capsys)
     np.savez(tmp_path / "inputs.npz", **inputs)
     script = textwrap.dedent(f"""
         import mlflow, numpy as np
-        mlflow.set_tracking_uri({trained['store']!r})
+        mlflow.set_tracking_uri({trained["store"]!r})
         model = mlflow.pyfunc.load_model("models:/mango-density@champion")
-        x = dict(np.load({str(tmp_path / 'inputs.npz')!r}))
+        x = dict(np.load({str(tmp_path / "inputs.npz")!r}))
         bpd = model.predict(x)["bits_per_dim"]
         none = {{k: v[:0] for k, v in x.items()}}  # sampling reads no input; the schema still wants one
         s = model.predict(none, params={{"mode": "sample", "n": 3, "seed": 7, "temperature": 0.8}})
-        np.savez({str(tmp_path / 'out.npz')!r}, bpd=bpd, **{{"s_" + k: v for k, v in s.items()}})
+        np.savez({str(tmp_path / "out.npz")!r}, bpd=bpd, **{{"s_" + k: v for k, v in s.items()}})
     """)
     # a fresh process, started outside the repository: only the installed project and MLflow
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -136,16 +166,30 @@ def test_gate_worse_stays_candidate_and_other_manifest_is_refused(trained, tmp_p
 
     # the better model, but evaluated on other data (patches of the pair at another scale): not comparable
     other_shards = str(tmp_path / "other")
-    write_split("embedded", "stereo", other_shards, "val", options={"patch": 8, "downscale": 9}, samples_per_shard=4,
-                progress=False)
+    write_split(
+        "embedded",
+        "stereo",
+        other_shards,
+        "val",
+        options={"patch": 8, "downscale": 9},
+        samples_per_shard=4,
+        progress=False,
+    )
     other, _ = _register(trained, 6, promote=True, shards=other_shards, scratch=tmp_path / "o")
     assert not other.gate.promote and other.gate.reason.startswith("refused")
     assert "manifest" in other.gate.reason and other_shards in other.gate.reason
     assert client.get_registered_model("mango-density").aliases["champion"] == int(champion)
 
     # the CLI on a checkpoint directory: registered as candidate, not promoted (exit 3), and it says why
-    code = register_main(["--checkpoint", str(trained["run_dir"] / "checkpoints" / "step00000003"), "--promote",
-                          "--tracking-uri", trained["store"]])
+    code = register_main(
+        [
+            "--checkpoint",
+            str(trained["run_dir"] / "checkpoints" / "step00000003"),
+            "--promote",
+            "--tracking-uri",
+            trained["store"],
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 3, printed
     assert "not promoted: val_bits_per_dim (min)" in printed and "worse" in printed
@@ -165,19 +209,66 @@ def test_registry_and_lookups_against_mlflow_server(trained, mlflow_server, tmp_
     assert source.version == reg.version and source.run_id == reg.run_id and source.step == 6
     assert registry.file_sha256(source.weights) == registry.file_sha256(trained["weights"][6])
     out = tmp_path / "metrics.json"
-    assert evaluate_main(["--model-uri", f"models:/mango-density/{reg.version}", "--out", str(out),
-                          "--tracking-uri", mlflow_server, "--num-figures", "4"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--model-uri",
+                f"models:/mango-density/{reg.version}",
+                "--out",
+                str(out),
+                "--tracking-uri",
+                mlflow_server,
+                "--num-figures",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["metrics"] == result.metrics  # same weights, same manifest, same number
     logged = client.get_run(reg.run_id)
     assert logged.data.metrics["eval/val_bits_per_dim"] == result.metrics["val_bits_per_dim"]
     assert logged.data.tags["eval.val.manifest_sha256"] == result.manifest_sha256
-    assert {a.path for a in client.list_artifacts(reg.run_id, "eval/val")} == {"eval/val/metrics.json",
-                                                                             "eval/val/samples.png"}
+    assert {a.path for a in client.list_artifacts(reg.run_id, "eval/val")} == {
+        "eval/val/metrics.json",
+        "eval/val/samples.png",
+    }
     # sampling by registry URI draws what the weights draw locally
-    assert sample_main(["--model-uri", "models:/mango-density@candidate", "--tracking-uri", mlflow_server, "--n", "3",
-                        "--seed", "5", "--out", str(tmp_path / "s.png"), "--npz", str(tmp_path / "s.npz")]) == 0
-    assert sample_main(["--checkpoint", str(trained["weights"][6]), "--n", "3", "--seed", "5",
-                        "--out", str(tmp_path / "t.png"), "--npz", str(tmp_path / "t.npz")]) == 0
+    assert (
+        sample_main(
+            [
+                "--model-uri",
+                "models:/mango-density@candidate",
+                "--tracking-uri",
+                mlflow_server,
+                "--n",
+                "3",
+                "--seed",
+                "5",
+                "--out",
+                str(tmp_path / "s.png"),
+                "--npz",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        sample_main(
+            [
+                "--checkpoint",
+                str(trained["weights"][6]),
+                "--n",
+                "3",
+                "--seed",
+                "5",
+                "--out",
+                str(tmp_path / "t.png"),
+                "--npz",
+                str(tmp_path / "t.npz"),
+            ]
+        )
+        == 0
+    )
     remote, local = np.load(tmp_path / "s.npz"), np.load(tmp_path / "t.npz")
     for k in ("rgb.png", "right.png"):
         np.testing.assert_array_equal(remote[k], local[k])

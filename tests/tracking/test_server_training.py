@@ -19,10 +19,23 @@ STEPS, EVAL = 12, 6
 
 
 def _train_args(shards: str, run_dir: Path, uri: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.train", *(o for o in TINY_TRAIN if not o.startswith("tracking.")),
-            f"data.shards={shards}", f"run.dir={run_dir}", f"train.max_steps={STEPS}", f"eval.every={EVAL}",
-            "checkpoint.every=1000", "tracking.enabled=true", f"tracking.uri={uri}", "tracking.log_every=1",
-            "tracking.experiment=server-training", "tracking.timeout_s=2", "tracking.retries=1"]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        *(o for o in TINY_TRAIN if not o.startswith("tracking.")),
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        f"eval.every={EVAL}",
+        "checkpoint.every=1000",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        "tracking.log_every=1",
+        "tracking.experiment=server-training",
+        "tracking.timeout_s=2",
+        "tracking.retries=1",
+    ]
 
 
 def _run_of(client: MlflowClient, run_dir: Path):
@@ -34,7 +47,12 @@ def _run_of(client: MlflowClient, run_dir: Path):
 
 
 def test_training_run_logs_over_http_and_a_server_killed_mid_run_costs_seconds(
-        mlflow_server, mlflow_server_factory, tiny_shards, tmp_path, monkeypatch):  # noqa: F811
+    mlflow_server,
+    mlflow_server_factory,
+    tiny_shards,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     # Two identical runs start together, so they see the same load on a shared machine: one against a live
     # server, one against a server that is killed as soon as the run's first step metrics reached it.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one core each: two 2-thread runs on 2 cores thrash

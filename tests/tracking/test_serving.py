@@ -45,20 +45,28 @@ def registered(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("serving")
     seg_weights, seg_shards, _ = task_weights(latent_root(tmp_path_factory), "segmentation")
     out = {"server": mlflow_server, "root": root}
-    for task, weights, shards in (("density", trained["weights"][6], trained["shards"]),
-                                  ("segmentation", seg_weights, seg_shards)):
+    for task, weights, shards in (
+        ("density", trained["weights"][6], trained["shards"]),
+        ("segmentation", seg_weights, seg_shards),
+    ):
         reg = _register(weights, shards, mlflow_server, root / f"scratch-{task}")
-        out[task] = {"weights": weights, "shards": shards, "version": reg.version,
-                     "uri": f"models:/mango-{task}/{reg.version}",
-                     "local": _download(mlflow_server, reg.version, f"mango-{task}", root / f"dl-{task}")}
+        out[task] = {
+            "weights": weights,
+            "shards": shards,
+            "version": reg.version,
+            "uri": f"models:/mango-{task}/{reg.version}",
+            "local": _download(mlflow_server, reg.version, f"mango-{task}", root / f"dl-{task}"),
+        }
     return out
 
 
 @pytest.fixture(scope="module")
 def servers(registered):
     """Both models served at once with ``--env-manager local`` (started together: each takes ~15 s)."""
-    started = {task: start_model_server(registered[task]["uri"], registered["server"], registered["root"] / task)
-               for task in ("density", "segmentation")}
+    started = {
+        task: start_model_server(registered[task]["uri"], registered["server"], registered["root"] / task)
+        for task in ("density", "segmentation")
+    }
     try:
         for s in started.values():
             wait_ready(s)
@@ -88,8 +96,15 @@ def test_logged_model_is_self_contained_with_signature_and_example(registered):
         assert not list((local / "code").rglob("__pycache__"))
         reqs = (local / "requirements.txt").read_text().split()
         assert "torch==2.13.0" in reqs and not any(r.startswith("mango-pipeline") or "+" in r for r in reqs)
-        assert {r.split("==")[0] for r in reqs} >= {"torch", "numpy", "safetensors", "omegaconf", "PyYAML",
-                                                    "mlflow-skinny", "pandas"}
+        assert {r.split("==")[0] for r in reqs} >= {
+            "torch",
+            "numpy",
+            "safetensors",
+            "omegaconf",
+            "PyYAML",
+            "mlflow-skinny",
+            "pandas",
+        }
     # the density example is a real held-out sample, dequantised with noise seeded by its key
     example = json.loads((registered["density"]["local"] / "serving_input_example.json").read_text())["inputs"]
     x = np.asarray(example["rgb.png"], dtype=np.float32)
@@ -115,8 +130,13 @@ def test_served_density_equals_in_process(registered, servers):
     assert status == 200 and len(body["predictions"]["bits_per_dim"]) == 2
 
     # sampling through HTTP: params travel; the input is not read (JSON cannot carry zero rows: send one)
-    status, body = post(servers["density"], {"inputs": {k: np.zeros((1, 3, 8, 8)).tolist() for k in inputs},
-                                             "params": {"mode": "sample", "n": 2, "seed": 4}})
+    status, body = post(
+        servers["density"],
+        {
+            "inputs": {k: np.zeros((1, 3, 8, 8)).tolist() for k in inputs},
+            "params": {"mode": "sample", "n": 2, "seed": 4},
+        },
+    )
     assert status == 200, body
     samples = run_task(model, "density", {}, {"mode": "sample", "n": 2, "seed": 4})
     for k, v in samples.items():
@@ -126,8 +146,10 @@ def test_served_density_equals_in_process(registered, servers):
 def test_served_segmentation_equals_in_process(registered, servers):
     s = registered["segmentation"]
     g = torch.Generator().manual_seed(1)
-    inputs = {"rgb.png": torch.randint(0, 256, (3, 3, 16, 16), generator=g).numpy().astype(np.uint8),
-              "depth.png": torch.randint(0, 10000, (3, 1, 16, 16), generator=g).numpy().astype(np.uint16)}
+    inputs = {
+        "rgb.png": torch.randint(0, 256, (3, 3, 16, 16), generator=g).numpy().astype(np.uint8),
+        "depth.png": torch.randint(0, 10000, (3, 1, 16, 16), generator=g).numpy().astype(np.uint16),
+    }
     status, body = post(servers["segmentation"], {"inputs": {k: v.tolist() for k, v in inputs.items()}})
     assert status == 200, body
     served = np.asarray(body["predictions"]["pred"])
@@ -136,25 +158,64 @@ def test_served_segmentation_equals_in_process(registered, servers):
     np.testing.assert_array_equal(served, in_process)
     model, _ = load_model(s["weights"])
     with torch.no_grad():
-        direct = model({"rgb.png": torch.from_numpy(inputs["rgb.png"]),
-                        "depth.png": torch.from_numpy(inputs["depth.png"].astype(np.int32))}, mode="predict")["pred"]
+        direct = model(
+            {
+                "rgb.png": torch.from_numpy(inputs["rgb.png"]),
+                "depth.png": torch.from_numpy(inputs["depth.png"].astype(np.int32)),
+            },
+            mode="predict",
+        )["pred"]
     assert (served == direct.numpy()).mean() > 0.99  # argmax ties aside, the weights' own prediction
 
 
-@pytest.mark.parametrize("task, payload, field, words", [
-    ("density", {"inputs": {"rgb.png": np.zeros((1, 3, 8, 8)).tolist()}}, "right.png", "missing"),
-    ("density", {"inputs": {"rgb.png": np.zeros((1, 3, 8, 4)).tolist(), "right.png": np.zeros((1, 3, 8, 8)).tolist()}},
-     "rgb.png", "shape"),
-    ("density", {"inputs": {"rgb.png": np.full((1, 3, 8, 8), 200).tolist(), "right.png": np.zeros((1, 3, 8, 8)).tolist()}},
-     "rgb.png", "[-0.5, 0.5)"),
-    # MLflow parses JSON into the schema's dtype before the model sees it: its own message, still a 400
-    ("segmentation", {"inputs": {"rgb.png": np.full((1, 3, 16, 16), 300).tolist(),
-                                 "depth.png": np.zeros((1, 1, 16, 16)).tolist()}}, "uint8", "out of bounds"),
-    ("segmentation", {"inputs": {"rgb.png": np.zeros((2, 3, 16, 16)).tolist(),
-                                 "depth.png": np.zeros((2, 3, 16, 16)).tolist()}}, "depth.png", "shape"),
-    ("segmentation", {"inputs": {"rgb.png": np.zeros((1, 3, 16, 16)).tolist(), "depth.png": np.zeros((1, 1, 16, 16)).tolist()},
-                      "params": {"mode": "sample"}}, "mode", "density"),
-])
+@pytest.mark.parametrize(
+    "task, payload, field, words",
+    [
+        ("density", {"inputs": {"rgb.png": np.zeros((1, 3, 8, 8)).tolist()}}, "right.png", "missing"),
+        (
+            "density",
+            {"inputs": {"rgb.png": np.zeros((1, 3, 8, 4)).tolist(), "right.png": np.zeros((1, 3, 8, 8)).tolist()}},
+            "rgb.png",
+            "shape",
+        ),
+        (
+            "density",
+            {"inputs": {"rgb.png": np.full((1, 3, 8, 8), 200).tolist(), "right.png": np.zeros((1, 3, 8, 8)).tolist()}},
+            "rgb.png",
+            "[-0.5, 0.5)",
+        ),
+        # MLflow parses JSON into the schema's dtype before the model sees it: its own message, still a 400
+        (
+            "segmentation",
+            {
+                "inputs": {
+                    "rgb.png": np.full((1, 3, 16, 16), 300).tolist(),
+                    "depth.png": np.zeros((1, 1, 16, 16)).tolist(),
+                }
+            },
+            "uint8",
+            "out of bounds",
+        ),
+        (
+            "segmentation",
+            {"inputs": {"rgb.png": np.zeros((2, 3, 16, 16)).tolist(), "depth.png": np.zeros((2, 3, 16, 16)).tolist()}},
+            "depth.png",
+            "shape",
+        ),
+        (
+            "segmentation",
+            {
+                "inputs": {
+                    "rgb.png": np.zeros((1, 3, 16, 16)).tolist(),
+                    "depth.png": np.zeros((1, 1, 16, 16)).tolist(),
+                },
+                "params": {"mode": "sample"},
+            },
+            "mode",
+            "density",
+        ),
+    ],
+)
 def test_malformed_requests_are_400_naming_the_field(servers, task, payload, field, words):
     status, body = post(servers[task], payload)
     assert status == 400, body
@@ -183,24 +244,56 @@ def test_virtualenv_built_from_model_requirements_serves_the_same(registered, tm
 
     env = {**os.environ, "MLFLOW_ENV_ROOT": str(ENV_CACHE), "MLFLOW_TRACKING_URI": registered["server"]}
     for task in ("density", "segmentation"):
-        r = subprocess.run([sys.executable, "-m", "mlflow", "models", "prepare-env", "-m", registered[task]["uri"],
-                            "--env-manager", "virtualenv"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                           timeout=1200)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "prepare-env",
+                "-m",
+                registered[task]["uri"],
+                "--env-manager",
+                "virtualenv",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     venvs = [p for p in (ENV_CACHE).iterdir() if (p / "bin" / "python").exists()]
     assert venvs
     for v in venvs:  # built from the model's requirements: nothing of this checkout inside
-        r = subprocess.run([str(v / "bin" / "python"), "-c", "import importlib.util as u; "
-                            "print(u.find_spec('pipeline'), u.find_spec('deepspeed'))"],
-                           capture_output=True, text=True, cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+        r = subprocess.run(
+            [
+                str(v / "bin" / "python"),
+                "-c",
+                "import importlib.util as u; print(u.find_spec('pipeline'), u.find_spec('deepspeed'))",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={"PATH": os.environ["PATH"]},
+        )
         assert r.stdout.strip() == "None None", r.stdout + r.stderr
 
     inputs = _dequantised_inputs(seed=5)
-    seg = {"rgb.png": np.arange(3 * 16 * 16).reshape(1, 3, 16, 16) % 251,
-           "depth.png": (np.arange(16 * 16).reshape(1, 1, 16, 16) * 37) % 9000}
-    started = {task: start_model_server(registered[task]["uri"], registered["server"], tmp_path / task,
-                                        env_manager="virtualenv", extra_env={"MLFLOW_ENV_ROOT": str(ENV_CACHE)})
-               for task in ("density", "segmentation")}
+    seg = {
+        "rgb.png": np.arange(3 * 16 * 16).reshape(1, 3, 16, 16) % 251,
+        "depth.png": (np.arange(16 * 16).reshape(1, 1, 16, 16) * 37) % 9000,
+    }
+    started = {
+        task: start_model_server(
+            registered[task]["uri"],
+            registered["server"],
+            tmp_path / task,
+            env_manager="virtualenv",
+            extra_env={"MLFLOW_ENV_ROOT": str(ENV_CACHE)},
+        )
+        for task in ("density", "segmentation")
+    }
     try:
         for s in started.values():
             wait_ready(s, timeout=300)
@@ -211,7 +304,8 @@ def test_virtualenv_built_from_model_requirements_serves_the_same(registered, tm
         status, body = post(started["segmentation"].url, {"inputs": {k: v.tolist() for k, v in seg.items()}})
         assert status == 200, body
         want = mlflow.pyfunc.load_model(str(registered["segmentation"]["local"])).predict(
-            {"rgb.png": seg["rgb.png"].astype(np.uint8), "depth.png": seg["depth.png"].astype(np.uint16)})["pred"]
+            {"rgb.png": seg["rgb.png"].astype(np.uint8), "depth.png": seg["depth.png"].astype(np.uint16)}
+        )["pred"]
         np.testing.assert_array_equal(np.asarray(body["predictions"]["pred"]), want)
         status, body = post(started["density"].url, {"inputs": {"rgb.png": inputs["rgb.png"].tolist()}})
         assert status == 400 and "right.png" in body["message"]
@@ -227,13 +321,16 @@ def test_loading_never_builds_the_cpp_extension(registered, tmp_path):
     import sys
 
     cache = tmp_path / "torch_extensions"
-    script = (f"import mlflow.pyfunc, json, numpy as np; m = mlflow.pyfunc.load_model({str(registered['density']['local'])!r});"
-              f"x = json.load(open({str(registered['density']['local'] / 'serving_input_example.json')!r}))['inputs'];"
-              "print(m.predict({k: np.asarray(v, dtype=np.float32) for k, v in x.items()})['bits_per_dim'].shape)")
+    script = (
+        f"import mlflow.pyfunc, json, numpy as np; m = mlflow.pyfunc.load_model({str(registered['density']['local'])!r});"
+        f"x = json.load(open({str(registered['density']['local'] / 'serving_input_example.json')!r}))['inputs'];"
+        "print(m.predict({k: np.asarray(v, dtype=np.float32) for k, v in x.items()})['bits_per_dim'].shape)"
+    )
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "OMP_NUM_THREADS": "1"}
     env.pop("MANGO_NATIVE", None)
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("(2,)")
     assert not cache.exists() or not any(cache.iterdir()), list(cache.rglob("*"))[:5]

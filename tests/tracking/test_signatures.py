@@ -54,7 +54,10 @@ def test_signature_example_and_scoring(logged):
     if task == "translation":
         assert schema.is_tensor_spec()
         specs = {s.name: (s.type, s.shape) for s in schema.inputs}
-        assert specs == {"rgb.png": (np.dtype("uint8"), (-1, 3, 8, 8)), "depth.png": (np.dtype("uint16"), (-1, 1, 8, 8))}
+        assert specs == {
+            "rgb.png": (np.dtype("uint8"), (-1, 3, 8, 8)),
+            "depth.png": (np.dtype("uint16"), (-1, 1, 8, 8)),
+        }
         assert meta.signature.outputs.inputs[0].name == "pred"
     else:
         assert not schema.is_tensor_spec()  # image + text: columns (MLflow refuses to mix)
@@ -77,15 +80,19 @@ def test_signature_example_and_scoring(logged):
     weights_model, _ = load_model(logged["weights"])
     body = json.loads(example)
     if task == "translation":
-        batch = {"rgb.png": torch.tensor(body["inputs"]["rgb.png"], dtype=torch.uint8),
-                 "depth.png": torch.tensor(body["inputs"]["depth.png"], dtype=torch.int32)}
+        batch = {
+            "rgb.png": torch.tensor(body["inputs"]["rgb.png"], dtype=torch.uint8),
+            "depth.png": torch.tensor(body["inputs"]["depth.png"], dtype=torch.int32),
+        }
     else:
         df = pd.DataFrame(body["dataframe_split"]["data"], columns=body["dataframe_split"]["columns"])
-        batch = {"rgb.png": torch.tensor(np.stack([np.asarray(x) for x in df["rgb.png"]]).astype(np.uint8)),
-                 "text.txt": list(df["text.txt"])}
+        batch = {
+            "rgb.png": torch.tensor(np.stack([np.asarray(x) for x in df["rgb.png"]]).astype(np.uint8)),
+            "text.txt": list(df["text.txt"]),
+        }
     with torch.no_grad():
         want = weights_model(batch, mode="predict")
-    (name, value), = want.items()
+    ((name, value),) = want.items()
     np.testing.assert_allclose(np.asarray(got[name]), value.numpy(), rtol=1e-5, atol=1e-6)
 
 

@@ -71,8 +71,15 @@ def test_hyperparameters_are_not_secrets(key):
 
 
 def test_redact_params_drops_secrets_and_url_passwords():
-    out = redact_params({**SECRETS, **NOT_SECRETS, "tracking.uri": "https://alice:s3cr3t@mlflow.example/x",
-                         "note": "AKIAABCDEFGHIJKLMNOP leaked", "long": "x" * 7000})
+    out = redact_params(
+        {
+            **SECRETS,
+            **NOT_SECRETS,
+            "tracking.uri": "https://alice:s3cr3t@mlflow.example/x",
+            "note": "AKIAABCDEFGHIJKLMNOP leaked",
+            "long": "x" * 7000,
+        }
+    )
     assert not set(SECRETS) & set(out)
     assert "note" not in out
     assert out["tracking.uri"] == "https://***@mlflow.example/x"

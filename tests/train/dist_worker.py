@@ -22,8 +22,18 @@ from pipeline.train.engine import build_engine
 
 GLOBAL_BATCH, STEPS, SIZE = 8, 10, 8
 SPECS = [("rgb.png", (3, SIZE, SIZE), 8), ("right.png", (3, SIZE, SIZE), 8)]
-TINY = ["model.image_size=8", "model.levels=2", "model.blocks_per_level=1", "model.dim=16", "model.patch_size=2",
-        "model.lica_group=0", "optim.lr=3e-3", "optim.warmup_steps=2", "train.max_steps=10", "optim.grad_clip=1.0"]
+TINY = [
+    "model.image_size=8",
+    "model.levels=2",
+    "model.blocks_per_level=1",
+    "model.dim=16",
+    "model.patch_size=2",
+    "model.lica_group=0",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=2",
+    "train.max_steps=10",
+    "optim.grad_clip=1.0",
+]
 
 
 def global_batches() -> list[torch.Tensor]:
@@ -45,14 +55,17 @@ def equivalence(path: str, stages: list[str]) -> None:
     results: dict[str, list[float]] = {}
     for spec in stages:
         stage, _, memory = spec.partition(":")
-        cfg = load_config(None, TINY + [f"deepspeed.zero_stage={stage}", f"data.batch_size={local_bs}",
-                                        f"model.memory={memory or 'store'}"])
+        cfg = load_config(
+            None,
+            TINY
+            + [f"deepspeed.zero_stage={stage}", f"data.batch_size={local_bs}", f"model.memory={memory or 'store'}"],
+        )
         torch.manual_seed(0)
         model = build_model(cfg, SPECS)
         batches = global_batches()
 
         def local(gb: torch.Tensor) -> dict[str, torch.Tensor]:
-            part = gb[:, rank * local_bs:(rank + 1) * local_bs]
+            part = gb[:, rank * local_bs : (rank + 1) * local_bs]
             return {"rgb.png": part[0], "right.png": part[1]}
 
         data_init(model, local(batches[0]), mode="loss")  # statistics all-reduced: same as one rank's

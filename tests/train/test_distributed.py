@@ -62,9 +62,10 @@ def _start_and_signal(cmd: list[str], run_dir: Path, at_step: int, sig: int) -> 
     return proc.returncode, out
 
 
-def test_zero3_training_preempted_resumes_with_identical_losses_and_consolidates(tiny_shards: str, tmp_path: Path) -> None:
-    common = TINY_TRAIN + [f"data.shards={tiny_shards}", "deepspeed.zero_stage=3", "train.max_steps=12",
-                           "eval.every=6"]
+def test_zero3_training_preempted_resumes_with_identical_losses_and_consolidates(
+    tiny_shards: str, tmp_path: Path
+) -> None:
+    common = TINY_TRAIN + [f"data.shards={tiny_shards}", "deepspeed.zero_stage=3", "train.max_steps=12", "eval.every=6"]
     # uninterrupted reference
     ref_dir = tmp_path / "ref"
     r = run(torchrun_cmd(2, "-m", "jobs.train", *common, f"run.dir={ref_dir}", "checkpoint.every=6"))
@@ -74,16 +75,23 @@ def test_zero3_training_preempted_resumes_with_identical_losses_and_consolidates
 
     # SIGUSR2 (SLURM's warning) mid-run: finish the step, save, exit 0
     run_dir = tmp_path / "preempted"
-    code, out = _start_and_signal(torchrun_cmd(2, "-m", "jobs.train", *common, f"run.dir={run_dir}",
-                                               "checkpoint.every=100"), run_dir, at_step=2, sig=signal.SIGUSR2)
+    code, out = _start_and_signal(
+        torchrun_cmd(2, "-m", "jobs.train", *common, f"run.dir={run_dir}", "checkpoint.every=100"),
+        run_dir,
+        at_step=2,
+        sig=signal.SIGUSR2,
+    )
     assert code == 0, out[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     stopped = int(latest.removeprefix("step"))
     assert 2 <= stopped < 12 and (run_dir / "checkpoints" / latest / "COMPLETE").exists()
 
     # relaunch with resume=latest: the remaining steps reproduce the uninterrupted run exactly
-    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, f"run.dir={run_dir}", "checkpoint.every=100",
-                         "checkpoint.resume=latest"))
+    r = run(
+        torchrun_cmd(
+            2, "-m", "jobs.train", *common, f"run.dir={run_dir}", "checkpoint.every=100", "checkpoint.resume=latest"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = _losses(run_dir)
     assert sorted(resumed) == list(range(1, 13))
@@ -103,18 +111,39 @@ def test_zero3_training_preempted_resumes_with_identical_losses_and_consolidates
 
     with torch.no_grad():
         plain = model(fixed_eval_batch(), mode="eval")
-    torch.testing.assert_close(plain["bits_per_dim_sum"].double() / plain["count"].double(),
-                               engine_bpd.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        plain["bits_per_dim_sum"].double() / plain["count"].double(), engine_bpd.double(), rtol=1e-5, atol=0
+    )
 
     # a different world size resumes (tests/faults/test_rank_faults.py); a different ZeRO stage with it is
     # refused with the way forward ...
-    r = run([sys.executable, "-m", "jobs.train", *common, f"run.dir={ref_dir}", "checkpoint.resume=latest",
-             "deepspeed.zero_stage=2"])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            *common,
+            f"run.dir={ref_dir}",
+            "checkpoint.resume=latest",
+            "deepspeed.zero_stage=2",
+        ]
+    )
     assert r.returncode == 2 and "written by 2 ranks" in r.stderr and "jobs.consolidate" in r.stderr
     # ... and that way works: consolidated weights + a fresh optimizer on 1 rank
     new_dir = tmp_path / "one_rank"
-    r = run([sys.executable, "-m", "jobs.train", *common, f"run.dir={new_dir}", "deepspeed.zero_stage=0",
-             f"model.init_weights={weights}", "train.max_steps=3", "optim.warmup_steps=0"])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            *common,
+            f"run.dir={new_dir}",
+            "deepspeed.zero_stage=0",
+            f"model.init_weights={weights}",
+            "train.max_steps=3",
+            "optim.warmup_steps=0",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     first = _losses(new_dir)[1]
     assert first < ref[1] - 0.05, (first, ref[1])  # starts from the trained weights, not from scratch

@@ -39,8 +39,20 @@ def test_ema_with_zero3_is_refused_before_launch() -> None:
 
 
 def test_training_validates_saves_and_consolidates_ema(tiny_shards: str, tmp_path: Path) -> None:
-    r = run([sys.executable, "-m", "jobs.train", *TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={tmp_path}",
-             "train.max_steps=6", "eval.every=3", "checkpoint.every=3", "optim.ema=0.5"])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            *TINY_TRAIN,
+            f"data.shards={tiny_shards}",
+            f"run.dir={tmp_path}",
+            "train.max_steps=6",
+            "eval.every=3",
+            "checkpoint.every=3",
+            "optim.ema=0.5",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     vals = [x for x in read_metrics(tmp_path / "metrics.jsonl") if "val_bits_per_dim" in x]
     assert all("val_ema_bits_per_dim" in x for x in vals) and len(vals) == 3

@@ -29,8 +29,19 @@ def test_unreachable_tracking_server_costs_seconds_and_warns_once(tiny_shards: s
     assert r.returncode == 0, r.stderr[-3000:]
     start = time.monotonic()
     dead = f"http://127.0.0.1:{free_port()}"
-    r = run([sys.executable, "-m", "jobs.train", *common, f"run.dir={tmp_path / 'b'}", "tracking.enabled=true",
-             f"tracking.uri={dead}", "tracking.timeout_s=2", "tracking.retries=1"])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            *common,
+            f"run.dir={tmp_path / 'b'}",
+            "tracking.enabled=true",
+            f"tracking.uri={dead}",
+            "tracking.timeout_s=2",
+            "tracking.retries=1",
+        ]
+    )
     elapsed = time.monotonic() - start
     assert r.returncode == 0, r.stderr[-3000:]
     assert elapsed < baseline + 20, (baseline, elapsed)
@@ -51,8 +62,15 @@ def test_non_finite_losses_abort_after_k_in_a_row_with_a_clear_message(tiny_shar
     from pipeline.data import load_manifest, manifest_name
     from pipeline.models import build_model, modality_specs
 
-    overrides = [*TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "train.max_steps=40",
-                 "eval.every=1000", "checkpoint.every=1000", "train.max_nonfinite=3"]
+    overrides = [
+        *TINY_TRAIN,
+        f"data.shards={tiny_shards}",
+        f"run.dir={tmp_path}",
+        "train.max_steps=40",
+        "eval.every=1000",
+        "checkpoint.every=1000",
+        "train.max_nonfinite=3",
+    ]
     cfg = load_config(None, overrides)
     model = build_model(cfg, modality_specs(cfg, load_manifest(f"{tiny_shards}/{manifest_name('train')}")))
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -65,8 +83,15 @@ def test_non_finite_losses_abort_after_k_in_a_row_with_a_clear_message(tiny_shar
 
 
 def test_watchdog_exits_3_when_no_step_completes_in_time() -> None:
-    r = run([sys.executable, "-c", "import time; from pipeline.train.loop import Watchdog; "
-             "w = Watchdog(0.3); [w.beat() or time.sleep(0.05) for _ in range(10)]; time.sleep(30)"], timeout=60)
+    r = run(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pipeline.train.loop import Watchdog; "
+            "w = Watchdog(0.3); [w.beat() or time.sleep(0.05) for _ in range(10)]; time.sleep(30)",
+        ],
+        timeout=60,
+    )
     assert r.returncode == 3, r.stderr[-2000:]
     assert "watchdog: no training step completed" in r.stdout
 
@@ -75,12 +100,22 @@ def test_resume_refuses_an_architecture_change_naming_the_key(tiny_shards: str, 
     common = [*TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "eval.every=1000"]
     r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=3", "checkpoint.every=3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=6", "checkpoint.resume=latest",
-             "model.dim=8"])
+    r = run(
+        [sys.executable, "-m", "jobs.train", *common, "train.max_steps=6", "checkpoint.resume=latest", "model.dim=8"]
+    )
     assert r.returncode != 0 and "model.dim: the checkpoint was trained with 16 but the config says 8" in r.stderr
     # a key the old hand-kept list missed: the paper's block instead of ours would load into different parameters
-    r = run([sys.executable, "-m", "jobs.train", *common, "train.max_steps=6", "checkpoint.resume=latest",
-             "model.channel_mix=false"])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            *common,
+            "train.max_steps=6",
+            "checkpoint.resume=latest",
+            "model.channel_mix=false",
+        ]
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "model.channel_mix: the checkpoint was trained with True but the config says False" in r.stderr
 
@@ -107,8 +142,10 @@ def test_every_architecture_field_is_checked_on_resume() -> None:
 
 def test_a_signal_whose_save_overruns_the_grace_time_still_exits_with_its_code() -> None:
     # the main thread is "stuck" (a step that never finishes): the grace timer must end the process
-    code = ("import os, signal, time; from pipeline.train.signals import PreemptionWatch; "
-            "w = PreemptionWatch(grace_s=0.5); os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
+    code = (
+        "import os, signal, time; from pipeline.train.signals import PreemptionWatch; "
+        "w = PreemptionWatch(grace_s=0.5); os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)"
+    )
     start = time.monotonic()
     r = run([sys.executable, "-c", code], timeout=60)
     assert r.returncode == 143 and time.monotonic() - start < 20
@@ -116,8 +153,14 @@ def test_a_signal_whose_save_overruns_the_grace_time_still_exits_with_its_code()
 
 
 def test_a_fresh_run_refuses_a_run_dir_that_already_holds_checkpoints(tiny_shards: str, tmp_path: Path) -> None:
-    common = [*TINY_TRAIN, f"data.shards={tiny_shards}", f"run.dir={tmp_path}", "eval.every=1000",
-              "train.max_steps=2", "checkpoint.every=2"]
+    common = [
+        *TINY_TRAIN,
+        f"data.shards={tiny_shards}",
+        f"run.dir={tmp_path}",
+        "eval.every=1000",
+        "train.max_steps=2",
+        "checkpoint.every=2",
+    ]
     assert run([sys.executable, "-m", "jobs.train", *common]).returncode == 0
     r = run([sys.executable, "-m", "jobs.train", *common])
     assert r.returncode != 0 and "already holds checkpoints (newest step00000002)" in r.stderr
@@ -132,8 +175,13 @@ def test_a_run_ends_the_process_group_it_started_and_keeps_one_it_was_given(tiny
     from pipeline.config import load_config
     from pipeline.train.loop import train_loop
 
-    common = [*TINY_TRAIN, f"data.shards={tiny_shards}", "train.max_steps=2", "eval.every=1000",
-              "checkpoint.every=1000"]
+    common = [
+        *TINY_TRAIN,
+        f"data.shards={tiny_shards}",
+        "train.max_steps=2",
+        "eval.every=1000",
+        "checkpoint.every=1000",
+    ]
     train_loop(load_config(None, [*common, f"run.dir={tmp_path / 'own'}"]))
     assert not tdist.is_initialized()
     # ... and leaves a group someone else started (Ray Train's) to its owner

@@ -14,8 +14,17 @@ from .conftest import TINY_TRAIN, popen, run
 
 
 def _train_cmd(shards: str, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.train", *TINY_TRAIN, f"data.shards={shards}", f"run.dir={run_dir}",
-            "train.max_steps=40", "eval.every=1000", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        *TINY_TRAIN,
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "train.max_steps=40",
+        "eval.every=1000",
+        *extra,
+    ]
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -58,14 +67,17 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_shard
     assert good is not None and good != newest_dir and (good / COMPLETE).exists()
     assert (ckpts / "latest").read_text().strip() == good.name  # the pointer never named the partial save
 
-    r = run(_train_cmd(tiny_shards, tmp_path, "checkpoint.every=1000", "checkpoint.resume=latest", "train.max_steps=12"))
+    r = run(
+        _train_cmd(tiny_shards, tmp_path, "checkpoint.every=1000", "checkpoint.resume=latest", "train.max_steps=12")
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert _steps(tmp_path)[-1] == 12
     assert not newest_dir.exists() or (newest_dir / COMPLETE).exists()  # the partial save was pruned or redone
 
 
-def test_a_new_node_resumes_from_the_newest_complete_checkpoint_on_s3(tiny_shards: str, tmp_path: Path,
-                                                                        s3_server) -> None:
+def test_a_new_node_resumes_from_the_newest_complete_checkpoint_on_s3(
+    tiny_shards: str, tmp_path: Path, s3_server
+) -> None:
     import shutil
 
     remote = s3_server.make_bucket() + "/runs/demo"

@@ -56,9 +56,9 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def remote_tree(s3: S3Server, url: str) -> dict[str, bytes]:
-    bucket, _, prefix = url[len("s3://"):].partition("/")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
     client = s3.client()
-    return {k[len(prefix) + 1:]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in s3.keys(url)}
+    return {k[len(prefix) + 1 :]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in s3.keys(url)}
 
 
 def tags_in(s3: S3Server, url: str) -> list[str]:
@@ -119,7 +119,7 @@ def test_partial_remote_tag_is_never_trusted(s3, tmp_path):
     synced(url, tmp_path, 1)
     # A killed upload of step 2: every object but COMPLETE. Even if `latest` names it (a re-upload that was
     # killed after uncommitting), readers fall back to the newest complete tag.
-    bucket, _, prefix = url[len("s3://"):].partition("/")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
     for name, data in tree(make_tag(tmp_path, 2)).items():
         if name != "COMPLETE":
             s3.client().put_object(Bucket=bucket, Key=f"{prefix}/step00000002/{name}", Body=data)
@@ -178,7 +178,7 @@ def test_prune_keeps_the_newest_complete_tags_and_the_one_latest_names(s3, tmp_p
     url = s3.make_bucket() + "/runs/e"
     for step in (1, 2, 3, 4):
         make_tag(tmp_path, step, size=256)
-    bucket, _, prefix = url[len("s3://"):].partition("/")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
     s3.client().put_object(Bucket=bucket, Key=f"{prefix}/step00000000/mp_rank_00_model_states.pt", Body=b"killed")
     synced(url, tmp_path, 1, 2, 3, 4, keep=2)
     assert tags_in(s3, url) == ["step00000003", "step00000004"], "older complete and partial tags pruned"
@@ -233,7 +233,9 @@ def test_an_unreachable_endpoint_is_counted_and_warned_never_raised(s3, tmp_path
     sync.close()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert [("step00000005" in r.getMessage(), "step00000006" in r.getMessage()) for r in warnings] == [
-        (True, False), (False, True)], "exactly one warning per failure, naming its tag"
+        (True, False),
+        (False, True),
+    ], "exactly one warning per failure, naming its tag"
     assert sync.uploaded == []
 
 

@@ -22,11 +22,22 @@ SPEED_KEYS = ("step_time_s", "data_wait_s", "achieved_tflops", "peak_memory_gib"
 
 
 def test_every_log_line_carries_the_speed_metrics_and_the_run_ends_with_a_summary(
-        tiny_shards: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tiny_shards: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from pipeline.train.loop import train_loop
 
-    cfg = load_config(None, [*TINY_TRAIN, f"data.shards={tiny_shards}", "train.max_steps=4", "train.log_every=2",
-                             "eval.every=1000", "checkpoint.every=1000", f"run.dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            *TINY_TRAIN,
+            f"data.shards={tiny_shards}",
+            "train.max_steps=4",
+            "train.log_every=2",
+            "eval.every=1000",
+            "checkpoint.every=1000",
+            f"run.dir={tmp_path}",
+        ],
+    )
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
         last = train_loop(cfg)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -43,15 +54,27 @@ def test_every_log_line_carries_the_speed_metrics_and_the_run_ends_with_a_summar
 
 
 def _density(memory: str):
-    cfg = load_config(None, ["model.image_size=8", "model.levels=2", "model.blocks_per_level=1", "model.dim=16",
-                             "model.patch_size=2", "model.lica_group=0"])
+    cfg = load_config(
+        None,
+        [
+            "model.image_size=8",
+            "model.levels=2",
+            "model.blocks_per_level=1",
+            "model.dim=16",
+            "model.patch_size=2",
+            "model.lica_group=0",
+        ],
+    )
     return build_density(cfg.model, ["left", "right"], [8, 8], memory=memory)
 
 
 def test_the_flop_count_is_per_sample_without_recompute_and_leaves_the_model_alone() -> None:
     torch.manual_seed(0)
-    batch = {"left": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8),
-             "right": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), "__key__": list("abcd")}
+    batch = {
+        "left": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8),
+        "right": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8),
+        "__key__": list("abcd"),
+    }
     store = _density("store")
     with torch.no_grad():
         data_init(store, batch, mode="loss")

@@ -96,16 +96,30 @@ class EmbeddedSource(Source):
         "val_stride": (int, 0, "stereo: held-out patch stride (0 = P: held-out patches do not overlap each other)"),
         "holdout": (float, 1.0 - TRAIN_FRACTION, "stereo: fraction of the image columns (the right ones) held out"),
         "downscale": (int, 1, "stereo: integer area downscale of the whole image before cutting patches"),
-        "shift": (int, 0, "stereo: add shifted.png, the right view displaced by a per-sample horizontal offset of "
-                          "R/2..R px, either sign (seeded by the key): an unregistered second view (0 = none)"),
+        "shift": (
+            int,
+            0,
+            "stereo: add shifted.png, the right view displaced by a per-sample horizontal offset of "
+            "R/2..R px, either sign (seeded by the key): an unregistered second view (0 = none)",
+        ),
         "size": (int, 64, "scenes: rendered image size (square)"),
         "scenes": (int, 0, "scenes: number of scenes per split (0 = 96 train / 32 val)"),
-        "view": (str, "orbit", "scenes: camera 'orbit' (oblique) or 'top' (straight down: low and tall boxes "
-                               "look alike in RGB, only depth separates them)"),
+        "view": (
+            str,
+            "orbit",
+            "scenes: camera 'orbit' (oblique) or 'top' (straight down: low and tall boxes "
+            "look alike in RGB, only depth separates them)",
+        ),
     }
-    _FOREIGN = {"stereo": ("size", "scenes", "view"),
-                "scenes": ("patch", "stride", "downscale", "val_stride", "holdout", "shift")}
-    _QUIET = {"val_stride", "holdout", "shift"}  # left out of config() at their defaults: older shards keep their checksums
+    _FOREIGN = {
+        "stereo": ("size", "scenes", "view"),
+        "scenes": ("patch", "stride", "downscale", "val_stride", "holdout", "shift"),
+    }
+    _QUIET = {
+        "val_stride",
+        "holdout",
+        "shift",
+    }  # left out of config() at their defaults: older shards keep their checksums
 
     def __init__(self, src: str | None, **options: Any) -> None:
         super().__init__(src or "stereo", **options)
@@ -118,9 +132,18 @@ class EmbeddedSource(Source):
         if o["view"] not in ("orbit", "top"):
             raise ValueError(f"embedded: --view must be 'orbit' or 'top', got {o['view']!r}")
         if not 0.0 < o["holdout"] < 1.0:
-            raise ValueError(f"embedded stereo: --holdout must be a fraction in (0, 1) of the columns; got {o['holdout']}")
-        if o["patch"] < 4 or o["downscale"] < 1 or o["stride"] < 0 or o["val_stride"] < 0 or o["size"] < 8 \
-                or o["scenes"] < 0 or o["shift"] < 0:
+            raise ValueError(
+                f"embedded stereo: --holdout must be a fraction in (0, 1) of the columns; got {o['holdout']}"
+            )
+        if (
+            o["patch"] < 4
+            or o["downscale"] < 1
+            or o["stride"] < 0
+            or o["val_stride"] < 0
+            or o["size"] < 8
+            or o["scenes"] < 0
+            or o["shift"] < 0
+        ):
             raise ValueError(f"embedded: invalid options {o}")
 
     @property
@@ -128,8 +151,11 @@ class EmbeddedSource(Source):
         return ("train", "val")
 
     def config(self) -> dict[str, Any]:
-        own = {k: v for k, v in self.options.items() if k not in self._FOREIGN[self.src]
-               and not (k in self._QUIET and v == self.OPTIONS[k][1])}
+        own = {
+            k: v
+            for k, v in self.options.items()
+            if k not in self._FOREIGN[self.src] and not (k in self._QUIET and v == self.OPTIONS[k][1])
+        }
         return {"source": self.name, "src": self.src, **own}
 
     # -- stereo ------------------------------------------------------------------------------------------
@@ -142,9 +168,11 @@ class EmbeddedSource(Source):
         r = self.options["shift"]  # the shifted window must stay inside the split's own columns
         x0, x1 = x0 + r, x1 - r
         if x1 - x0 < p or h < p:
-            raise ValueError(f"embedded stereo: the {split} region ({max(0, x1 - x0)}x{h} px after --downscale {s}"
-                             f"{f' and ±{r} px of --shift' if r else ''}) is narrower than one {p}px patch; use a "
-                             "smaller --patch, --shift or --downscale")
+            raise ValueError(
+                f"embedded stereo: the {split} region ({max(0, x1 - x0)}x{h} px after --downscale {s}"
+                f"{f' and ±{r} px of --shift' if r else ''}) is narrower than one {p}px patch; use a "
+                "smaller --patch, --shift or --downscale"
+            )
         return [(y, x) for y in range(0, h - p + 1, stride) for x in range(x0, x1 - p + 1, stride)]
 
     def shift_of(self, key: str) -> int:
@@ -162,9 +190,15 @@ class EmbeddedSource(Source):
         self.check_split(split)
         if self.src == "stereo":
             p = self.options["patch"]
-            shifted = ({"shifted.png": ModalitySpec("uint8", "image", (p, p, 3),
-                                                    "8-bit sRGB, right view displaced by a per-sample offset")}
-                       if self.options["shift"] else {})
+            shifted = (
+                {
+                    "shifted.png": ModalitySpec(
+                        "uint8", "image", (p, p, 3), "8-bit sRGB, right view displaced by a per-sample offset"
+                    )
+                }
+                if self.options["shift"]
+                else {}
+            )
             return {
                 "rgb.png": ModalitySpec("uint8", "image", (p, p, 3), "8-bit sRGB, left view"),
                 "right.png": ModalitySpec("uint8", "image", (p, p, 3), "8-bit sRGB, right view"),
@@ -195,12 +229,14 @@ class EmbeddedSource(Source):
             left, right, depth = stereo_arrays(s)
             win = (slice(y, y + p), slice(x, x + p))
             sample = {
-                "rgb.png": left[win].copy(), "right.png": right[win].copy(), "depth.png": depth[win].copy(),
+                "rgb.png": left[win].copy(),
+                "right.png": right[win].copy(),
+                "depth.png": depth[win].copy(),
                 "json": {"scene": "middlebury-2014-motorcycle", "y": y, "x": x, "downscale": s, "split": split},
             }
             if self.options["shift"]:
                 dx = self.shift_of(key)
-                sample["shifted.png"] = right[y:y + p, x + dx:x + dx + p].copy()
+                sample["shifted.png"] = right[y : y + p, x + dx : x + dx + p].copy()
                 sample["json"]["shift"] = dx  # metadata for analysis, never a model input
             return sample
         return render_scene(int(key.split("-")[1]), self.options["size"], view=self.options["view"])
@@ -236,8 +272,14 @@ def _add_solid(pb: Any, cid: int, cls: str, xy: tuple[float, float], yaw: float,
         shape, half_h = dict(shapeType=pb.GEOM_SPHERE, radius=0.1), 0.1
     colour = [0.8, 0.25, 0.2, 1.0] if cls == "sphere" else list(_GREY)
     visual = pb.createVisualShape(rgbaColor=colour, physicsClientId=cid, **shape)
-    return pb.createMultiBody(0, -1, visual, basePosition=[xy[0], xy[1], half_h],
-                              baseOrientation=pb.getQuaternionFromEuler([0, 0, yaw]), physicsClientId=cid)
+    return pb.createMultiBody(
+        0,
+        -1,
+        visual,
+        basePosition=[xy[0], xy[1], half_h],
+        baseOrientation=pb.getQuaternionFromEuler([0, 0, yaw]),
+        physicsClientId=cid,
+    )
 
 
 def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
@@ -264,8 +306,13 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
         cls = rng.choice(SCENE_CLASSES[1:])
         yaw = rng.uniform(0, math.pi)
         if cls == "duck":
-            body = pb.loadURDF("duck_vhacd.urdf", [xy[0], xy[1], 0.0], pb.getQuaternionFromEuler([math.pi / 2, 0, yaw]),
-                               globalScaling=2.0, physicsClientId=cid)
+            body = pb.loadURDF(
+                "duck_vhacd.urdf",
+                [xy[0], xy[1], 0.0],
+                pb.getQuaternionFromEuler([math.pi / 2, 0, yaw]),
+                globalScaling=2.0,
+                physicsClientId=cid,
+            )
         elif view == "top":  # footprint drawn per object, so square size says nothing about height
             body = _add_solid(pb, cid, cls, xy, yaw, half=rng.uniform(0.08, 0.12))
         else:
@@ -274,8 +321,11 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
         objects.append({"class": cls, "x": round(xy[0], 4), "y": round(xy[1], 4), "yaw": round(yaw, 4)})
     azimuth, elevation, distance = rng.uniform(0, 2 * math.pi), rng.uniform(35, 60), rng.uniform(1.3, 1.7)
     el = math.radians(elevation)
-    eye = [distance * math.cos(el) * math.cos(azimuth), distance * math.cos(el) * math.sin(azimuth),
-           distance * math.sin(el)]
+    eye = [
+        distance * math.cos(el) * math.cos(azimuth),
+        distance * math.cos(el) * math.sin(azimuth),
+        distance * math.sin(el),
+    ]
     fov, shadow, light = 55, 1, [math.cos(azimuth + 1.0), math.sin(azimuth + 1.0), 1.5]
     if view == "top":  # far and narrow: box sides stay out of sight; light from above, no shadows
         eye, target, up = [0, 0, 8.0], [0, 0, 0], [math.cos(azimuth), math.sin(azimuth), 0]
@@ -284,8 +334,16 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
         target, up = [0, 0, 0.1], [0, 0, 1]
     view_matrix = pb.computeViewMatrix(eye, target, up, physicsClientId=cid)
     proj = pb.computeProjectionMatrixFOV(fov, 1.0, NEAR_M, FAR_M, physicsClientId=cid)
-    _, _, rgba, zbuf, seg = pb.getCameraImage(size, size, view_matrix, proj, renderer=pb.ER_TINY_RENDERER,
-                                              shadow=shadow, lightDirection=light, physicsClientId=cid)
+    _, _, rgba, zbuf, seg = pb.getCameraImage(
+        size,
+        size,
+        view_matrix,
+        proj,
+        renderer=pb.ER_TINY_RENDERER,
+        shadow=shadow,
+        lightDirection=light,
+        physicsClientId=cid,
+    )
     rgb = np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
     seg = np.asarray(seg, dtype=np.int64).reshape(size, size)
     zbuf = np.asarray(zbuf, dtype=np.float64).reshape(size, size)
@@ -295,9 +353,18 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
     for b, c in body_class.items():
         label[body == b] = c
     depth = np.where(seg >= 0, np.clip(np.round(depth_m * 1000.0), 1, 65535), 0).astype(np.uint16)
-    meta = {"seed": seed, "camera": {"azimuth": round(azimuth, 4), "elevation": round(elevation, 3),
-                                     "distance": round(distance, 4), "fov": fov, "view": view},
-            "objects": objects, "classes": list(SCENE_CLASSES)}
+    meta = {
+        "seed": seed,
+        "camera": {
+            "azimuth": round(azimuth, 4),
+            "elevation": round(elevation, 3),
+            "distance": round(distance, 4),
+            "fov": fov,
+            "view": view,
+        },
+        "objects": objects,
+        "classes": list(SCENE_CLASSES),
+    }
     return {"rgb.png": rgb, "depth.png": depth, "label.png": label, "json": meta}
 
 

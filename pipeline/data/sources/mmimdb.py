@@ -23,9 +23,29 @@ from . import Source
 
 #: the 23 MM-IMDB genres, most frequent first (the order of the MM-IMDB benchmark's label vectors)
 GENRES = (
-    "Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror", "Documentary", "Mystery",
-    "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History", "Music", "Animation", "Musical", "Western",
-    "Sport", "Short", "Film-Noir",
+    "Drama",
+    "Comedy",
+    "Romance",
+    "Thriller",
+    "Crime",
+    "Action",
+    "Adventure",
+    "Horror",
+    "Documentary",
+    "Mystery",
+    "Sci-Fi",
+    "Fantasy",
+    "Family",
+    "Biography",
+    "War",
+    "History",
+    "Music",
+    "Animation",
+    "Musical",
+    "Western",
+    "Sport",
+    "Short",
+    "Film-Noir",
 )
 
 
@@ -36,7 +56,7 @@ def square_resize(img: np.ndarray, size: int) -> np.ndarray:
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     resized = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BICUBIC))
     top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(resized[top:top + size, left:left + size])
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
 
 
 class MMIMDBSource(Source):
@@ -76,10 +96,10 @@ class MMIMDBSource(Source):
         return [f"imdb-{i}" for i in self._ids[split]]
 
     def where(self, split: str, key: str) -> str:
-        return os.path.join(self.src, "dataset", key[len("imdb-"):] + ".json")
+        return os.path.join(self.src, "dataset", key[len("imdb-") :] + ".json")
 
     def load(self, split: str, key: str) -> dict[str, Any]:
-        movie_id = key[len("imdb-"):]
+        movie_id = key[len("imdb-") :]
         meta_path = self.where(split, key)
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path}: no such file")

@@ -40,51 +40,88 @@ from .mmimdb import GENRES
 
 #: image genre → scikit-image motif (skimage.data function name); all ship inside the wheel
 IMAGE_GENRES = {
-    "Sci-Fi": "rocket", "Adventure": "astronaut", "Family": "chelsea", "Documentary": "hubble_deep_field",
-    "Horror": "immunohistochemistry", "Mystery": "retina", "Animation": "colorwheel", "History": "brick",
-    "Western": "grass", "Music": "coins", "Biography": "coffee",
+    "Sci-Fi": "rocket",
+    "Adventure": "astronaut",
+    "Family": "chelsea",
+    "Documentary": "hubble_deep_field",
+    "Horror": "immunohistochemistry",
+    "Mystery": "retina",
+    "Animation": "colorwheel",
+    "History": "brick",
+    "Western": "grass",
+    "Music": "coins",
+    "Biography": "coffee",
 }
 TEXT_GENRES = {
-    "Drama": ["{a} cannot forgive {b} for the years of silence after the funeral.",
-              "{a} returns home to face a dying father and a family torn apart by grief.",
-              "An estranged sister and {a} must decide who keeps the farm after the tragedy."],
-    "Comedy": ["{a} accidentally swaps suitcases with a clown and hilarity follows.",
-               "{a} fakes being a chef and every dinner turns into a ridiculous disaster.",
-               "A clumsy uncle and {a} stumble through one absurd prank after another."],
-    "Romance": ["{a} falls in love with {b} during a summer wedding by the sea.",
-                "{a} and {b} share one kiss in Paris and cannot forget each other.",
-                "A shy florist and {a} discover their hearts belong together."],
-    "Thriller": ["{a} receives anonymous threats and realises someone is watching every move.",
-                 "A ticking bomb gives {a} one hour to find the hidden hostage.",
-                 "{a} uncovers a conspiracy and must run before the assassin strikes."],
-    "Crime": ["Detective {a} hunts the gang behind a string of bank robberies.",
-              "{a} joins the mafia and launders money for a ruthless boss.",
-              "A murder in the harbour leads inspector {a} to a corrupt police chief."],
-    "Action": ["{a} fights through explosions and car chases to rescue the squad.",
-               "A former commando, {a}, battles mercenaries on a speeding train.",
-               "{a} leaps from a burning helicopter in a high speed shootout."],
-    "Fantasy": ["{a} finds a magic sword and a dragon guarding an enchanted kingdom.",
-                "A young wizard named {a} must break the curse of the elven queen.",
-                "{a} follows a talking fox into a realm of witches and spells."],
-    "War": ["{a} leads soldiers across the trenches during the final battle of the war.",
-            "A platoon under sergeant {a} is trapped behind enemy lines.",
-            "{a} survives the invasion and the bombing of a village at the front."],
-    "Musical": ["{a} sings and dances on broadway while the whole chorus joins the song.",
-                "Every argument between {a} and {b} bursts into a duet with tap dancing.",
-                "A choir of orphans and {a} stage a singing spectacle with dancing."],
-    "Sport": ["{a} trains for the championship and the final match of the season.",
-              "The coach pushes {a} to win the marathon against the reigning champion.",
-              "{a} and the underdog team fight for the league title in the stadium."],
-    "Short": ["In just nine minutes this short film follows {a} through a single morning.",
-              "A brief short about {a} told in one continuous shot of a few minutes.",
-              "This short vignette captures {a} in one fleeting moment."],
-    "Film-Noir": ["In the rain-soaked city a cynical private eye, {a}, meets a femme fatale.",
-                  "Shadows, cigarette smoke and a double cross trap {a} in the noir underworld.",
-                  "A hardboiled gumshoe, {a}, is framed by the dame he trusted."],
+    "Drama": [
+        "{a} cannot forgive {b} for the years of silence after the funeral.",
+        "{a} returns home to face a dying father and a family torn apart by grief.",
+        "An estranged sister and {a} must decide who keeps the farm after the tragedy.",
+    ],
+    "Comedy": [
+        "{a} accidentally swaps suitcases with a clown and hilarity follows.",
+        "{a} fakes being a chef and every dinner turns into a ridiculous disaster.",
+        "A clumsy uncle and {a} stumble through one absurd prank after another.",
+    ],
+    "Romance": [
+        "{a} falls in love with {b} during a summer wedding by the sea.",
+        "{a} and {b} share one kiss in Paris and cannot forget each other.",
+        "A shy florist and {a} discover their hearts belong together.",
+    ],
+    "Thriller": [
+        "{a} receives anonymous threats and realises someone is watching every move.",
+        "A ticking bomb gives {a} one hour to find the hidden hostage.",
+        "{a} uncovers a conspiracy and must run before the assassin strikes.",
+    ],
+    "Crime": [
+        "Detective {a} hunts the gang behind a string of bank robberies.",
+        "{a} joins the mafia and launders money for a ruthless boss.",
+        "A murder in the harbour leads inspector {a} to a corrupt police chief.",
+    ],
+    "Action": [
+        "{a} fights through explosions and car chases to rescue the squad.",
+        "A former commando, {a}, battles mercenaries on a speeding train.",
+        "{a} leaps from a burning helicopter in a high speed shootout.",
+    ],
+    "Fantasy": [
+        "{a} finds a magic sword and a dragon guarding an enchanted kingdom.",
+        "A young wizard named {a} must break the curse of the elven queen.",
+        "{a} follows a talking fox into a realm of witches and spells.",
+    ],
+    "War": [
+        "{a} leads soldiers across the trenches during the final battle of the war.",
+        "A platoon under sergeant {a} is trapped behind enemy lines.",
+        "{a} survives the invasion and the bombing of a village at the front.",
+    ],
+    "Musical": [
+        "{a} sings and dances on broadway while the whole chorus joins the song.",
+        "Every argument between {a} and {b} bursts into a duet with tap dancing.",
+        "A choir of orphans and {a} stage a singing spectacle with dancing.",
+    ],
+    "Sport": [
+        "{a} trains for the championship and the final match of the season.",
+        "The coach pushes {a} to win the marathon against the reigning champion.",
+        "{a} and the underdog team fight for the league title in the stadium.",
+    ],
+    "Short": [
+        "In just nine minutes this short film follows {a} through a single morning.",
+        "A brief short about {a} told in one continuous shot of a few minutes.",
+        "This short vignette captures {a} in one fleeting moment.",
+    ],
+    "Film-Noir": [
+        "In the rain-soaked city a cynical private eye, {a}, meets a femme fatale.",
+        "Shadows, cigarette smoke and a double cross trap {a} in the noir underworld.",
+        "A hardboiled gumshoe, {a}, is framed by the dame he trusted.",
+    ],
 }
-NEUTRAL = ["The story takes place over a few days.", "Things change for everyone involved.",
-           "Nothing will ever be quite the same again.", "It is based on an original screenplay.",
-           "Along the way old friends and strangers cross paths.", "The film was shot on location."]
+NEUTRAL = [
+    "The story takes place over a few days.",
+    "Things change for everyone involved.",
+    "Nothing will ever be quite the same again.",
+    "It is based on an original screenplay.",
+    "Along the way old friends and strangers cross paths.",
+    "The film was shot on location.",
+]
 TRAIN_NAMES = ["Anna", "Marco", "Lena", "Tom", "Sofia", "Jack", "Maya", "Oscar", "Ines", "Paul", "Clara", "Hugo"]
 HELDOUT_NAMES = ["Nora", "Felix", "Julia", "Leo", "Greta", "Sam", "Ada", "Victor"]
 TRAIN_FRACTION = 0.6
@@ -112,7 +149,7 @@ def motif_crop(name: str, rng: random.Random, heldout: bool, side: int) -> tuple
     x0, x1 = (cut, w) if heldout else (0, cut)
     s = int(min(h, x1 - x0) * rng.uniform(0.6, 1.0))
     y, x = rng.randint(0, h - s), rng.randint(x0, x1 - s)
-    tile = Image.fromarray(img[y:y + s, x:x + s]).resize((side, side), Image.Resampling.BICUBIC)
+    tile = Image.fromarray(img[y : y + s, x : x + s]).resize((side, side), Image.Resampling.BICUBIC)
     out = np.asarray(tile)
     if rng.random() < 0.5:
         out = out[:, ::-1]
@@ -141,15 +178,19 @@ def make_movie(rng: random.Random, heldout: bool) -> tuple[dict, np.ndarray]:
             tiles[image_genres[i]] = {"quadrant": quad, "crop_yxs": box}
         else:
             tile = colour_field(rng, q)
-        poster[r * q:(r + 1) * q, c * q:(c + 1) * q] = tile
+        poster[r * q : (r + 1) * q, c * q : (c + 1) * q] = tile
     names = HELDOUT_NAMES if heldout else TRAIN_NAMES
     a, b = rng.sample(names, 2)
     sentences = [rng.choice(TEXT_GENRES[g]).format(a=a, b=b) for g in genres if g in TEXT_GENRES]
     rng.shuffle(sentences)
     sentences += rng.sample(NEUTRAL, rng.randint(1, 2))
     plot = " ".join(sentences)
-    meta = {"title": f"{a} and {b}", "plot": [plot, plot.split(".")[0] + "."], "genres": sorted(genres, key=GENRES.index),
-            "poster_tiles": tiles}
+    meta = {
+        "title": f"{a} and {b}",
+        "plot": [plot, plot.split(".")[0] + "."],
+        "genres": sorted(genres, key=GENRES.index),
+        "poster_tiles": tiles,
+    }
     return meta, poster
 
 
@@ -184,6 +225,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     sizes = write_movie_folder(a.out, a.train, a.dev, a.test, a.seed)
-    print(f"wrote {a.out}: {sizes}; shard it with: python -m jobs.shard mmimdb --src {a.out} --out shards/movies "
-          f"--image-size 32")
+    print(
+        f"wrote {a.out}: {sizes}; shard it with: python -m jobs.shard mmimdb --src {a.out} --out shards/movies "
+        f"--image-size 32"
+    )
     return 0

@@ -34,10 +34,45 @@ MAPPING = "classMapping40.mat"
 NUM_SOURCE_CLASSES = 894
 
 NYU40_CLASSES = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
-    "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes",
-    "ceiling", "books", "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard",
-    "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture",
+    "wall",
+    "floor",
+    "cabinet",
+    "bed",
+    "chair",
+    "sofa",
+    "table",
+    "door",
+    "window",
+    "bookshelf",
+    "picture",
+    "counter",
+    "blinds",
+    "desk",
+    "shelves",
+    "curtain",
+    "dresser",
+    "pillow",
+    "mirror",
+    "floor mat",
+    "clothes",
+    "ceiling",
+    "books",
+    "refridgerator",
+    "television",
+    "paper",
+    "towel",
+    "shower curtain",
+    "box",
+    "whiteboard",
+    "person",
+    "night stand",
+    "toilet",
+    "sink",
+    "lamp",
+    "bathtub",
+    "bag",
+    "otherstructure",
+    "otherfurniture",
     "otherprop",
 )
 
@@ -73,8 +108,10 @@ def class_map_40(path: str) -> tuple[np.ndarray, tuple[str, ...]]:
         raise ValueError(f"{path}: no 'mapClass' variable (expected the 894 → 40 class mapping)")
     mapping = np.asarray(mat["mapClass"]).reshape(-1).astype(np.int64)
     if mapping.size != NUM_SOURCE_CLASSES or mapping.min() < 0 or mapping.max() > 40:
-        raise ValueError(f"{path}: mapClass must hold {NUM_SOURCE_CLASSES} values in 0..40, got {mapping.size} "
-                         f"in {mapping.min()}..{mapping.max()}")
+        raise ValueError(
+            f"{path}: mapClass must hold {NUM_SOURCE_CLASSES} values in 0..40, got {mapping.size} "
+            f"in {mapping.min()}..{mapping.max()}"
+        )
     lut = np.full(NUM_SOURCE_CLASSES + 1, 255, dtype=np.uint8)
     lut[1:] = np.where(mapping > 0, mapping - 1, 255)
     names = NYU40_CLASSES
@@ -92,7 +129,8 @@ class NYUDv2Source(Source):
             raise FileNotFoundError(f"nyudv2: --src {src!r} is not a directory")
         self._h5: Any = None
         self._tokenfusion = not os.path.exists(os.path.join(src, LABELED)) and (
-            os.path.exists(os.path.join(src, "train.txt")) or os.path.exists(os.path.join(src, "val.txt")))
+            os.path.exists(os.path.join(src, "train.txt")) or os.path.exists(os.path.join(src, "val.txt"))
+        )
         self._classes = NYU40_CLASSES
         if self._tokenfusion:
             self._lists = {split: self._read_list(split) for split in self.splits}
@@ -123,8 +161,10 @@ class NYUDv2Source(Source):
                     raise ValueError(f"{path}: no '{name}' dataset")
             img, dep, lab = f["images"].shape, f["depths"].shape, f["labels"].shape
         if len(img) != 4 or img[1] != 3 or dep != (img[0], img[2], img[3]) or lab != dep:
-            raise ValueError(f"{path}: shapes disagree between modalities: images {img}, depths {dep}, labels {lab} "
-                             "(expected (N,3,W,H), (N,W,H), (N,W,H))")
+            raise ValueError(
+                f"{path}: shapes disagree between modalities: images {img}, depths {dep}, labels {lab} "
+                "(expected (N,3,W,H), (N,W,H), (N,W,H))"
+            )
         return img[0]
 
     def _file(self) -> Any:
@@ -146,8 +186,9 @@ class NYUDv2Source(Source):
                     continue
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) != 3:
-                    raise ValueError(f"{path}:{lineno}: expected 3 TAB-separated paths (rgb, mask, depth), "
-                                     f"got {len(parts)}")
+                    raise ValueError(
+                        f"{path}:{lineno}: expected 3 TAB-separated paths (rgb, mask, depth), got {len(parts)}"
+                    )
                 stem = os.path.splitext(os.path.basename(parts[0]))[0].replace(".", "_")
                 entries[f"nyu-{stem}"] = tuple(os.path.join(self.src, p) for p in parts)  # type: ignore[misc]
         return entries

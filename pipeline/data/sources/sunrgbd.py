@@ -35,10 +35,43 @@ from . import Source
 from .nyudv2 import load_v5_mat, mat_version
 
 SUN37_CLASSES = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
-    "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor_mat", "clothes",
-    "ceiling", "books", "fridge", "tv", "paper", "towel", "shower_curtain", "box", "whiteboard", "person",
-    "night_stand", "toilet", "sink", "lamp", "bathtub", "bag",
+    "wall",
+    "floor",
+    "cabinet",
+    "bed",
+    "chair",
+    "sofa",
+    "table",
+    "door",
+    "window",
+    "bookshelf",
+    "picture",
+    "counter",
+    "blinds",
+    "desk",
+    "shelves",
+    "curtain",
+    "dresser",
+    "pillow",
+    "mirror",
+    "floor_mat",
+    "clothes",
+    "ceiling",
+    "books",
+    "fridge",
+    "tv",
+    "paper",
+    "towel",
+    "shower_curtain",
+    "box",
+    "whiteboard",
+    "person",
+    "night_stand",
+    "toilet",
+    "sink",
+    "lamp",
+    "bathtub",
+    "bag",
 )
 MAX_DEPTH_MM = 8000
 ALLSPLIT = os.path.join("SUNRGBDtoolbox", "traintestSUNRGBD", "allsplit.mat")
@@ -85,8 +118,11 @@ class SUNRGBDSource(Source):
             raise FileNotFoundError(f"sunrgbd: --src {src!r} is not a directory")
         self._h5: Any = None
         self._lists: dict[str, dict[str, tuple[str, str, str]]] = {}
-        self._layout = "list" if any(os.path.exists(os.path.join(src, f"{s}{n}.txt"))
-                                     for s in self.splits for n in ("", "37")) else "toolbox"
+        self._layout = (
+            "list"
+            if any(os.path.exists(os.path.join(src, f"{s}{n}.txt")) for s in self.splits for n in ("", "37"))
+            else "toolbox"
+        )
         if self._layout == "list":
             self._lists = {split: self._read_list(split) for split in self.splits}
         else:
@@ -141,14 +177,16 @@ class SUNRGBDSource(Source):
             if "SUNRGBD2Dseg" not in f or "seglabel" not in f["SUNRGBD2Dseg"]:
                 raise ValueError(f"{seg}: no SUNRGBD2Dseg.seglabel")
             if f["SUNRGBD2Dseg"]["seglabel"].size != len(records):
-                raise ValueError(f"{seg}: {f['SUNRGBD2Dseg']['seglabel'].size} labels for {len(records)} images "
-                                 f"in {meta}")
+                raise ValueError(
+                    f"{seg}: {f['SUNRGBD2Dseg']['seglabel'].size} labels for {len(records)} images in {meta}"
+                )
 
     def _scene_file(self, scene: str, folder: str, pattern: str) -> str:
         found = sorted(glob.glob(os.path.join(self.src, scene, folder, pattern)))
         if len(found) != 1:
-            raise FileNotFoundError(f"{os.path.join(self.src, scene, folder)}: expected one {pattern} file, "
-                                    f"found {len(found)}")
+            raise FileNotFoundError(
+                f"{os.path.join(self.src, scene, folder)}: expected one {pattern} file, found {len(found)}"
+            )
         return found[0]
 
     def _label_from_seg(self, i: int) -> np.ndarray:
@@ -197,8 +235,11 @@ class SUNRGBDSource(Source):
             raw_label, label_where = self._label_from_seg(i), f"{os.path.join(self.src, SEG)}[{i}]"
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"{rgb_path}: expected an RGB image, got shape {rgb.shape}")
-        return {"rgb.png": rgb, "depth.png": decode_sun_depth(raw_depth, depth_path),
-                "label.png": map_sun_labels(raw_label, label_where)}
+        return {
+            "rgb.png": rgb,
+            "depth.png": decode_sun_depth(raw_depth, depth_path),
+            "label.png": map_sun_labels(raw_label, label_where),
+        }
 
     def config(self) -> dict[str, Any]:
         return {"source": self.name, "layout": self._layout, **self.options}

@@ -35,8 +35,10 @@ _SAMPLE = re.compile(r"^point_(?P<p>\d+)_view_(?P<v>\d+)(?:_domain_.+\.png)?$")
 
 class TaskonomySource(Source):
     name = "taskonomy"
-    OPTIONS = {"domains": (str, "reshading,edge_texture,rgb", "comma-separated Taskonomy domains to keep"),
-               "size": (int, 0, "resize every domain to SIZE×SIZE (8-bit bilinear, 16-bit nearest); 0 = native")}
+    OPTIONS = {
+        "domains": (str, "reshading,edge_texture,rgb", "comma-separated Taskonomy domains to keep"),
+        "size": (int, 0, "resize every domain to SIZE×SIZE (8-bit bilinear, 16-bit nearest); 0 = native"),
+    }
 
     def __init__(self, src: str | None, **options: Any) -> None:
         super().__init__(src, **options)
@@ -143,8 +145,9 @@ class TaskonomySource(Source):
             a = read_image_file(path)
             spec = specs[f"{domain}.png"]
             if str(a.dtype) != spec.dtype or a.ndim != len(spec.shape) or a.shape[2:] != spec.shape[2:]:
-                raise ValueError(f"{path}: {a.dtype} {a.shape} differs from the split's {domain} "
-                                 f"({spec.dtype}, {len(spec.shape)}-D)")
+                raise ValueError(
+                    f"{path}: {a.dtype} {a.shape} differs from the split's {domain} ({spec.dtype}, {len(spec.shape)}-D)"
+                )
             sample[f"{domain}.png"] = self._resized(a)
         return sample
 

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 aten = torch.ops.aten
 
 
-def upper_attention_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def upper_attention_lse_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The composed definition: ``(softmax(s) v, logsumexp(s))`` with s = q kᵀ masked to j ≥ i (n×n materialised)."""
     n = q.shape[-2]
     s = q @ k.transpose(-1, -2)
@@ -89,11 +91,13 @@ class _UpperAttentionLSE(torch.autograd.Function):
             go[..., c] = 1.0
         if ctx.cuda_rest is None:
             dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                go, qf, kf, vf, out, lse, 0.0, True, scale=1.0)
+                go, qf, kf, vf, out, lse, 0.0, True, scale=1.0
+            )
         else:
             cum_q, cum_k, max_q, max_k, seed, offset = ctx.cuda_rest
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                go, qf, kf, vf, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=1.0)
+                go, qf, kf, vf, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=1.0
+            )
         return tuple(t[..., :width].squeeze(1).flip(1) for t, width in ((dq, e), (dk, e), (dv, ev)))
 
 
@@ -104,8 +108,10 @@ def upper_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
     zero-padded to one head size (zero columns change neither the scores nor the kept output columns).
     """
     if not (q.shape == k.shape and q.shape[:-1] == v.shape[:-1] and q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"upper_attention_lse: q, k must share shape, v its first two dims, all one dtype; got "
-                         f"{tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+        raise ValueError(
+            f"upper_attention_lse: q, k must share shape, v its first two dims, all one dtype; got "
+            f"{tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
+        )
     if not _kernel_supported(q) or max(q.shape[-1], v.shape[-1]) + 1 > _MAX_HEAD.get(q.device.type, 1 << 30):
         return upper_attention_lse_reference(q, k, v)
     return _UpperAttentionLSE.apply(q, k, v)

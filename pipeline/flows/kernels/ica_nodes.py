@@ -96,45 +96,68 @@ def _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, bias, eps_q
     kn, mk, rk = torch.native_layer_norm(pk, (e,), lnk_w, lnk_b, eps_k)
     tau = log_tau.exp()
     q = qn * tau
-    blocks = [torch.softmax(torch.baddbmm(bias[r0:r1, r0:], q[:, r0:r1], kn[:, r0:].transpose(-1, -2)), dim=-1)
-              for r0, r1 in _row_blocks(q.shape[1], block)]
+    blocks = [
+        torch.softmax(torch.baddbmm(bias[r0:r1, r0:], q[:, r0:r1], kn[:, r0:].transpose(-1, -2)), dim=-1)
+        for r0, r1 in _row_blocks(q.shape[1], block)
+    ]
     return pq, mq, rq, pk, mk, rk, tau, q, kn, blocks
 
 
 class GatedICACore(torch.autograd.Function):
     """The whole gated ICA layer ``x → (y, logdet)`` (split, update, merge) as one autograd node.
 
-    ``x`` (N, L, D) is the layer's input (or, for LICA, the mixed tokens ``W x``); ``z = x[:, gather]`` (all of
-    ``x`` when ``gather`` is None) holds ``[x1 ; x2]``, or ``[x2 ; x1]`` with ``swap`` (mmca2); the output is
-``[x1 ; y2]`` (``[y2 ; x1]``) put back in token order by ``scatter``. Same arithmetic
-    as the composed path (``queries_keys`` → masked softmax → ``x2 + α (A x2)``, log-det
-    ``Σ log(1 + α_c a_ii)``), with a hand-written backward: a MANGO layer is a few hundred tiny ops, and on
-    small token grids the per-op cost of autograd's graph (one node per op, dense n×n zeros for the
-    diagonal's gradient, a masked_fill backward) was most of the training step. It saves ``x`` itself (which
-    the preceding ActNorm keeps anyway), never a gathered copy. The tests compare it with the composed
-    reference in values and gradients (fp64) and gradcheck it.
+        ``x`` (N, L, D) is the layer's input (or, for LICA, the mixed tokens ``W x``); ``z = x[:, gather]`` (all of
+        ``x`` when ``gather`` is None) holds ``[x1 ; x2]``, or ``[x2 ; x1]`` with ``swap`` (mmca2); the output is
+    ``[x1 ; y2]`` (``[y2 ; x1]``) put back in token order by ``scatter``. Same arithmetic
+        as the composed path (``queries_keys`` → masked softmax → ``x2 + α (A x2)``, log-det
+        ``Σ log(1 + α_c a_ii)``), with a hand-written backward: a MANGO layer is a few hundred tiny ops, and on
+        small token grids the per-op cost of autograd's graph (one node per op, dense n×n zeros for the
+        diagonal's gradient, a masked_fill backward) was most of the training step. It saves ``x`` itself (which
+        the preceding ActNorm keeps anyway), never a gathered copy. The tests compare it with the composed
+        reference in values and gradients (fp64) and gradcheck it.
 
-    A is kept as row blocks of ``block`` query rows (:data:`ROW_BLOCK`), each only over the key columns it can
-    see, which skips the masked lower-left part of every product with A.
+        A is kept as row blocks of ``block`` query rows (:data:`ROW_BLOCK`), each only over the key columns it can
+        see, which skips the masked lower-left part of every product with A.
 
-    ``loc, log_scale`` fuse the ActNorm that precedes the layer in its block (``x = (x_in + loc)·exp(log_scale)``,
-    log-det term ``L·Σ log_scale``): the node then saves the ActNorm's input and rebuilds its output in backward
-    (one elementwise op), so the pair is one node instead of two (see :meth:`MangoBlock._forward`).
+        ``loc, log_scale`` fuse the ActNorm that precedes the layer in its block (``x = (x_in + loc)·exp(log_scale)``,
+        log-det term ``L·Σ log_scale``): the node then saves the ActNorm's input and rebuilds its output in backward
+        (one elementwise op), so the pair is one node instead of two (see :meth:`MangoBlock._forward`).
 
-    ``recompute=True`` (``model.memory=checkpoint``) saves nothing else and rebuilds q, k and A inside the
-    backward (two projections, two LayerNorms, one score matmul and a softmax — the only part of the layer
-    whose activations are large) instead of saving the n×n attention and the q/k activations.
+        ``recompute=True`` (``model.memory=checkpoint``) saves nothing else and rebuilds q, k and A inside the
+        backward (two projections, two LayerNorms, one score matmul and a softmax — the only part of the layer
+        whose activations are large) instead of saving the n×n attention and the q/k activations.
     """
 
     @staticmethod
-    def forward(ctx, x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias,
-                eps_q, eps_k, recompute, block=ROW_BLOCK, loc=None, log_scale=None):
+    def forward(
+        ctx,
+        x,
+        gather,
+        scatter,
+        swap,
+        wq,
+        wk,
+        lnq_w,
+        lnq_b,
+        lnk_w,
+        lnk_b,
+        log_tau,
+        beta,
+        bias,
+        eps_q,
+        eps_k,
+        recompute,
+        block=ROW_BLOCK,
+        loc=None,
+        log_scale=None,
+    ):
         x_in = x
         if loc is not None:  # the preceding ActNorm, fused: x = (x_in + loc)·exp(log_scale)
             x = (x_in + loc) * log_scale.exp()
         x1, x2 = _halves(x, gather, swap)
-        pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
-                                                                bias, eps_q, eps_k, block)
+        pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(
+            x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, bias, eps_q, eps_k, block
+        )
         alpha = (1.0 - GATE_MARGIN) * torch.tanh(beta)
         xa = x2 * alpha
         rows = _row_blocks(x2.shape[1], block)
@@ -169,11 +192,12 @@ class GatedICACore(torch.autograd.Function):
             x = (x + loc) * scale  # the fused ActNorm's output, rebuilt from its saved input
         x1, x2 = _halves(x, ctx.gather, ctx.swap)
         if ctx.recompute:
-            pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
-                                                                    ctx.bias, *ctx.eps, ctx.block)
+            pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(
+                x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, ctx.bias, *ctx.eps, ctx.block
+            )
         else:
-            pq, mq, rq, pk, mk, rk, q, kn = saved[np_:np_ + 8]
-            a = saved[np_ + 8:]
+            pq, mq, rq, pk, mk, rk, q, kn = saved[np_ : np_ + 8]
+            a = saved[np_ + 8 :]
             tau = log_tau.exp()
         rows = _row_blocks(x2.shape[1], ctx.block)
         need = ctx.needs_input_grad
@@ -218,8 +242,27 @@ class GatedICACore(torch.autograd.Function):
                 dlog_scale = (dx * x).sum(dim=(0, 1)) + x.shape[1] * g_logdet.sum() if need[18] else None
                 dx = dx * scale
                 dloc = dx.sum(dim=(0, 1)) if need[17] else None
-        return (dx, None, None, None, dwq, dwk, dlnq_w, dlnq_b, dlnk_w, dlnk_b, dlog_tau, dbeta,
-                None, None, None, None, None, dloc, dlog_scale)
+        return (
+            dx,
+            None,
+            None,
+            None,
+            dwq,
+            dwk,
+            dlnq_w,
+            dlnq_b,
+            dlnk_w,
+            dlnk_b,
+            dlog_tau,
+            dbeta,
+            None,
+            None,
+            None,
+            None,
+            None,
+            dloc,
+            dlog_scale,
+        )
 
 
 def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:

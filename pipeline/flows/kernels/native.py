@@ -47,27 +47,88 @@ def load():
             try:
                 from torch.utils.cpp_extension import load as build
 
-                _STATE["module"] = build(name="mango_gated_ica_core", sources=[str(_SOURCE)],
-                                         extra_cflags=["-O3"], verbose=False)
+                _STATE["module"] = build(
+                    name="mango_gated_ica_core", sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False
+                )
             except Exception as exc:  # noqa: BLE001 - any build failure falls back to the Python node
                 _STATE["error"] = exc
-                warnings.warn(f"pipeline.flows: the C++ ICA node could not be built ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using the Python "
-                              "node (same results, slower on small token grids). Set MANGO_NATIVE=0 to skip the build.",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"pipeline.flows: the C++ ICA node could not be built ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using the Python "
+                    "node (same results, slower on small token grids). Set MANGO_NATIVE=0 to skip the build.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return _STATE.get("module")
 
 
-def gated_ica_core(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias, eps_q, eps_k,
-                   recompute, block, loc=None, log_scale=None, allow_native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_ica_core(
+    x,
+    gather,
+    scatter,
+    swap,
+    wq,
+    wk,
+    lnq_w,
+    lnq_b,
+    lnk_w,
+    lnk_b,
+    log_tau,
+    beta,
+    bias,
+    eps_q,
+    eps_k,
+    recompute,
+    block,
+    loc=None,
+    log_scale=None,
+    allow_native: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``GatedICACore.apply(...)`` through the C++ node when it is available and allowed (see the module docstring)."""
     mod = load() if allow_native else None
     if mod is None:
-        return GatedICACore.apply(x, gather, scatter, swap, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta, bias,
-                                  eps_q, eps_k, recompute, block, loc, log_scale)
-    out, logdet = mod.gated_ica_core(x, gather, scatter, bool(swap), wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau,
-                                     beta, bias, float(eps_q), float(eps_k), bool(recompute), int(block), loc,
-                                     log_scale)
+        return GatedICACore.apply(
+            x,
+            gather,
+            scatter,
+            swap,
+            wq,
+            wk,
+            lnq_w,
+            lnq_b,
+            lnk_w,
+            lnk_b,
+            log_tau,
+            beta,
+            bias,
+            eps_q,
+            eps_k,
+            recompute,
+            block,
+            loc,
+            log_scale,
+        )
+    out, logdet = mod.gated_ica_core(
+        x,
+        gather,
+        scatter,
+        bool(swap),
+        wq,
+        wk,
+        lnq_w,
+        lnq_b,
+        lnk_w,
+        lnk_b,
+        log_tau,
+        beta,
+        bias,
+        float(eps_q),
+        float(eps_k),
+        bool(recompute),
+        int(block),
+        loc,
+        log_scale,
+    )
     return out, logdet
 
 
@@ -97,10 +158,26 @@ def affine_coupling(layer, x: torch.Tensor, recompute: bool):
     if mod is None:
         return None
     conv0, norm0, act0, conv1, norm1, _, conv2 = layer.net
-    y, logdet = mod.affine_coupling(x, conv0.weight, conv0.bias, norm0.weight, norm0.bias, conv1.weight, conv1.bias,
-                                    norm1.weight, norm1.bias, conv2.weight, conv2.bias, bool(layer.swap),
-                                    int(layer.cond_dim), float(layer.scale_bound), float(norm0.eps), float(norm1.eps),
-                                    act0.approximate, bool(recompute))
+    y, logdet = mod.affine_coupling(
+        x,
+        conv0.weight,
+        conv0.bias,
+        norm0.weight,
+        norm0.bias,
+        conv1.weight,
+        conv1.bias,
+        norm1.weight,
+        norm1.bias,
+        conv2.weight,
+        conv2.bias,
+        bool(layer.swap),
+        int(layer.cond_dim),
+        float(layer.scale_bound),
+        float(norm0.eps),
+        float(norm1.eps),
+        act0.approximate,
+        bool(recompute),
+    )
     return y, logdet
 
 

@@ -8,8 +8,16 @@ import signal
 import sys
 import time
 
-KEYS = ("SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT",
-        "NCCL_DEBUG", "RAY_ADDRESS")
+KEYS = (
+    "SLURM_NODEID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_STEP_ID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NCCL_DEBUG",
+    "RAY_ADDRESS",
+)
 
 
 def record(entry: dict) -> None:
@@ -23,8 +31,9 @@ def on_usr2(signum, frame) -> None:
 
 
 signal.signal(signal.SIGUSR2, on_usr2)
-record({"python": {"argv": sys.argv[1:], "cwd": os.getcwd(),
-                   "env": {k: os.environ[k] for k in KEYS if k in os.environ}}})
+record(
+    {"python": {"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ[k] for k in KEYS if k in os.environ}}}
+)
 if os.environ.get("FAKE_WAIT_FOR_USR2") == "1":
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

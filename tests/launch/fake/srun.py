@@ -24,8 +24,19 @@ def main(argv: list[str]) -> int:
     while i < len(argv) and argv[i].startswith("-"):
         arg = argv[i]
         key, sep, value = arg.partition("=")
-        if not sep and key in ("-N", "-n", "-w", "--nodes", "--ntasks", "--ntasks-per-node", "--output",
-                               "--open-mode", "--cpus-per-task", "--nodelist", "--exclude"):
+        if not sep and key in (
+            "-N",
+            "-n",
+            "-w",
+            "--nodes",
+            "--ntasks",
+            "--ntasks-per-node",
+            "--output",
+            "--open-mode",
+            "--cpus-per-task",
+            "--nodelist",
+            "--exclude",
+        ):
             value, i = argv[i + 1], i + 1
         elif not sep:
             value = flags.get(key, "")
@@ -38,8 +49,11 @@ def main(argv: list[str]) -> int:
         chosen = [h for h in chosen if h not in expand_hostlist(opts["--exclude"])]
     nodes = int(opts.get("--nodes", len(chosen)))
     chosen = chosen[:nodes]
-    per_node = int(opts["--ntasks-per-node"]) if "--ntasks-per-node" in opts else \
-        max(1, int(opts.get("--ntasks", nodes)) // nodes)
+    per_node = (
+        int(opts["--ntasks-per-node"])
+        if "--ntasks-per-node" in opts
+        else max(1, int(opts.get("--ntasks", nodes)) // nodes)
+    )
     ntasks = per_node * nodes
     step = int(os.environ.get("FAKE_SLURM_STEP", "0"))
     os.environ["FAKE_SLURM_STEP"] = str(step + 1)
@@ -49,18 +63,35 @@ def main(argv: list[str]) -> int:
     for n, host in enumerate(chosen):
         for local in range(per_node):
             rank = n * per_node + local
-            env = {**os.environ, "SLURM_STEP_ID": str(step), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local),
-                   "SLURM_NODEID": str(hosts.index(host)), "SLURMD_NODENAME": host,
-                   "SLURM_STEP_NUM_TASKS": str(ntasks), "SLURM_STEP_NUM_NODES": str(nodes),
-                   "SLURM_STEP_NODELIST": ",".join(chosen), "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})"}
+            env = {
+                **os.environ,
+                "SLURM_STEP_ID": str(step),
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(local),
+                "SLURM_NODEID": str(hosts.index(host)),
+                "SLURMD_NODENAME": host,
+                "SLURM_STEP_NUM_TASKS": str(ntasks),
+                "SLURM_STEP_NUM_NODES": str(nodes),
+                "SLURM_STEP_NODELIST": ",".join(chosen),
+                "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+            }
             out = None
             if "--output" in opts:
-                path = (opts["--output"].replace("%%", "\0").replace("%n", str(hosts.index(host)))
-                        .replace("%t", str(rank)).replace("%N", host)
-                        .replace("%j", os.environ.get("SLURM_JOB_ID", "0")).replace("\0", "%"))
+                path = (
+                    opts["--output"]
+                    .replace("%%", "\0")
+                    .replace("%n", str(hosts.index(host)))
+                    .replace("%t", str(rank))
+                    .replace("%N", host)
+                    .replace("%j", os.environ.get("SLURM_JOB_ID", "0"))
+                    .replace("\0", "%")
+                )
                 out = open(path, "a" if opts.get("--open-mode") == "append" else "w")
-            procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+                )
+            )
 
     def forward(signum, frame):
         print(f"srun: forwarding {signal.Signals(signum).name} to {len(procs)} task(s)", file=sys.stderr, flush=True)
