@@ -433,8 +433,6 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
             sync.submit(tag_dir)
 
     last: dict[str, Any] = {"step": step}
-    if resume_from is None:
-        last |= validate(0)
     nonfinite = 0
     progress = None
     if rank0:
@@ -452,6 +450,11 @@ def train_loop(cfg: Config, reporter: Callable[[dict[str, Any]], None] | None = 
     meter = SpeedMeter(flops, device)
     engine.train()
     try:
+        if resume_from is None:
+            # inside the try: a failure here (bad data found while validating) must still stop the watchdog,
+            # which would otherwise end the process with exit 3 minutes later
+            with meter.excluded():
+                last |= validate(0)
         while step < cfg.train.max_steps:
             batch = first if first is not None else meter.timed_next(batches)
             first = None

@@ -18,6 +18,8 @@ inputs' magnitude after one matmul and one softmax.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -133,6 +135,14 @@ def test_the_bf16_ica_runs_its_attention_in_bf16_with_no_second_score_pass() -> 
     assert c32.share(torch.float32) > 0.5
 
 
+def _flag_as_gathered_zero3(p: torch.nn.Parameter) -> None:
+    """What a ZeRO-3 parameter looks like inside its module's forward: ``ds_id`` (partitioned by DeepSpeed) and
+    status AVAILABLE (gathered). The status matters once any ZeRO-3 engine has run in the process: DeepSpeed then
+    leaves its own ``F.linear`` in place, which reads it."""
+    p.ds_id = 0
+    p.ds_status = SimpleNamespace(name="AVAILABLE")
+
+
 def test_the_bf16_path_works_with_zero3_style_gathered_parameters() -> None:
     # ZeRO-3 flags its partitioned parameters with ds_id (gathered inside each submodule's forward): the fp32
     # fused nodes step aside, the bf16 path must run and give the same numbers
@@ -141,7 +151,7 @@ def test_the_bf16_path_works_with_zero3_style_gathered_parameters() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref, ld_ref = block(x)
     for p in block.parameters():
-        p.ds_id = 0
+        _flag_as_gathered_zero3(p)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, ld = block(x)
     torch.testing.assert_close(y, y_ref)
@@ -310,7 +320,7 @@ def test_layer_with_zero3_flagged_parameters_matches_the_reference(name) -> None
     x, g, h = _case_inputs()
     fast, ref = _layer(name, "auto"), _layer(name, "reference")
     for p in fast.parameters():
-        p.ds_id = 0  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+        _flag_as_gathered_zero3(p)
     y, ld, grads = _forward_and_grads(fast, x, g, h)
     y_ref, ld_ref, grads_ref = _forward_and_grads(ref, x, g, h)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
