@@ -23,6 +23,7 @@ same shard sha256s and the same ``manifest_checksum`` on every run and machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ import re
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +195,46 @@ class _HashingWriter(io.RawIOBase):
         return self.target.write(b)
 
 
+class StagedShard:
+    """A shard being written by :func:`staged_shard`: ``add(key, members)`` appends one sample's members (sorted
+    by name); after the block, ``keys`` lists the samples written and ``sha256`` / ``size`` describe the tar."""
+
+    def __init__(self, url: str, tar: tarfile.TarFile) -> None:
+        self.url, self.tar, self.keys = url, tar, []
+        self.sha256, self.size = "", 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        for name in sorted(members):
+            _add_member(self.tar, f"{key}.{name}", members[name])
+        self.keys.append(key)
+
+
+@contextlib.contextmanager
+def staged_shard(out: str, name: str) -> Iterator[StagedShard]:
+    """Write shard ``<out>/<name>`` through a staging file (hashed as it is written), then publish it atomically —
+    and check an S3 upload against the hash; a shard with no sample is not published; on any error the staging
+    file is removed and nothing appears at the target. Shared by ``jobs.shard`` and ``jobs.predict``."""
+    url = storage.join(out, name)
+    fd, staging = tempfile.mkstemp(dir=storage.staging_dir(out), prefix=".tmp-", suffix="-" + name)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            hasher = _HashingWriter(raw)
+            with tarfile.open(fileobj=hasher, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                shard = StagedShard(url, tar)
+                yield shard
+        shard.sha256, shard.size = hasher.sha.hexdigest(), hasher.size
+        if shard.keys:
+            storage.publish_file(staging, url)
+            if storage.is_s3(url) and storage.sha256_and_size(url) != (shard.sha256, shard.size):
+                raise OSError(f"{url}: uploaded shard does not match its sha256 {shard.sha256} (size {shard.size})")
+        else:
+            os.unlink(staging)
+    except BaseException:
+        if os.path.exists(staging):
+            os.unlink(staging)
+        raise
+
+
 # -- one shard -----------------------------------------------------------------------------------------
 
 
@@ -227,40 +269,22 @@ def write_shard(
         if on_sample is not None:
             on_sample(len(plan.keys))
         return {**receipt, "reused": True}
-    url = storage.join(job.out, plan.name)
-    fd, staging = tempfile.mkstemp(dir=storage.staging_dir(job.out), prefix=".tmp-", suffix="-" + plan.name)
-    written: list[str] = []
     skipped: list[dict[str, str]] = []
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            hasher = _HashingWriter(raw)
-            with tarfile.open(fileobj=hasher, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for key in plan.keys:
-                    where = source.where(job.split, key)
-                    try:
-                        members = encode_sample(source.load(job.split, key), modalities, where)
-                    except (ValueError, OSError) as exc:
-                        if not job.skip_bad:
-                            raise
-                        log.warning("skipping sample %s: %s", key, exc)
-                        skipped.append({"key": key, "error": str(exc)})
-                    else:
-                        for name in sorted(members):
-                            _add_member(tar, f"{key}.{name}", members[name])
-                        written.append(key)
-                    if on_sample is not None:
-                        on_sample(1)
-        sha, size = hasher.sha.hexdigest(), hasher.size
-        if written:
-            storage.publish_file(staging, url)
-            if storage.is_s3(url) and storage.sha256_and_size(url) != (sha, size):
-                raise OSError(f"{url}: uploaded shard does not match its sha256 {sha} (size {size})")
-        else:
-            os.unlink(staging)
-    except BaseException:
-        if os.path.exists(staging):
-            os.unlink(staging)
-        raise
+    with staged_shard(job.out, plan.name) as shard:
+        for key in plan.keys:
+            where = source.where(job.split, key)
+            try:
+                members = encode_sample(source.load(job.split, key), modalities, where)
+            except (ValueError, OSError) as exc:
+                if not job.skip_bad:
+                    raise
+                log.warning("skipping sample %s: %s", key, exc)
+                skipped.append({"key": key, "error": str(exc)})
+            else:
+                shard.add(key, members)
+            if on_sample is not None:
+                on_sample(1)
+    written, sha, size = shard.keys, shard.sha256, shard.size
     receipt = {
         "name": plan.name,
         "samples": len(written),

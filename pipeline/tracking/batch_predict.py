@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -225,41 +224,21 @@ class ShardScorer:
 
     def score(self, url: str, name: str, on_samples: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Score one input shard into ``<out>/<name>``; returns its receipt."""
-        from pipeline.data import storage
-        from pipeline.data.writer import _add_member, _HashingWriter, encode_sample
+        from pipeline.data.writer import encode_sample, staged_shard
 
         from .serving import request_from_samples
 
-        target = storage.join(self.out, name)
-        fd, staging = tempfile.mkstemp(dir=storage.staging_dir(self.out), prefix=".tmp-", suffix="-" + name)
-        keys: list[str] = []
         skipped: list[dict[str, str]] = []
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                hasher = _HashingWriter(raw)
-                with tarfile.open(fileobj=hasher, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    for batch in self._batches(url, skipped):
-                        got = self.pyfunc.predict(request_from_samples(batch, self.io))
-                        for i, sample in enumerate(batch):
-                            key = sample["__key__"]
-                            values = {f"{n}.npy": np.asarray(got[n][i], dtype=d) for n, d, _ in self.io.outputs}
-                            members = encode_sample(values, self.modalities, f"{url}:{key}")
-                            for member in sorted(members):
-                                _add_member(tar, f"{key}.{member}", members[member])
-                            keys.append(key)
-                        if on_samples is not None:
-                            on_samples(len(batch))
-            sha, size = hasher.sha.hexdigest(), hasher.size
-            if keys:
-                storage.publish_file(staging, target)
-                if storage.is_s3(target) and storage.sha256_and_size(target) != (sha, size):
-                    raise OSError(f"{target}: uploaded shard does not match its sha256 {sha}")
-            else:
-                os.unlink(staging)
-        except BaseException:
-            if os.path.exists(staging):
-                os.unlink(staging)
-            raise
+        with staged_shard(self.out, name) as shard:
+            for batch in self._batches(url, skipped):
+                got = self.pyfunc.predict(request_from_samples(batch, self.io))
+                for i, sample in enumerate(batch):
+                    key = sample["__key__"]
+                    values = {f"{n}.npy": np.asarray(got[n][i], dtype=d) for n, d, _ in self.io.outputs}
+                    shard.add(key, encode_sample(values, self.modalities, f"{url}:{key}"))
+                if on_samples is not None:
+                    on_samples(len(batch))
+        keys, sha, size = shard.keys, shard.sha256, shard.size
         return {
             "name": name,
             "samples": len(keys),
