@@ -46,6 +46,22 @@ def _gn(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if c % g == 0), c)
 
 
+def _upsampling_stages(c: int, steps: int) -> tuple[list[nn.Module], int]:
+    """``steps`` × (bilinear ×2 → 3×3 conv → GN → GELU) from ``c`` channels, widths halving down to 32; returns the
+    layers and the final width."""
+    layers: list[nn.Module] = []
+    for _ in range(steps):
+        out = max(32, c // 2)
+        layers += [
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(c, out, 3, padding=1),
+            _gn(out),
+            nn.GELU(),
+        ]
+        c = out
+    return layers, c
+
+
 class UpDecoder(nn.Module):
     """(N, D, gh, gw) → ``steps`` × (bilinear ×2 → 3×3 conv → GN → GELU) → 1×1 conv to ``out_channels``.
 
@@ -57,15 +73,8 @@ class UpDecoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(dim, dim, 3, padding=1), _gn(dim), nn.GELU()]
         c = dim
-        for _ in range(steps):
-            out = max(32, c // 2)
-            layers += [
-                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                nn.Conv2d(c, out, 3, padding=1),
-                _gn(out),
-                nn.GELU(),
-            ]
-            c = out
+        stages, c = _upsampling_stages(c, steps)
+        layers += stages
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv2d(c, out_channels, 1)
 
@@ -95,18 +104,8 @@ class SkipDecoder(nn.Module):
         self.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in self.skip_channels)
         self.latent = nn.Conv2d(dim, dim, 1)
         self.fuse = nn.Sequential(nn.Conv2d(dim * (len(self.skip_channels) + 1), dim, 1), _gn(dim), nn.GELU())
-        layers: list[nn.Module] = []
-        c = dim
-        for _ in range(refine):
-            out = max(32, c // 2)
-            layers += [
-                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                nn.Conv2d(c, out, 3, padding=1),
-                _gn(out),
-                nn.GELU(),
-            ]
-            c = out
-        self.refine = nn.Sequential(*layers)
+        stages, c = _upsampling_stages(dim, refine)
+        self.refine = nn.Sequential(*stages)
         self.out = nn.Conv2d(c, out_channels, 1)
 
     def forward(
