@@ -80,6 +80,9 @@ class DataConfig:
     # once), off; a bad shard is skipped whole, logged once and counted (data_bad_shards)
     verify: str = _f("size", choices=("size", "sha256", "off"))
     max_bad_fraction: float = _f(0.05, ge=0.0, le=1.0)  # stop when more of a split's samples sit in bad shards
+    # exact: every sample of an epoch trained once, at any world size and across resizes (pipeline.data.epochs);
+    # resample: shards drawn with replacement per (rank, worker), total // (batch · world) batches an epoch
+    sampling: str = _f("exact", choices=("exact", "resample"))
 
 
 @dataclass
@@ -189,6 +192,7 @@ class TrainConfig:
     max_nonfinite: int = _f(5, ge=1)  # this many skipped (non-finite) steps in a row abort the run
     watchdog_s: float = _f(1800.0, ge=0.0)  # abort when no step completes for this long; 0 = off
     collective_timeout_s: float = _f(600.0, gt=0.0)  # bound of every collective / barrier (a lost rank, a hang)
+    log_keys: bool = False  # <run.dir>/keys/rank<r>.jsonl: the sample keys of every micro-batch trained
 
 
 @dataclass

@@ -19,13 +19,14 @@ Loading (:mod:`pipeline.data.loader`; shapes, dtypes and guarantees are in its d
 
     build_train_loader(urls_or_manifest, batch_size, *, rank, world_size, num_workers, seed=None,
                        epoch_batches=None, decode="torch", state=None, shuffle_buffer=256,
-                       modalities=None, pin_memory=False) -> TrainLoader
-        len(loader) == epoch_batches; one ``for`` loop = one epoch; loader.state: LoaderState
+                       modalities=None, pin_memory=False, verify="off", sampling=None) -> TrainLoader
+        sampling "exact" (each sample of an epoch once, any world size, resizes) or "resample";
+        one ``for`` loop = one epoch (exact: one round); loader.state: LoaderState
     build_eval_loader(urls_or_manifest, batch_size, *, rank, world_size, num_workers, decode="torch",
                       shuffle_seed=None, epoch=0, modalities=None, flag_device=None,
                       pin_memory=False) -> EvalLoader
         every batch has "__valid__" (bool (N,)); padding batches (all False) keep finished ranks stepping
-    LoaderState(epoch=0, batches=0, seed=0).state_dict() / .load_state_dict(d)
+    LoaderState(epoch=0, batches=0, seed=0).state_dict() / .load_state_dict(d) / .resplit(...)
     loader.skipped_samples, loader.shard_errors     # corrupt input counted, never fatal
 
 Sample keys: ``__key__``, ``rgb.png`` (uint8 → (3, H, W)), ``right.png`` (second stereo view, same layout),

@@ -21,23 +21,34 @@ torch implements few operations on ``uint16`` (no comparisons or arithmetic in 2
 ``.float()`` or ``.to(torch.int32)`` before use; the loader keeps the stored integers so nothing is rescaled
 or rounded behind the model's back.
 
-**Training** (:func:`build_train_loader`): each (rank, worker) resamples shards with replacement from the
-whole list with its own RNG seeded by ``(seed, epoch, rank, worker)``, shuffles samples in a seeded buffer and
-yields a fixed number of batches per rank per epoch (``epoch_batches``, default ``total_samples //
-(batch_size · world_size)``) split over the workers. Batch *i* of an epoch always comes from worker
-``i % W`` and the main process re-orders by *i*, so the stream does not depend on DataLoader scheduling.
-A corrupt sample or shard only means the stream reads one more sample; the step count never changes and no
-rank waits for another.
+**Training** (:func:`build_train_loader`) has two samplings.
 
-**Resume contract** (:class:`LoaderState` = epoch, batches consumed this epoch, seed): restoring a state
-and iterating yields exactly the batches the original run would have yielded next, *given the same shard
-list, batch size, world size, rank and number of workers*. Each worker re-creates its RNG for the epoch
-and fast-forwards past the raw samples of its already-consumed batches without decoding them. Not
-reproduced: a different ``num_workers`` or world size (the per-(rank, worker) streams differ — the run
-continues with a fresh but still deterministic stream), and a sample whose *image decoding* failed inside
-the skipped range (fast-forward counts it, the original run replaced it, so the stream shifts by one
-sample); structurally bad samples (truncated tar, missing modality) are filtered before the fast-forward
-and keep the stream exact.
+*Exact epochs* (``sampling="exact"``, the default with a manifest; ``data.sampling``): every sample of an
+epoch is trained once, at any world size and across resizes between requeues. The epoch's order (shards
+shuffled by ``(seed, epoch)``, samples permuted within windows of ``shuffle_buffer`` stored samples) is split
+into contiguous per-rank slices of whole batches; the few samples that do not fill a batch on every rank are
+carried into the next round, ahead of the next epoch, never dropped. The global cursor
+(:class:`~pipeline.data.epochs.EpochCursor`, in :class:`LoaderState`) is identical on every rank; at another
+world or batch size the untrained positions are re-split by the rule in :mod:`pipeline.data.epochs`. Batch
+*i* of a rank's slice comes from worker ``i % W``. A damaged sample's slot is filled by repeating a good
+sample of the same batch (counted in ``skipped_samples``), so every rank delivers full batches in lockstep.
+
+*Resampled* (``sampling="resample"``; also for shard URLs without a manifest): each (rank, worker) resamples
+shards with replacement from the whole list with its own RNG seeded by ``(seed, epoch, rank, worker)``,
+shuffles samples in a seeded buffer and yields a fixed number of batches per rank per epoch
+(``epoch_batches``, default ``total_samples // (batch_size · world_size)``) split over the workers. Batch *i*
+of an epoch always comes from worker ``i % W`` and the main process re-orders by *i*, so the stream does not
+depend on DataLoader scheduling. A corrupt sample or shard only means the stream reads one more sample; the
+step count never changes and no rank waits for another.
+
+**Resume contract** (:class:`LoaderState` = epoch, batches consumed this epoch, seed, and the exact-epoch
+cursor): restoring a state and iterating yields exactly the batches the original run would have yielded
+next, *given the same shard list, batch size, world size and rank* (exact epochs: any ``num_workers``; a
+different world or batch size re-splits what is left, exactly). For resampled streams also the same number
+of workers: each worker re-creates its RNG for the epoch and fast-forwards past the raw samples of its
+already-consumed batches without decoding them; a different ``num_workers`` or world size continues with a
+fresh but still deterministic stream, and a sample whose *image decoding* failed inside the skipped range
+shifts the stream by one sample.
 
 **Exact pass** (:func:`build_eval_loader`): shards go to ranks (``shards[rank::world_size]``, webdataset's
 ``split_by_node``) and then to workers (``[worker::W]``, ``split_by_worker``); every listed sample is read
@@ -65,7 +76,7 @@ import logging
 import multiprocessing
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -74,6 +85,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
+from .epochs import EpochCursor
 from .manifest import ModalitySpec, ShardManifest, load_manifest
 from .stream import Decode, ShardStream, StreamPlan, collate, decode_sample
 
@@ -94,28 +106,43 @@ ShardSource = str | list[str] | tuple[str, ...] | ShardManifest
 
 @dataclass
 class LoaderState:
-    """Where a training loader is: ``epoch``, ``batches`` consumed (delivered) in it on this rank, ``seed``."""
+    """Where a training loader is: ``epoch``, ``batches`` consumed (delivered) in it on this rank, ``seed``;
+    with exact epochs also the global :class:`~pipeline.data.epochs.EpochCursor` (identical on every rank)."""
 
     epoch: int = 0
     batches: int = 0
     seed: int = 0
+    cursor: EpochCursor = field(default_factory=EpochCursor)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches, "seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "batches": self.batches, "seed": self.seed}
+        if self.cursor.pending:
+            state["cursor"] = self.cursor.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batches, self.seed = int(state["epoch"]), int(state["batches"]), int(state["seed"])
+        self.cursor = EpochCursor()
+        if "cursor" in state:
+            self.cursor.load_state_dict(state["cursor"])
 
     def resplit(self, old_world: int, new_world: int, total_samples: int, batch_size: int) -> None:
         """Carry the epoch position to another world size (elastic resume).
 
-        Rule: the position is kept in *global* batches. ``batches`` per rank at ``old_world`` ranks is
-        ``batches · old_world`` global batches of ``batch_size`` samples; at ``new_world`` ranks each rank
-        resumes at ``ceil(that / new_world)`` of the epoch's ``total_samples // (batch_size · new_world)``
-        batches (rounding up: the epoch never trains more batches than it has; at most ``new_world − 1``
-        global batches of the epoch are not drawn), moving to the next epoch when that is all of them. The
-        streams after the resize are re-derived from ``(seed, epoch, rank, worker)`` as on any resume.
+        Exact epochs: what no rank has trained yet is re-split over the new ranks (the rule in
+        :mod:`pipeline.data.epochs`: no sample of an epoch repeated or dropped). The exact loader also does
+        this by itself when it finds a cursor made for another world or batch size.
+
+        Resampled streams: the position is kept in *global* batches. ``batches`` per rank at ``old_world`` ranks
+        is ``batches · old_world`` global batches; at ``new_world`` ranks each rank resumes at ``ceil(that /
+        new_world)`` of the epoch's ``total_samples // (batch_size · new_world)`` batches, moving to the next
+        epoch when that is all of them; the streams are re-derived from ``(seed, epoch, rank, worker)``.
         """
+        if self.cursor.pending:
+            if (self.cursor.world, self.cursor.batch_size) != (new_world, batch_size):
+                self.cursor.resplit(self.batches, new_world, batch_size, total_samples)
+                self.batches, self.epoch = 0, self.cursor.epoch
+            return
         if old_world == new_world:
             return
         global_done = self.batches * old_world
@@ -218,7 +245,7 @@ class _LoaderBase:
 
 
 class TrainLoader(_LoaderBase):
-    """Iterate for one epoch of exactly ``len(self)`` batches; iterate again for the next epoch.
+    """Iterate for one epoch (exact epochs: one round) of ``len(self)`` batches; iterate again for the next.
 
     ``state`` advances as batches are *delivered*; breaking out mid-epoch and iterating again resumes at
     the next undelivered batch.
@@ -235,15 +262,47 @@ class TrainLoader(_LoaderBase):
         super().__init__(plan, num_workers, pin_memory, shard_samples)
         self.state = state
 
+    @property
+    def exact(self) -> bool:
+        return self.plan.mode == "epoch"
+
+    def _align(self) -> None:
+        """Exact epochs: a cursor for this world and batch size, positioned at an undelivered batch."""
+        st, c, p = self.state, self.state.cursor, self.plan
+        size = sum(p.shard_samples or ())
+        if not c.pending:
+            c.start(st.epoch, size, p.world_size, p.batch_size)
+        elif (c.world, c.batch_size) != (p.world_size, p.batch_size):
+            c.resplit(st.batches, p.world_size, p.batch_size, size)
+            st.batches = 0
+        if st.batches >= c.steps():
+            c.next_round(size)
+            st.batches = 0
+        st.epoch = c.epoch
+
     def __len__(self) -> int:
+        if self.exact:
+            self._align()
+            return self.state.cursor.steps()
         return self.plan.epoch_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         st = self.state
-        if st.batches >= self.plan.epoch_batches:
-            st.epoch, st.batches = st.epoch + 1, 0
+        if self.exact:
+            self._align()
+            plan = replace(
+                self.plan,
+                epoch=st.epoch,
+                consumed=st.batches,
+                seed=st.seed,
+                epoch_batches=st.cursor.steps(),
+                portion=tuple(st.cursor.slice_for(self.plan.rank)),
+            )
+        else:
+            if st.batches >= self.plan.epoch_batches:
+                st.epoch, st.batches = st.epoch + 1, 0
+            plan = replace(self.plan, epoch=st.epoch, consumed=st.batches, seed=st.seed)
         epoch = st.epoch
-        plan = replace(self.plan, epoch=epoch, consumed=st.batches, seed=st.seed)
         pending: dict[int, dict[str, Any]] = {}
         for batch in self._dataloader(plan):
             pending[batch["__index__"]] = batch
@@ -251,9 +310,12 @@ class TrainLoader(_LoaderBase):
                 out = self._record(epoch, pending.pop(st.batches))
                 st.batches += 1
                 yield out
-        if pending or st.batches != self.plan.epoch_batches:
-            raise RuntimeError(f"training loader delivered {st.batches} of {self.plan.epoch_batches} batches")
-        st.epoch, st.batches = epoch + 1, 0
+        if pending or st.batches != plan.epoch_batches:
+            raise RuntimeError(f"training loader delivered {st.batches} of {plan.epoch_batches} batches")
+        if self.exact:
+            self._align()  # the next round starts: its cursor is what a checkpoint saved now holds
+        else:
+            st.epoch, st.batches = epoch + 1, 0
 
 
 class EvalLoader(_LoaderBase):
@@ -381,8 +443,14 @@ def build_train_loader(
     modalities: tuple[str, ...] | None = None,
     pin_memory: bool = False,
     verify: str = "off",
+    sampling: str | None = None,
 ) -> TrainLoader:
-    """Resampled training loader with a fixed number of batches per rank per epoch (see module docstring).
+    """Training loader: exact epochs or a resampled stream (see the module docstring).
+
+    ``sampling``: ``"exact"`` (every sample of an epoch once, at any world size and across resizes; needs a
+    manifest's per-shard counts; ``shuffle_buffer`` is then the in-shard shuffle window), ``"resample"`` (shards
+    drawn with replacement, ``epoch_batches`` per rank per epoch), or ``None``: exact when a manifest is given
+    and ``epoch_batches`` is not.
 
     ``state``, when given, is used (and advanced) in place and its seed is the seed — restore a checkpoint
     with ``state.load_state_dict(...)`` before building; without it a fresh ``LoaderState(seed=seed or 0)``
@@ -393,6 +461,29 @@ def build_train_loader(
     """
     _check_common(batch_size, rank, world_size, num_workers, decode)
     inp = _resolve(urls_or_manifest)
+    if sampling is None:
+        sampling = "exact" if inp.shard_samples is not None and epoch_batches is None else "resample"
+    if sampling not in ("exact", "resample"):
+        raise ValueError(f"sampling must be 'exact' or 'resample', got {sampling!r}")
+    if state is None:
+        state = LoaderState(seed=seed or 0)
+    elif seed is not None and seed != state.seed:
+        raise ValueError(f"seed={seed} disagrees with the restored state's seed {state.seed}; pass one of them")
+    if sampling == "exact":
+        return _exact_train_loader(
+            inp,
+            batch_size,
+            rank,
+            world_size,
+            num_workers,
+            decode,
+            state,
+            shuffle_buffer,
+            modalities,
+            pin_memory,
+            verify,
+            epoch_batches,
+        )
     if epoch_batches is None:
         if inp.shard_samples is None:
             raise ValueError("epoch_batches is required when the loader is built from shard URLs (no manifest)")
@@ -411,10 +502,6 @@ def build_train_loader(
             world_size,
             max(1, num_workers),
         )
-    if state is None:
-        state = LoaderState(seed=seed or 0)
-    elif seed is not None and seed != state.seed:
-        raise ValueError(f"seed={seed} disagrees with the restored state's seed {state.seed}; pass one of them")
     plan = StreamPlan(
         "train",
         inp.urls,
@@ -430,6 +517,50 @@ def build_train_loader(
         shuffle_buffer=shuffle_buffer,
         verify=verify,
         expected=inp.expected,
+    )
+    return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
+
+
+def _exact_train_loader(
+    inp: _Input,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    decode: Decode,
+    state: LoaderState,
+    window: int,
+    modalities: tuple[str, ...] | None,
+    pin_memory: bool,
+    verify: str,
+    epoch_batches: int | None,
+) -> TrainLoader:
+    if inp.shard_samples is None:
+        raise ValueError(
+            "exact epochs need each shard's sample count: build the loader from a manifest, or pass "
+            "sampling='resample' with epoch_batches"
+        )
+    if epoch_batches is not None:
+        raise ValueError("epoch_batches applies to resampled streams; an exact epoch is the whole split")
+    if sum(inp.shard_samples) < batch_size * world_size:
+        raise ValueError(
+            f"{sum(inp.shard_samples)} samples are fewer than one batch of {batch_size} per rank on {world_size} ranks"
+        )
+    plan = StreamPlan(
+        "epoch",
+        inp.urls,
+        inp.modalities,
+        _required(inp, modalities),
+        batch_size,
+        rank,
+        world_size,
+        state.seed,
+        state.epoch,
+        decode,
+        shuffle_buffer=max(1, window),
+        verify=verify,
+        expected=inp.expected,
+        shard_samples=inp.shard_samples,
     )
     return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
 

@@ -30,6 +30,7 @@ from webdataset.tariterators import tarfile_samples
 
 from . import storage
 from .codecs import decode_image_bytes
+from .epochs import locate, take, window_slots
 from .manifest import ModalitySpec
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class Counters:
 class StreamPlan:
     """What one rank's workers stream (picklable; shipped to DataLoader workers)."""
 
-    mode: str  # "train" | "exact"
+    mode: str  # "train" (resampled) | "epoch" (exact training epochs) | "exact" (one pass)
     urls: tuple[str, ...]
     modalities: dict[str, ModalitySpec] | None
     required: tuple[str, ...] | None
@@ -128,6 +129,8 @@ class StreamPlan:
     shuffle_shards: bool = False
     verify: str = "off"  # data.verify: size | sha256 | off (see pipeline.data.verify.check_shard)
     expected: tuple[tuple[int, str], ...] | None = None  # (size, sha256) per url, from the manifest
+    portion: tuple[tuple[int, int, int], ...] = ()  # "epoch": this rank's positions of the round (epochs.py)
+    shard_samples: tuple[int, ...] | None = None  # "epoch": stored samples per url, from the manifest
 
 
 def worker_batches(total: int, worker: int, workers: int) -> int:
@@ -149,11 +152,15 @@ class ShardStream(IterableDataset):
         counters = Counters()
         if self.plan.mode == "train":
             yield from self._train(worker, workers, counters)
+        elif self.plan.mode == "epoch":
+            yield from _EpochReader(self, worker, workers, counters).batches()
         else:
             yield from self._exact(worker, workers, counters)
 
     # samples of one shard; structurally bad samples/shards are counted and dropped here
-    def _read(self, url: str, counters: Counters) -> Iterator[dict[str, Any]]:
+    def _read(self, url: str, counters: Counters, placeholders: bool = False) -> Iterator[dict[str, Any] | None]:
+        """Samples of one shard in stored order; with ``placeholders`` a sample lacking a required member is a
+        ``None`` in its place (exact epochs address samples by their stored index)."""
         p = self.plan
         if p.verify != "off" and p.expected is not None:
             from .verify import _CHECKED, check_shard
@@ -184,6 +191,8 @@ class ShardStream(IterableDataset):
             if missing:
                 counters.skipped_samples += 1
                 log.warning("skipping sample %s in %s: missing %s", sample.get("__key__"), url, missing)
+                if placeholders:
+                    yield None
                 continue
             yield sample
         if errors:
@@ -268,6 +277,91 @@ class ShardStream(IterableDataset):
             "__stats__": (worker, counters.skipped_samples, counters.shard_errors, tuple(counters.bad_shards)),
             "__trailer__": True,
         }
+
+
+class _EpochReader:
+    """One worker's share of a rank's exact-epoch slice (``mode == "epoch"``; the order is :mod:`.epochs`).
+
+    Batch ``i`` of the slice is positions ``[i·B, (i+1)·B)``; this worker builds the batches with
+    ``i % workers == worker`` from ``consumed`` on. It reads the slice's shards sequentially (only the shards
+    and windows the slice covers; positions of other workers' batches are read raw and never decoded) and
+    holds one window of raw samples. A damaged position (a sample missing a member, undecodable, past a
+    truncation, or in a shard that failed the manifest check) is counted and its slot filled by repeating a
+    good sample of the same batch (or, for a batch with none, the worker's most recent good sample), so every
+    rank still delivers the same number of full batches.
+    """
+
+    def __init__(self, stream: ShardStream, worker: int, workers: int, counters: Counters) -> None:
+        self.stream, self.plan, self.counters = stream, stream.plan, counters
+        self.worker, self.workers = worker, workers
+        self._url: str | None = None
+        self._iter: Iterator[dict[str, Any] | None] | None = None
+        self._next = 0  # stored index the open shard iterator yields next
+
+    def _window(self, url: str, lo: int, size: int) -> list[dict[str, Any] | None]:
+        """Stored samples ``lo..lo+size-1`` of a shard (``None`` where damaged)."""
+        if self._url != url or self._next > lo:
+            self._url, self._next = url, 0
+            self._iter = self.stream._read(url, self.counters, placeholders=True)
+        out: list[dict[str, Any] | None] = []
+        while self._next < lo + size:
+            sample = next(self._iter, None) if self._iter is not None else None
+            if self._next >= lo:
+                out.append(sample)
+            self._next += 1
+        return out
+
+    def _positions(self, a: int, b: int) -> Iterator[dict[str, Any] | None]:
+        """Raw samples at slice positions ``a..b-1``, in order."""
+        p = self.plan
+        assert p.shard_samples is not None
+        for interval in take(p.portion, a, b):
+            epoch = interval[0]
+            for shard, w, lo_pos, hi_pos in locate(interval, p.seed, p.shard_samples, p.shuffle_buffer):
+                n = p.shard_samples[shard]
+                lo = w * p.shuffle_buffer
+                raw = self._window(p.urls[shard], lo, min(p.shuffle_buffer, n - lo))
+                for stored in window_slots(p.seed, epoch, shard, w, p.shuffle_buffer, n, lo_pos, hi_pos):
+                    yield raw[stored - lo]
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        p, B = self.plan, self.plan.batch_size
+        mine = [i for i in range(p.consumed, p.epoch_batches) if i % self.workers == self.worker]
+        if not mine:
+            return
+        spare: dict[str, Any] | None = None
+        starved: list[int] = []
+        current: list[dict[str, Any]] = []
+        for v, raw in enumerate(self._positions(mine[0] * B, (mine[-1] + 1) * B), start=mine[0] * B):
+            i = v // B
+            if i % self.workers != self.worker:
+                continue
+            decoded = None
+            if raw is not None:
+                decoded = self.stream._decode(raw, self.counters)
+            elif self._url not in self.counters.bad_shards:
+                self.counters.skipped_samples += 1
+            if decoded is not None:
+                current.append(decoded)
+            if (v + 1) % B:
+                continue
+            if current:
+                spare = current[-1]
+                batch = [current[k % len(current)] for k in range(B)]
+                yield self.stream._batch(batch, i, self.worker, self.counters)
+                for j in starved:
+                    yield self.stream._batch([spare] * B, j, self.worker, self.counters)
+                starved = []
+            elif spare is not None:
+                yield self.stream._batch([spare] * B, i, self.worker, self.counters)
+            else:
+                starved.append(i)
+            current = []
+        if starved:
+            raise RuntimeError(
+                f"rank {p.rank} worker {self.worker}: no readable sample in its share of the epoch "
+                f"(batches {starved[:3]}...); the shard set is unreadable"
+            )
 
 
 def shuffled(items: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:

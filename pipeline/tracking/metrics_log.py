@@ -65,6 +65,19 @@ class MetricsLog:
         return len(records) - len(kept)
 
 
+class KeysLog(MetricsLog):
+    """``<run.dir>/keys/rank<r>.jsonl`` (``train.log_keys``): the sample keys of every micro-batch a rank trained,
+    one line ``{"step", "time", "keys": [...]}`` each (``step`` = the optimizer step the micro-batch belongs to),
+    truncated like ``metrics.jsonl`` on resume. Answers "which samples did step N see" and proves an epoch's
+    coverage (each key once) across resizes."""
+
+    def log_keys(self, step: int, keys: Sequence[str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"step": step, "time": round(time.time(), 3), "keys": [str(k) for k in keys]}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl``, in file order. A torn last line (a crash mid-write) is skipped."""
     path = Path(path)

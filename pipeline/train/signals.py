@@ -75,3 +75,31 @@ class PreemptionWatch:
             self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class Watchdog:
+    """Exit non-zero (code 3) with a message when no step completes within ``timeout_s`` (0 = off)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s, self.last = timeout_s, time.monotonic()
+        self._stop = threading.Event()
+        if timeout_s > 0:
+            threading.Thread(target=self._run, name="train-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                msg = (
+                    f"watchdog: no training step completed for {idle:.0f}s (train.watchdog_s={self.timeout_s:g}) "
+                    f"on rank {dist.get_rank()}; aborting (a hung collective or data source?)"
+                )
+                log.error(msg)
+                print(msg, flush=True)
+                os._exit(3)

@@ -15,7 +15,7 @@ import torch
 
 from jobs.demo import shard_stereo
 from jobs.train import main as train_main
-from pipeline.data import load_manifest
+from pipeline.data import build_eval_loader, load_manifest
 from pipeline.tracking import read_metrics
 from tests.conftest import free_port
 from tests.train.conftest import REPO, run, torchrun_cmd
@@ -34,13 +34,23 @@ DEMO = [
 ]
 
 
+def _trained_keys(run_dir: Path) -> dict[int, list[list[str]]]:
+    """step -> the micro-batch keys of every rank that trained it (train.log_keys), rank order."""
+    by_step: dict[int, list[list[str]]] = {}
+    for f in sorted((run_dir / "keys").glob("rank*.jsonl")):
+        for row in read_metrics(f):
+            by_step.setdefault(row["step"], []).append(row["keys"])
+    return by_step
+
+
 @pytest.mark.timeout(420)
 def test_demo_config_on_two_ranks_resumes_2_to_1_to_2_with_adam_state(tmp_path: Path, caplog) -> None:
     shards, run_dir = tmp_path / "stereo", tmp_path / "run"
     shard_stereo(str(shards))
     val = load_manifest(str(shards / "manifest-val.json"))
+    train = load_manifest(str(shards / "manifest-train.json"))
     assert len(val.shards) == 1  # fewer val shards than ranks: rank 1 contributes nothing, and that works
-    common = [*DEMO, f"data.shards={shards}", f"run.dir={run_dir}"]
+    common = [*DEMO, f"data.shards={shards}", f"run.dir={run_dir}", "train.log_keys=true"]
     r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=4"), timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -55,18 +65,30 @@ def test_demo_config_on_two_ranks_resumes_2_to_1_to_2_with_adam_state(tmp_path: 
     dist.cleanup()
     assert train_main([*common, "train.max_steps=6", "checkpoint.every=6", "checkpoint.resume=latest"]) == 0
     assert any("written by 2 ranks) on 1 ranks" in r.getMessage() for r in caplog.records)
-    # 1 → 2
-    r = run(torchrun_cmd(2, "-m", "jobs.train", *common, "train.max_steps=8", "checkpoint.resume=latest"), timeout=180)
+    # 1 → 2, on to one step past the end of the epoch: 4·16 + 2·8 samples, then the 338 left = 21 steps of 16
+    # with 2 carried into the next round, whose first step trains them ahead of epoch 1's first 14
+    end = 6 + (train.total_samples - 80) // 16 + 1
+    r = run(
+        torchrun_cmd(2, "-m", "jobs.train", *common, f"train.max_steps={end}", "checkpoint.resume=latest"), timeout=180
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "written by 1 ranks) on 2 ranks" in r.stderr
-    final = torch.load(run_dir / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt", weights_only=True)
-    assert {int(v["step"]) for v in final["optimizer"]["state"].values()} == {8}, "Adam's step == steps trained"
-    assert final["lr_scheduler"]["last_epoch"] == 8
+    final = torch.load(run_dir / "checkpoints" / f"step{end:08d}" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert {int(v["step"]) for v in final["optimizer"]["state"].values()} == {end}, "Adam's step == steps trained"
+    assert final["lr_scheduler"]["last_epoch"] == end
     steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
-    assert steps == list(range(1, 9)), steps
-    # the data cursor moved on across the resizes in global batches: 4·2 + 2·1 + 2·2 = 14 = 7 per rank on 2
-    cursor = torch.load(run_dir / "checkpoints" / "step00000008" / "trainer-rank0.pt", weights_only=True)["loader"]
-    assert (cursor["epoch"], cursor["batches"]) == (0, 7), cursor
+    assert steps == list(range(1, end + 1)), steps
+    # every key of epoch 0 trained exactly once across the resizes (the keys logs were cut back on each resume)
+    trained = _trained_keys(run_dir)
+    assert sorted(trained) == list(range(1, end + 1))
+    assert [len(trained[s]) for s in range(1, end + 1)] == [2] * 4 + [1] * 2 + [2] * (end - 6)
+    epoch0 = [k for s in range(1, end) for batch in trained[s] for k in batch] + trained[end][0][:2]
+    every = {
+        k
+        for batch in build_eval_loader(train, 64, rank=0, world_size=1, num_workers=0, decode=None)
+        for k in batch["__key__"]
+    }
+    assert len(epoch0) == len(set(epoch0)) == train.total_samples and set(epoch0) == every
 
 
 @pytest.mark.timeout(480)
