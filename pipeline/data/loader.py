@@ -470,20 +470,30 @@ def build_train_loader(
     elif seed is not None and seed != state.seed:
         raise ValueError(f"seed={seed} disagrees with the restored state's seed {state.seed}; pass one of them")
     if sampling == "exact":
-        return _exact_train_loader(
-            inp,
-            batch_size,
-            rank,
-            world_size,
-            num_workers,
-            decode,
-            state,
-            shuffle_buffer,
-            modalities,
-            pin_memory,
-            verify,
-            epoch_batches,
-        )
+        extra = _exact_plan(inp, batch_size, world_size, epoch_batches, shuffle_buffer)
+    else:
+        extra = _resampled_plan(inp, batch_size, world_size, num_workers, epoch_batches, shuffle_buffer)
+    plan = StreamPlan(
+        "epoch" if sampling == "exact" else "train",
+        inp.urls,
+        inp.modalities,
+        _required(inp, modalities),
+        batch_size,
+        rank,
+        world_size,
+        state.seed,
+        state.epoch,
+        decode,
+        verify=verify,
+        expected=inp.expected,
+        **extra,
+    )
+    return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
+
+
+def _resampled_plan(
+    inp: _Input, batch_size: int, world_size: int, num_workers: int, epoch_batches: int | None, buffer: int
+) -> dict[str, Any]:
     if epoch_batches is None:
         if inp.shard_samples is None:
             raise ValueError("epoch_batches is required when the loader is built from shard URLs (no manifest)")
@@ -502,39 +512,12 @@ def build_train_loader(
             world_size,
             max(1, num_workers),
         )
-    plan = StreamPlan(
-        "train",
-        inp.urls,
-        inp.modalities,
-        _required(inp, modalities),
-        batch_size,
-        rank,
-        world_size,
-        state.seed,
-        state.epoch,
-        decode,
-        epoch_batches=epoch_batches,
-        shuffle_buffer=shuffle_buffer,
-        verify=verify,
-        expected=inp.expected,
-    )
-    return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
+    return {"epoch_batches": epoch_batches, "shuffle_buffer": buffer}
 
 
-def _exact_train_loader(
-    inp: _Input,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    decode: Decode,
-    state: LoaderState,
-    window: int,
-    modalities: tuple[str, ...] | None,
-    pin_memory: bool,
-    verify: str,
-    epoch_batches: int | None,
-) -> TrainLoader:
+def _exact_plan(
+    inp: _Input, batch_size: int, world_size: int, epoch_batches: int | None, window: int
+) -> dict[str, Any]:
     if inp.shard_samples is None:
         raise ValueError(
             "exact epochs need each shard's sample count: build the loader from a manifest, or pass "
@@ -546,23 +529,7 @@ def _exact_train_loader(
         raise ValueError(
             f"{sum(inp.shard_samples)} samples are fewer than one batch of {batch_size} per rank on {world_size} ranks"
         )
-    plan = StreamPlan(
-        "epoch",
-        inp.urls,
-        inp.modalities,
-        _required(inp, modalities),
-        batch_size,
-        rank,
-        world_size,
-        state.seed,
-        state.epoch,
-        decode,
-        shuffle_buffer=max(1, window),
-        verify=verify,
-        expected=inp.expected,
-        shard_samples=inp.shard_samples,
-    )
-    return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
+    return {"shuffle_buffer": max(1, window), "shard_samples": inp.shard_samples}
 
 
 def build_eval_loader(
