@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 20000, 40000
 log = logging.getLogger(__name__)
@@ -116,22 +117,9 @@ def init_distributed(
     if timeout_s <= 0:
         raise ValueError(f"init_distributed: timeout_s must be > 0; got {timeout_s}")
     if dist.is_available() and dist.is_initialized():
-        if (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
-            raise RuntimeError(
-                f"init_distributed: a process group is already running as rank {dist.get_rank()} of "
-                f"{dist.get_world_size()}, but the environment says rank {info.rank} of {info.world_size}"
-            )
-        if use_deepspeed:
-            import deepspeed  # adopts the running torch group
-
-            deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        _adopt_running_group(info, use_deepspeed)
         return info
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise RuntimeError("init_distributed: backend 'nccl' needs CUDA, which is not available here")
-        torch.cuda.set_device(cuda_device_index(info))
+    backend = _choose_backend(info, backend)
     if not info.master_addr and not use_deepspeed:
         raise RuntimeError(
             f"init_distributed: {info.launcher} launch without MASTER_ADDR: export the rank-0 host "
@@ -139,37 +127,93 @@ def init_distributed(
             "deepspeed's mpi4py discovery"
         )
     if info.local_rank == 0:
-        clear_stale_build_locks()  # a build killed half-way would make init_distributed wait forever
-        if use_deepspeed and not deepspeed_ops_built():
-            _say(
-                "building DeepSpeed's CPU comm op once (about 1-2 minutes on a small machine; `make` builds it "
-                "ahead of time)"
-            )
+        _prepare_extension_builds(use_deepspeed)
     port = info.master_port or _free_port()
     if info.master_addr:
-        os.environ.update(
-            {
-                "RANK": str(info.rank),
-                "LOCAL_RANK": str(info.local_rank),
-                "WORLD_SIZE": str(info.world_size),
-                "LOCAL_WORLD_SIZE": str(info.local_world_size),
-                "MASTER_ADDR": info.master_addr,
-                "MASTER_PORT": str(port),
-            }
+        _export_world_env(info, port)
+    timeout = _bound_collective_timeouts(timeout_s, backend)
+    _start_group(info, backend, port, timeout, use_deepspeed)
+    if info.world_size > 1:
+        _HEARTBEAT.start(info.rank, info.world_size)
+    return WorldInfo(
+        info.rank,
+        info.local_rank,
+        info.world_size,
+        info.local_world_size,
+        info.master_addr or os.environ.get("MASTER_ADDR", ""),
+        port,
+        info.launcher,
+    )
+
+
+def _adopt_running_group(info: WorldInfo, use_deepspeed: bool) -> None:
+    """Keep a group that is already up (e.g. started by Ray Train) once its rank and size match ``info``."""
+    if (dist.get_rank(), dist.get_world_size()) != (info.rank, info.world_size):
+        raise RuntimeError(
+            f"init_distributed: a process group is already running as rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}, but the environment says rank {info.rank} of {info.world_size}"
         )
+    if use_deepspeed:
+        import deepspeed  # heavy: optional DeepSpeed dependency; adopts the running torch group
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+def _choose_backend(info: WorldInfo, backend: str | None) -> str:
+    """``backend``, or ``nccl``/``gloo`` by CUDA; for ``nccl`` selects this rank's CUDA device."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise RuntimeError("init_distributed: backend 'nccl' needs CUDA, which is not available here")
+        torch.cuda.set_device(cuda_device_index(info))
+    return backend
+
+
+def _prepare_extension_builds(use_deepspeed: bool) -> None:
+    """Once per node: clear stale build locks, and say so when DeepSpeed's CPU comm op is about to be built."""
+    clear_stale_build_locks()  # a build killed half-way would make init_distributed wait forever
+    if use_deepspeed and not deepspeed_ops_built():
+        _say(
+            "building DeepSpeed's CPU comm op once (about 1-2 minutes on a small machine; `make` builds it "
+            "ahead of time)"
+        )
+
+
+def _export_world_env(info: WorldInfo, port: int) -> None:
+    """Export the rank/world variables so libraries that read them (DeepSpeed) agree with ``info``."""
+    os.environ.update(
+        {
+            "RANK": str(info.rank),
+            "LOCAL_RANK": str(info.local_rank),
+            "WORLD_SIZE": str(info.world_size),
+            "LOCAL_WORLD_SIZE": str(info.local_world_size),
+            "MASTER_ADDR": info.master_addr,
+            "MASTER_PORT": str(port),
+        }
+    )
+
+
+def _bound_collective_timeouts(timeout_s: float, backend: str) -> datetime.timedelta:
+    """Record ``timeout_s`` and make it torch's default group timeout; returns it as a ``timedelta``.
+
+    Groups made later with new_group(timeout=None) — DeepSpeed's data-parallel clones, whose all-reduces
+    carry the gradients — take torch's module default (30 min), not the default group's timeout: make the
+    bound apply to them too, or a hung peer would stall the gradient all-reduce for half an hour.
+    """
     global _TIMEOUT_S
     _TIMEOUT_S = timeout_s
     timeout = datetime.timedelta(seconds=timeout_s)
-    # Groups made later with new_group(timeout=None) — DeepSpeed's data-parallel clones, whose all-reduces
-    # carry the gradients — take torch's module default (30 min), not the default group's timeout: make the
-    # bound apply to them too, or a hung peer would stall the gradient all-reduce for half an hour.
-    from torch.distributed import distributed_c10d
-
     distributed_c10d.default_pg_timeout = timeout
     if backend == "nccl":
         distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def _start_group(info: WorldInfo, backend: str, port: int, timeout: datetime.timedelta, use_deepspeed: bool) -> None:
+    """Start the default process group: through DeepSpeed (with its comm layer) or torch's TCP rendezvous."""
     if use_deepspeed:
-        import deepspeed
+        import deepspeed  # heavy: optional DeepSpeed dependency, only for use_deepspeed
 
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -185,17 +229,6 @@ def init_distributed(
             world_size=info.world_size,
             timeout=timeout,
         )
-    if info.world_size > 1:
-        _HEARTBEAT.start(info.rank, info.world_size)
-    return WorldInfo(
-        info.rank,
-        info.local_rank,
-        info.world_size,
-        info.local_world_size,
-        info.master_addr or os.environ.get("MASTER_ADDR", ""),
-        port,
-        info.launcher,
-    )
 
 
 # -- never a silent hang ----------------------------------------------------------------------------
@@ -205,7 +238,7 @@ _TIMEOUT_S = 0.0  # the bound the running group was started with (train.collecti
 
 def extension_build_root() -> str:
     """torch's JIT extension cache (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``)."""
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import get_default_build_root  # heavy: pulls in setuptools (~0.15 s)
 
     return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
 
@@ -281,7 +314,7 @@ def prebuild_deepspeed_ops() -> None:
     if deepspeed_ops_built():
         print("DeepSpeed's CPU comm op: already built", flush=True)
         return
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # heavy: optional DeepSpeed dependency
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:
@@ -305,8 +338,6 @@ class _Heartbeat:
         self._thread: threading.Thread | None = None
 
     def _store(self):
-        from torch.distributed import distributed_c10d
-
         return distributed_c10d._get_default_store()
 
     def start(self, rank: int, world: int) -> None:
