@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, apply_overrides, to_dict
+from pipeline.tracking import bound_http_retries, ensure_experiment, project_root, resolve_tracking_uri
+from pipeline.train.consolidate import config_path, consolidate
 
 from .space import SpaceError, SweepSpec, tune_space
 from .trial import TrialContext, run_trial, trial_config
@@ -56,20 +58,11 @@ class SweepResult:
 def run_sweep(base: Config, spec: SweepSpec, *, sweep_name: str | None = None, verbose: int = 1) -> SweepResult:
     """Run the sweep on the Ray cluster this process is connected to (``ray.init`` first if it is not: a
     local cluster, or ``RAY_ADDRESS``); returns once every trial ended, after writing the best trial's files."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    import ray  # heavy: optional Ray dependency, only for a sweep
 
     name = sweep_name or spec.name
     base = _absolute_paths(apply_overrides(base, spec.fixed))
-    from pipeline.tracking import project_root
-
-    sweep_dir = (Path(spec.storage) if not spec.remote else project_root() / "runs" / "sweeps") / name
-    if (sweep_dir / "best.json").exists() or (sweep_dir / "trials").exists():
-        raise SpaceError(f"sweep directory {sweep_dir} already holds a sweep; pick another name (--name)")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-
+    sweep_dir = _new_sweep_dir(spec, name)
     parent = _ParentRun.open(base, spec, name) if base.tracking.enabled else None
     ctx = TrialContext(
         base=to_dict(base),
@@ -83,48 +76,10 @@ def run_sweep(base: Config, spec: SweepSpec, *, sweep_name: str | None = None, v
         tracking_uri=parent.uri if parent else "",
         parent_run_id=parent.run_id if parent else "",
     )
-
-    def mango_trial(params: dict[str, Any]) -> None:
-        run_trial(params, ctx)
-
-    if spec.workers == 1:
-        resources: dict[str, float] = {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}
-    else:
-        # the trial actor only drives a TorchTrainer whose workers reserve their own CPUs/GPUs in their own
-        # placement group; a CPU here would leave a 2-CPU node unable to place 2 one-CPU workers. Ray refuses an
-        # all-zero request, so the driver books what it really uses: memory (a Python process, ~256 MiB).
-        resources = {"cpu": 0, "memory": _DRIVER_MEMORY}
-    trainable = tune.with_resources(mango_trial, resources)
-    s = spec.scheduler
-    # max_t one past the last validation: trials end on their own at train.max_steps, and ASHA stopping a trial at
-    # max_t would kill its actor before train_loop closes the MLflow run (the rungs stay those of max_t)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=s["max_t"] + 1,
-            grace_period=s["grace_period"],
-            reduction_factor=s["reduction_factor"],
-        )
-        if s["name"] == "asha"
-        else FIFOScheduler()
-    )
+    scheduler = _scheduler(spec)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=tune_space(spec),
-        # the concurrency cap goes to the search algorithm: Tune ignores TuneConfig.max_concurrent_trials when a
-        # BasicVariantGenerator instance (needed for the seed) is passed
-        tune_config=tune.TuneConfig(
-            metric=spec.metric,
-            mode=spec.mode,
-            scheduler=scheduler,
-            num_samples=spec.num_samples,
-            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials),
-            trial_dirname_creator=_trial_dirname,
-        ),
-        run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=verbose),
-    )
+    tuner = _tuner(spec, ctx, name, scheduler, verbose)
     started = time.monotonic()
     try:
         grid = tuner.fit()
@@ -144,6 +99,70 @@ def run_sweep(base: Config, spec: SweepSpec, *, sweep_name: str | None = None, v
     if parent is not None:
         parent.finish(result)
     return result
+
+
+def _new_sweep_dir(spec: SweepSpec, name: str) -> Path:
+    """The local sweep directory (under the project's runs/sweeps when the storage is remote), made; one that
+    already holds a sweep is an error."""
+    sweep_dir = (Path(spec.storage) if not spec.remote else project_root() / "runs" / "sweeps") / name
+    if (sweep_dir / "best.json").exists() or (sweep_dir / "trials").exists():
+        raise SpaceError(f"sweep directory {sweep_dir} already holds a sweep; pick another name (--name)")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    return sweep_dir
+
+
+def _trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What Tune books for one trial's actor."""
+    if spec.workers == 1:
+        return {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}
+    # the trial actor only drives a TorchTrainer whose workers reserve their own CPUs/GPUs in their own
+    # placement group; a CPU here would leave a 2-CPU node unable to place 2 one-CPU workers. Ray refuses an
+    # all-zero request, so the driver books what it really uses: memory (a Python process, ~256 MiB).
+    return {"cpu": 0, "memory": _DRIVER_MEMORY}
+
+
+def _scheduler(spec: SweepSpec):
+    """ASHA (early stopping, in validations) or FIFO, as the space file's scheduler section says."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # heavy: optional Ray dependency
+
+    s = spec.scheduler
+    # max_t one past the last validation: trials end on their own at train.max_steps, and ASHA stopping a trial at
+    # max_t would kill its actor before train_loop closes the MLflow run (the rungs stay those of max_t)
+    return (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=s["max_t"] + 1,
+            grace_period=s["grace_period"],
+            reduction_factor=s["reduction_factor"],
+        )
+        if s["name"] == "asha"
+        else FIFOScheduler()
+    )
+
+
+def _tuner(spec: SweepSpec, ctx: TrialContext, name: str, scheduler, verbose: int):
+    """The Tuner: one ``run_trial`` per sampled config, seeded sampling, the concurrency cap."""
+    from ray import tune  # heavy: optional Ray dependency
+    from ray.tune.search.basic_variant import BasicVariantGenerator  # heavy: optional Ray dependency
+
+    def mango_trial(params: dict[str, Any]) -> None:
+        run_trial(params, ctx)
+
+    return tune.Tuner(
+        tune.with_resources(mango_trial, _trial_resources(spec)),
+        param_space=tune_space(spec),
+        # the concurrency cap goes to the search algorithm: Tune ignores TuneConfig.max_concurrent_trials when a
+        # BasicVariantGenerator instance (needed for the seed) is passed
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
+            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials),
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=verbose),
+    )
 
 
 def _trial_dirname(trial) -> str:
@@ -243,8 +262,6 @@ def write_best(result: SweepResult, ctx: TrialContext) -> Path:
          "trial_id": "...", "run_dir": "...", "params": {"optim.lr": 0.003, ...},
          "sweep": "<name>", "mlflow_run_id": "<child run>", "parent_run_id": "<sweep run>", "tracking_uri": "..."}
     """
-    from pipeline.train.consolidate import config_path, consolidate
-
     best = result.best
     assert best is not None
     weights = consolidate(best.checkpoint_dir, result.sweep_dir / "best.safetensors")
@@ -282,10 +299,8 @@ class _ParentRun:
 
     @classmethod
     def open(cls, base: Config, spec: SweepSpec, name: str) -> _ParentRun:
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
-
-        from pipeline.tracking import bound_http_retries, ensure_experiment, resolve_tracking_uri
+        from mlflow import MlflowClient  # heavy: optional tracking dependency
+        from mlflow.entities import Param  # heavy: optional tracking dependency
 
         uri = resolve_tracking_uri(base.tracking.uri)
         bound_http_retries(base.tracking.retries, base.tracking.timeout_s)

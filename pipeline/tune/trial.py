@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, apply_overrides, from_dict, to_dict
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.loop import train_loop
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,6 @@ class TrialReporter:
         self.metric, self.run_dir, self.report = metric, run_dir, report
 
     def __call__(self, metrics: Mapping[str, Any]) -> None:
-        from pipeline.train import checkpoint as ckpt
-
         if self.metric not in metrics:
             raise KeyError(
                 f"sweep metric {self.metric!r} is not among the validation's metrics "
@@ -67,18 +67,16 @@ class TrialReporter:
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable: one ``train_loop`` here, or a Ray Train ``TorchTrainer`` of ``workers``."""
-    from ray import tune
+    from ray import tune  # heavy: optional Ray dependency
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, trial_id, params)
     if ctx.workers == 1:
-        from pipeline.train.loop import train_loop
-
         train_loop(cfg, reporter=TrialReporter(ctx.metric, cfg.run.dir, tune.report))
         return
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+    import ray.train  # heavy: optional Ray dependency
+    from ray.train.torch import TorchTrainer  # heavy: optional Ray dependency
+    from ray.tune.integration.ray_train import TuneReportCallback  # heavy: optional Ray dependency
 
     per_worker = {"CPU": ctx.cpus_per_worker} | ({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})
     trainer = TorchTrainer(
@@ -96,9 +94,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker = one rank: the same ``train_loop``, reporting through ``ray.train.report``."""
-    import ray.train
-
-    from pipeline.train.loop import train_loop
+    import ray.train  # heavy: optional Ray dependency
 
     cfg = from_dict(loop_config["config"])
     train_loop(cfg, reporter=TrialReporter(loop_config["metric"], cfg.run.dir, ray.train.report))
