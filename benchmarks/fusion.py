@@ -43,24 +43,33 @@ from pathlib import Path
 
 import torch
 
+from jobs.demo import shard_stereo
 from pipeline.config import load_config
+from pipeline.data import load_manifest, manifest_name, write_split
+from pipeline.data.storage import join
 from pipeline.models import build_model, modality_specs
+from pipeline.tasks import TASKS, get_task
 from pipeline.train.loop import train_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tasks import CONFIGS, METRICS, TARGET_KEYS, shard_task  # noqa: E402  (the sibling benchmark's data and names)
 
-#: headline metric per task and whether larger is better
-HEADLINE = {
-    "segmentation": ("val_miou", True),
-    "translation": ("val_mae", False),
-    "classification": ("val_micro_f1", True),
-    "density": ("val_bits_per_dim", False),
-    "nonlocal": ("val_mae", False),
-}
+#: headline metric per study (one per task, from the task; nonlocal is a translation config) and whether larger
+#: is better
+HEADLINE = {t.name: (f"val_{t.headline}", t.higher_is_better) for t in TASKS}
+HEADLINE["nonlocal"] = HEADLINE[get_task("translation").name]
 #: the non-local task's shards (launch/configs/nonlocal_demo.yaml): an unregistered right view, 8-16 px away
 NONLOCAL = {"patch": 24, "downscale": 3, "stride": 4, "holdout": 0.35, "val_stride": 4, "shift": 16}
 #: two-sided 95 % Student t quantiles by degrees of freedom
+
+
+def _shard_nonlocal(cfg, shards: Path) -> None:
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        write_split("embedded", "stereo", str(shards), split, options=NONLOCAL, samples_per_shard=256, progress=False)
+
+
+#: studies whose shards are not benchmarks/tasks.py's embedded sets: the demo's stereo pair, the non-local pair
+SHARDS = {"density": lambda cfg, shards: shard_stereo(str(shards)), "nonlocal": _shard_nonlocal}
 T975 = {
     1: 12.706,
     2: 4.303,
@@ -96,9 +105,6 @@ def param_count(cfg) -> int:
 
 
 def _manifest(cfg):
-    from pipeline.data import load_manifest, manifest_name
-    from pipeline.data.storage import join
-
     return load_manifest(join(cfg.data.shards, manifest_name(cfg.data.train_split)))
 
 
@@ -116,7 +122,7 @@ def matched_xattn_ratio(config: Path, base: list[str], target: int) -> tuple[flo
 
 def variants(task: str, cfg, config: Path, base: list[str]) -> dict[str, list[str]]:
     mods = list(cfg.data.modalities)
-    if task == "density":
+    if not get_task(cfg.model.task).latent:  # no target: the joint flow vs a flow per single modality
         return {"mango": [], **{f"{m} only": [f"data.modalities=[{m}]"] for m in mods}}
     target = cfg.model.target or TARGET_KEYS[cfg.model.task]
     inputs = [m for m in mods if m != target]
@@ -146,17 +152,8 @@ def run_task(
         f"checkpoint.every={steps}",
         f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps)}",
     ]
-    if task == "density":
-        from jobs.demo import shard_stereo
-
-        shard_stereo(str(shards))
-    elif task == "nonlocal":
-        from pipeline.data import write_split
-
-        for split in (cfg.data.train_split, cfg.data.val_split):
-            write_split(
-                "embedded", "stereo", str(shards), split, options=NONLOCAL, samples_per_shard=256, progress=False
-            )
+    if task in SHARDS:
+        SHARDS[task](cfg, shards)
     else:
         shard_task(task, cfg, shards, scenes=64 if quick else 128, movies=256 if quick else 512)
     cells = []
@@ -177,6 +174,7 @@ def run_task(
                 "steps": steps,
                 "wall_s": wall,
                 "params": param_count(run_cfg),
+                "joint": not get_task(cfg.model.task).latent,  # singles are views of one joint flow
                 metric: result[metric],
                 **{m: result[m] for m in METRICS.get(cfg.model.task, ()) if m in result},
             }
@@ -191,6 +189,7 @@ def summarise(cells: list[dict]) -> list[dict]:
     rows = []
     for task in dict.fromkeys(c["task"] for c in cells):
         metric, higher = HEADLINE[task]
+        joint = any(c.get("joint") for c in cells if c["task"] == task)
         by = {}
         for c in cells:
             if c["task"] == task:
@@ -207,7 +206,7 @@ def summarise(cells: list[dict]) -> list[dict]:
                 "params": next(c["params"] for c in cells if c["task"] == task and c["variant"] == variant),
             }
             if variant != "mango":
-                if task == "density":  # joint vs summed singles: one paired difference per seed over both views
+                if joint:  # joint vs summed singles: one paired difference per seed over both views
                     if variant != singles[0]:
                         continue
                     row["variant"] = "summed singles"
@@ -243,7 +242,7 @@ class Tracker:
         self.client = self.parent = None
         if not enabled:
             return
-        from pipeline.tracking.store import client_for, ensure_experiment
+        from pipeline.tracking.store import client_for, ensure_experiment  # heavy: MLflow's client, only when tracking
 
         self.client = client_for(uri)
         exp = ensure_experiment(self.client, "mango-fusion-study")

@@ -41,72 +41,109 @@ Data (embedded, held-out split disjoint from training):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from jobs.demo import STEREO as DEMO_STEREO
 from pipeline.config import load_config
 from pipeline.data import write_split
+from pipeline.data.sources.embedded import BASELINE_MM, DOFFS_PX, FOCAL_PX, EmbeddedSource, stereo_arrays
 from pipeline.data.sources.movies import write_movie_folder
+from pipeline.tasks import get_task
 from pipeline.train.loop import train_loop
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "launch" / "configs"
 TASKS = ("segmentation", "translation", "classification", "density")
-#: the held-out metrics printed per task (first = the headline)
+#: the held-out metrics printed per task (first = the headline), from the tasks' own metric lists
 METRICS = {
-    "segmentation": ("val_miou", "val_pixacc", "val_macc"),
-    "translation": ("val_mae", "val_mse"),
-    "classification": ("val_micro_f1", "val_macro_f1", "val_samples_f1"),
+    name: tuple(f"val_{m}" for m in (t.headline, *(m for m in t.metrics if m != t.headline)))
+    for name, t in ((name, get_task(name)) for name in TASKS)
+    if t.latent
 }
 #: translation shards (as translation_demo.yaml): at downscale 5 the disparity is ~2-12 px (median 8) inside the
 #: 16 px patch (at 3 it was ~3-20, median 13); stride 2 = 4x the training windows of the default P/2. Held out: the
 #: right 35% of the columns, patches every 4 px (the default 1/4 at stride P leaves 6 patches at this downscale)
 STEREO = {"downscale": 5, "stride": 2, "holdout": 0.35, "val_stride": 4}
-TARGET_KEYS = {"segmentation": "label", "classification": "labels"}
+
+
+def _shard_scenes(cfg, out: Path, scenes: int, movies: int) -> None:
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        write_split(
+            "embedded",
+            "scenes",
+            str(out),
+            split,
+            progress=False,
+            samples_per_shard=64,
+            options={
+                "scenes": scenes if split == cfg.data.train_split else max(16, scenes // 3),
+                "size": cfg.model.image_size,
+                "view": "top",
+            },
+        )
+
+
+def _shard_stereo(cfg, out: Path, scenes: int, movies: int) -> None:
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        write_split(
+            "embedded",
+            "stereo",
+            str(out),
+            split,
+            progress=False,
+            samples_per_shard=64,
+            options={"patch": cfg.model.image_size, **STEREO},
+        )
+
+
+def _shard_movies(cfg, out: Path, scenes: int, movies: int) -> None:
+    raw = out.parent / "movies-raw"
+    write_movie_folder(str(raw), train=movies, dev=max(16, movies // 4), test=max(16, movies // 4), seed=0)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        write_split(
+            "mmimdb",
+            str(raw),
+            str(out),
+            split,
+            progress=False,
+            samples_per_shard=128,
+            options={"image_size": cfg.model.image_size},
+        )
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """This benchmark's embedded data set for one latent task, and how its table is drawn."""
+
+    shard: Callable[..., None]  # (cfg, out, scenes, movies): write the train / held-out shards
+    target: str = ""  # the target modality when the config does not name it
+    each_single: bool = False  # a single-modality row per input (else: the first input only)
+    references: bool = False  # print the no-model stereo references under the table
+
+
+#: per latent task: its embedded set (the density rows come from benchmarks/stereo_density.py)
+EMBEDDED = {
+    "segmentation": Embedded(_shard_scenes, target="label"),
+    "translation": Embedded(_shard_stereo, references=True),
+    "classification": Embedded(_shard_movies, target="labels", each_single=True),  # genres need both
+}
+TARGET_KEYS = {task: e.target for task, e in EMBEDDED.items() if e.target}
 
 
 def shard_task(task: str, cfg, out: Path, scenes: int, movies: int = 512) -> None:
     """Write the task's embedded train / held-out shards under ``out`` (seconds on CPU)."""
-    size = cfg.model.image_size
-    splits = (cfg.data.train_split, cfg.data.val_split)
-    if task == "segmentation":
-        for split in splits:
-            write_split(
-                "embedded",
-                "scenes",
-                str(out),
-                split,
-                progress=False,
-                samples_per_shard=64,
-                options={
-                    "scenes": scenes if split == cfg.data.train_split else max(16, scenes // 3),
-                    "size": size,
-                    "view": "top",
-                },
-            )
-    elif task == "translation":
-        for split in splits:
-            write_split(
-                "embedded",
-                "stereo",
-                str(out),
-                split,
-                progress=False,
-                samples_per_shard=64,
-                options={"patch": size, **STEREO},
-            )
-    elif task == "classification":
-        raw = out.parent / "movies-raw"
-        write_movie_folder(str(raw), train=movies, dev=max(16, movies // 4), test=max(16, movies // 4), seed=0)
-        for split in splits:
-            write_split(
-                "mmimdb", str(raw), str(out), split, progress=False, samples_per_shard=128, options={"image_size": size}
-            )
-    else:
+    if task not in EMBEDDED:
         raise ValueError(f"shard_task: no embedded set for task {task!r}")
+    EMBEDDED[task].shard(cfg, out, scenes, movies)
 
 
 def variants(task: str, cfg) -> dict[str, list[str]]:
@@ -118,7 +155,7 @@ def variants(task: str, cfg) -> dict[str, list[str]]:
     inputs = [m for m in mods if m != target]
     if len(inputs) != 2:
         raise ValueError(f"{task}: the fusion comparison needs two input modalities, the config has {inputs}")
-    singles = inputs if task == "classification" else inputs[:1]  # genres need both: show each alone
+    singles = inputs if EMBEDDED[task].each_single else inputs[:1]  # genres need both: show each alone
     out = {"mango": []}
     for m in singles:
         out[f"{m} only"] = [f"data.modalities=[{m},{target}]"]
@@ -167,10 +204,6 @@ def stereo_references(patch: int, split: str = "val") -> dict[str, dict[str, flo
       (``d = (f·B/Z − doffs)/s``, right[x] ≈ left[x + d(x)], bilinear, clamped at the patch edge; pixels without
       depth take the patch's median disparity) — an upper reference for what depth can tell, not a model.
     """
-    import numpy as np
-
-    from pipeline.data.sources.embedded import BASELINE_MM, DOFFS_PX, FOCAL_PX, EmbeddedSource, stereo_arrays
-
     src = EmbeddedSource("stereo", patch=patch, **STEREO)
     left, right, depth = stereo_arrays(STEREO["downscale"])
     err = {"copy left patch": [], "oracle depth warp": []}
@@ -198,7 +231,7 @@ def print_table(task: str, rows: list[tuple[str, dict, float]], steps: int, patc
     print(f"{'model':<20}" + "".join(f"{n.removeprefix('val_'):>12}" for n in names) + f"{'wall s':>9}")
     for name, result, wall in rows:
         print(f"{name:<20}" + "".join(f"{result[n]:>12.4f}" for n in names) + f"{wall:>9.0f}")
-    if task == "translation":
+    if EMBEDDED[task].references:
         print("references (no model, same held-out patches):")
         for name, result in stereo_references(patch).items():
             print(f"  {name:<18}" + "".join(f"{result[n]:>12.4f}" for n in names))
@@ -207,16 +240,12 @@ def print_table(task: str, rows: list[tuple[str, dict, float]], steps: int, patc
 
 def density_table(tmp: Path, steps: int, overrides: list[str]) -> None:
     """Joint vs single-view flows on the stereo pair: ``benchmarks/stereo_density.py``'s runs and numbers."""
-    import importlib.util
-
-    from jobs.demo import STEREO
-
     spec = importlib.util.spec_from_file_location("stereo_density", REPO / "benchmarks" / "stereo_density.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for split in ("train", "val"):
         write_split(
-            "embedded", "stereo", str(tmp / "shards"), split, options=STEREO, samples_per_shard=64, progress=False
+            "embedded", "stereo", str(tmp / "shards"), split, options=DEMO_STEREO, samples_per_shard=64, progress=False
         )
     rows = {
         name: bench.run(tmp, name, mods, steps, overrides)
@@ -250,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for task in tasks:
-            if task == "density":
+            if not get_task(task).latent:  # the joint pixel-level flow vs single views
                 density_table(tmp / "density", args.steps or 300, args.overrides)
                 continue
             only = [v.strip() for v in args.variants.split(",") if v.strip()] or None

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.tasks import get_task, names_where
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tracking", action="store_true", help="write the JSON and figures only")
     args = p.parse_args(argv)
 
-    from pipeline import evaluation as ev
+    from pipeline import evaluation as ev  # heavy: imports MLflow (model sources); after the argument checks
 
     try:
         with tempfile.TemporaryDirectory(prefix="mango-eval-") as scratch:
@@ -51,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = source.cfg
             tracking_uri = args.tracking_uri or cfg.tracking.uri
             split, shards = args.split or cfg.data.val_split, args.shards or cfg.data.shards
-            if args.inception_weights and cfg.model.task != "translation":
-                raise ValueError(f"--inception-weights is for the translation task; this model is {cfg.model.task!r}")
+            if args.inception_weights and not get_task(cfg.model.task).image_distances:
+                raise ValueError(
+                    f"--inception-weights is for the {'/'.join(names_where('image_distances'))} task; "
+                    f"this model is {cfg.model.task!r}"
+                )
             device = ev.pick_device(cfg, args.device)
             model = ev.load_source(source, device)
             result = ev.evaluate_model(

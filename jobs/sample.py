@@ -17,6 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from pipeline.figures import density_sample_grid
+from pipeline.flows import quantize
+from pipeline.tasks import get_task, names_where
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__.split("\n")[0])
@@ -35,20 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.grids < 1 or not args.temperature > 0:
         p.error(f"need --n ≥ 1, --grids ≥ 1 and --temperature > 0; got {args.n}, {args.grids}, {args.temperature}")
 
-    import numpy as np
-    import torch
-
-    from pipeline import evaluation as ev
-    from pipeline.figures import density_sample_grid
-    from pipeline.flows import quantize
+    from pipeline import evaluation as ev  # heavy: imports MLflow (model sources); after the argument checks
 
     try:
         with tempfile.TemporaryDirectory(prefix="mango-sample-") as scratch:
             source = ev.resolve_source(args.checkpoint, args.model_uri, scratch, tracking_uri=args.tracking_uri)
-            if source.cfg.model.task != "density":
+            if not get_task(source.cfg.model.task).can_sample:
                 raise ValueError(
-                    f"{source.origin} is a {source.cfg.model.task!r} model; only density models sample "
-                    "(use jobs.evaluate for its figures)"
+                    f"{source.origin} is a {source.cfg.model.task!r} model; only "
+                    f"{'/'.join(names_where('can_sample'))} models sample (use jobs.evaluate for its figures)"
                 )
             device = ev.pick_device(source.cfg, args.device)
             model = ev.load_source(source, device)

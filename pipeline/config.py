@@ -44,8 +44,9 @@ from pipeline.config_rules import rule_field as _f
 from pipeline.flows.base import KERNELS
 from pipeline.flows.ica import ATTENTION, FORMS
 from pipeline.flows.mango import MEMORY_POLICIES
+from pipeline.tasks import get_task, task_names
 
-TASKS = ("density", "segmentation", "translation", "classification")
+TASKS = task_names()  # the registry's tasks (pipeline.tasks)
 ENCODERS = ("conv", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -426,17 +427,7 @@ def _check_cross(cfg: Config) -> None:
     m, shards = cfg.model, cfg.data.shards
     if "://" in shards and not shards.startswith("s3://"):
         raise ConfigError(f"data.shards must be a local directory or an s3:// URL; got {shards!r}")
-    if m.task == "density":
-        if len(cfg.data.modalities) not in (1, 2):
-            raise ConfigError(
-                f"data.modalities: the density model takes 1 or 2 image modalities; got {cfg.data.modalities}"
-            )
-        scale = m.patch_size * 2 ** (m.levels - 1)
-        if m.image_size % scale:
-            raise ConfigError(
-                f"model.image_size must be divisible by model.patch_size·2^(model.levels−1) = {scale}; "
-                f"got {m.image_size}"
-            )
+    get_task(m.task).check_config(cfg)  # the task's own cross-field rules (model.skips, model.flow_layer, ...)
     if cfg.optim.ema and cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "optim.ema: an EMA of ZeRO-3-partitioned weights is not supported; use "
@@ -450,15 +441,6 @@ def _check_cross(cfg: Config) -> None:
         )
     if cfg.data.crop_width and not cfg.data.crop_size:
         raise ConfigError(f"data.crop_width={cfg.data.crop_width} needs data.crop_size (the crop's rows) > 0")
-    if m.flow_layer != "ica" and (m.task == "density" or m.fusion != "mango"):
-        raise ConfigError(
-            f"model.flow_layer={m.flow_layer}: picks the latent models' flow G (model.fusion=mango), "
-            f"not the {m.task if m.task == 'density' else m.fusion} model"
-        )
-    if m.skips and m.task not in ("segmentation", "translation"):
-        raise ConfigError(
-            f"model.skips: skip connections feed the dense decoders (segmentation, translation), not {m.task}"
-        )
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps})"

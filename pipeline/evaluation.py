@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+from pipeline import metrics
 from pipeline.config import Config
+from pipeline.data import build_eval_loader, load_manifest, manifest_name
+from pipeline.data.storage import join
 from pipeline.model_source import (  # noqa: F401  (re-exported: the evaluation API names them)
     MODELS_URI_PREFIX,
     ModelSource,
@@ -31,6 +35,8 @@ from pipeline.model_source import (  # noqa: F401  (re-exported: the evaluation 
     resolve_source,
     weights_config,
 )
+from pipeline.models import modality_specs
+from pipeline.tasks import get_task, names_where
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +84,6 @@ def pick_device(cfg: Config, requested: str = "auto") -> torch.device:
 
 def eval_loader(cfg: Config, shards: str, split: str, batch_size: int | None = None):
     """Single-process exact pass over ``split`` of ``shards``, and the split's manifest."""
-    from pipeline.data import build_eval_loader, load_manifest, manifest_name
-    from pipeline.data.storage import join
-
     manifest = load_manifest(join(shards, manifest_name(split)))
     keys = model_keys(cfg, manifest)
     loader = build_eval_loader(
@@ -91,8 +94,6 @@ def eval_loader(cfg: Config, shards: str, split: str, batch_size: int | None = N
 
 def model_keys(cfg: Config, manifest) -> tuple[str, ...]:
     """The sample keys the model reads, checked against the manifest (a mismatch is a ConfigError)."""
-    from pipeline.models import modality_specs
-
     return tuple(s[0] for s in modality_specs(cfg, manifest))
 
 
@@ -112,7 +113,7 @@ def evaluate_model(
     density task draws its dequantisation noise from ``torch.manual_seed(cfg.run.seed)``. Translation adds
     FID / KID×100 over the split (``fid``/``kid`` with ``inception_weights``, else ``fid_proxy``/``kid_proxy``).
     """
-    from pipeline.train.loop import evaluate
+    from pipeline.train.loop import evaluate  # heavy: the training loop imports DeepSpeed and the MLflow tracker
 
     device = torch.device(device)
     loader, manifest = eval_loader(cfg, shards, split, batch_size)
@@ -127,13 +128,16 @@ def evaluate_model(
     samples = int(metrics.get(f"{split}_samples", 0))
     if samples == 0:
         raise ValueError(f"{shards} split {split!r}: the exact pass saw no samples")
-    if cfg.model.task == "translation":
+    if get_task(cfg.model.task).image_distances:
         distances = image_distances(
             model, cfg, shards, split, device=device, batch_size=batch_size, inception_weights=inception_weights
         )
         metrics |= {f"{split}_{k}": v for k, v in distances.items()}
     elif inception_weights:
-        raise ValueError(f"inception weights are for the translation task; this model is {cfg.model.task!r}")
+        raise ValueError(
+            f"inception weights are for the {'/'.join(names_where('image_distances'))} task; "
+            f"this model is {cfg.model.task!r}"
+        )
     return EvalResult(metrics, split, str(shards), manifest.manifest_checksum(), samples)
 
 
@@ -143,8 +147,6 @@ def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str,
 
 def weights_specs(weights: str | Path) -> list[tuple[str, tuple[int, ...], int]]:
     """(sample key, shape (C, H, W), bits) per modality, from the consolidated weights' metadata."""
-    from safetensors import safe_open
-
     with safe_open(str(weights), "pt") as f:
         return [(n, tuple(s), int(b)) for n, s, b in json.loads((f.metadata() or {}).get("modalities", "[]"))]
 
@@ -199,14 +201,69 @@ def image_distances(
 ) -> dict[str, float]:
     """FID / KID×100 of the translation predictions against the targets over the whole split (proxies
     ``fid_proxy`` / ``kid_proxy`` without Inception weights; see :func:`pipeline.metrics.image_distances`)."""
-    from pipeline import metrics
-
     real, fake = [], []
     for batch, out in predictions(model, cfg, shards, split, device=device, batch_size=batch_size):
         real.append(target_unit(model, batch[model.target.key]))
         fake.append(out["pred"].float())
     as_u8 = lambda xs: (torch.cat(xs).clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)  # noqa: E731
     return metrics.image_distances(as_u8(real), as_u8(fake), inception_weights=inception_weights)
+
+
+@dataclass
+class FigureContext:
+    """What a task's :meth:`~pipeline.tasks.base.Task.figures` draws from: the model, where its data is, and
+    the passes over it (so the tasks need not import this module)."""
+
+    model: torch.nn.Module
+    source: ModelSource
+    shards: str
+    split: str
+    out_dir: Path
+    n: int = 8
+    device: torch.device | str = "cpu"
+    temperature: float = 1.0
+
+    @property
+    def cfg(self) -> Config:
+        return self.source.cfg
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """``n`` joint samples at ``temperature``, seeded by ``run.seed`` (density)."""
+        with torch.no_grad():
+            torch.manual_seed(self.cfg.run.seed)
+            return self.model(mode="sample", n=self.n, temperature=self.temperature)
+
+    def bits(self) -> dict[str, int]:
+        """Bits per modality, from the consolidated weights' metadata."""
+        return {s[0]: s[2] for s in weights_specs(self.source.weights)}
+
+    def first_predictions(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``(batch, predictions)`` of the split's first ``n`` valid samples in manifest order."""
+        return next(
+            predictions(
+                self.model, self.cfg, self.shards, self.split, device=self.device, batch_size=self.n, limit=self.n
+            )
+        )
+
+    def target_unit(self, target: torch.Tensor) -> torch.Tensor:
+        return target_unit(self.model, target)
+
+    def eval_sums(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The ``forward(batch, mode="eval")`` sums ``keys`` over the whole split (float64, on the CPU)."""
+        loader, _ = eval_loader(self.cfg, self.shards, self.split)
+        sums: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for batch in loader:
+                out = self.model(to_device(batch, self.device), mode="eval")
+                for k in keys:
+                    sums[k] = sums.get(k, 0) + out[k].detach().double().cpu()
+        return sums
+
+    def class_names(self, k: int) -> list[str]:
+        """The target's class names from the split's manifest (``0..k-1`` when it names none)."""
+        manifest = load_manifest(join(self.shards, manifest_name(self.split)))
+        spec = next((v for key, v in manifest.modalities.items() if key == self.model.target.key), None)
+        return list(spec.classes) if spec is not None and spec.classes else [str(i) for i in range(k)]
 
 
 def task_figures(
@@ -225,50 +282,12 @@ def task_figures(
 
     density: ``samples.png`` (``n`` joint samples, seeded by ``run.seed``); segmentation: ``overlays.png``
     (inputs | prediction | ground truth); translation: ``triptychs.png`` (inputs | prediction | target);
-    classification: ``genre_f1.png`` (per-genre F1 over the whole split).
+    classification: ``genre_f1.png`` (per-genre F1 over the whole split). Each is the task's
+    :meth:`~pipeline.tasks.base.Task.figures`.
     """
-    from pipeline import figures
-
-    cfg, out_dir = source.cfg, Path(out_dir)
-    task = cfg.model.task
     model.eval()
-    if task == "density":
-        with torch.no_grad():
-            torch.manual_seed(cfg.run.seed)
-            out = model(mode="sample", n=n, temperature=temperature)
-        names = list(out)
-        bits = {s[0]: s[2] for s in weights_specs(source.weights)}
-        return [
-            figures.density_sample_grid(
-                [out[k] for k in names], [bits[k] for k in names], names, out_dir / "samples.png"
-            )
-        ]
-    if task == "classification":
-        return [_genre_bars(model, cfg, shards, split, out_dir / "genre_f1.png", device)]
-    batch, out = next(predictions(model, cfg, shards, split, device=device, batch_size=n, limit=n))
-    inputs = [(m.key, batch[m.key], m.bits) for m in model.inputs if m.kind == "image"]
-    if task == "segmentation":
-        return [figures.segmentation_overlays(inputs, out["pred"], batch[model.target.key], out_dir / "overlays.png")]
-    if task == "translation":
-        target = target_unit(model, batch[model.target.key])
-        return [figures.translation_triptychs(inputs, out["pred"], target, out_dir / "triptychs.png")]
-    raise ValueError(f"no figures for task {task!r}")
-
-
-def _genre_bars(model, cfg: Config, shards: str, split: str, path: Path, device) -> Path:
-    from pipeline import figures
-
-    loader, manifest = eval_loader(cfg, shards, split)
-    sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for batch in loader:
-            out = model(to_device(batch, device), mode="eval")
-            for k in ("tp", "fp", "fn"):
-                sums[k] = sums.get(k, 0) + out[k].detach().double().cpu()
-    spec = next((v for k, v in manifest.modalities.items() if k == model.target.key), None)
-    k = sums["tp"].shape[0]
-    names = list(spec.classes) if spec is not None and spec.classes else [str(i) for i in range(k)]
-    return figures.genre_f1_bars(sums["tp"], sums["fp"], sums["fn"], names, path, title=f"per-genre F1 ({split})")
+    ctx = FigureContext(model, source, shards, split, Path(out_dir), n, device, temperature)
+    return get_task(source.cfg.model.task).figures(ctx)
 
 
 def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], tracking_uri: str = "") -> str:
@@ -276,10 +295,10 @@ def log_evaluation(result: EvalResult, source: ModelSource, files: list[Path], t
     tag ``eval.<split>.manifest_sha256``) and ``files``
     (under ``eval/<split>/``) to the model's training run when this store knows it, else to a new
     ``evaluate-<task>`` run; returns the run id."""
-    from mlflow.entities import Metric, RunTag
-    from mlflow.exceptions import MlflowException
+    from mlflow.entities import Metric, RunTag  # heavy: optional tracking dependency
+    from mlflow.exceptions import MlflowException  # heavy: optional tracking dependency
 
-    from pipeline.tracking.store import client_for, ensure_experiment
+    from pipeline.tracking.store import client_for, ensure_experiment  # heavy: MLflow's client
 
     client = client_for(tracking_uri)
     run_id = None

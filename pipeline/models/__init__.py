@@ -1,4 +1,5 @@
-"""Task models. ``build_model(cfg, specs)`` is the one place that maps ``model.task`` to a model.
+"""Task models. ``build_model(cfg, specs)`` builds the model of ``model.task`` (its :mod:`pipeline.tasks` object
+decides the pieces: latent or not, the head, the input/target layout, the checks).
 
 ``specs`` (name, shape, bits per modality) come from the shard manifest at training time
 (:func:`modality_specs`) and from the consolidated weights' metadata when a model is loaded for inference,
@@ -26,6 +27,7 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError
 from pipeline.flows.plan import decide_memory
+from pipeline.tasks import Task, get_task
 
 from .augment import Augment
 from .density import DensityModel, build_density
@@ -43,10 +45,11 @@ def modality_specs(cfg: Config, manifest) -> list[Spec]:
 
     A config modality name (``rgb``) matches the manifest member whose stem it is (``rgb.png``); images are
     stored (H, W, C) / (H, W) and batched (C, H, W), so the shape is reported in the batched layout. For the
-    latent tasks the manifest's class names must agree with ``model.num_classes`` (ConfigError otherwise).
+    tasks with classes the manifest's class names must agree with ``model.num_classes`` (ConfigError otherwise).
     """
     available = manifest.modalities
     by_stem = {key.split(".")[0]: key for key in available}
+    needs_classes = get_task(cfg.model.task).needs_num_classes
     out = []
     for name in cfg.data.modalities:
         if name not in by_stem:
@@ -61,7 +64,7 @@ def modality_specs(cfg: Config, manifest) -> list[Spec]:
         if spec.kind == "meta":
             raise ConfigError(f"data.modalities: '{name}' is metadata ({key}), not a modality a model can read")
         if (
-            cfg.model.task in ("segmentation", "classification")
+            needs_classes
             and spec.kind in ("label", "target")
             and spec.classes is not None
             and len(spec.classes) != cfg.model.num_classes
@@ -75,56 +78,9 @@ def modality_specs(cfg: Config, manifest) -> list[Spec]:
     return out
 
 
-def _role(shape: tuple) -> str:
-    return {3: "image", 2: "label", 1: "vector", 0: "text"}.get(len(shape), "unknown")
-
-
 def task_layout(cfg: Config, specs: list[Spec]) -> tuple[list[Modality], Modality]:
     """(input modalities, target modality) of a latent task, or a ConfigError saying what does not fit."""
-    task, m = cfg.model.task, cfg.model
-    mods = [
-        Modality(key, _role(tuple(shape)), (shape[0] or 0) if len(shape) == 3 else 0, bits)
-        for key, shape, bits in specs
-    ]
-    stems = {md.key.split(".")[0]: md for md in mods}
-    want = {"segmentation": "label", "translation": "image", "classification": "vector"}[task]
-    if m.target:
-        if m.target not in stems:
-            raise ConfigError(f"model.target={m.target!r} is not one of data.modalities {list(stems)}")
-        target = stems[m.target]
-        if target.kind != want:
-            raise ConfigError(
-                f"model.target={m.target!r}: {task} predicts a {want} modality, but {target.key} is a {target.kind}"
-            )
-    else:
-        if task == "translation":
-            raise ConfigError("model.target: translation needs the modality to predict named, e.g. model.target=right")
-        cands = [md for md in mods if md.kind == want]
-        if len(cands) != 1:
-            raise ConfigError(
-                f"data.modalities {cfg.data.modalities}: {task} needs exactly one {want} modality to "
-                f"predict; found {[c.key for c in cands]} (name it with model.target)"
-            )
-        target = cands[0]
-    inputs = [md for md in mods if md is not target]
-    allowed = ("image", "text") if task == "classification" else ("image",)
-    bad = [md.key for md in inputs if md.kind not in allowed]
-    if bad or len(inputs) not in (1, 2):
-        raise ConfigError(
-            f"data.modalities {cfg.data.modalities}: {task} takes 1 or 2 input modalities of kind "
-            f"{'/'.join(allowed)} besides its target {target.key}; got {[md.key for md in inputs]}"
-            + (f" ({bad} cannot be inputs)" if bad else "")
-        )
-    for md in inputs:
-        if md.kind == "image" and md.bits not in (8, 16):
-            raise ConfigError(f"data.modalities: {md.key} is not an 8- or 16-bit image")
-    if task in ("segmentation", "classification") and m.num_classes < 1:
-        raise ConfigError(f"model.num_classes must be ≥ 1 for {task}")
-    if task == "classification":
-        k = dict((s[0], s[1]) for s in specs)[target.key][0]
-        if k != m.num_classes:
-            raise ConfigError(f"model.num_classes={m.num_classes} but {target.key} holds {k} labels per sample")
-    return inputs, target
+    return get_task(cfg.model.task).layout(cfg, specs)
 
 
 def _grid(cfg: Config) -> tuple[int, int]:
@@ -169,15 +125,9 @@ def _flow_kwargs(cfg: Config, tokens: int, memory: str) -> dict:
     return kwargs | ({"layer": m.flow_layer} if m.flow_layer != "ica" else {})
 
 
-def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel:
-    """The latent model (E → G → head) of ``cfg.model.task``; loads ``model.encoder_weights`` into MiT encoders."""
-    m, d = cfg.model, cfg.data
-    inputs, target = task_layout(cfg, specs)
-    grid = _grid(cfg)
-    n = grid[0] * grid[1]
-    if inputs[0].kind == "text" and len(inputs) == 1 and m.fusion == "mango" and n % 4:
-        raise ConfigError(f"model.tokens={n}: the single-modality flow splits tokens even/odd; use a multiple of 4")
-    flow_kwargs = _flow_kwargs(cfg, n * len(inputs), memory) if m.fusion == "mango" else None
+def _check_latent_options(cfg: Config, task: Task) -> None:
+    """The build-time checks of the latent model's options (ConfigError), in the order they always ran."""
+    m = cfg.model
     if m.encoder_weights and m.encoder == "conv":
         raise ConfigError(
             "model.encoder_weights: the conv encoder trains from scratch; pretrained weights need "
@@ -195,21 +145,61 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
             "model.gan_weight > 0 is not supported with deepspeed.zero_stage=3; use zero_stage ≤ 2 "
             "(the discriminator is small) or model.gan_weight=0"
         )
-    if m.gan_weight and m.task != "translation":
-        raise ConfigError(f"model.gan_weight: the discriminator belongs to the translation task, not {m.task}")
+    task.check_model(cfg)
+
+
+def _skips(cfg: Config, inputs: list[Modality]) -> tuple[list[int] | None, int]:
+    """(skip channels per stride, finest stride) of ``model.skips``: the encoders' maps, finest first,
+    concatenated over the (image) input modalities; (None, 1) without skips."""
+    m = cfg.model
+    if not m.skips:
+        return None, 1
+    if any(md.kind != "image" for md in inputs):
+        raise ConfigError(
+            f"model.skips: skip connections take image encoders' maps; inputs "
+            f"{[md.key for md in inputs]} include a non-image modality"
+        )
+    per = MIT_SIZES[m.encoder].embed_dims if m.encoder in MIT_SIZES else (max(m.dim, 32),)
+    return [c * len(inputs) for c in per], 4 if m.encoder in MIT_SIZES else m.patch_size
+
+
+def _check_source(cfg: Config, inputs: list[Modality], target: Modality) -> None:
+    """A warping / selecting decoder needs an input image shaped like the target (ConfigError)."""
+    m = cfg.model
+    if m.decoder != "direct" and not any(
+        md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits) for md in inputs
+    ):
+        raise ConfigError(
+            f"model.decoder={m.decoder} moves pixels of an input image like the target {target.key}; none of "
+            f"{[md.key for md in inputs]} has its {target.channels} channels and {target.bits} bits"
+        )
+
+
+def _load_encoder_weights(model: LatentTaskModel, path: str) -> None:
+    """``model.encoder_weights`` into every MiT image encoder (a mismatch is a ConfigError)."""
+    state = read_state_dict(path)
+    for enc in model.encoders.values():
+        if isinstance(enc, ImageEncoder) and isinstance(enc.encoder, MixVisionTransformer):
+            try:
+                load_mit_weights(enc.encoder, state, source=f"model.encoder_weights={path!r}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel:
+    """The latent model (E → G → head) of ``cfg.model.task``; loads ``model.encoder_weights`` into MiT encoders."""
+    m, d = cfg.model, cfg.data
+    task = get_task(m.task)
+    inputs, target = task.layout(cfg, specs)
+    grid = _grid(cfg)
+    n = grid[0] * grid[1]
+    if inputs[0].kind == "text" and len(inputs) == 1 and m.fusion == "mango" and n % 4:
+        raise ConfigError(f"model.tokens={n}: the single-modality flow splits tokens even/odd; use a multiple of 4")
+    flow_kwargs = _flow_kwargs(cfg, n * len(inputs), memory) if m.fusion == "mango" else None
+    _check_latent_options(cfg, task)
     steps = decoder_steps(m.image_size, grid[0])
-    if m.decoder != "direct" and m.task != "translation":
-        raise ConfigError(f"model.decoder={m.decoder!r} is a translation head; {m.task} has only model.decoder=direct")
-    skip_channels, skip_stride = None, 1
-    if m.skips:  # the encoders' maps, finest first, concatenated over the (image) input modalities
-        if any(md.kind != "image" for md in inputs):
-            raise ConfigError(
-                f"model.skips: skip connections take image encoders' maps; inputs "
-                f"{[md.key for md in inputs]} include a non-image modality"
-            )
-        per = MIT_SIZES[m.encoder].embed_dims if m.encoder in MIT_SIZES else (max(m.dim, 32),)
-        skip_channels = [c * len(inputs) for c in per]
-        skip_stride = 4 if m.encoder in MIT_SIZES else m.patch_size
+    task.check_decoder(m.decoder)
+    skip_channels, skip_stride = _skips(cfg, inputs)
     head = build_head(
         m.task,
         target,
@@ -225,13 +215,7 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
         skip_stride,
     )
     augment = Augment(d.crop_size, tuple(d.scale_range), d.hflip, d.crop_width)
-    if m.decoder != "direct" and not any(
-        md.kind == "image" and (md.channels, md.bits) == (target.channels, target.bits) for md in inputs
-    ):
-        raise ConfigError(
-            f"model.decoder={m.decoder} moves pixels of an input image like the target {target.key}; none of "
-            f"{[md.key for md in inputs]} has its {target.channels} channels and {target.bits} bits"
-        )
+    _check_source(cfg, inputs, target)
     model = LatentTaskModel(
         m.task,
         inputs,
@@ -253,29 +237,15 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
         xattn_kwargs={"depth": m.num_blocks, "mlp_ratio": m.xattn_mlp_ratio} if m.fusion == "xattn" else None,
     )
     if m.encoder_weights:
-        state = read_state_dict(m.encoder_weights)
-        for enc in model.encoders.values():
-            if isinstance(enc, ImageEncoder) and isinstance(enc.encoder, MixVisionTransformer):
-                try:
-                    load_mit_weights(enc.encoder, state, source=f"model.encoder_weights={m.encoder_weights!r}")
-                except ValueError as e:
-                    raise ConfigError(str(e)) from None
+        _load_encoder_weights(model, m.encoder_weights)
     return model
 
 
 def build_model(cfg: Config, specs: list[Spec]) -> nn.Module:
     """The model for ``cfg.model.task`` on modalities ``specs`` = :func:`modality_specs` (mismatch → ConfigError)."""
-    task = cfg.model.task
+    task = get_task(cfg.model.task)  # an unknown task is a ConfigError naming the registry's tasks
     memory = decide_memory(cfg.model.memory, cfg.deepspeed.activation_checkpointing)  # the plan's one memory rule
-    if task == "density":
-        for name, shape, _ in specs:
-            want = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-            if tuple(shape) != want:
-                raise ConfigError(
-                    f"model.channels/model.image_size: the density model expects {name} images of shape "
-                    f"{want} (C, H, W) but the shards hold {tuple(shape)}"
-                )
-        return build_density(cfg.model, [s[0] for s in specs], [s[2] for s in specs], memory=memory)
-    if task in ("segmentation", "translation", "classification"):
+    task.check_specs(cfg, specs)
+    if task.latent:
         return build_latent(cfg, specs, memory)
-    raise ConfigError(f"model.task={task!r} is not available; use density, segmentation, translation or classification")
+    return build_density(cfg.model, [s[0] for s in specs], [s[2] for s in specs], memory=memory)

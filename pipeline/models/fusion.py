@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline.flows import ActNorm, AffineCoupling, ChannelMixer, FlowSequence, MangoFlow
+from pipeline.tasks import Modality, get_task, task_names
 
 from .augment import Augment
 from .encoders import ImageEncoder
-from .heads import ClassificationHead, SegmentationHead, SelectTranslationHead, TranslationHead, WarpTranslationHead
 from .text import TextEncoder
 from .xattn import CrossAttentionFusion
 
@@ -51,20 +50,6 @@ DECODERS = (
     "select",
 )  # translation heads: TranslationHead, WarpTranslationHead, SelectTranslationHead
 MODES = ("loss", "eval", "predict")
-
-
-@dataclass(frozen=True)
-class Modality:
-    """One modality of a task: its batch key, role and what the model needs to read it.
-
-    ``kind``: ``image`` (integer (N, C, H, W); ``bits`` 8 or 16), ``text`` (list of str), ``label`` (int64
-    (N, H, W), 255 = ignore), ``vector`` (multi-hot (N, K)).
-    """
-
-    key: str
-    kind: str
-    channels: int = 0
-    bits: int = 0
 
 
 class LatentTaskModel(nn.Module):
@@ -97,56 +82,71 @@ class LatentTaskModel(nn.Module):
             raise ValueError(f"{task}: the latent model takes 1 or 2 input modalities; got {[m.key for m in inputs]}")
         if fusion not in FUSIONS:
             raise ValueError(f"{task}: fusion must be one of {list(FUSIONS)}; got {fusion!r}")
+        spatial = get_task(task).spatial  # dense output: the per-modality grids are fused by a 1×1 conv
         self.task, self.inputs, self.target = task, tuple(inputs), target
         self.dim, self.grid, self.fusion, self.nll_weight = dim, tuple(grid), fusion, float(nll_weight)
         self.nll_to_encoders = bool(nll_to_encoders)  # the fusion study's lever (model.nll_to_encoders)
         self.depth_max, self.augment = float(depth_max), augment or Augment()
         self.skips = bool(skips)  # the head also reads the image encoders' feature maps (model.skips)
-        if self.skips and (task not in ("segmentation", "translation") or any(m.kind != "image" for m in inputs)):
+        if self.skips and (not spatial or any(m.kind != "image" for m in inputs)):
             raise ValueError(f"{task}: skip connections (model.skips) need a dense task with image inputs only")
         n = grid[0] * grid[1]
         self.tokens_per_modality = n
-        self.encoders = nn.ModuleDict()
-        for m in inputs:
-            if m.kind == "image":
-                self.encoders[_name(m.key)] = ImageEncoder(
-                    encoder, m.channels, m.bits, dim, self.grid, patch_size, depth_max
-                )
-            elif m.kind == "text":
-                self.encoders[_name(m.key)] = TextEncoder(n, dim, trainable=text_trainable, cache=text_cache)
-            else:
-                raise ValueError(
-                    f"{task}: input {m.key!r} of kind {m.kind!r} cannot be encoded; use image or text modalities"
-                )
-        if fusion == "mango":
-            kwargs = dict(flow_kwargs or {})
-            layer = kwargs.pop("layer", "ica")  # model.flow_layer: MANGO blocks, or a Table 4 comparator
-            self.flow = (
-                MangoFlow(dim, n * len(inputs), **kwargs)
-                if layer == "ica"
-                else token_flow(layer, dim, n * len(inputs), kwargs.get("num_blocks", 12))
-            )
-            if len(inputs) == 1:  # single modality: [even ; odd] tokens play the two "modalities"
-                order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
-                self.register_buffer("order", order, persistent=False)
-                self.register_buffer("unorder", torch.argsort(order), persistent=False)
-        else:
-            self.flow = None
+        self.encoders = self._encoders(encoder, patch_size, text_trainable, text_cache)
+        self.flow = self._token_flow(flow_kwargs) if fusion == "mango" else None
         # the non-invertible baseline: bidirectional cross-attention blocks where G would be (pipeline.models.xattn)
         self.xattn = CrossAttentionFusion(dim, **dict(xattn_kwargs or {})) if fusion == "xattn" else None
-        spatial = task in ("segmentation", "translation")
         self.fuse = nn.Conv2d(dim * len(inputs), dim, 1) if spatial else None
         self.head = head
-        self.source = None  # the input a warping head moves pixels of: one of the target's kind
-        if getattr(head, "needs_source", False):
-            fits = [m for m in inputs if m.kind == "image" and (m.channels, m.bits) == (target.channels, target.bits)]
-            if not fits:
-                raise ValueError(
-                    f"{task}: model.decoder={type(head).__name__} warps an input image like the target {target.key} "
-                    f"({target.channels} channels, {target.bits}-bit); the inputs are "
-                    f"{[(m.key, m.channels, m.bits) for m in inputs]}"
+        self.source = self._source(head)  # the input a warping head moves pixels of: one of the target's kind
+
+    def _encoders(self, encoder: str, patch_size: int, text_trainable: bool, text_cache: int) -> nn.ModuleDict:
+        """One encoder per input modality (image: conv / MiT; text: MiniLM), keyed by :func:`_name`."""
+        encoders = nn.ModuleDict()
+        for m in self.inputs:
+            if m.kind == "image":
+                encoders[_name(m.key)] = ImageEncoder(
+                    encoder, m.channels, m.bits, self.dim, self.grid, patch_size, self.depth_max
                 )
-            self.source = fits[0]
+            elif m.kind == "text":
+                encoders[_name(m.key)] = TextEncoder(
+                    self.tokens_per_modality, self.dim, trainable=text_trainable, cache=text_cache
+                )
+            else:
+                raise ValueError(
+                    f"{self.task}: input {m.key!r} of kind {m.kind!r} cannot be encoded; use image or text modalities"
+                )
+        return encoders
+
+    def _token_flow(self, flow_kwargs: Mapping | None) -> nn.Module:
+        """G on the tokens of every input; one modality: its [even ; odd] tokens play the two modalities."""
+        n, length = self.tokens_per_modality, self.tokens_per_modality * len(self.inputs)
+        kwargs = dict(flow_kwargs or {})
+        layer = kwargs.pop("layer", "ica")  # model.flow_layer: MANGO blocks, or a Table 4 comparator
+        flow = (
+            MangoFlow(self.dim, length, **kwargs)
+            if layer == "ica"
+            else token_flow(layer, self.dim, length, kwargs.get("num_blocks", 12))
+        )
+        if len(self.inputs) == 1:
+            order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
+            self.register_buffer("order", order, persistent=False)
+            self.register_buffer("unorder", torch.argsort(order), persistent=False)
+        return flow
+
+    def _source(self, head: nn.Module) -> Modality | None:
+        """The input image a warping head moves pixels of (channels and bits of the target's), else None."""
+        if not getattr(head, "needs_source", False):
+            return None
+        target = self.target
+        fits = [m for m in self.inputs if m.kind == "image" and (m.channels, m.bits) == (target.channels, target.bits)]
+        if not fits:
+            raise ValueError(
+                f"{self.task}: model.decoder={type(head).__name__} warps an input image like the target {target.key} "
+                f"({target.channels} channels, {target.bits}-bit); the inputs are "
+                f"{[(m.key, m.channels, m.bits) for m in self.inputs]}"
+            )
+        return fits[0]
 
     # -- pieces ---------------------------------------------------------------------------------------
     def backbone_parameter_names(self) -> set[str]:
@@ -329,27 +329,21 @@ def build_head(
     skip_channels: Sequence[int] | None = None,
     skip_stride: int = 1,
 ) -> nn.Module:
-    """The head for ``task`` (segmentation | translation | classification); ``decoder`` picks translation's.
+    """The head of latent ``task`` (:meth:`pipeline.tasks.base.Task.build_head`); ``decoder`` picks among the
+    task's decoders (translation: direct | warp | select).
 
     ``skip_channels`` (per stride, finest first, summed over the input modalities) turns on the skip decoder
     (``model.skips``); ``skip_stride`` is the finest map's stride, from which translation refines to full size.
     """
     if decoder not in DECODERS:
         raise ValueError(f"{task}: model.decoder must be one of {list(DECODERS)}; got {decoder!r}")
-    if decoder != "direct" and task != "translation":
-        raise ValueError(f"model.decoder={decoder!r} is a translation head; {task} has no {decoder} decoder")
-    if skip_channels and task not in ("segmentation", "translation"):
+    spec = get_task(task)
+    if decoder not in spec.decoders:
+        owners = "/".join(t for t in task_names() if decoder in get_task(t).decoders)
+        raise ValueError(f"model.decoder={decoder!r} is a {owners} head; {task} has no {decoder} decoder")
+    if skip_channels and not spec.spatial:
         raise ValueError(f"model.skips: {task} has no dense decoder to take skip connections")
-    skip = {"skip_channels": list(skip_channels)} if skip_channels else {}
-    if task == "segmentation":
-        return SegmentationHead(dim, num_classes, steps, **skip)
-    if task == "translation":
-        if skip:
-            skip["refine"] = max(0, round(math.log2(max(1, skip_stride))))
-        if decoder != "direct":
-            cls = WarpTranslationHead if decoder == "warp" else SelectTranslationHead
-            return cls(dim, target.channels, steps, warp_range, gan_weight, warp_generate, **skip)
-        return TranslationHead(dim, target.channels, steps, gan_weight, **skip)
-    if task == "classification":
-        return ClassificationHead(dim, num_classes, num_inputs)
-    raise ValueError(f"no latent head for task {task!r}")
+    opts = {"gan_weight": gan_weight, "decoder": decoder, "warp_range": warp_range, "warp_generate": warp_generate}
+    return spec.build_head(
+        target, dim, num_inputs, steps, num_classes, skip_channels=skip_channels, skip_stride=skip_stride, **opts
+    )

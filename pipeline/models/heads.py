@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pipeline import metrics
+from pipeline import scores
 
-IGNORE_INDEX = metrics.IGNORE_INDEX
+IGNORE_INDEX = scores.IGNORE_INDEX
 
 
 def decoder_steps(image_size: int, grid_side: int) -> int:
@@ -180,7 +180,7 @@ class SegmentationHead(nn.Module):
         return (ce * keep).sum() / keep.sum().clamp_min(1), _per_sample_mean(ce, keep)
 
     def sums(self, logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        conf = metrics.confusion_matrix(logits.argmax(1), label, self.num_classes, valid=valid)
+        conf = scores.confusion_matrix(logits.argmax(1), label, self.num_classes, valid=valid)
         return {"confusion": conf}
 
     def predict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -269,7 +269,7 @@ class TranslationHead(nn.Module):
         return total, per, extra
 
     def sums(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        return metrics.regression_sums(pred, target, valid)
+        return scores.regression_sums(pred, target, valid)
 
     def predict(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pred": pred}
@@ -449,7 +449,7 @@ class ClassificationHead(nn.Module):
         return bce.mean(), bce.mean(1)
 
     def sums(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = metrics.multilabel_sums(torch.sigmoid(logits), target, valid)
+        out = scores.multilabel_sums(torch.sigmoid(logits), target, valid)
         out.pop("count")  # the model reports count once, for every task alike
         return out
 

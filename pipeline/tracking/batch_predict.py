@@ -21,6 +21,7 @@ local and Ray runs (at the same intra-op thread count) write equal shards, key b
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -30,6 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from pipeline.data import ShardInfo, ShardManifest, load_manifest, manifest_name, storage
+from pipeline.data.manifest import ModalitySpec
+from pipeline.data.storage import register_webdataset_s3
+from pipeline.data.writer import encode_sample, staged_shard
+from pipeline.tasks import get_task
+
+from .serving import Field, ModelIO, io_for_weights, request_from_samples
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +71,10 @@ class RegisteredModel:
 
 def resolve_registered(uri: str, tracking_uri: str = "") -> RegisteredModel:
     """Look ``uri`` up in the registry and read its MLmodel (a few KB): InputError when it is not there."""
-    import yaml
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
+    from mlflow.artifacts import download_artifacts  # heavy: optional tracking dependency
+    from mlflow.exceptions import MlflowException  # heavy: optional tracking dependency
 
-    from .registry import client_for, parse_model_uri
+    from .registry import client_for, parse_model_uri  # heavy: the registry imports MLflow
 
     try:
         name, alias, version = parse_model_uri(uri)
@@ -140,17 +151,8 @@ def check_inputs(model: RegisteredModel, manifest) -> None:
 
 def output_modalities(io, input_manifest) -> dict[str, Any]:
     """ModalitySpecs of the prediction members (``<output>.npy``)."""
-    from pipeline.data.manifest import ModalitySpec
-
-    out = {}
-    for name, dtype, shape in io.outputs:
-        if io.task == "segmentation":
-            label = next((s for s in input_manifest.modalities.values() if s.kind == "label"), None)
-            out[f"{name}.npy"] = ModalitySpec(dtype, "label", shape, classes=label.classes if label else None)
-        else:
-            quant = "bits per dimension (per sample)" if io.task == "density" else None
-            out[f"{name}.npy"] = ModalitySpec(dtype, "target", shape, quantisation=quant)
-    return out
+    member = get_task(io.task).prediction_member(input_manifest)  # kind, classes / quantisation
+    return {f"{name}.npy": ModalitySpec(dtype, shape=shape, **member) for name, dtype, shape in io.outputs}
 
 
 class ShardScorer:
@@ -162,14 +164,10 @@ class ShardScorer:
     def __init__(
         self, model: RegisteredModel, input_manifest_url: str, out: str, batch_size: int, threads: int = 0
     ) -> None:
-        import mlflow.pyfunc
-        import torch
-        from mlflow.artifacts import download_artifacts
+        import mlflow.pyfunc  # heavy: optional tracking dependency
+        from mlflow.artifacts import download_artifacts  # heavy: optional tracking dependency
 
-        from pipeline.data import load_manifest
-
-        from .pyfunc_model import ARTIFACT, WEIGHTS_FILE
-        from .serving import io_for_weights
+        from .pyfunc_model import ARTIFACT, WEIGHTS_FILE  # heavy: the pyfunc wrapper imports MLflow
 
         if threads:
             torch.set_num_threads(threads)
@@ -185,10 +183,9 @@ class ShardScorer:
         self.keys = [f.key for f in self.io.inputs]
 
     def _samples(self, url: str, skipped: list[dict[str, str]]) -> Iterator[dict[str, Any]]:
-        from webdataset.tariterators import tarfile_samples
+        from webdataset.tariterators import tarfile_samples  # heavy: the shard reader (webdataset)
 
-        from pipeline.data.storage import register_webdataset_s3
-        from pipeline.data.stream import decode_sample
+        from pipeline.data.stream import decode_sample  # heavy: imports webdataset
 
         register_webdataset_s3()
         errors: list[Exception] = []
@@ -224,10 +221,6 @@ class ShardScorer:
 
     def score(self, url: str, name: str, on_samples: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Score one input shard into ``<out>/<name>``; returns its receipt."""
-        from pipeline.data.writer import encode_sample, staged_shard
-
-        from .serving import request_from_samples
-
         skipped: list[dict[str, str]] = []
         with staged_shard(self.out, name) as shard:
             for batch in self._batches(url, skipped):
@@ -250,8 +243,6 @@ class ShardScorer:
         }
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, list]:
-        import json
-
         receipts = [self.score(str(u), str(n)) for u, n in zip(rows["url"], rows["name"])]
         return {"receipt": [json.dumps(r) for r in receipts]}
 
@@ -268,8 +259,6 @@ class PredictResult:
 
 
 def _run_local(model, manifest, out, batch_size, threads, progress) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
     scorer = ShardScorer(model, manifest.location, out, batch_size, threads)
     bar = tqdm(
         total=manifest.total_samples,
@@ -287,10 +276,7 @@ def _run_local(model, manifest, out, batch_size, threads, progress) -> list[dict
 
 
 def _run_ray(model, manifest, out, batch_size, threads, actors, progress) -> list[dict[str, Any]]:
-    import json
-
-    import ray
-    from tqdm import tqdm
+    import ray  # heavy: optional distributed engine
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
@@ -321,8 +307,6 @@ def _run_ray(model, manifest, out, batch_size, threads, actors, progress) -> lis
 
 
 def check_output(out: str, split: str, input_location: str, overwrite: bool) -> None:
-    from pipeline.data import manifest_name, storage
-
     if storage.is_s3(out):
         bucket = out[len("s3://") :].split("/", 1)[0]
         if not bucket:
@@ -353,8 +337,6 @@ def predict_split(
     progress: bool = True,
 ) -> PredictResult:
     """Score every listed shard of ``manifest`` with ``model`` into ``out``; commit the manifest last."""
-    from pipeline.data import ShardInfo, ShardManifest, manifest_name, storage
-
     storage.makedirs(out)
     if engine == "ray":
         receipts = _run_ray(model, manifest, out, batch_size, threads, actors, progress)
@@ -389,7 +371,7 @@ def predict_split(
             "input_manifest": manifest.location,
             "input_manifest_sha256": input_sha,
             "input_dataset": manifest.dataset,
-            "dequantisation": "uniform noise seeded by (sample key, modality)" if model.task == "density" else None,
+            "dequantisation": get_task(model.task).prediction_dequantisation,
         },
         args={
             "engine": engine,
@@ -406,8 +388,6 @@ def predict_split(
 
 def _output_modalities_from_metadata(model: RegisteredModel, manifest) -> dict[str, Any]:
     """The prediction members' specs from the MLmodel metadata (what the scorers wrote)."""
-    from .serving import Field, ModelIO
-
     outputs = tuple((n, o["dtype"], tuple(o["shape"][1:])) for n, o in model.metadata["outputs"].items())
     io = ModelIO(
         model.task,

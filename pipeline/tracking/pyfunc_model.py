@@ -27,14 +27,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import torch
+from mlflow.exceptions import MlflowException
 
 from pipeline.flows.plan import ExecutionPlan
+from pipeline.tasks import get_task, names_where
+from pipeline.train.consolidate import load_model
 
-from .serving import PREDICT_PARAMS, io_for_weights, to_batch
+from .serving import PREDICT_PARAMS, invalid, io_for_weights, to_batch
 from .serving import signature as _signature
 
 ARTIFACT = "model"  # the artifact directory's name inside the logged model
@@ -60,25 +65,18 @@ def run_task(model: torch.nn.Module, task: str, batch: Mapping[str, Any], params
     """Run ``model`` (a loaded task model, eval mode) the way :meth:`MangoPyfuncModel.predict` does;
     returns numpy arrays. Shared with the in-process checks so both paths are the same code."""
     p = {**PREDICT_PARAMS, **dict(params or {})}
+    spec = get_task(task)
     with torch.no_grad():
         if p["mode"] == "sample":
-            if task != "density":
-                raise ValueError(f"mode 'sample' is only defined for the density task; this model is {task!r}")
-            from pipeline.flows import quantize
-
-            torch.manual_seed(int(p["seed"]))
-            out = model(mode="sample", n=int(p["n"]), temperature=float(p["temperature"]))
-            bits = dict(zip(model.modalities, model.flow.bits))
-            return {k: quantize(v.float(), bits[k]).numpy() for k, v in out.items()}
+            if not spec.can_sample:
+                raise ValueError(
+                    f"mode 'sample' is only defined for the {'/'.join(names_where('can_sample'))} task; "
+                    f"this model is {task!r}"
+                )
+            return spec.sample(model, n=int(p["n"]), temperature=float(p["temperature"]), seed=int(p["seed"]))
         if p["mode"] != "predict":
             raise ValueError(f"unknown mode {p['mode']!r}; use 'predict' or 'sample'")
-        if task == "density":
-            # per-sample bits/dim through the flow's own entry point (the DensityModel's forward reduces
-            # to batch means/sums; a plain module here, so nothing needs ZeRO-3's gathering)
-            images = [batch[m] for m in model.modalities]
-            return {"bits_per_dim": model.flow(*images, mode="bits_per_dim").double().numpy()}
-        out = model(dict(batch), mode="predict")
-        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+        return spec.predict(model, batch)
 
 
 with warnings.catch_warnings():
@@ -90,10 +88,6 @@ with warnings.catch_warnings():
         """pyfunc wrapper; see the module docstring for the input / output contract."""
 
         def load_context(self, context) -> None:
-            from pathlib import Path
-
-            from pipeline.train.consolidate import load_model
-
             weights = Path(context.artifacts[ARTIFACT]) / WEIGHTS_FILE
             self.model, self.cfg = load_model(weights, device="cpu")
             # the flow's Python nodes, decided once for this model (no process-wide switch): a serving host
@@ -103,15 +97,12 @@ with warnings.catch_warnings():
             self.io = io_for_weights(weights)
 
         def predict(self, context, model_input, params=None):
-            from mlflow.exceptions import MlflowException
-
-            from .serving import invalid
-
             p = {**PREDICT_PARAMS, **dict(params or {})}
             if p["mode"] not in ("predict", "sample"):
                 raise invalid(f"param 'mode': {p['mode']!r} is not one of 'predict', 'sample'")
-            if p["mode"] == "sample" and self.task != "density":
-                raise invalid(f"param 'mode': 'sample' is only defined for density models; this is {self.task}")
+            if p["mode"] == "sample" and not get_task(self.task).can_sample:
+                samplers = "/".join(names_where("can_sample"))
+                raise invalid(f"param 'mode': 'sample' is only defined for {samplers} models; this is {self.task}")
             if p["mode"] == "sample" and int(p["n"]) < 1:
                 raise invalid(f"param 'n': must be >= 1, got {p['n']}")
             batch = {} if p["mode"] == "sample" else to_batch(model_input, self.io)
@@ -133,7 +124,5 @@ def pip_requirements(text: bool = False) -> list[str]:
     """Exact pins (from the installed distributions) of what loading and serving a model needs, all on the
     public package index: no ``mango-pipeline`` (the code travels with the model), no local version labels
     (torch's ``+cpu``: a GPU host resolves its own build). ``text``: the model reads text (MiniLM)."""
-    from importlib.metadata import version
-
     dists = _BASE + (_TEXT if text else ())
     return [f"{d}=={version(d).split('+')[0]}" for d in dists]

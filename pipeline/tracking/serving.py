@@ -29,6 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors import safe_open
+
+from pipeline.data import load_manifest, manifest_name
+from pipeline.data.storage import join, register_webdataset_s3
+from pipeline.tasks import get_task
+from pipeline.train.consolidate import weights_config
 
 #: params accepted at inference time (MLflow drops params a signature does not declare)
 PREDICT_PARAMS = {"mode": "predict", "n": 4, "temperature": 1.0, "seed": 0}
@@ -70,8 +77,6 @@ class ModelIO:
 
 def weights_specs(weights: str | Path) -> list[tuple[str, tuple[int, ...], int]]:
     """(sample key, batched shape, bits) per modality, from the consolidated weights' metadata."""
-    from safetensors import safe_open
-
     with safe_open(str(weights), "pt") as f:
         meta = f.metadata() or {}
     if "modalities" not in meta:
@@ -81,40 +86,27 @@ def weights_specs(weights: str | Path) -> list[tuple[str, tuple[int, ...], int]]
 
 def model_io(cfg, specs: list[tuple[str, tuple[int, ...], int]]) -> ModelIO:
     """The request / response layout of the model ``cfg`` + ``specs`` build (no model needed)."""
-    task = cfg.model.task
-    shapes = {k: tuple(int(d) for d in s) for k, s, _ in specs}
-    if task == "density":
-        fields = tuple(Field(k, "dequantised", "float32", shapes[k], b) for k, s, b in specs if len(s) == 3)
-        return ModelIO(task, fields, (("bits_per_dim", "float64", ()),))
-    from pipeline.models import task_layout
-
-    inputs, target = task_layout(cfg, specs)
-    fields = tuple(
-        Field(m.key, "text", "str", ())
-        if m.kind == "text"
-        else Field(m.key, "image", "uint16" if m.bits == 16 else "uint8", shapes[m.key], m.bits)
-        for m in inputs
-    )
-    t_shape = shapes[target.key]
-    out = {
-        "segmentation": ("pred", "int64", t_shape[-2:]),
-        "translation": ("pred", "float32", t_shape),
-        "classification": ("probs", "float32", (cfg.model.num_classes,)),
-    }[task]
-    return ModelIO(task, fields, (out,))
+    fields, outputs = get_task(cfg.model.task).io(cfg, specs)  # the task's request fields and outputs
+    return ModelIO(cfg.model.task, tuple(Field(*f) for f in fields), tuple(outputs))
 
 
 def io_for_weights(weights: str | Path) -> ModelIO:
-    from pipeline.train.consolidate import weights_config
-
     return model_io(weights_config(weights), weights_specs(weights))
 
 
 def signature(io: ModelIO | None = None):
     """The MLflow signature: ``io``'s inputs and outputs (see the module docstring) and the predict params.
     ``io=None``: params only (no input schema)."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.models.signature import ModelSignature  # heavy: optional tracking dependency
+    from mlflow.types.schema import (  # heavy: optional tracking dependency
+        Array,
+        ColSpec,
+        DataType,
+        ParamSchema,
+        ParamSpec,
+        Schema,
+        TensorSpec,
+    )
 
     params = ParamSchema([ParamSpec(k, _PARAM_TYPES[k], v) for k, v in PREDICT_PARAMS.items()])
     if io is None:
@@ -140,8 +132,8 @@ def signature(io: ModelIO | None = None):
 
 
 def invalid(message: str):
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    from mlflow.exceptions import MlflowException  # heavy: optional tracking dependency
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # heavy: optional tracking dependency
 
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
@@ -163,8 +155,6 @@ def to_batch(model_input: Any, io: ModelIO) -> dict[str, Any]:
     present, per-sample shapes, integer ranges, dequantised values inside [-1/2, 1/2), equal batch sizes.
     Raises :func:`invalid` naming the field.
     """
-    import torch
-
     if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):  # a pandas DataFrame
         model_input = {c: list(model_input[c]) for c in model_input.columns}
     if not isinstance(model_input, Mapping):
@@ -237,8 +227,6 @@ def dequantise(images: np.ndarray | Any, bits: int, keys: list[str], modality: s
     """Integer images (N, C, H, W) → ``(v + u) / 2^bits - 1/2`` float32, the uniform noise ``u`` of sample
     ``keys[i]`` drawn from a generator seeded by (key, modality): the same key gets the same input on every
     machine, process, batch composition and engine (local or Ray)."""
-    import torch
-
     v = torch.as_tensor(np.asarray(images)).to(torch.float64)
     out = torch.empty(v.shape, dtype=torch.float64)
     for i, key in enumerate(keys):
@@ -263,7 +251,7 @@ def request_from_samples(samples: list[dict[str, Any]], io: ModelIO) -> Any:
         else:
             out[f.key] = a.astype(f.dtype)
     if io.columns:
-        import pandas as pd
+        import pandas as pd  # heavy: only for column (text) requests
 
         return pd.DataFrame({k: (v if isinstance(v, list) else [x.tolist() for x in v]) for k, v in out.items()})
     return out
@@ -271,11 +259,9 @@ def request_from_samples(samples: list[dict[str, Any]], io: ModelIO) -> Any:
 
 def read_samples(shards: str, split: str, keys: list[str], n: int) -> list[dict[str, Any]]:
     """The first ``n`` samples of ``split`` (in shard and key order), decoded, with only ``keys``."""
-    from webdataset.tariterators import tarfile_samples
+    from webdataset.tariterators import tarfile_samples  # heavy: the shard reader, never on a serving host
 
-    from pipeline.data import load_manifest, manifest_name
-    from pipeline.data.storage import join, register_webdataset_s3
-    from pipeline.data.stream import decode_sample
+    from pipeline.data.stream import decode_sample  # heavy: imports webdataset, never on a serving host
 
     manifest = load_manifest(join(shards, manifest_name(split)))
     register_webdataset_s3()
