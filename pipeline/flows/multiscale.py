@@ -77,6 +77,64 @@ def quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.floor((x + 0.5) * levels), 0, levels - 1).to(torch.int64)
 
 
+def _equal_channels(channels: int | Sequence[int]) -> int:
+    """The one channel count every modality shares (an exact pixel-level flow needs equal token widths)."""
+    if isinstance(channels, int):
+        return channels
+    chans = list(channels)
+    if len(set(chans)) != 1:
+        raise ValueError(
+            f"MultiscaleMangoFlow: the modalities have different channel counts {chans}; an exact pixel-level "
+            "MANGO flow needs equal token widths. Use the latent task model (model.task=segmentation / "
+            "translation, which encodes each modality to D channels) or equal-channel modalities such as "
+            "the stereo pair (RGB + RGB)."
+        )
+    return chans[0]
+
+
+def _blocks_per_level(blocks_per_level: int | Sequence[int], levels: int) -> list[int]:
+    """One MANGO block count per level."""
+    per_level = [blocks_per_level] * levels if isinstance(blocks_per_level, int) else list(blocks_per_level)
+    if levels < 1 or len(per_level) != levels:
+        raise ValueError(
+            f"MultiscaleMangoFlow: need levels ≥ 1 and one block count per level; got {levels}, {per_level}"
+        )
+    return per_level
+
+
+def _check_image_geometry(
+    h: int, w: int, patch_size: int, levels: int, bits: Sequence[int], num_modalities: int
+) -> None:
+    """The image divides into patches and squeezes at every level; 8 or 16 bits per modality."""
+    scale = patch_size * 2 ** (levels - 1)
+    if h % scale or w % scale:
+        raise ValueError(
+            f"MultiscaleMangoFlow: image size {h}×{w} must be divisible by patch_size·2^(levels−1) = {scale}"
+        )
+    if len(bits) != num_modalities or any(b not in (8, 16) for b in bits):
+        raise ValueError(
+            f"MultiscaleMangoFlow: bits must give 8 or 16 per modality ({num_modalities}); got {tuple(bits)}"
+        )
+
+
+def _check_level(
+    k: int, levels: int, gh: int, gw: int, d: int, num_modalities: int, partitions: str | Sequence[str]
+) -> None:
+    """Level ``k``'s gh×gw token grid of width ``d`` can be factored out and split as the partitions need."""
+    tokens = gh * gw * num_modalities
+    if k < levels - 1 and d % 2:
+        raise ValueError(f"MultiscaleMangoFlow: level {k} token width {d} is odd; cannot factor out half")
+    if num_modalities == 1 and gw % 2:
+        raise ValueError(f"MultiscaleMangoFlow: single-modality level {k} needs an even grid width; got {gw}")
+    per_modality = tokens // 2
+    if per_modality % 2 and any(p.startswith(("imca", "lica")) for p in resolve_partitions(partitions)):
+        raise ValueError(
+            f"MultiscaleMangoFlow: level {k} has a {gh}×{gw} token grid ({per_modality} tokens per "
+            f"modality, odd); IMCA/LICA split each modality's tokens even/odd. Use fewer levels, a smaller "
+            f"patch_size, a larger image, or partitions='mmca'"
+        )
+
+
 class MultiscaleMangoFlow(nn.Module):
     """Exact joint density of two equal-channel image modalities (see module docstring).
 
@@ -116,33 +174,12 @@ class MultiscaleMangoFlow(nn.Module):
         channel_mix: bool = True,
     ):
         super().__init__()
-        if not isinstance(channels, int):
-            chans = list(channels)
-            if len(set(chans)) != 1:
-                raise ValueError(
-                    f"MultiscaleMangoFlow: the modalities have different channel counts {chans}; an exact pixel-level "
-                    "MANGO flow needs equal token widths. Use the latent task model (model.task=segmentation / "
-                    "translation, which encodes each modality to D channels) or equal-channel modalities such as "
-                    "the stereo pair (RGB + RGB)."
-                )
-            channels = chans[0]
+        channels = _equal_channels(channels)
         if num_modalities not in (1, 2):
             raise ValueError(f"MultiscaleMangoFlow: num_modalities must be 1 or 2; got {num_modalities}")
         h, w = _pair(image_size)
-        per_level = [blocks_per_level] * levels if isinstance(blocks_per_level, int) else list(blocks_per_level)
-        if levels < 1 or len(per_level) != levels:
-            raise ValueError(
-                f"MultiscaleMangoFlow: need levels ≥ 1 and one block count per level; got {levels}, {per_level}"
-            )
-        scale = patch_size * 2 ** (levels - 1)
-        if h % scale or w % scale:
-            raise ValueError(
-                f"MultiscaleMangoFlow: image size {h}×{w} must be divisible by patch_size·2^(levels−1) = {scale}"
-            )
-        if len(bits) != num_modalities or any(b not in (8, 16) for b in bits):
-            raise ValueError(
-                f"MultiscaleMangoFlow: bits must give 8 or 16 per modality ({num_modalities}); got {tuple(bits)}"
-            )
+        per_level = _blocks_per_level(blocks_per_level, levels)
+        _check_image_geometry(h, w, patch_size, levels, bits, num_modalities)
         self.channels, self.height, self.width = channels, h, w
         self.patch_size, self.levels, self.num_modalities = patch_size, levels, num_modalities
         self.bits = tuple(bits)
@@ -152,17 +189,7 @@ class MultiscaleMangoFlow(nn.Module):
         gh, gw, d = h // patch_size, w // patch_size, channels * patch_size**2
         for k in range(levels):
             tokens = gh * gw * num_modalities
-            if k < levels - 1 and d % 2:
-                raise ValueError(f"MultiscaleMangoFlow: level {k} token width {d} is odd; cannot factor out half")
-            if num_modalities == 1 and gw % 2:
-                raise ValueError(f"MultiscaleMangoFlow: single-modality level {k} needs an even grid width; got {gw}")
-            per_modality = tokens // 2
-            if per_modality % 2 and any(p.startswith(("imca", "lica")) for p in resolve_partitions(partitions)):
-                raise ValueError(
-                    f"MultiscaleMangoFlow: level {k} has a {gh}×{gw} token grid ({per_modality} tokens per "
-                    f"modality, odd); IMCA/LICA split each modality's tokens even/odd. Use fewer levels, a smaller "
-                    f"patch_size, a larger image, or partitions='mmca'"
-                )
+            _check_level(k, levels, gh, gw, d, num_modalities, partitions)
             self.grids.append((gh, gw))
             self.flows.append(
                 MangoFlow(

@@ -183,48 +183,12 @@ class GatedICACore(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out, g_logdet):
         g_y1, g_y = _halves(g_out, ctx.gather, ctx.swap)
-        saved = ctx.saved_tensors
-        x, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta = saved[:9]
-        np_ = 11 if ctx.norm else 9
-        if ctx.norm:
-            loc, log_scale = saved[9:11]
-            scale = log_scale.exp()
-            x = (x + loc) * scale  # the fused ActNorm's output, rebuilt from its saved input
-        x1, x2 = _halves(x, ctx.gather, ctx.swap)
-        if ctx.recompute:
-            pq, mq, rq, pk, mk, rk, tau, q, kn, a = _core_attention(
-                x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, ctx.bias, *ctx.eps, ctx.block
-            )
-        else:
-            pq, mq, rq, pk, mk, rk, q, kn = saved[np_ : np_ + 8]
-            a = saved[np_ + 8 :]
-            tau = log_tau.exp()
+        wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta = ctx.saved_tensors[1:9]
+        x, scale, x1, x2, (pq, mq, rq, pk, mk, rk, tau, q, kn, a) = _restored_activations(ctx)
         rows = _row_blocks(x2.shape[1], ctx.block)
         need = ctx.needs_input_grad
-        th = torch.tanh(beta)
-        alpha = (1.0 - GATE_MARGIN) * th
-        diag = _cat1([a_i[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1) for (r0, r1), a_i in zip(rows, a)])  # (N, n)
-        # y2 = x2 + A (x2 ⊙ α);  Aᵀ g_y: block 0 spans every column, the others add onto columns [r0, n)
-        at_g = a[0].transpose(-1, -2) @ g_y[:, : rows[0][1]]
-        for (r0, r1), a_i in zip(rows[1:], a[1:]):
-            at_g[:, r0:].baddbmm_(a_i.transpose(-1, -2), g_y[:, r0:r1])
-        dx2 = torch.addcmul(g_y, at_g, alpha)
-        # logdet = Σ log1p(α_c a_ii): ∂/∂a_ii = Σ_c α_c / (1 + α_c a_ii), ∂/∂α_c = Σ_i a_ii / (1 + α_c a_ii)
-        w = g_logdet.view(-1, 1, 1) / (1.0 + diag.unsqueeze(-1) * alpha)  # (N, n, D)
-        dalpha = (at_g * x2).sum(dim=(0, 1)) + (w * diag.unsqueeze(-1)).sum(dim=(0, 1))
-        dbeta = dalpha * ((1.0 - GATE_MARGIN) * (1.0 - th * th)) if need[11] else None
-        g_alpha, g_diag = g_y * alpha, (w * alpha).sum(dim=-1)
-        dq, dkn = [], None
-        for (r0, r1), a_i in zip(rows, a):
-            da = g_alpha[:, r0:r1] @ x2[:, r0:].transpose(-1, -2)
-            da[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1).add_(g_diag[:, r0:r1])
-            ds = torch._softmax_backward_data(da, a_i, -1, a_i.dtype)  # zero below the diagonal (A = 0 there)
-            dq.append(ds @ kn[:, r0:])
-            if dkn is None:
-                dkn = ds.transpose(-1, -2) @ q[:, r0:r1]
-            else:
-                dkn[:, r0:].baddbmm_(ds.transpose(-1, -2), q[:, r0:r1])
-        dq = _cat1(dq)
+        dx2, dbeta, g_alpha, g_diag = _gate_backward(a, rows, g_y, g_logdet, x2, beta, need[11])
+        dq, dkn = _softmax_backward(a, rows, g_alpha, g_diag, x2, q, kn)
         dlog_tau = (dq * q).sum().view_as(log_tau) if need[10] else None
         mask = [True, need[6] or need[7], need[6] or need[7]]
         e, d = wq.shape
@@ -236,12 +200,7 @@ class GatedICACore(torch.autograd.Function):
         dx = dloc = dlog_scale = None
         if need[0] or (ctx.norm and (need[17] or need[18])):
             dx1 = (dpq @ wq).add_(dpk @ wk).add_(g_y1)
-            dz = torch.cat([dx2, dx1] if ctx.swap else [dx1, dx2], dim=1)
-            dx = dz if ctx.scatter is None else dz.index_select(1, ctx.scatter)
-            if ctx.norm:  # through x = (x_in + loc)·s: ∂/∂x_in = s, ∂/∂loc = Σ s, ∂/∂log_s = Σ x (+ the log-det's L)
-                dlog_scale = (dx * x).sum(dim=(0, 1)) + x.shape[1] * g_logdet.sum() if need[18] else None
-                dx = dx * scale
-                dloc = dx.sum(dim=(0, 1)) if need[17] else None
+            dx, dloc, dlog_scale = _input_backward(ctx, dx1, dx2, x, scale, g_logdet)
         return (
             dx,
             None,
@@ -263,6 +222,82 @@ class GatedICACore(torch.autograd.Function):
             dloc,
             dlog_scale,
         )
+
+
+def _restored_activations(ctx):
+    """What :meth:`GatedICACore.backward` needs from the forward: ``(x, scale, x1, x2, attention)``.
+
+    ``x`` is the layer's input (with a fused ActNorm: its output, rebuilt from the saved input, and ``scale`` =
+    ``exp(log_scale)``, else None); ``attention`` is ``(pq, mq, rq, pk, mk, rk, tau, q, kn, a)`` as
+    :func:`_core_attention` returns it — saved, or rebuilt from ``x1`` with ``recompute``.
+    """
+    saved = ctx.saved_tensors
+    x, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta = saved[:9]
+    np_ = 11 if ctx.norm else 9
+    scale = None
+    if ctx.norm:
+        loc, log_scale = saved[9:11]
+        scale = log_scale.exp()
+        x = (x + loc) * scale  # the fused ActNorm's output, rebuilt from its saved input
+    x1, x2 = _halves(x, ctx.gather, ctx.swap)
+    if ctx.recompute:
+        attention = _core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, ctx.bias, *ctx.eps, ctx.block)
+    else:
+        pq, mq, rq, pk, mk, rk, q, kn = saved[np_ : np_ + 8]
+        attention = (pq, mq, rq, pk, mk, rk, log_tau.exp(), q, kn, saved[np_ + 8 :])
+    return x, scale, x1, x2, attention
+
+
+def _gate_backward(a, rows, g_y, g_logdet, x2, beta, need_beta):
+    """Back through ``y2 = x2 + A (x2 ⊙ α)`` and ``logdet = Σ log1p(α_c a_ii)``, with ``α = (1 − margin) tanh β``.
+
+    Returns ``(dx2, dbeta, g_alpha, g_diag)``: the gradients of x2 and β (None unless ``need_beta``), and what
+    A's entries receive — ``g_y ⊙ α`` (to be multiplied by x2ᵀ) and the log-det's term on the diagonal.
+    """
+    th = torch.tanh(beta)
+    alpha = (1.0 - GATE_MARGIN) * th
+    diag = _cat1([a_i[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1) for (r0, r1), a_i in zip(rows, a)])  # (N, n)
+    # y2 = x2 + A (x2 ⊙ α);  Aᵀ g_y: block 0 spans every column, the others add onto columns [r0, n)
+    at_g = a[0].transpose(-1, -2) @ g_y[:, : rows[0][1]]
+    for (r0, r1), a_i in zip(rows[1:], a[1:]):
+        at_g[:, r0:].baddbmm_(a_i.transpose(-1, -2), g_y[:, r0:r1])
+    dx2 = torch.addcmul(g_y, at_g, alpha)
+    # logdet = Σ log1p(α_c a_ii): ∂/∂a_ii = Σ_c α_c / (1 + α_c a_ii), ∂/∂α_c = Σ_i a_ii / (1 + α_c a_ii)
+    w = g_logdet.view(-1, 1, 1) / (1.0 + diag.unsqueeze(-1) * alpha)  # (N, n, D)
+    dalpha = (at_g * x2).sum(dim=(0, 1)) + (w * diag.unsqueeze(-1)).sum(dim=(0, 1))
+    dbeta = dalpha * ((1.0 - GATE_MARGIN) * (1.0 - th * th)) if need_beta else None
+    g_alpha, g_diag = g_y * alpha, (w * alpha).sum(dim=-1)
+    return dx2, dbeta, g_alpha, g_diag
+
+
+def _softmax_backward(a, rows, g_alpha, g_diag, x2, q, kn):
+    """Back through A's row blocks ``softmax(bias + q knᵀ)``: ``(dq, dkn)`` from dA = g_alpha x2ᵀ (+ g_diag on
+    the diagonal)."""
+    dq, dkn = [], None
+    for (r0, r1), a_i in zip(rows, a):
+        da = g_alpha[:, r0:r1] @ x2[:, r0:].transpose(-1, -2)
+        da[:, :, : r1 - r0].diagonal(dim1=-2, dim2=-1).add_(g_diag[:, r0:r1])
+        ds = torch._softmax_backward_data(da, a_i, -1, a_i.dtype)  # zero below the diagonal (A = 0 there)
+        dq.append(ds @ kn[:, r0:])
+        if dkn is None:
+            dkn = ds.transpose(-1, -2) @ q[:, r0:r1]
+        else:
+            dkn[:, r0:].baddbmm_(ds.transpose(-1, -2), q[:, r0:r1])
+    return _cat1(dq), dkn
+
+
+def _input_backward(ctx, dx1, dx2, x, scale, g_logdet):
+    """``(dx, dloc, dlog_scale)``: the halves' gradients merged and put back in token order; with a fused ActNorm,
+    carried through ``x = (x_in + loc)·s`` (the last two are None without one or when not needed)."""
+    need = ctx.needs_input_grad
+    dz = torch.cat([dx2, dx1] if ctx.swap else [dx1, dx2], dim=1)
+    dx = dz if ctx.scatter is None else dz.index_select(1, ctx.scatter)
+    dloc = dlog_scale = None
+    if ctx.norm:  # through x = (x_in + loc)·s: ∂/∂x_in = s, ∂/∂loc = Σ s, ∂/∂log_s = Σ x (+ the log-det's L)
+        dlog_scale = (dx * x).sum(dim=(0, 1)) + x.shape[1] * g_logdet.sum() if need[18] else None
+        dx = dx * scale
+        dloc = dx.sum(dim=(0, 1)) if need[17] else None
+    return dx, dloc, dlog_scale
 
 
 def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:
