@@ -1,7 +1,7 @@
 """Exact MANGO flow layers. Every layer keeps the contract stated in :mod:`pipeline.flows.base`."""
 
 from .actnorm import ActNorm, data_init
-from .base import FlowSequence, InvertibleModule
+from .base import FlowSequence, InvertibleModule, token_mask
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ATTENTION, ICA, solve_gated_upper
@@ -34,5 +34,6 @@ __all__ = [
     "quantize",
     "resolve_partitions",
     "solve_gated_upper",
+    "token_mask",
     "upper_attention",
 ]

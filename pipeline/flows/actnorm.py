@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import InvertibleModule, compute_dtype, logdet_dtype, no_autocast
+from .base import InvertibleModule, compute_dtype, current_mask, logdet_dtype, no_autocast
 
 
 class ActNormAffine(torch.autograd.Function):
@@ -72,8 +72,11 @@ class ActNorm(InvertibleModule):
         self.initialized.fill_(True)
 
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = current_mask(x)
         if self._collect_init and not bool(self.initialized):
-            self.initialize_from(x)
+            self.initialize_from(x if mask is None else x[mask])  # statistics of the real tokens only
+        if mask is not None:
+            return self._forward_masked(x, mask, reverse)
         ct = compute_dtype(x)
         with no_autocast(x.device.type):
             loc, log_scale = self.loc.to(ct), self.log_scale.to(ct)
@@ -86,6 +89,17 @@ class ActNorm(InvertibleModule):
                 return ActNormAffine.apply(x, loc, log_scale), logdet
             y = (x.to(ct) + loc) * torch.exp(log_scale)
             return y.to(x.dtype), logdet
+
+    def _forward_masked(self, x: torch.Tensor, mask: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real tokens normalised, padded ones unchanged; log-det ``(real tokens) · Σ_c log_scale_c``."""
+        ct = compute_dtype(x)
+        with no_autocast(x.device.type):
+            loc, log_scale = self.loc.to(ct), self.log_scale.to(ct)
+            logdet = mask.sum(1).to(logdet_dtype(x)) * log_scale.sum().to(logdet_dtype(x))
+            xc = x.to(ct)
+            y = xc * torch.exp(-log_scale) - loc if reverse else (xc + loc) * torch.exp(log_scale)
+            y = torch.where(mask.unsqueeze(-1), y, xc)
+            return y.to(x.dtype), -logdet if reverse else logdet
 
 
 @contextlib.contextmanager

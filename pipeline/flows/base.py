@@ -30,6 +30,36 @@ from torch import nn
 
 _INSIDE_FLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_flow", default=False)
 _BLOCK_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("block_checkpoint", default=False)
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("token_mask", default=None)
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    """A padding mask ``(N, L)`` bool (True = a real token) for the enclosed flow calls (``None``: no mask).
+
+    Under a mask every layer holds padded tokens fixed and is an exact bijection of the real tokens, its
+    log-det counting the real tokens only: ActNorm, the channel mixer and the coupling leave padded tokens
+    unchanged; ICA neither updates a padded token nor attends to one (a key position is used only when both
+    of its halves are real). LICA's token mixer would mix padded tokens into real ones, so it refuses a mask.
+    Masked layers run their composed definitions (no C++ or hand-written nodes).
+    """
+    if mask is not None and (mask.ndim != 2 or mask.dtype != torch.bool):
+        raise ValueError(f"token_mask: expected a bool tensor of shape (N, L); got {mask.dtype} {tuple(mask.shape)}")
+    token = _TOKEN_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(token)
+
+
+def current_mask(x: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The padding mask the enclosing :func:`token_mask` set (checked against ``x``'s (N, L)), or None."""
+    mask = _TOKEN_MASK.get()
+    if mask is not None and x is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"token_mask: the mask has shape {tuple(mask.shape)} but the layer's input is (N, L) = {tuple(x.shape[:2])}"
+        )
+    return mask
 
 
 @contextlib.contextmanager
@@ -83,14 +113,15 @@ KERNELS = ("auto", "python", "reference")
 
 def native_ok(layer: nn.Module, x: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether ``layer`` may run its C++ node for ``x``: the plan allows it and :func:`fused_path_ok`."""
-    return layer.kernels == "auto" and fused_path_ok(x, param)
+    return layer.kernels == "auto" and fused_path_ok(x, param) and _TOKEN_MASK.get() is None
 
 
 def fused_path_ok(x: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether a layer may run its fused node (a hand-written backward) for input ``x``: autocast off on x's
     device (under autocast the composed path keeps its bf16/fp32 split), and ``param`` not partitioned by
-    DeepSpeed ZeRO-3 (flagged ``ds_id``; such weights are gathered only inside each submodule's forward)."""
-    return not torch.is_autocast_enabled(x.device.type) and not hasattr(param, "ds_id")
+    DeepSpeed ZeRO-3 (flagged ``ds_id``; such weights are gathered only inside each submodule's forward), and
+    no padding mask (:func:`token_mask`: masked layers run their composed definitions)."""
+    return not torch.is_autocast_enabled(x.device.type) and not hasattr(param, "ds_id") and _TOKEN_MASK.get() is None
 
 
 def logdet_dtype(x: torch.Tensor) -> torch.dtype:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import InvertibleModule, compute_dtype, logdet_dtype, native_ok, no_autocast
+from .base import InvertibleModule, compute_dtype, current_mask, logdet_dtype, native_ok, no_autocast
 from .kernels import native
 
 
@@ -61,13 +61,19 @@ class ChannelMixer(InvertibleModule):
             if out is not None:
                 return out
         ct = compute_dtype(x)
+        mask = current_mask(x)  # padded tokens (token_mask) stay unchanged and out of the log-det
         with no_autocast(x.device.type):
             low, up = self.factors(ct)
-            logdet = (x.shape[1] * self.log_s.to(ct).sum()).to(logdet_dtype(x)).expand(x.shape[0])
+            if mask is None:
+                logdet = (x.shape[1] * self.log_s.to(ct).sum()).to(logdet_dtype(x)).expand(x.shape[0])
+            else:
+                logdet = mask.sum(1).to(logdet_dtype(x)) * self.log_s.to(ct).sum().to(logdet_dtype(x))
             flat = x.to(ct).reshape(-1, self.dim)
             if reverse:  # x Wᵀ = y  ⇔  (x Uᵀ) Lᵀ = y: solve against Lᵀ (unit upper), then Uᵀ (lower), from the right
                 z = torch.linalg.solve_triangular(low.t(), flat, upper=True, left=False, unitriangular=True)
-                y = torch.linalg.solve_triangular(up.t(), z, upper=False, left=False)
-                return y.reshape(x.shape).to(x.dtype), -logdet
-            y = flat @ (low @ up).t()
-            return y.reshape(x.shape).to(x.dtype), logdet
+                y = torch.linalg.solve_triangular(up.t(), z, upper=False, left=False).reshape(x.shape)
+            else:
+                y = (flat @ (low @ up).t()).reshape(x.shape)
+            if mask is not None:
+                y = torch.where(mask.unsqueeze(-1), y, x.to(ct))
+            return y.to(x.dtype), -logdet if reverse else logdet

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import InvertibleModule, compute_dtype, in_block_checkpoint, logdet_dtype, native_ok, no_autocast
+from .base import (
+    InvertibleModule,
+    compute_dtype,
+    current_mask,
+    in_block_checkpoint,
+    logdet_dtype,
+    native_ok,
+    no_autocast,
+)
 from .kernels import native
 
 
@@ -88,6 +96,10 @@ class AffineCoupling(InvertibleModule):
             h = h.to(ct)
             raw_s, t = h[..., : self.out_dim], h[..., self.out_dim :]
             log_s = self.scale_bound * torch.tanh(raw_s / self.scale_bound)
+            mask = current_mask(x)
+            if mask is not None:  # padded tokens (token_mask): no update, nothing in the log-det
+                keep = mask.unsqueeze(-1).to(ct)
+                log_s, t = log_s * keep, t * keep
             logdet = log_s.sum(dim=(1, 2)).to(logdet_dtype(x))
             if reverse:
                 yb = (xb.to(ct) - t) * torch.exp(-log_s)

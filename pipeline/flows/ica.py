@@ -30,7 +30,15 @@ import math
 import torch
 from torch import nn
 
-from .base import InvertibleModule, compute_dtype, fused_path_ok, in_block_checkpoint, logdet_dtype, no_autocast
+from .base import (
+    InvertibleModule,
+    compute_dtype,
+    current_mask,
+    fused_path_ok,
+    in_block_checkpoint,
+    logdet_dtype,
+    no_autocast,
+)
 from .kernels import native, upper_attention_lse, upper_attention_lse_reference
 from .kernels.attention import diag_log_softmax, upper_attention
 from .kernels.ica_nodes import (  # noqa: F401  (re-exported: the layer's fast autograd nodes and their reference)
@@ -363,7 +371,60 @@ class ICA(InvertibleModule):
                 y2, a_diag = GatedUpperAttention.apply(q, k, x2.to(ct), alpha, self.mask_bias.to(ct))
             return y2, torch.log1p(alpha * a_diag.unsqueeze(-1)).sum(dim=(1, 2))
 
+    def _split_mask(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padding mask (N, L) split like the tokens: ``(m1, m2)``, each (N, n)."""
+        if self.partition == "mmca2":
+            m2, m1 = mask.chunk(2, dim=1)
+            return m1, m2
+        z = mask if self.partition == "mmca1" else mask.index_select(1, self.gather)
+        m1, m2 = z.chunk(2, dim=1)
+        return m1, m2
+
+    def _forward_masked(self, x: torch.Tensor, mask: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer under a padding mask (:func:`~pipeline.flows.base.token_mask`), composed, A materialised.
+
+        Row i (x2's token i) is updated only when x2's token i is real; column j is attended to only when both
+        x1's token j (its key) and x2's token j (its value) are real — and every row keeps its own diagonal, so
+        a row never has an empty softmax. Padded rows of A are zero: ``I + αA`` (gated; ``A + diag(pad)`` in the
+        paper form) is the identity on padded tokens and still upper triangular on the real ones, so the log-det
+        is the real rows' ``Σ_c log(1 + α_c a_ii)`` (paper: ``D · Σ log a_ii``) and the inverse the same solve.
+        """
+        if self.partition == "lica":
+            raise ValueError(
+                "ICA: a padding mask cannot run through a lica partition (its token mixer mixes padded tokens into "
+                "real ones); use partitions without lica (e.g. mmca+imca) with model.pad_mask"
+            )
+        ct = compute_dtype(x)
+        x1, x2 = self.split(x)
+        m1, m2 = self._split_mask(mask)
+        q, k = self.queries_keys(x1)
+        with no_autocast(x.device.type):
+            n = q.shape[1]
+            eye = torch.eye(n, dtype=torch.bool, device=x.device)
+            allowed = ~self.below_diag & ((m1 & m2).unsqueeze(1) | eye)
+            logp = torch.log_softmax((q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf")), dim=-1)
+            real = m2.unsqueeze(-1).to(ct)  # (N, n, 1)
+            attn = logp.exp() * real
+            x2c = x2.to(ct)
+            if self.form == "gated":
+                alpha = self.gate(ct)
+                logdet = torch.log1p(alpha * attn.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)).sum(dim=(1, 2))
+                if reverse:
+                    y2 = solve_gated_upper(attn, alpha, x2c, self.solve_block, allow_native=False)
+                else:
+                    y2 = x2c + alpha * (attn @ x2c)
+            else:
+                logdet = self.dim * (logp.diagonal(dim1=-2, dim2=-1) * real.squeeze(-1)).sum(dim=-1)
+                attn = attn + torch.diag_embed(1.0 - real.squeeze(-1))
+                y2 = torch.linalg.solve_triangular(attn, x2c, upper=True) if reverse else attn @ x2c
+        y = self.merge(x1, y2.to(x.dtype))
+        logdet = logdet.to(logdet_dtype(x))
+        return y, -logdet if reverse else logdet
+
     def _forward(self, x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = current_mask(x)
+        if mask is not None:
+            return self._forward_masked(x, mask, reverse)
         if not reverse and self._fast_path(x):
             return self._forward_fast(x)
         ct = compute_dtype(x)

@@ -15,7 +15,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .actnorm import ActNorm
-from .base import FlowSequence, InvertibleModule, block_checkpointed, fused_path_ok, inside_flow, logdet_dtype
+from .base import (
+    FlowSequence,
+    InvertibleModule,
+    block_checkpointed,
+    current_mask,
+    fused_path_ok,
+    inside_flow,
+    logdet_dtype,
+    token_mask,
+)
 from .channel_mix import ChannelMixer
 from .coupling import AffineCoupling
 from .ica import ICA
@@ -150,10 +159,11 @@ class MangoFlow(InvertibleModule):
         if self.memory != "store" and not reverse and torch.is_grad_enabled():
             params = list(self.parameters())
             if x.requires_grad or any(p.requires_grad for p in params):
-                if self.memory == "invert":
+                mask = current_mask(x)  # a padding mask: the per-block checkpoint carries it into the recompute
+                if self.memory == "invert" and mask is None:
                     return reconstruct_blocks(list(self.blocks), x)
-                if any(hasattr(p, "ds_id") for p in params) or not self._layers_recompute(x):
-                    return self._forward_torch_checkpoint(x)
+                if mask is not None or any(hasattr(p, "ds_id") for p in params) or not self._layers_recompute(x):
+                    return self._forward_torch_checkpoint(x, mask)
         # store, and layer-selective checkpoint: the layers themselves rebuild their large activations
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         for block in reversed(self.blocks) if reverse else self.blocks:
@@ -169,23 +179,26 @@ class MangoFlow(InvertibleModule):
             return False
         return all(m.form == "gated" and m.attention == "plain" for m in self.blocks.modules() if isinstance(m, ICA))
 
-    def _forward_torch_checkpoint(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_torch_checkpoint(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block non-reentrant ``torch.utils.checkpoint``: under DeepSpeed ZeRO-3, and wherever the ICA
         layers cannot rebuild their own attention (see :meth:`_layers_recompute`).
 
         ZeRO-3 partitions the parameters (they carry ``ds_id``) and gathers them only inside module forward
         hooks, so their gradients must come from autograd's own accumulation. Inside the block the layers'
         own recompute is switched off (:func:`~pipeline.flows.base.block_checkpointed`), in the forward and in
-        the recompute alike.
+        the recompute alike. A padding mask is passed along, since the recompute runs outside its context (also
+        for ``memory="invert"``, whose reconstruction does not take a mask).
         """
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         for block in self.blocks:
-            x, logdet = checkpoint(_nested_call, block, x, use_reentrant=False)
+            x, logdet = checkpoint(_nested_call, block, x, mask, use_reentrant=False)
             total = total + logdet
         return x, total
 
 
-def _nested_call(block: MangoBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _nested_call(block: MangoBlock, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     # the recompute in backward runs outside the flow's context; keep it a nested call (no input re-check)
-    with inside_flow(), block_checkpointed():
+    with inside_flow(), block_checkpointed(), token_mask(mask):
         return block(x)
