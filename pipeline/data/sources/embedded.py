@@ -44,6 +44,7 @@ import random
 from typing import Any
 
 import numpy as np
+from skimage.data import stereo_motorcycle
 
 from ..manifest import ModalitySpec
 from . import Source
@@ -61,8 +62,6 @@ NEAR_M, FAR_M = 0.1, 10.0
 @functools.lru_cache(maxsize=4)
 def stereo_arrays(downscale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(left (H,W,3) uint8, right (H,W,3) uint8, depth (H,W) uint16 mm) after ``downscale``; cached."""
-    from skimage.data import stereo_motorcycle
-
     left, right, disparity = stereo_motorcycle()
     disparity = disparity.astype(np.float64)  # float32 arithmetic would round some depths to the wrong mm
     valid = np.isfinite(disparity)
@@ -249,8 +248,8 @@ _CLIENT: dict[int, int] = {}
 
 def _client() -> int:
     """One DIRECT pybullet client per process (created on first use, never inherited through fork)."""
-    import pybullet as pb
-    import pybullet_data
+    import pybullet as pb  # prints a build banner when imported: only --src scenes pays for it
+    import pybullet_data  # ships with pybullet: only --src scenes needs it
 
     cid = _CLIENT.get(os.getpid())
     if cid is None:
@@ -287,11 +286,43 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
 
     ``view``: ``"orbit"`` (oblique camera, shadows) or ``"top"`` (straight down, see the module docstring).
     """
-    import pybullet as pb
+    import pybullet as pb  # prints a build banner when imported: only --src scenes pays for it
 
     cid = _client()
     rng = random.Random(f"mango-scene-{seed}")
     pb.resetSimulation(physicsClientId=cid)
+    body_class, objects = _place_objects(pb, cid, rng, view)
+    cam = _camera(rng, view)
+    view_matrix = pb.computeViewMatrix(cam["eye"], cam["target"], cam["up"], physicsClientId=cid)
+    proj = pb.computeProjectionMatrixFOV(cam["fov"], 1.0, NEAR_M, FAR_M, physicsClientId=cid)
+    _, _, rgba, zbuf, seg = pb.getCameraImage(
+        size,
+        size,
+        view_matrix,
+        proj,
+        renderer=pb.ER_TINY_RENDERER,
+        shadow=cam["shadow"],
+        lightDirection=cam["light"],
+        physicsClientId=cid,
+    )
+    rgb, depth, label = _decode_camera_image(rgba, zbuf, seg, size, body_class)
+    meta = {
+        "seed": seed,
+        "camera": {
+            "azimuth": round(cam["azimuth"], 4),
+            "elevation": round(cam["elevation"], 3),
+            "distance": round(cam["distance"], 4),
+            "fov": cam["fov"],
+            "view": view,
+        },
+        "objects": objects,
+        "classes": list(SCENE_CLASSES),
+    }
+    return {"rgb.png": rgb, "depth.png": depth, "label.png": label, "json": meta}
+
+
+def _place_objects(pb: Any, cid: int, rng: random.Random, view: str) -> tuple[dict[int, int], list[dict[str, Any]]]:
+    """Load the floor and 3–6 objects on non-overlapping footprints: ({body id: class index}, object records)."""
     body_class = {pb.loadURDF("plane.urdf", physicsClientId=cid): 0}
     placed: list[tuple[float, float]] = []
     objects = []
@@ -319,6 +350,11 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
             body = _add_solid(pb, cid, cls, xy, yaw)
         body_class[body] = SCENE_CLASSES.index(cls)
         objects.append({"class": cls, "x": round(xy[0], 4), "y": round(xy[1], 4), "yaw": round(yaw, 4)})
+    return body_class, objects
+
+
+def _camera(rng: random.Random, view: str) -> dict[str, Any]:
+    """The camera and light: eye, target, up, fov, shadow, light, and the azimuth/elevation/distance recorded."""
     azimuth, elevation, distance = rng.uniform(0, 2 * math.pi), rng.uniform(35, 60), rng.uniform(1.3, 1.7)
     el = math.radians(elevation)
     eye = [
@@ -332,18 +368,23 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
         fov, shadow, light, elevation, distance = 10, 0, [0, 0, 1], 90.0, 8.0
     else:
         target, up = [0, 0, 0.1], [0, 0, 1]
-    view_matrix = pb.computeViewMatrix(eye, target, up, physicsClientId=cid)
-    proj = pb.computeProjectionMatrixFOV(fov, 1.0, NEAR_M, FAR_M, physicsClientId=cid)
-    _, _, rgba, zbuf, seg = pb.getCameraImage(
-        size,
-        size,
-        view_matrix,
-        proj,
-        renderer=pb.ER_TINY_RENDERER,
-        shadow=shadow,
-        lightDirection=light,
-        physicsClientId=cid,
-    )
+    return {
+        "eye": eye,
+        "target": target,
+        "up": up,
+        "fov": fov,
+        "shadow": shadow,
+        "light": light,
+        "azimuth": azimuth,
+        "elevation": elevation,
+        "distance": distance,
+    }
+
+
+def _decode_camera_image(
+    rgba: Any, zbuf: Any, seg: Any, size: int, body_class: dict[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TinyRenderer's buffers → rgb (uint8), metric depth in mm (uint16, 0 = sky), class label (uint8, 255 = sky)."""
     rgb = np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
     seg = np.asarray(seg, dtype=np.int64).reshape(size, size)
     zbuf = np.asarray(zbuf, dtype=np.float64).reshape(size, size)
@@ -353,19 +394,7 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
     for b, c in body_class.items():
         label[body == b] = c
     depth = np.where(seg >= 0, np.clip(np.round(depth_m * 1000.0), 1, 65535), 0).astype(np.uint16)
-    meta = {
-        "seed": seed,
-        "camera": {
-            "azimuth": round(azimuth, 4),
-            "elevation": round(elevation, 3),
-            "distance": round(distance, 4),
-            "fov": fov,
-            "view": view,
-        },
-        "objects": objects,
-        "classes": list(SCENE_CLASSES),
-    }
-    return {"rgb.png": rgb, "depth.png": depth, "label.png": label, "json": meta}
+    return rgb, depth, label
 
 
 SOURCE_CLASS = EmbeddedSource

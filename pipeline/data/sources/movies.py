@@ -34,6 +34,7 @@ import random
 from functools import cache
 
 import numpy as np
+import skimage.data
 from PIL import Image
 
 from .mmimdb import GENRES
@@ -133,8 +134,6 @@ assert set(IMAGE_GENRES) | set(TEXT_GENRES) == set(GENRES) and not set(IMAGE_GEN
 @cache
 def motif(name: str) -> np.ndarray:
     """The scikit-image picture behind an image genre as uint8 (H, W, 3)."""
-    import skimage.data
-
     img = np.asarray(getattr(skimage.data, name)())
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)

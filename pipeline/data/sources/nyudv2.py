@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import h5py
 import numpy as np
 
 from ..codecs import read_image_file
@@ -90,7 +91,7 @@ def mat_version(path: str) -> str:
 
 def load_v5_mat(path: str) -> dict[str, Any]:
     """Variables of a MATLAB v5 .mat (scipy); ``FileNotFoundError``/``ValueError`` naming the file."""
-    import scipy.io
+    import scipy.io  # heavy: scipy (~0.3 s), only for v5 .mat files
 
     version = mat_version(path)
     if version.startswith("7.3"):
@@ -153,8 +154,6 @@ class NYUDv2Source(Source):
 
     # -- official layout ---------------------------------------------------------------------------------
     def _check_labeled(self, path: str) -> int:
-        import h5py
-
         with h5py.File(path, "r") as f:
             for name in ("images", "depths", "labels"):
                 if name not in f:
@@ -168,8 +167,6 @@ class NYUDv2Source(Source):
         return img[0]
 
     def _file(self) -> Any:
-        import h5py
-
         if self._h5 is None:  # opened on first load, i.e. inside the worker process that uses it
             self._h5 = h5py.File(os.path.join(self.src, LABELED), "r")
         return self._h5

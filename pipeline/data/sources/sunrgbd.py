@@ -27,6 +27,7 @@ import glob
 import os
 from typing import Any
 
+import h5py
 import numpy as np
 
 from ..codecs import read_image_file
@@ -171,8 +172,6 @@ class SUNRGBDSource(Source):
             if unknown:
                 raise ValueError(f"{allsplit}: {var} names scenes missing from {meta}, e.g. {unknown[0]}")
             self._indices[split] = sorted(index[p] for p in scenes)
-        import h5py
-
         with h5py.File(seg, "r") as f:
             if "SUNRGBD2Dseg" not in f or "seglabel" not in f["SUNRGBD2Dseg"]:
                 raise ValueError(f"{seg}: no SUNRGBD2Dseg.seglabel")
@@ -190,8 +189,6 @@ class SUNRGBDSource(Source):
         return found[0]
 
     def _label_from_seg(self, i: int) -> np.ndarray:
-        import h5py
-
         if self._h5 is None:  # opened lazily inside the process that reads it
             self._h5 = h5py.File(os.path.join(self.src, SEG), "r")
             self._seg_refs = self._h5["SUNRGBD2Dseg"]["seglabel"][()].reshape(-1)

@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..codecs import read_image_file
 from ..manifest import ModalitySpec
@@ -155,8 +156,6 @@ class TaskonomySource(Source):
         size = self.options["size"]
         if not size or a.shape[:2] == (size, size):
             return a
-        from PIL import Image
-
         if a.dtype == np.uint8:
             return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR))
         rows = np.minimum((np.arange(size) + 0.5) * a.shape[0] / size, a.shape[0] - 1).astype(np.int64)
