@@ -44,6 +44,7 @@ from pipeline.config_rules import rule_field as _f
 from pipeline.flows.base import KERNELS
 from pipeline.flows.ica import ATTENTION, FORMS
 from pipeline.flows.mango import MEMORY_POLICIES
+from pipeline.flows.partitions import resolve_partitions
 from pipeline.tasks import get_task, task_names
 
 TASKS = task_names()  # the registry's tasks (pipeline.tasks)
@@ -130,6 +131,9 @@ class ModelConfig:
     # let the NLL's gradient reach the encoders (default: stopped — E's Jacobian is not in the likelihood, so the
     # encoders could shrink their output to cheat it; the fusion study measures the lever)
     nll_to_encoders: bool = _f(False, arch=False)
+    # latent models with a padded input (text): padded tokens held fixed by G, never attended to, and left out of
+    # the NLL (exact for the real tokens); needs partitions without lica. False = the paper (pads are tokens)
+    pad_mask: bool = _f(False, arch=True)
     num_classes: int = _f(0, ge=0, arch=True)  # segmentation / classification head size
     # latent models: G over the fused tokens; concat (no flow); xattn (bidirectional cross-attention blocks, no flow)
     fusion: str = _f("mango", choices=("mango", "concat", "xattn"), arch=True)
@@ -428,6 +432,11 @@ def _check_cross(cfg: Config) -> None:
     if "://" in shards and not shards.startswith("s3://"):
         raise ConfigError(f"data.shards must be a local directory or an s3:// URL; got {shards!r}")
     get_task(m.task).check_config(cfg)  # the task's own cross-field rules (model.skips, model.flow_layer, ...)
+    if m.pad_mask and m.fusion == "mango" and m.flow_layer == "ica" and "lica" in resolve_partitions(m.partitions):
+        raise ConfigError(
+            f"model.pad_mask: partitions {m.partitions!r} include lica, whose token mixer mixes padded tokens into "
+            "real ones; choose partitions without lica (e.g. model.partitions=mmca+imca)"
+        )
     if cfg.optim.ema and cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "optim.ema: an EMA of ZeRO-3-partitioned weights is not supported; use "

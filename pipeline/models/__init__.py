@@ -234,6 +234,7 @@ def build_latent(cfg: Config, specs: list[Spec], memory: str) -> LatentTaskModel
         augment=augment,
         flow_kwargs=flow_kwargs,
         skips=m.skips,
+        pad_mask=m.pad_mask,
         xattn_kwargs={"depth": m.num_blocks, "mlp_ratio": m.xattn_mlp_ratio} if m.fusion == "xattn" else None,
     )
     if m.encoder_weights:

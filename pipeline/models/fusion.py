@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from pipeline.flows import ActNorm, AffineCoupling, ChannelMixer, FlowSequence, MangoFlow
+from pipeline.flows import ActNorm, AffineCoupling, ChannelMixer, FlowSequence, MangoFlow, token_mask
 from pipeline.tasks import Modality, get_task, task_names
 
 from .augment import Augment
@@ -76,6 +76,7 @@ class LatentTaskModel(nn.Module):
         flow_kwargs: Mapping | None = None,
         xattn_kwargs: Mapping | None = None,
         skips: bool = False,
+        pad_mask: bool = False,
     ):
         super().__init__()
         if len(inputs) not in (1, 2):
@@ -86,6 +87,7 @@ class LatentTaskModel(nn.Module):
         self.task, self.inputs, self.target = task, tuple(inputs), target
         self.dim, self.grid, self.fusion, self.nll_weight = dim, tuple(grid), fusion, float(nll_weight)
         self.nll_to_encoders = bool(nll_to_encoders)  # the fusion study's lever (model.nll_to_encoders)
+        self.pad_mask = bool(pad_mask)  # padded text tokens held fixed by G and out of the NLL (model.pad_mask)
         self.depth_max, self.augment = float(depth_max), augment or Augment()
         self.skips = bool(skips)  # the head also reads the image encoders' feature maps (model.skips)
         if self.skips and (not spatial or any(m.kind != "image" for m in inputs)):
@@ -190,29 +192,49 @@ class LatentTaskModel(nn.Module):
     def _flow(
         self, tokens: list[torch.Tensor], stop_into_encoders: bool, masks: list[torch.Tensor | None] | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Z per modality and the per-sample NLL/(L·D) (None without a flow)."""
+        """Z per modality and the per-sample NLL/(L·D) (None without a flow); with ``pad_mask`` padded tokens
+        are held fixed by G and left out of the NLL (L·D counts the real tokens)."""
         if self.xattn is not None:
             return self.xattn(tokens, masks or [None] * len(tokens)), None
         if self.flow is None:
             return tokens, None
         x = torch.cat(tokens, dim=1) if len(tokens) == 2 else tokens[0][:, self.order]
+        mask = self._flow_mask(tokens, masks) if self.pad_mask else None
         n = x.shape[0]
         if stop_into_encoders:
-            z_all, ld_all = self.flow(torch.cat([x, x.detach()], dim=0))
-            z, nll = z_all[:n], self.nll_per_dim(z_all[n:], ld_all[n:])
+            with token_mask(None if mask is None else torch.cat([mask, mask])):
+                z_all, ld_all = self.flow(torch.cat([x, x.detach()], dim=0))
+            z, nll = z_all[:n], self.nll_per_dim(z_all[n:], ld_all[n:], mask)
         else:
-            z, logdet = self.flow(x)
-            nll = self.nll_per_dim(z, logdet)
+            with token_mask(mask):
+                z, logdet = self.flow(x)
+            nll = self.nll_per_dim(z, logdet, mask)
         zs = list(z.chunk(2, dim=1)) if len(tokens) == 2 else [z[:, self.unorder]]
         return zs, nll
 
+    def _flow_mask(self, tokens: list[torch.Tensor], masks: list[torch.Tensor | None] | None) -> torch.Tensor | None:
+        """G's padding mask (N, L) in its token order, or None when no input has padding (images)."""
+        if not masks or all(m is None for m in masks):
+            return None
+        full = [
+            m.to(t.device, torch.bool) if m is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+            for t, m in zip(tokens, masks)
+        ]
+        return torch.cat(full, dim=1) if len(full) == 2 else full[0][:, self.order]
+
     @staticmethod
-    def nll_per_dim(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
-        """(N,) −log p(x)/(L·D) in nats under a standard normal prior on z (fp32 or better)."""
+    def nll_per_dim(z: torch.Tensor, logdet: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) −log p(x)/(L·D) in nats under a standard normal prior on z (fp32 or better); with a padding
+        mask, over the real tokens only (their count × D)."""
         z = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
-        ld = z.shape[1] * z.shape[2]
-        log_pz = -0.5 * (z * z).flatten(1).sum(1) - 0.5 * ld * math.log(2 * math.pi)
-        return -(log_pz + logdet.to(z.dtype)) / ld
+        if mask is None:
+            dims = torch.full((z.shape[0],), float(z.shape[1] * z.shape[2]), dtype=z.dtype, device=z.device)
+            sq = (z * z).flatten(1).sum(1)
+        else:
+            dims = mask.sum(1).to(z.dtype) * z.shape[2]
+            sq = (z * z * mask.unsqueeze(-1).to(z.dtype)).flatten(1).sum(1)
+        log_pz = -0.5 * sq - 0.5 * dims * math.log(2 * math.pi)
+        return -(log_pz + logdet.to(z.dtype)) / dims
 
     def _head(
         self,

@@ -3,11 +3,13 @@ exact eval sums under ``__valid__``, layout errors, and the baselines (single mo
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.flows import data_init
+from pipeline.flows import data_init, token_mask
 from pipeline.models import LatentTaskModel, build_model
 
 N, S = 4, 16  # batch, image side
@@ -244,3 +246,29 @@ def test_manifest_modalities_are_checked_against_the_config():
         modality_specs(cfg_for("segmentation", "[rgb,depth,label]", "model.num_classes=3"), manifest)
     with pytest.raises(ConfigError, match="'right' is not in the shards"):
         modality_specs(cfg_for("segmentation", "[rgb,right,label]", "model.num_classes=4"), manifest)
+
+
+def test_pad_mask_holds_padded_text_tokens_and_leaves_them_out_of_the_nll():
+    """model.pad_mask: padded text tokens stay zero through G and the NLL covers the real tokens only."""
+    torch.manual_seed(0)
+    extra = ("model.num_classes=5", "model.partitions=mmca+imca", "model.pad_mask=true", "model.nll_weight=1")
+    model = build_model(cfg_for("classification", "[rgb,text,labels]", *extra), CLS_SPECS)
+    b = batch()
+    data_init(model, b, mode="loss")
+    tokens, masks = model._encode(b)
+    text_mask = masks[1]
+    assert text_mask is not None and not text_mask.all() and text_mask.any(1).all(), "the short texts are padded"
+    (z_img, z_txt), nll = model._flow(tokens, stop_into_encoders=False, masks=masks)
+    assert torch.equal(z_txt[~text_mask], torch.zeros_like(z_txt[~text_mask])), "padded tokens stay zero"
+    mask = torch.cat([torch.ones_like(text_mask), text_mask], dim=1)
+    with token_mask(mask):
+        z, logdet = model.flow(torch.cat(tokens, 1))
+    real = mask.unsqueeze(-1).float()
+    dims = mask.sum(1).float() * z.shape[2]
+    want = (0.5 * (z * z * real).flatten(1).sum(1) + 0.5 * dims * math.log(2 * math.pi) - logdet) / dims
+    torch.testing.assert_close(nll, want)
+    loss = model(b, mode="loss")["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="model.pad_mask: partitions 'all' include lica"):
+        cfg_for("classification", "[rgb,text,labels]", "model.num_classes=5", "model.pad_mask=true")
