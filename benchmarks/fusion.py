@@ -13,6 +13,11 @@ Every embedded task (its demo config, ``launch/configs/<task>_demo.yaml``, data 
 - ``<modality> only`` — one input modality;
 - density: ``mango`` (joint flow over both views) vs each single view; the paired difference is
   joint − (left + right)/2 in bits/dim;
+- ``--levers``: MANGO variants that each change one configuration lever — ``mango nll 0`` (``model.nll_weight=0``),
+  ``mango nll→E`` (``model.nll_to_encoders=true``), ``mango no mixer`` (``model.channel_mix=false``), ``mango
+  twoway`` (``model.partitions=twoway``), and with a text input ``mango no lica`` (``model.partitions=mmca+imca``)
+  and ``mango pad_mask`` (the same partitions + ``model.pad_mask=true``: compare it with ``mango no lica``);
+  a negative difference means the lever beats the shipped configuration;
 - ``nonlocal`` (``launch/configs/nonlocal_demo.yaml``): the right view from the left one + an unregistered copy of
   it displaced 8–16 px, beyond the encoder's 7 px receptive field — the dependence attention exists for.
 
@@ -120,7 +125,21 @@ def matched_xattn_ratio(config: Path, base: list[str], target: int) -> tuple[flo
     return ratio, n
 
 
-def variants(task: str, cfg, config: Path, base: list[str]) -> dict[str, list[str]]:
+#: one-key MANGO variants (``--levers``), paired with the shipped configuration like every other variant
+LEVERS = {
+    "mango nll 0": ["model.nll_weight=0"],
+    "mango nll→E": ["model.nll_to_encoders=true"],
+    "mango no mixer": ["model.channel_mix=false"],
+    "mango twoway": ["model.partitions=twoway"],
+}
+#: for inputs with padding (text): the mask needs partitions without lica, so both sides of its comparison drop it
+PAD_LEVERS = {
+    "mango no lica": ["model.partitions=mmca+imca"],
+    "mango pad_mask": ["model.partitions=mmca+imca", "model.pad_mask=true"],
+}
+
+
+def variants(task: str, cfg, config: Path, base: list[str], levers: bool = False) -> dict[str, list[str]]:
     mods = list(cfg.data.modalities)
     if not get_task(cfg.model.task).latent:  # no target: the joint flow vs a flow per single modality
         return {"mango": [], **{f"{m} only": [f"data.modalities=[{m}]"] for m in mods}}
@@ -130,16 +149,26 @@ def variants(task: str, cfg, config: Path, base: list[str]) -> dict[str, list[st
     ratio, xn = matched_xattn_ratio(config, base, mango_params)
     concat_n = param_count(load_config(config, [*base, "model.fusion=concat"]))
     print(f"[{task}] parameters: mango {mango_params:,}, xattn {xn:,} (mlp ratio {ratio}), concat {concat_n:,}")
+    padded = any(m.split(".")[0] == "text" for m in inputs)
     return {
         "mango": [],
         "concat": ["model.fusion=concat"],
         "xattn": ["model.fusion=xattn", f"model.xattn_mlp_ratio={ratio}"],
         **{f"{m} only": [f"data.modalities=[{m},{target}]"] for m in inputs},
+        **(LEVERS if levers else {}),
+        **(PAD_LEVERS if levers and padded else {}),
     }
 
 
 def run_task(
-    task: str, tmp: Path, seeds: list[int], steps: int | None, overrides: list[str], quick: bool, tracker
+    task: str,
+    tmp: Path,
+    seeds: list[int],
+    steps: int | None,
+    overrides: list[str],
+    quick: bool,
+    tracker,
+    levers: bool = False,
 ) -> list[dict]:
     config = CONFIGS / f"{task}_demo.yaml"
     shards = tmp / task / "shards"
@@ -158,7 +187,7 @@ def run_task(
         shard_task(task, cfg, shards, scenes=64 if quick else 128, movies=256 if quick else 512)
     cells = []
     metric, _ = HEADLINE[task]
-    for name, extra in variants(task, load_config(config, base), config, base).items():
+    for name, extra in variants(task, load_config(config, base), config, base, levers).items():
         for seed in seeds:
             run_cfg = load_config(
                 config,
@@ -282,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/fusion-study")
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--no-tracking", action="store_true")
+    ap.add_argument("--levers", action="store_true", help="also the one-key MANGO variants (LEVERS)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -295,7 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         for task in args.tasks.split(","):
             if task not in HEADLINE:
                 raise SystemExit(f"fusion.py: unknown task {task!r}; use {list(HEADLINE)}")
-            cells += run_task(task, Path(d), seeds, args.steps or None, args.overrides, args.quick, tracker)
+            cells += run_task(
+                task, Path(d), seeds, args.steps or None, args.overrides, args.quick, tracker, args.levers
+            )
     rows = summarise(cells)
     table = markdown(rows)
     print("\n" + table)

@@ -91,3 +91,24 @@ def test_paired_interval_is_the_student_t_interval_of_the_differences() -> None:
 
     mean, low, high = paired_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs((high - mean) - 4.303 * 1.0 / 3**0.5) < 1e-9 and low == 2 * mean - high
+
+
+def test_the_study_levers_are_valid_one_key_variants_and_the_pad_mask_comes_with_text(monkeypatch) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fusion
+    from fusion import LEVERS, PAD_LEVERS, variants
+
+    from pipeline.config import load_config
+
+    # parameter counts need the sharded data: not what is checked here
+    monkeypatch.setattr(fusion, "param_count", lambda cfg: 1)
+    monkeypatch.setattr(fusion, "matched_xattn_ratio", lambda *a: (2.0, 1))
+
+    config = REPO / "launch" / "configs" / "classification_demo.yaml"
+    base = ["tracking.enabled=false"]
+    got = variants("classification", load_config(config, base), config, base, levers=True)
+    assert set(LEVERS) | set(PAD_LEVERS) <= set(got) and "xattn" in got
+    for extra in got.values():  # every variant is a config the pipeline accepts
+        load_config(config, [*base, *extra])
+    seg = REPO / "launch" / "configs" / "segmentation_demo.yaml"
+    assert not set(PAD_LEVERS) & set(variants("segmentation", load_config(seg, base), seg, base, levers=True))
