@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
+from pipeline.flows import quantize
 
 IGNORE = 255
 _MIN_SIDE = 96  # enlarge panels to at least this many pixels on the short side
@@ -82,8 +85,6 @@ def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, titles: Se
 
     ``titles`` (one per column) are drawn above the first row. Returns ``path``.
     """
-    from PIL import Image, ImageDraw
-
     if not rows or not rows[0]:
         raise ValueError("save_grid: no panels")
     h, w = rows[0][0].shape[:2]
@@ -119,8 +120,6 @@ def density_sample_grid(
     ``samples``: per modality, (N, C, H, W) in the flow's continuous space [−1/2, 1/2); quantised to each
     modality's ``bits`` (:func:`pipeline.flows.quantize`) before drawing. Empty cells of the last row are white.
     """
-    from pipeline.flows import quantize
-
     if not (len(samples) == len(bits) == len(names)) or not samples:
         raise ValueError("density_sample_grid: one tensor, bit depth and name per modality")
     images = [quantize(s.detach().float().cpu(), b) for s, b in zip(samples, bits)]
@@ -164,10 +163,10 @@ def genre_f1_bars(
 ) -> Path:
     """Per-genre F1 = 2·TP / (2·TP + FP + FN) (0 where a genre never occurs nor is predicted) as bars,
     with each genre's support (TP + FN) in its label."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib (~0.7 s), only for the bar chart
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: see above; after use("Agg")
 
     tp, fp, fn = (torch.as_tensor(t, dtype=torch.float64).cpu() for t in (tp, fp, fn))
     if not (tp.shape == fp.shape == fn.shape == (len(names),)):

@@ -19,6 +19,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -246,8 +247,6 @@ class FIDInceptionV3(nn.Module):
             raise ValueError(f"--inception-weights {path!r}: no such file")
         try:
             if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
                 state = load_file(path)
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
