@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from safetensors import safe_open
 
 from pipeline.config import Config
@@ -98,11 +101,6 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def resolve_model_uri(uri: str, scratch: str | Path, tracking_uri: str = "") -> ModelSource:
     """Download the weights + config of the version ``uri`` names into ``scratch`` → ModelSource."""
-    # mlflow: only this lookup needs it (evaluating a local checkpoint does not import it)
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
     name, alias, version = parse_model_uri(uri)
     client = client_for(tracking_uri)
     try:

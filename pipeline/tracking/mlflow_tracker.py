@@ -170,7 +170,7 @@ class MlflowTracker:
         the store does not know (a checkpoint moved to another store) starts a new run tagged
         ``mango.resumed_from=<run_id>``, with a warning: a requeued job must not die over its tracking.
         """
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # heavy: optional tracking dependency
 
         if self._started:
             raise RuntimeError("MlflowTracker.start: already started")
@@ -199,8 +199,8 @@ class MlflowTracker:
 
     def _resume(self, run_id: str, tags: dict[str, str]) -> Any:
         """The reopened run, or None (after a warning) when the store has no run ``run_id``."""
-        from mlflow.entities import RunTag
-        from mlflow.exceptions import MlflowException
+        from mlflow.entities import RunTag  # heavy: optional tracking dependency
+        from mlflow.exceptions import MlflowException  # heavy: optional tracking dependency
 
         try:
             run = self._client.get_run(run_id)
@@ -272,7 +272,7 @@ class MlflowTracker:
 
     def log_config(self, cfg: Config, yaml_path: str | os.PathLike | None = None) -> None:
         """The flattened resolved config as params, and its YAML file (if given) as artifact ``config/``."""
-        from pipeline.config import flatten
+        from pipeline.config import flatten  # heavy: pipeline.config imports torch; pipeline.tracking stays torch-free
 
         self.log_params(flatten(cfg))
         if yaml_path is not None:
@@ -390,7 +390,7 @@ class MlflowTracker:
 
     def _send(self, batch: list[tuple[str, Any]]) -> None:
         """One store operation, retried for local stores (MLflow's HTTP session retries http ones)."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # heavy: optional tracking dependency
 
         attempts = 1 if self._http else 1 + self.retries
         for attempt in range(attempts):
@@ -450,7 +450,7 @@ def _check_name(key: Any, what: str) -> None:
 
 def _is_rejection(e: BaseException) -> bool:
     """A live server said no (HTTP 4xx) — as opposed to the store being unreachable or failing."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: optional tracking dependency
 
     return isinstance(e, MlflowException) and 400 <= e.get_http_status_code() < 500
 

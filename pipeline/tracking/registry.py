@@ -28,11 +28,18 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+
+import pipeline
 from pipeline.config import architecture_keys
+from pipeline.data import load_manifest, manifest_name
+from pipeline.data.storage import join
 from pipeline.evaluation import metric_for_split
 from pipeline.model_source import (  # noqa: F401  (re-exported: lookups callers reach through the registry)
     ModelSource,
@@ -41,7 +48,10 @@ from pipeline.model_source import (  # noqa: F401  (re-exported: lookups callers
     resolve_model_uri,
     weights_config,
 )
+from pipeline.train.consolidate import config_path
 
+from .pyfunc_model import ARTIFACT, WEIGHTS_FILE, MangoPyfuncModel, pip_requirements
+from .serving import input_example, io_for_weights, signature
 from .store import client_for, ensure_experiment, project_root
 
 if TYPE_CHECKING:
@@ -65,8 +75,6 @@ def registered_name(task: str) -> str:
 
 def source_from_run(run_id: str, scratch: str | Path, tracking_uri: str = "") -> ModelSource:
     """The newest complete checkpoint of the training run ``run_id`` (its ``run.dir`` tag)."""
-    from mlflow.exceptions import MlflowException
-
     client = client_for(tracking_uri)
     try:
         run = client.get_run(run_id)
@@ -133,11 +141,6 @@ def file_sha256(path: str | Path) -> str:
 
 def train_manifest_sha256(source: ModelSource, client: MlflowClient | None) -> str:
     """What the model was trained on: the training run's tag when the run is known, else the manifest."""
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.data import load_manifest, manifest_name
-    from pipeline.data.storage import join
-
     if source.run_id and client is not None:
         try:
             tag = client.get_run(source.run_id).data.tags.get("data.train_manifest_sha256")
@@ -186,8 +189,6 @@ def version_tags(source: ModelSource, result: EvalResult, train_sha: str) -> dic
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     """Create ``name`` unless it exists (safe when two registrations race)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
         return
@@ -203,8 +204,6 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 def _logging_run(client: MlflowClient, source: ModelSource) -> str:
     """The training run when this store knows it (the model joins its lineage), else a new ``register`` run."""
-    from mlflow.exceptions import MlflowException
-
     if source.run_id:
         try:
             client.get_run(source.run_id)
@@ -223,8 +222,6 @@ def _logging_run(client: MlflowClient, source: ModelSource) -> str:
 def stage_code(tmp: str | Path) -> Path:
     """A clean copy of the ``pipeline`` package under ``tmp`` (no caches, no built libraries) for the
     model's ``code_paths``: the model carries the code it was logged with."""
-    import pipeline
-
     src = Path(pipeline.__file__).resolve().parent
     dst = Path(tmp) / "code" / "pipeline"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", ".*"))
@@ -237,11 +234,6 @@ def pyfunc_arguments(weights: str | Path, tmp: str | Path, input_example=None) -
     staged under ``tmp``), the ``pipeline`` package as ``code_paths``, the task's signature (inputs, outputs,
     params; :mod:`pipeline.tracking.serving`), ``input_example`` when given, and explicit pip requirements
     (no inference subprocess)."""
-    from pipeline.train.consolidate import config_path
-
-    from .pyfunc_model import ARTIFACT, WEIGHTS_FILE, MangoPyfuncModel, pip_requirements
-    from .serving import io_for_weights, signature
-
     bundle = Path(tmp) / ARTIFACT
     bundle.mkdir(parents=True)
     shutil.copy2(weights, bundle / WEIGHTS_FILE)
@@ -267,18 +259,12 @@ def architecture(cfg) -> dict:
 
 def example_for(weights: str | Path, shards: str, split: str, n: int = 2):
     """An input example from the first ``n`` held-out samples of ``split`` (density: dequantised by key)."""
-    from .serving import input_example, io_for_weights
-
     return input_example(io_for_weights(weights), shards, split, n)
 
 
 def register(source: ModelSource, result: EvalResult, *, tracking_uri: str = "", promote: bool = False) -> Registration:
     """Log ``source`` as a pyfunc model, register a new ``mango-<task>`` version tagged as above, point
     ``candidate`` at it and, with ``promote``, move ``champion`` when :func:`gate` allows it."""
-    import tempfile
-
-    import mlflow.pyfunc
-
     client = client_for(tracking_uri)
     name = registered_name(source.cfg.model.task)
     tags = version_tags(source, result, train_manifest_sha256(source, client))

@@ -68,7 +68,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
     Safe when several processes (sweep trials) create it at once. Raises ``RuntimeError`` for a deleted one.
     """
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: optional tracking dependency
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -93,7 +93,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 def client_for(tracking_uri: str = "") -> MlflowClient:
     """A client for the resolved store (registry = tracking store), with bounded HTTP retries."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy: optional tracking dependency
 
     bound_http_retries()
     uri = resolve_tracking_uri(tracking_uri)
