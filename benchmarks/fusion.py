@@ -169,6 +169,7 @@ def run_task(
     quick: bool,
     tracker,
     levers: bool = False,
+    only: tuple[str, ...] = (),
 ) -> list[dict]:
     config = CONFIGS / f"{task}_demo.yaml"
     shards = tmp / task / "shards"
@@ -188,6 +189,8 @@ def run_task(
     cells = []
     metric, _ = HEADLINE[task]
     for name, extra in variants(task, load_config(config, base), config, base, levers).items():
+        if only and name != "mango" and name not in only:
+            continue
         for seed in seeds:
             run_cfg = load_config(
                 config,
@@ -312,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--no-tracking", action="store_true")
     ap.add_argument("--levers", action="store_true", help="also the one-key MANGO variants (LEVERS)")
+    ap.add_argument(
+        "--only", default="", help="comma-separated variant names to run (mango, the reference, always runs)"
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -326,7 +332,15 @@ def main(argv: list[str] | None = None) -> None:
             if task not in HEADLINE:
                 raise SystemExit(f"fusion.py: unknown task {task!r}; use {list(HEADLINE)}")
             cells += run_task(
-                task, Path(d), seeds, args.steps or None, args.overrides, args.quick, tracker, args.levers
+                task,
+                Path(d),
+                seeds,
+                args.steps or None,
+                args.overrides,
+                args.quick,
+                tracker,
+                args.levers,
+                tuple(v.strip() for v in args.only.split(",") if v.strip()),
             )
     rows = summarise(cells)
     table = markdown(rows)
