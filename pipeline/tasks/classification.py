@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from pipeline import figures
 from pipeline.config_rules import ConfigError
 from pipeline.scores import f1_scores
 
@@ -45,6 +44,8 @@ class ClassificationTask(LatentTask):
 
     def figures(self, ctx: Any) -> list:
         """``genre_f1.png``: per-label F1 over the whole split."""
+        from pipeline import figures  # heavy: PIL / matplotlib, never on a serving host
+
         sums = ctx.eval_sums(("tp", "fp", "fn"))
         names = ctx.class_names(sums["tp"].shape[0])
         path, title = ctx.out_dir / "genre_f1.png", f"per-genre F1 ({ctx.split})"

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from pipeline import figures
 from pipeline.config_rules import ConfigError
 from pipeline.flows import quantize
 
@@ -59,6 +58,8 @@ class DensityTask(Task):
 
     def figures(self, ctx: Any) -> list:
         """``samples.png``: ``ctx.n`` joint samples, seeded by ``run.seed``."""
+        from pipeline import figures  # heavy: PIL / matplotlib, never on a serving host
+
         out = ctx.sample()
         names = list(out)
         bits = ctx.bits()

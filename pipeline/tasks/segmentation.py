@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from pipeline import figures
 from pipeline.scores import segmentation_scores
 
 from .base import LatentTask, Modality, Output
@@ -38,6 +37,8 @@ class SegmentationTask(LatentTask):
 
     def figures(self, ctx: Any) -> list:
         """``overlays.png``: inputs | prediction | ground truth of the first ``ctx.n`` samples."""
+        from pipeline import figures  # heavy: PIL / matplotlib, never on a serving host
+
         batch, out = ctx.first_predictions()
         inputs = self.image_inputs(ctx.model, batch)
         path = ctx.out_dir / "overlays.png"

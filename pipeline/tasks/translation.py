@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from pipeline import figures
-
 from .base import LatentTask, Modality, Output
 
 
@@ -61,6 +59,8 @@ class TranslationTask(LatentTask):
 
     def figures(self, ctx: Any) -> list:
         """``triptychs.png``: inputs | prediction | target of the first ``ctx.n`` samples."""
+        from pipeline import figures  # heavy: PIL / matplotlib, never on a serving host
+
         batch, out = ctx.first_predictions()
         inputs = self.image_inputs(ctx.model, batch)
         target = ctx.target_unit(batch[ctx.model.target.key])

@@ -148,6 +148,39 @@ def _column_array(values: Any, f: Field, n: int) -> np.ndarray:
     return np.stack(cells) if cells else np.zeros((0, *f.shape), dtype=f.dtype)
 
 
+def _dequantised_tensor(a: np.ndarray, f: Field) -> torch.Tensor:
+    """A density request field: float values already dequantised into [-1/2, 1/2) (``invalid`` otherwise)."""
+    if a.dtype.kind != "f":
+        raise invalid(
+            f"input '{f.key}': expected float32 values already dequantised into [-0.5, 0.5) "
+            f"((v + u) / 2^{f.bits} - 0.5), got {a.dtype}"
+        )
+    a = a.astype(np.float32, copy=False)
+    if a.size and not (np.isfinite(a).all() and a.min() >= -0.5 and a.max() < 0.5):
+        raise invalid(
+            f"input '{f.key}': values must be finite and inside [-0.5, 0.5) (dequantised "
+            f"(v + u) / 2^{f.bits} - 0.5); got min {float(np.nanmin(a)):.4g}, max "
+            f"{float(np.nanmax(a)):.4g}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _image_tensor(a: np.ndarray, f: Field) -> torch.Tensor:
+    """An integer image request field in [0, 2^bits - 1], in the loader's dtype (``invalid`` otherwise)."""
+    if a.dtype.kind not in "iu":
+        if a.dtype.kind == "f" and a.size and np.all(np.mod(a, 1) == 0):
+            a = a.astype(np.int64)
+        else:
+            raise invalid(f"input '{f.key}': expected integer pixel values ({f.dtype}), got {a.dtype}")
+    hi = 2**f.bits - 1
+    if a.size and (a.min() < 0 or a.max() > hi):
+        raise invalid(
+            f"input '{f.key}': pixel values must lie in [0, {hi}] ({f.dtype}); got [{int(a.min())}, {int(a.max())}]"
+        )
+    # the loader's dtypes: uint8 images; 16-bit depth as int32 (torch has no uint16 arithmetic)
+    return torch.from_numpy(np.ascontiguousarray(a.astype(np.uint8 if f.bits == 8 else np.int32, copy=False)))
+
+
 def to_batch(model_input: Any, io: ModelIO) -> dict[str, Any]:
     """A request (dict of arrays, or a DataFrame for a column schema) → the model's batch of tensors.
 
@@ -181,34 +214,7 @@ def to_batch(model_input: Any, io: ModelIO) -> dict[str, Any]:
             a = _column_array(list(value), f, 0)
         if a.ndim != len(f.shape) + 1 or tuple(a.shape[1:]) != f.shape:
             raise invalid(f"input '{f.key}': shape {list(a.shape)}, expected {[-1, *f.shape]}")
-        if f.kind == "dequantised":
-            if a.dtype.kind != "f":
-                raise invalid(
-                    f"input '{f.key}': expected float32 values already dequantised into [-0.5, 0.5) "
-                    f"((v + u) / 2^{f.bits} - 0.5), got {a.dtype}"
-                )
-            a = a.astype(np.float32, copy=False)
-            if a.size and not (np.isfinite(a).all() and a.min() >= -0.5 and a.max() < 0.5):
-                raise invalid(
-                    f"input '{f.key}': values must be finite and inside [-0.5, 0.5) (dequantised "
-                    f"(v + u) / 2^{f.bits} - 0.5); got min {float(np.nanmin(a)):.4g}, max "
-                    f"{float(np.nanmax(a)):.4g}"
-                )
-            t = torch.from_numpy(np.ascontiguousarray(a))
-        else:
-            if a.dtype.kind not in "iu":
-                if a.dtype.kind == "f" and a.size and np.all(np.mod(a, 1) == 0):
-                    a = a.astype(np.int64)
-                else:
-                    raise invalid(f"input '{f.key}': expected integer pixel values ({f.dtype}), got {a.dtype}")
-            hi = 2**f.bits - 1
-            if a.size and (a.min() < 0 or a.max() > hi):
-                raise invalid(
-                    f"input '{f.key}': pixel values must lie in [0, {hi}] ({f.dtype}); got "
-                    f"[{int(a.min())}, {int(a.max())}]"
-                )
-            # the loader's dtypes: uint8 images; 16-bit depth as int32 (torch has no uint16 arithmetic)
-            t = torch.from_numpy(np.ascontiguousarray(a.astype(np.uint8 if f.bits == 8 else np.int32, copy=False)))
+        t = _dequantised_tensor(a, f) if f.kind == "dequantised" else _image_tensor(a, f)
         batch[f.key], sizes[f.key] = t, a.shape[0]
     if len(set(sizes.values())) > 1:
         raise invalid(f"inputs disagree on the batch size: {sizes}")
