@@ -32,6 +32,7 @@ from . import storage
 from .codecs import decode_image_bytes
 from .epochs import locate, take, window_slots
 from .manifest import ModalitySpec
+from .verify import _CHECKED, check_shard
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ class ShardStream(IterableDataset):
         ``None`` in its place (exact epochs address samples by their stored index)."""
         p = self.plan
         if p.verify != "off" and p.expected is not None:
-            from .verify import _CHECKED, check_shard
-
             size, sha = p.expected[p.urls.index(url)]
             known = (url, p.verify) in _CHECKED
             reason = check_shard(url, size, sha, p.verify)

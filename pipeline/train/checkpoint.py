@@ -27,6 +27,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +171,7 @@ def save(
     rank = dist.get_rank()
     if engine.zero_optimization_stage() >= 1:
         # what DeepSpeed's universal-checkpoint converter requires of the client state (elastic resume)
-        from deepspeed.checkpoint.constants import (
+        from deepspeed.checkpoint.constants import (  # heavy: optional DeepSpeed dependency
             UNIVERSAL_CHECKPOINT_INFO,
             UNIVERSAL_CHECKPOINT_VERSION_KEY,
             UNIVERSAL_CHECKPOINT_VERSION_VALUE,
@@ -310,9 +312,6 @@ def universal_checkpoint(tag_dir: Path) -> Path:
     caller's barrier) with ``python -m deepspeed.checkpoint.ds_to_universal`` into a temporary folder that is
     renamed into place with a ``COMPLETE`` marker (a killed conversion is redone, never half-used), and
     reused by the next resize. Raises :class:`CheckpointError` with the converter's last line on failure."""
-    import subprocess
-    import sys
-
     tag_dir = Path(tag_dir)
     out = tag_dir.parent / UNIVERSAL / tag_dir.name
     if (out / COMPLETE).exists():

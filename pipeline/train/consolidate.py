@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from pipeline.config import Config, from_dict, load_config, save_resolved
+from pipeline.models import build_model
 from pipeline.train import checkpoint as ckpt
 
 
@@ -44,7 +45,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     if stage == 0:
         module = ckpt.safe_load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     else:
-        from deepspeed.utils.zero_to_fp32 import (
+        from deepspeed.utils.zero_to_fp32 import (  # heavy: optional DeepSpeed dependency, only for ZeRO 1-3
             get_fp32_state_dict_from_zero_checkpoint,
         )
 
@@ -134,8 +135,6 @@ def _weights_meta(weights: Path) -> dict[str, str]:
 
 def load_model(weights: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
     """Rebuild the model from consolidated weights + config (strict: every key must match)."""
-    from pipeline.models import build_model
-
     weights = Path(weights)
     cfg = load_config(config_path(weights), [])
     specs = [(n, tuple(s), int(b)) for n, s, b in json.loads(_weights_meta(weights)["modalities"])]

@@ -85,7 +85,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
 
 def build_engine(model: nn.Module, cfg: Config, world_size: int):
     """``deepspeed.initialize`` with AdamW and the warmup schedule; returns ``(engine, optimizer, scheduler)``."""
-    import deepspeed
+    import deepspeed  # heavy: optional DeepSpeed dependency (engine's helpers import without it)
 
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
