@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.consolidate import config_path, consolidate
 
 
@@ -18,8 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="run dir, checkpoints/ dir, or a checkpoint tag dir")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     args = parser.parse_args(argv)
-    from pipeline.train.checkpoint import CheckpointError
-
     try:
         out = consolidate(args.checkpoint, args.out)
     except (FileNotFoundError, CheckpointError) as e:  # one line naming the file (checksums in state.json)

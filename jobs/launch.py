@@ -26,12 +26,12 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.launch import TARGETS, LaunchError, LaunchSpec, SubmitError, render, submit
+from pipeline.launch.slurm import log_dir_for
+from pipeline.launch.spec import LAUNCHERS
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.launch import TARGETS
-    from pipeline.launch.spec import LAUNCHERS
-
     p = argparse.ArgumentParser(prog="python -m jobs.launch", description=__doc__.split("\n")[0])
     p.add_argument("target", choices=TARGETS)
     p.add_argument("--config", help="YAML config (launch/configs/*.yaml); defaults if omitted")
@@ -49,9 +49,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.launch import LaunchError, LaunchSpec, SubmitError, render, submit
-    from pipeline.launch.slurm import log_dir_for
-
     argv = list(sys.argv[1:] if argv is None else argv)
     shard_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from pipeline.tracking import batch_predict as bp
+    from pipeline.tracking import batch_predict as bp  # heavy: torch + the model stack; --help stays light
 
     try:
         if args.batch_size < 1 or args.actors < 1 or args.threads < 0:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         bp.check_inputs(model, manifest)
         if args.ray:
             try:
-                import ray.data  # noqa: F401
+                import ray.data  # noqa: F401  (heavy: optional Ray Data dependency, only checked for --ray)
             except ImportError as e:
                 raise bp.InputError(f"--ray needs Ray Data (pip install 'ray[data]'): {e}") from e
     except bp.InputError as e:
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _input_manifest(shards: str, split: str):
-    from pipeline.data import load_manifest, manifest_name
-    from pipeline.data.storage import join
-    from pipeline.tracking.batch_predict import InputError
+    from pipeline.data import load_manifest, manifest_name  # heavy: pipeline.data imports torch (see main)
+    from pipeline.data.storage import join  # heavy: pipeline.data imports torch (see main)
+    from pipeline.tracking.batch_predict import InputError  # heavy: torch, as in main
 
     url = shards if shards.endswith(".json") else join(shards, manifest_name(split))
     try:

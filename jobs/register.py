@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from pipeline import evaluation as ev
-    from pipeline.tracking import registry
+    from pipeline import evaluation as ev  # heavy: torch + MLflow; --help stays light
+    from pipeline.tracking import registry  # heavy: torch + MLflow; --help stays light
 
     try:
         with tempfile.TemporaryDirectory(prefix="mango-register-") as scratch:

@@ -27,6 +27,7 @@ import logging
 import sys
 
 from pipeline.data.sources import SOURCES, source_class
+from pipeline.data.sources.movies import main as make_movies
 from pipeline.data.writer import DEFAULT_SAMPLES_PER_SHARD, merge_split, resolve_task, write_split
 
 
@@ -76,8 +77,6 @@ def _run(argv: list[str]) -> int:
         print(f"first argument must be one of {choices}", file=sys.stderr)
         return 2
     if argv[0] == "make-movies":  # the embedded image+text set, written in the MM-IMDB layout
-        from pipeline.data.sources.movies import main as make_movies
-
         return make_movies(argv[1:])
     if argv[0] == "merge":
         a = _merge_parser().parse_args(argv[1:])

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline.config import ConfigError, load_config
+from pipeline.tune import load_space, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no Tune progress tables while the sweep runs")
     parser.add_argument("overrides", nargs="*", help="base config overrides, e.g. data.shards=/data/stereo")
     args = parser.parse_args(argv)
-    from pipeline.tune import load_space, run_sweep
-
     try:
         base = load_config(args.config, args.overrides)
         spec = load_space(args.space, base)
@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_cpus:
-        import os
-
-        import ray
+        import ray  # heavy: optional Ray dependency, only to size a local cluster
 
         if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
             ray.init(num_cpus=args.num_cpus, include_dashboard=False)

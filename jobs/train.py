@@ -27,7 +27,12 @@ import logging
 import os
 import sys
 
+from pipeline import dist
 from pipeline.config import ConfigError, load_config
+from pipeline.data.verify import DataError
+from pipeline.train.checkpoint import CheckpointError
+from pipeline.train.checkpoint import SaveError as CheckpointSaveError
+from pipeline.train.loop import train_loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,12 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline import dist
-    from pipeline.data.verify import DataError
-    from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.checkpoint import SaveError as CheckpointSaveError
-    from pipeline.train.loop import train_loop
-
     try:
         result = train_loop(cfg)
     except (ConfigError, DataError) as e:  # found once the run's state is known (checkpoint / shards vs config)
