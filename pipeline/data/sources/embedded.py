@@ -248,8 +248,8 @@ _CLIENT: dict[int, int] = {}
 
 def _client() -> int:
     """One DIRECT pybullet client per process (created on first use, never inherited through fork)."""
-    import pybullet as pb  # prints a build banner when imported: only --src scenes pays for it
-    import pybullet_data  # ships with pybullet: only --src scenes needs it
+    import pybullet as pb  # heavy: C extension that prints a build banner on import; only --src scenes needs it
+    import pybullet_data  # heavy: ships with pybullet; only --src scenes needs it
 
     cid = _CLIENT.get(os.getpid())
     if cid is None:
@@ -286,7 +286,7 @@ def render_scene(seed: int, size: int, view: str = "orbit") -> dict[str, Any]:
 
     ``view``: ``"orbit"`` (oblique camera, shadows) or ``"top"`` (straight down, see the module docstring).
     """
-    import pybullet as pb  # prints a build banner when imported: only --src scenes pays for it
+    import pybullet as pb  # heavy: C extension that prints a build banner on import; only --src scenes needs it
 
     cid = _client()
     rng = random.Random(f"mango-scene-{seed}")
