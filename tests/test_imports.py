@@ -79,3 +79,34 @@ def test_no_import_circles_in_the_package() -> None:
 def test_the_checker_finds_a_circle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _functions():
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield path, lines, node
+
+
+def test_function_local_imports_say_why_they_are_local() -> None:
+    """Imports sit at the top; one inside a function keeps a heavy optional dependency (or a real cycle) off the
+    import path, and a comment on its line (or the line above) names which."""
+    silent = []
+    for path, lines, fn in _functions():
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                text = lines[node.lineno - 2 : node.end_lineno]
+                if not any("#" in line for line in text[1:]) and not text[0].strip().startswith("#"):
+                    silent.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not silent, f"function-local imports without a reason: {silent}"
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = [
+        f"{path.relative_to(REPO)}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)"
+        for path, _, fn in _functions()
+        if fn.end_lineno - fn.lineno + 1 > 80
+    ]
+    assert not long, f"split these into named steps: {long}"

@@ -246,7 +246,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model.encoder_weights: {path!r} is not a file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: only when loading pretrained encoder weights
 
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)

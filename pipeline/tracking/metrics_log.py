@@ -107,8 +107,8 @@ def plot_metrics(
     Uses the Agg canvas directly (no pyplot state), so it is safe off the main thread and on headless nodes.
     Raises ``ValueError`` when the file holds none of the panels' keys.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: matplotlib, only when plotting
+    from matplotlib.figure import Figure  # heavy: matplotlib, only when plotting
 
     records = read_metrics(jsonl_path)
     series = {

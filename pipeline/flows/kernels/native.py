@@ -45,7 +45,7 @@ def load():
     with _LOCK:
         if "module" not in _STATE and "error" not in _STATE:
             try:
-                from torch.utils.cpp_extension import load as build
+                from torch.utils.cpp_extension import load as build  # heavy: pulls in setuptools; only when building
 
                 _STATE["module"] = build(
                     name="mango_gated_ica_core", sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False
