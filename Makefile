@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -c "from pipeline.flows.kernels import native; native.load()"  # build the C++ flow nodes once (~1 min)
-	$(PY) -c "from pipeline.dist import prebuild_deepspeed_ops; prebuild_deepspeed_ops()"  # DeepSpeed's CPU comm op
+	$(PY) -c "from pipeline.extensions import prebuild_deepspeed_ops; prebuild_deepspeed_ops()"  # DeepSpeed's CPU comm op
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline import dist
-from pipeline.dist import WorldInfo, expand_hostlist, parse_tasks_per_node, world_info_from_env
+from pipeline.world import WorldInfo, expand_hostlist, parse_tasks_per_node, world_info_from_env
 
 _LAUNCHER_VARS = (
     "RANK",

@@ -1,7 +1,7 @@
 """The one train function every launcher runs: ``train_loop(cfg, reporter=None)``.
 
 torchrun, srun, the deepspeed launcher, ``accelerate launch``, Ray Train workers and Ray Tune trials all
-call this function; launchers only set the environment (see :func:`pipeline.dist.world_info_from_env`).
+call this function; launchers only set the environment (see :func:`pipeline.world.world_info_from_env`).
 
 :class:`Trainer` runs named phases around an explicit :class:`~pipeline.train.state.TrainState` (what a
 checkpoint saves and restores):

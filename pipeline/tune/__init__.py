@@ -34,7 +34,7 @@ Trials. Each trial's config = base ← ``fixed`` ← sampled values ← what the
 ``tracking.parent_run_id``, and with s3 storage ``checkpoint.remote``); those keys cannot be swept. One
 worker: the trial calls ``train_loop`` in its Tune actor. Several: the trial starts a Ray Train
 ``TorchTrainer`` whose workers call ``train_loop`` (``RANK``/``WORLD_SIZE``/``MASTER_*`` set by Ray Train, read
-by :func:`pipeline.dist.world_info_from_env`; DeepSpeed adopts Ray's process group). ``train_loop`` calls the
+by :func:`pipeline.world.world_info_from_env`; DeepSpeed adopts Ray's process group). ``train_loop`` calls the
 reporter at every validation on every rank, after that step's checkpoint is saved; the reporter hands
 ``metric``, ``step``, ``checkpoint_step`` and ``checkpoint_dir`` to ``tune.report`` (one worker) or
 ``ray.train.report`` (every rank; rank 0's values reach Tune through ``TuneReportCallback``). ASHA's time

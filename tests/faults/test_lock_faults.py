@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import dist
-from pipeline.dist import clear_stale_build_locks, extension_build_root
+from pipeline.extensions import _lock_holders, clear_stale_build_locks, extension_build_root
 from tests.train.conftest import run
 
 
@@ -26,7 +25,7 @@ def test_stale_lock_is_cleared_and_a_live_one_is_left(tmp_path: Path, capsys, ca
     holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(live)!r}); import time; time.sleep(60)"])
     try:
         deadline = time.monotonic() + 20
-        while dist._lock_holders(str(live)) == [] and time.monotonic() < deadline:
+        while _lock_holders(str(live)) == [] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert clear_stale_build_locks(str(tmp_path)) == [str(stale)]
         err = capsys.readouterr().err + "\n".join(r.getMessage() for r in caplog.records)
