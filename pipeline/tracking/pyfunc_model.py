@@ -61,6 +61,16 @@ def signature(io=None):
     return _signature(io)
 
 
+def load_for_serving(weights: str | Path) -> tuple[torch.nn.Module, Any]:
+    """``(model, cfg)`` from consolidated weights, on the CPU, as the served model runs it: the flow's Python
+    nodes, decided once for this model (no process-wide switch), so a serving host never JIT-builds the C++
+    extension. The C++ nodes agree with them to the conformance suite's tolerance, not bit for bit: an
+    in-process check that wants the served bits loads through here too."""
+    model, cfg = load_model(weights, device="cpu")
+    ExecutionPlan(kernels="python").apply(model)
+    return model, cfg
+
+
 def run_task(model: torch.nn.Module, task: str, batch: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
     """Run ``model`` (a loaded task model, eval mode) the way :meth:`MangoPyfuncModel.predict` does;
     returns numpy arrays. Shared with the in-process checks so both paths are the same code."""
@@ -89,10 +99,7 @@ with warnings.catch_warnings():
 
         def load_context(self, context) -> None:
             weights = Path(context.artifacts[ARTIFACT]) / WEIGHTS_FILE
-            self.model, self.cfg = load_model(weights, device="cpu")
-            # the flow's Python nodes, decided once for this model (no process-wide switch): a serving host
-            # never JIT-builds the C++ extension, and the results are the same (the conformance suite)
-            ExecutionPlan(kernels="python").apply(self.model)
+            self.model, self.cfg = load_for_serving(weights)
             self.task = self.cfg.model.task
             self.io = io_for_weights(weights)
 

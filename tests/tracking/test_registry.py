@@ -23,9 +23,9 @@ from jobs.sample import main as sample_main
 from pipeline.data import write_split
 from pipeline.evaluation import evaluate_model, load_source, resolve_checkpoint, resolve_source
 from pipeline.tracking import registry
-from pipeline.tracking.pyfunc_model import run_task
+from pipeline.tracking.pyfunc_model import load_for_serving, run_task
 from pipeline.train.checkpoint import read_state
-from pipeline.train.consolidate import consolidate, load_model
+from pipeline.train.consolidate import consolidate
 from tests.train.conftest import TINY_TRAIN, run
 
 
@@ -137,7 +137,7 @@ def test_register_tags_aliases_and_fresh_process_load(trained, tmp_path, capsys)
     assert r.returncode == 0, r.stderr[-3000:]
     out = np.load(tmp_path / "out.npz")
 
-    model, _ = load_model(trained["weights"][6])
+    model, _ = load_for_serving(trained["weights"][6])  # the served model's plan: same kernels, same bits
     want = run_task(model, "density", {k: torch.from_numpy(v) for k, v in inputs.items()}, {})
     np.testing.assert_array_equal(out["bpd"], want["bits_per_dim"])
     with torch.no_grad():
