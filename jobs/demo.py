@@ -12,15 +12,17 @@ Overrides go to the config, e.g. ``python -m jobs.demo train.max_steps=40``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import load_manifest, manifest_name, write_split
 from pipeline.data.storage import exists, join
+from pipeline.data.verify import DataError
 from pipeline.tracking import read_metrics
 from pipeline.tracking.store import resolve_tracking_uri
 from pipeline.train.consolidate import config_path, consolidate
@@ -45,15 +47,26 @@ def shard_stereo(out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=40")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(CONFIG, argv if argv is not None else sys.argv[1:])
+    try:
+        cfg = load_config(CONFIG, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     start = time.monotonic()
     shard_stereo(cfg.data.shards)
     run_dir = Path(cfg.run.dir)
     if (run_dir / "checkpoints").exists():  # the demo always starts fresh in its own run directory
         print(f"[demo] removing the previous demo run's checkpoints in {run_dir}")
         shutil.rmtree(run_dir / "checkpoints")
-    train_loop(cfg)
+    try:
+        train_loop(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"{'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
+        return 2
     weights = consolidate(run_dir, run_dir / "model.safetensors")
     val = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_bits_per_dim" in r]
     before, after = val[0], val[-1]

@@ -21,6 +21,15 @@ def test_bad_config_key_or_type_fails_before_launch_naming_the_key(tmp_path: Pat
     assert not (tmp_path / "config.yaml").exists()  # nothing started
 
 
+def test_the_demo_refuses_a_bad_override_in_one_line(tmp_path: Path, capsys) -> None:
+    from jobs.demo import main as demo_main
+
+    assert demo_main(["model.bogus=1", f"run.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: unknown config key 'model.bogus'") and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir()), "nothing started"
+
+
 def test_unreachable_tracking_server_costs_seconds_and_warns_once(tiny_shards: str, tmp_path: Path) -> None:
     common = [*TINY_TRAIN, f"data.shards={tiny_shards}", "train.max_steps=6", "eval.every=3", "checkpoint.every=100"]
     start = time.monotonic()
