@@ -75,49 +75,28 @@ METRICS = {
 STEREO = {"downscale": 5, "stride": 2, "holdout": 0.35, "val_stride": 4}
 
 
-def _shard_scenes(cfg, out: Path, scenes: int, movies: int) -> None:
+def _write_splits(cfg, out: Path, source: str, src: str, per_shard: int, options) -> None:
+    """The config's train and held-out splits of ``source``; ``options(split)`` gives each split's options."""
     for split in (cfg.data.train_split, cfg.data.val_split):
-        write_split(
-            "embedded",
-            "scenes",
-            str(out),
-            split,
-            progress=False,
-            samples_per_shard=64,
-            options={
-                "scenes": scenes if split == cfg.data.train_split else max(16, scenes // 3),
-                "size": cfg.model.image_size,
-                "view": "top",
-            },
-        )
+        write_split(source, src, str(out), split, progress=False, samples_per_shard=per_shard, options=options(split))
+
+
+def _shard_scenes(cfg, out: Path, scenes: int, movies: int) -> None:
+    def options(split: str) -> dict:
+        count = scenes if split == cfg.data.train_split else max(16, scenes // 3)
+        return {"scenes": count, "size": cfg.model.image_size, "view": "top"}
+
+    _write_splits(cfg, out, "embedded", "scenes", 64, options)
 
 
 def _shard_stereo(cfg, out: Path, scenes: int, movies: int) -> None:
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        write_split(
-            "embedded",
-            "stereo",
-            str(out),
-            split,
-            progress=False,
-            samples_per_shard=64,
-            options={"patch": cfg.model.image_size, **STEREO},
-        )
+    _write_splits(cfg, out, "embedded", "stereo", 64, lambda split: {"patch": cfg.model.image_size, **STEREO})
 
 
 def _shard_movies(cfg, out: Path, scenes: int, movies: int) -> None:
     raw = out.parent / "movies-raw"
     write_movie_folder(str(raw), train=movies, dev=max(16, movies // 4), test=max(16, movies // 4), seed=0)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        write_split(
-            "mmimdb",
-            str(raw),
-            str(out),
-            split,
-            progress=False,
-            samples_per_shard=128,
-            options={"image_size": cfg.model.image_size},
-        )
+    _write_splits(cfg, out, "mmimdb", str(raw), 128, lambda split: {"image_size": cfg.model.image_size})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ Manifest (:mod:`pipeline.data.manifest`)::
     manifest_checksum(manifest) -> str     # sha256 of the data-defining fields (not the job's args)
     load_manifest(url) -> ShardManifest    # local path or s3:// URL of manifest-<split>.json
 
-Loading (:mod:`pipeline.data.loader`; shapes, dtypes and guarantees are in its docstring)::
+Loading (:mod:`pipeline.data.loader` and, for the exact pass, :mod:`pipeline.data.evalloader`; shapes, dtypes
+and guarantees are in their docstrings)::
 
     build_train_loader(urls_or_manifest, batch_size, *, rank, world_size, num_workers, seed=None,
                        epoch_batches=None, decode="torch", state=None, shuffle_buffer=256,
@@ -44,17 +45,10 @@ from .manifest import ModalitySpec, ShardInfo, ShardManifest, load_manifest, man
 # `python -m jobs.shard` and its spawned writer processes do not pay for torch.
 _LAZY = {
     **dict.fromkeys(
-        (
-            "EvalLoader",
-            "LoaderState",
-            "TrainLoader",
-            "build_eval_loader",
-            "build_train_loader",
-            "collate",
-            "decode_sample",
-        ),
+        ("LoaderState", "TrainLoader", "build_train_loader", "collate", "decode_sample"),
         "loader",
     ),
+    **dict.fromkeys(("EvalLoader", "build_eval_loader"), "evalloader"),
     **dict.fromkeys(("merge_split", "resolve_task", "write_split"), "writer"),
 }
 

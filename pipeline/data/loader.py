@@ -1,4 +1,4 @@
-"""Distributed WebDataset loaders: a resampled training stream and an exact (every sample once) pass.
+"""Distributed WebDataset training loaders (exact epochs or a resampled stream), and what all loaders share.
 
 Input: a manifest URL (``.../manifest-<split>.json``, local or ``s3://``), a loaded :class:`ShardManifest`,
 or explicit shard URLs (a list or a brace pattern; then nothing is known about sample counts or modalities).
@@ -50,15 +50,7 @@ already-consumed batches without decoding them; a different ``num_workers`` or w
 fresh but still deterministic stream, and a sample whose *image decoding* failed inside the skipped range
 shifts the stream by one sample.
 
-**Exact pass** (:func:`build_eval_loader`): shards go to ranks (``shards[rank::world_size]``, webdataset's
-``split_by_node``) and then to workers (``[worker::W]``, ``split_by_worker``); every listed sample is read
-once, partial last batches included. Every batch carries ``__valid__`` (bool (N,)). A rank that runs out
-keeps yielding a padding batch (a real sample, ``__valid__`` all False) until the all-reduced "anyone still
-has data" flag is 0 on every rank, so all ranks run the same number of steps (collectives inside the model
-forward — ZeRO-3 parameter gathers — cannot hang) and weighting by ``__valid__`` counts nothing twice.
-Fewer shards than ranks is fine: a rank without a shard yields only padding batches (shaped from the
-manifest) and contributes nothing to the sums. An exact pass always starts from its beginning (no mid-pass
-resume); padding batches hold one sample.
+**Exact pass**: :func:`pipeline.data.evalloader.build_eval_loader` (every sample once, any world size).
 
 **Corruption**: an unreadable or truncated shard, a sample missing a modality, or an undecodable image is
 skipped, counted (``loader.skipped_samples`` / ``loader.shard_errors``, summed over workers) and logged; a
@@ -74,14 +66,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
@@ -92,10 +81,8 @@ from .stream import Decode, ShardStream, StreamPlan, collate, decode_sample
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EvalLoader",
     "LoaderState",
     "TrainLoader",
-    "build_eval_loader",
     "build_train_loader",
     "collate",
     "decode_sample",
@@ -318,108 +305,36 @@ class TrainLoader(_LoaderBase):
             st.epoch, st.batches = epoch + 1, 0
 
 
-class EvalLoader(_LoaderBase):
-    """One exact pass per iteration; see the module docstring for the ``__valid__`` / flag protocol."""
-
-    def __init__(
-        self,
-        plan: StreamPlan,
-        num_workers: int,
-        shard_samples: tuple[int, ...] | None,
-        flag_device: str | torch.device | None,
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__(plan, num_workers, pin_memory, shard_samples)
-        self.shard_samples = shard_samples
-        self.flag_device = flag_device
-        self.epoch = plan.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Shard order for the next pass when built with ``shuffle_seed`` (exact training epochs)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        """Steps every rank runs (from the manifest's counts; fewer if samples turn out corrupt)."""
-        if self.shard_samples is None:
-            raise TypeError("length unknown: the loader was built from shard URLs, not a manifest")
-        p, workers = self.plan, max(1, self.num_workers)
-        order = list(range(len(self.shard_samples)))
-        if p.shuffle_shards:
-            random.Random(f"mango-exact/{p.seed}/{self.epoch}").shuffle(order)
-        steps = 0
-        for rank in range(p.world_size):
-            mine = order[rank :: p.world_size]
-            steps = max(
-                steps,
-                sum(-(-sum(self.shard_samples[i] for i in mine[w::workers]) // p.batch_size) for w in range(workers)),
-            )
-        return steps
-
-    def _any_rank_has_data(self, has: bool) -> bool:
-        if self.plan.world_size == 1:
-            return has
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                f"an exact pass over {self.plan.world_size} ranks needs torch.distributed "
-                "initialised (the empty-batch flag is all-reduced)"
-            )
-        device = self.flag_device or ("cuda" if dist.get_backend() == "nccl" else "cpu")
-        flag = torch.tensor([1 if has else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.epoch
-        it = iter(self._dataloader(replace(self.plan, epoch=epoch)))
-        template: dict[str, Any] | None = None
-        exhausted = False
-        while True:
-            batch = None
-            while not exhausted:
-                batch = next(it, None)
-                exhausted = batch is None
-                if batch is None or "__trailer__" not in batch:
-                    break
-                self._record(epoch, batch)  # a stats-only trailer
-                batch = None
-            if not self._any_rank_has_data(batch is not None):
-                return
-            if batch is not None:
-                batch = self._record(epoch, batch)
-                batch["__valid__"] = torch.ones(len(batch["__key__"]), dtype=torch.bool)
-                template = batch
-                yield batch
-            else:
-                yield self._padding(template)
-
-    def _padding(self, template: dict[str, Any] | None) -> dict[str, Any]:
-        if template is not None:
-            pad = {k: (v[:1].clone() if isinstance(v, torch.Tensor) else v[:1]) for k, v in template.items()}
-        else:
-            pad = self._padding_from_specs()
-        pad["__key__"] = [""]
-        pad["__valid__"] = torch.zeros(1, dtype=torch.bool)
-        return pad
-
-    def _padding_from_specs(self) -> dict[str, Any]:
-        """A one-sample batch shaped from the manifest, for a rank that never saw a real sample."""
-        mods = self.plan.modalities
-        if mods is None or self.plan.decode != "torch":
-            raise RuntimeError(
-                f"rank {self.plan.rank} read no sample at all and has no manifest to shape a padding batch from"
-            )
-        sample: dict[str, Any] = {}
-        for name, spec in mods.items():
-            if spec.shape is None or None in spec.shape:
-                if spec.kind in ("text", "meta"):
-                    sample[name] = "" if spec.kind == "text" else {}
-                    continue
-                raise RuntimeError(f"rank {self.plan.rank} read no sample and {name} has no fixed shape")
-            a = np.zeros(spec.shape, dtype=np.int64 if spec.kind == "label" else spec.dtype)
-            if spec.kind in ("image", "depth"):
-                a = (a[:, :, None] if a.ndim == 2 else a).transpose(2, 0, 1)
-            sample[name] = torch.from_numpy(np.ascontiguousarray(a))
-        return collate([sample])
+def stream_plan(
+    mode: str,
+    inp: _Input,
+    modalities: tuple[str, ...] | None,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    decode: Decode,
+    verify: str,
+    **extra: Any,
+) -> StreamPlan:
+    """What one rank's workers stream, for any loader (``extra``: the mode's own :class:`StreamPlan` fields)."""
+    required = _required(inp, modalities)
+    return StreamPlan(
+        mode,
+        inp.urls,
+        inp.modalities,
+        required,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        epoch,
+        decode,
+        verify=verify,
+        expected=inp.expected,
+        **extra,
+    )
 
 
 def _required(inp: _Input, modalities: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -473,20 +388,9 @@ def build_train_loader(
         extra = _exact_plan(inp, batch_size, world_size, epoch_batches, shuffle_buffer)
     else:
         extra = _resampled_plan(inp, batch_size, world_size, num_workers, epoch_batches, shuffle_buffer)
-    plan = StreamPlan(
-        "epoch" if sampling == "exact" else "train",
-        inp.urls,
-        inp.modalities,
-        _required(inp, modalities),
-        batch_size,
-        rank,
-        world_size,
-        state.seed,
-        state.epoch,
-        decode,
-        verify=verify,
-        expected=inp.expected,
-        **extra,
+    mode = "epoch" if sampling == "exact" else "train"
+    plan = stream_plan(
+        mode, inp, modalities, batch_size, rank, world_size, state.seed, state.epoch, decode, verify, **extra
     )
     return TrainLoader(plan, num_workers, state, pin_memory, inp.shard_samples)
 
@@ -530,48 +434,6 @@ def _exact_plan(
             f"{sum(inp.shard_samples)} samples are fewer than one batch of {batch_size} per rank on {world_size} ranks"
         )
     return {"shuffle_buffer": max(1, window), "shard_samples": inp.shard_samples}
-
-
-def build_eval_loader(
-    urls_or_manifest: ShardSource,
-    batch_size: int,
-    *,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    decode: Decode = "torch",
-    shuffle_seed: int | None = None,
-    epoch: int = 0,
-    modalities: tuple[str, ...] | None = None,
-    flag_device: str | torch.device | None = None,
-    pin_memory: bool = False,
-    verify: str = "off",
-) -> EvalLoader:
-    """Exact pass: every listed sample once across all ranks; equal step counts via the all-reduced flag.
-
-    ``shuffle_seed`` shuffles the shard order per ``epoch`` (for exact training epochs); ``None`` keeps
-    manifest order. ``flag_device`` is where the flag is all-reduced (default: cuda under NCCL, else cpu).
-    Any number of shards works at any world size: a rank (or worker) without a shard reads nothing and
-    only steps with padding batches, contributing nothing to the sums. ``verify`` as for training.
-    """
-    _check_common(batch_size, rank, world_size, num_workers, decode)
-    inp = _resolve(urls_or_manifest)
-    plan = StreamPlan(
-        "exact",
-        inp.urls,
-        inp.modalities,
-        _required(inp, modalities),
-        batch_size,
-        rank,
-        world_size,
-        shuffle_seed or 0,
-        epoch,
-        decode,
-        shuffle_shards=shuffle_seed is not None,
-        verify=verify,
-        expected=inp.expected,
-    )
-    return EvalLoader(plan, num_workers, inp.shard_samples, flag_device, pin_memory)
 
 
 def _check_common(batch_size: int, rank: int, world_size: int, num_workers: int, decode: Decode) -> None:

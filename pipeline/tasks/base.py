@@ -14,6 +14,7 @@ this package for the list of task names).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,8 +64,9 @@ def names_where(attribute: str) -> list[str]:
     return [name for name, task in REGISTRY.items() if getattr(task, attribute)]
 
 
-class Task:
-    """The per-task protocol and its defaults. Subclasses set the class attributes and override methods."""
+class Task(ABC):
+    """The per-task protocol and its defaults. Subclasses set the class attributes and override methods; the
+    abstract ones (:meth:`scores`, :meth:`io`) every task must define, or it cannot be instantiated."""
 
     #: the ``model.task`` value
     name: ClassVar[str] = ""
@@ -127,7 +129,9 @@ class Task:
             )
 
     def check_specs(self, cfg: Any, specs: Sequence[Spec]) -> None:
-        """Checks of the shards' modality specs against the config before a model is built (ConfigError)."""
+        """Checks of the shards' modality specs against the config before a model is built (ConfigError);
+        none by default."""
+        return None
 
     # -- model ------------------------------------------------------------------------------------------
     def layout(self, cfg: Any, specs: Sequence[Spec]) -> tuple[list[Modality], Modality]:
@@ -139,9 +143,9 @@ class Task:
         raise ValueError(f"no latent head for task {self.name!r}")
 
     # -- metrics ----------------------------------------------------------------------------------------
+    @abstractmethod
     def scores(self, sums: Mapping[str, torch.Tensor], count: float) -> dict[str, float]:
         """The task's split-level metrics from sums reduced over the whole split (``count`` samples)."""
-        raise NotImplementedError(self.name)
 
     def finalize(self, sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """:attr:`metrics` (+ ``task_loss`` / ``nll`` when the sums carry them); a missing sum is an error."""
@@ -165,9 +169,9 @@ class Task:
         raise ValueError(f"no figures for task {self.name!r}")
 
     # -- serving ----------------------------------------------------------------------------------------
+    @abstractmethod
     def io(self, cfg: Any, specs: Sequence[Spec]) -> tuple[tuple[FieldSpec, ...], tuple[Output, ...]]:
         """The served request fields and response outputs (:func:`pipeline.tracking.serving.model_io`)."""
-        raise NotImplementedError(self.name)
 
     def predict(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
         """pyfunc ``mode=predict`` on a request batch (no grad; numpy arrays out)."""
@@ -243,11 +247,12 @@ class LatentTask(Task):
         return cands[0]
 
     def check_target(self, cfg: Any, specs: Sequence[Spec], target: Modality) -> None:
-        """Task-specific checks of the target modality against the config (ConfigError)."""
+        """Task-specific checks of the target modality against the config (ConfigError); none by default."""
+        return None
 
+    @abstractmethod
     def output(self, cfg: Any, target_shape: tuple[int, ...]) -> Output:
         """The served output (name, numpy dtype, per-sample shape) for a target of ``target_shape``."""
-        raise NotImplementedError(self.name)
 
     def io(self, cfg: Any, specs: Sequence[Spec]) -> tuple[tuple[FieldSpec, ...], tuple[Output, ...]]:
         shapes = {k: tuple(int(d) for d in s) for k, s, _ in specs}

@@ -247,14 +247,11 @@ class Trainer:
         """Keys logs of every earlier rank (any world size) cut after the resumed step; a fresh start moves an
         earlier run's keys directory aside (``keys.<n>``) instead."""
         keys = self.run_dir / "keys"
-        if self.point.tag_dir is not None:
-            for old in keys.glob("rank*.jsonl"):
-                KeysLog(old).truncate_after(step)
-        elif keys.is_dir() and any(keys.iterdir()):
-            n = 1
-            while keys.with_name(f"keys.{n}").exists():
-                n += 1
-            keys.rename(keys.with_name(f"keys.{n}"))
+        if self.point.tag_dir is None:
+            resume.set_aside(keys)
+            return
+        for old in keys.glob("rank*.jsonl"):
+            KeysLog(old).truncate_after(step)
 
     def _start_tracking(self) -> None:
         cfg = self.cfg

@@ -172,8 +172,9 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def set_aside(path: Path) -> Path | None:
-    """Rename an earlier run's ``metrics.jsonl`` to ``metrics.<n>.jsonl`` (first free n) with one warning."""
-    if not path.exists() or path.stat().st_size == 0:
+    """Rename an earlier run's ``metrics.jsonl`` (or ``keys/`` directory) to ``metrics.<n>.jsonl`` (``keys.<n>``),
+    first free n, with one warning; nothing to do when it is missing or empty."""
+    if not path.exists() or (path.stat().st_size == 0 if path.is_file() else not any(path.iterdir())):
         return None
     n = 1
     while (target := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():

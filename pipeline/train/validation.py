@@ -9,7 +9,8 @@ import torch
 
 from pipeline import dist
 from pipeline.config import Config
-from pipeline.data.loader import TrainLoader, build_eval_loader
+from pipeline.data.evalloader import build_eval_loader
+from pipeline.data.loader import TrainLoader
 from pipeline.data.verify import CheckedSplit, DataError
 from pipeline.metrics import finalize
 from pipeline.train.ema import WeightEMA
