@@ -28,7 +28,9 @@ interval (Student t, S − 1 degrees of freedom), signed so that **positive = MA
 widened to MANGO's parameter count without changing what it is (it has no fusion parameters); its count is
 printed beside.
 
-Outputs: a markdown table (stdout and ``<out>/fusion.md``), ``<out>/fusion.json`` (every cell), and an MLflow parent
+Outputs: a markdown table (stdout and ``<out>/fusion.md``), ``<out>/fusion.json`` (every cell), ``<out>/cells.jsonl``
+(each cell as it finishes: ``--resume`` runs only the cells it lacks, so an hours-long study survives a stop), and an
+MLflow parent
 run ``fusion-study`` with a child run per (task, variant, seed) (``--tracking-uri``; default: the project's local
 store). ``--quick`` = 3 seeds and the demo configs' steps / 4 (development; under an hour on 2 cores);
 the full study prints each run's wall time so its cost is known before scaling it up.
@@ -170,6 +172,8 @@ def run_task(
     tracker,
     levers: bool = False,
     only: tuple[str, ...] = (),
+    done: dict | None = None,
+    journal: Path | None = None,
 ) -> list[dict]:
     config = CONFIGS / f"{task}_demo.yaml"
     shards = tmp / task / "shards"
@@ -192,6 +196,10 @@ def run_task(
         if only and name != "mango" and name not in only:
             continue
         for seed in seeds:
+            if (task, name, seed) in (done or {}):  # --resume: measured by an earlier, interrupted run
+                cells.append(done[task, name, seed])
+                tracker.child(cells[-1])
+                continue
             run_cfg = load_config(
                 config,
                 [*base, *extra, f"run.seed={seed}", f"run.dir={tmp / task / name.replace(' ', '_') / str(seed)}"],
@@ -213,7 +221,20 @@ def run_task(
             print(f"[{task}] {name:<16} seed {seed}: {metric} {result[metric]:.4f}  ({wall:.0f} s)", flush=True)
             tracker.child(cell)
             cells.append(cell)
+            if journal is not None:
+                with journal.open("a") as f:
+                    f.write(json.dumps(cell) + "\n")
     return cells
+
+
+def load_journal(journal: Path, resume: bool) -> dict:
+    """The cells an earlier run of the same ``--out`` finished (``--resume``), keyed by (task, variant, seed); without
+    ``--resume`` the journal starts empty."""
+    if not resume or not journal.exists():
+        journal.write_text("")
+        return {}
+    cells = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    return {(c["task"], c["variant"], c["seed"]): c for c in cells}
 
 
 def summarise(cells: list[dict]) -> list[dict]:
@@ -318,6 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--only", default="", help="comma-separated variant names to run (mango, the reference, always runs)"
     )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cells <out>/cells.jsonl already holds (an interrupted study) and run only the missing ones",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -325,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(3 if args.quick else args.seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    journal = out / "cells.jsonl"
+    done = load_journal(journal, args.resume)
     tracker = Tracker(args.tracking_uri, not args.no_tracking)
     cells: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
@@ -341,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
                 tracker,
                 args.levers,
                 tuple(v.strip() for v in args.only.split(",") if v.strip()),
+                done,
+                journal,
             )
     rows = summarise(cells)
     table = markdown(rows)

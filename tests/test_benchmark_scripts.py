@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,21 @@ def test_the_fusion_study_reports_paired_differences_and_logs_a_parent_with_a_ch
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     assert len(parents) == 1 and len(runs) == 1 + 6
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"fusion.md", "fusion.json"}
+
+    # an interrupted study resumes: the 6 journalled cells are kept, only seed 2's three run
+    r = subprocess.run(
+        [sys.executable, "benchmarks/fusion.py", "--tasks", "density", "--seeds", "3", "--steps", "2"]
+        + ["--out", str(out), "--no-tracking", "--resume"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.findall(r"^\[density\] .* seed (\d+):", r.stdout, re.M) == ["2"] * 3
+    cells = json.loads((out / "fusion.json").read_text())["cells"]
+    assert sorted(c["seed"] for c in cells) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(c in cells for c in report["cells"])  # the journalled cells as they were measured
 
 
 def test_paired_interval_is_the_student_t_interval_of_the_differences() -> None:
