@@ -400,8 +400,11 @@ class Trainer:
     def validate(self, at: int) -> dict[str, Any]:
         """Collective: validation (+ EMA, data health) logged at step ``at``; keeps the best eval.metric."""
         val = self.validator(self.engine, self.state.ema, self.train_loader)
-        self.state.note_validation(val.get(self.cfg.eval.metric), self.cfg.eval.mode)
-        self.record(at, val, force=True)
+        metric = self.cfg.eval.metric
+        self.state.note_validation(val.get(metric), self.cfg.eval.mode)
+        # the best so far (kept across requeues by the TrainState) beside each validation: what a dashboard sorts by
+        best = {} if self.state.best is None else {f"best_{metric}": self.state.best}
+        self.record(at, val | best, force=True)
         return val
 
     def checkpoint(self) -> None:

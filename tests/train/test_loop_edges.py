@@ -59,7 +59,12 @@ def test_unreachable_tracking_server_costs_seconds_and_warns_once(tiny_shards: s
     # the run itself lost nothing: metrics.jsonl holds every step and the validations
     records = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [x["step"] for x in records if "loss" in x] == [1, 2, 3, 4, 5, 6]
-    assert [x["step"] for x in records if "val_bits_per_dim" in x] == [0, 3, 6]
+    vals = [x for x in records if "val_bits_per_dim" in x]
+    assert [x["step"] for x in vals] == [0, 3, 6]
+    # the best eval.metric so far is logged beside every validation (eval.mode min)
+    assert [x["best_val_bits_per_dim"] for x in vals] == [
+        min(v["val_bits_per_dim"] for v in vals[: i + 1]) for i in range(len(vals))
+    ]
 
 
 def test_non_finite_losses_abort_after_k_in_a_row_with_a_clear_message(tiny_shards: str, tmp_path: Path) -> None:

@@ -305,8 +305,11 @@ def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _halves(x: torch.Tensor, gather: torch.Tensor | None, swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    z = x if gather is None else x.index_select(1, gather)
-    first, second = z.chunk(2, dim=1)
+    if gather is None:
+        first, second = x.chunk(2, dim=1)
+    else:  # each half gathered on its own: contiguous halves (gather + chunk left strided ones to copy)
+        n = gather.shape[0] // 2
+        first, second = x.index_select(1, gather[:n]), x.index_select(1, gather[n:])
     return (second, first) if swap else (first, second)
 
 
