@@ -29,7 +29,8 @@ widened to MANGO's parameter count without changing what it is (it has no fusion
 printed beside.
 
 Outputs: a markdown table (stdout and ``<out>/fusion.md``), ``<out>/fusion.json`` (every cell), ``<out>/cells.jsonl``
-(each cell as it finishes: ``--resume`` runs only the cells it lacks, so an hours-long study survives a stop), and an
+(each cell as it finishes: ``--resume`` runs only the cells it lacks, so an hours-long study survives a stop; several
+runs may share one ``--out``, e.g. one per core, and ``--report`` then summarises them all without training), and an
 MLflow parent
 run ``fusion-study`` with a child run per (task, variant, seed) (``--tracking-uri``; default: the project's local
 store). ``--quick`` = 3 seeds and the demo configs' steps / 4 (development; under an hour on 2 cores);
@@ -344,6 +345,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the cells <out>/cells.jsonl already holds (an interrupted study) and run only the missing ones",
     )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: summarise the cells <out>/cells.jsonl holds for --tasks (and log them with --tracking-uri)",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -352,13 +358,21 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "cells.jsonl"
-    done = load_journal(journal, args.resume)
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        if task not in HEADLINE:
+            raise SystemExit(f"fusion.py: unknown task {task!r}; use {list(HEADLINE)}")
+    if args.report and not journal.exists():
+        raise SystemExit(f"fusion.py: --report summarises {journal}, which does not exist (run the study first)")
+    done = load_journal(journal, args.resume or args.report)
     tracker = Tracker(args.tracking_uri, not args.no_tracking)
     cells: list[dict] = []
+    if args.report:  # cells from several runs of the study (e.g. one per core), in task order
+        cells = [c for task in tasks for c in done.values() if c["task"] == task]
+        for c in cells:
+            tracker.child(c)
     with tempfile.TemporaryDirectory() as d:
-        for task in args.tasks.split(","):
-            if task not in HEADLINE:
-                raise SystemExit(f"fusion.py: unknown task {task!r}; use {list(HEADLINE)}")
+        for task in [] if args.report else tasks:
             cells += run_task(
                 task,
                 Path(d),

@@ -100,6 +100,22 @@ def test_the_fusion_study_reports_paired_differences_and_logs_a_parent_with_a_ch
     assert sorted(c["seed"] for c in cells) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert all(c in cells for c in report["cells"])  # the journalled cells as they were measured
 
+    # --report trains nothing: the journal's 9 cells summarised and logged as a new parent with 9 children
+    r = subprocess.run(
+        [sys.executable, "benchmarks/fusion.py", "--tasks", "density", "--out", str(out), "--report"]
+        + ["--tracking-uri", f"sqlite:///{db}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not re.findall(r"seed \d+:", r.stdout) and "| density | summed singles |" in r.stdout
+    cell_key = lambda c: (c["variant"], c["seed"])  # noqa: E731
+    assert sorted(json.loads((out / "fusion.json").read_text())["cells"], key=cell_key) == sorted(cells, key=cell_key)
+    runs = client.search_runs([client.get_experiment_by_name("mango-fusion-study").experiment_id])
+    assert len(runs) == 2 + 6 + 9
+
 
 def test_paired_interval_is_the_student_t_interval_of_the_differences() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
