@@ -53,6 +53,7 @@ import torch
 
 from jobs.demo import shard_stereo
 from pipeline.config import load_config
+from pipeline.config_rules import ConfigError
 from pipeline.data import load_manifest, manifest_name, write_split
 from pipeline.data.storage import join
 from pipeline.models import build_model, modality_specs
@@ -205,6 +206,11 @@ def run_task(
                 config,
                 [*base, *extra, f"run.seed={seed}", f"run.dir={tmp / task / name.replace(' ', '_') / str(seed)}"],
             )
+            try:  # built once before training: a variant the task cannot run is skipped, not the whole study
+                params = param_count(run_cfg)
+            except ConfigError as e:
+                print(f"[{task}] {name}: not applicable ({e})", flush=True)
+                break
             start = time.monotonic()
             result = train_loop(run_cfg)
             wall = time.monotonic() - start
@@ -214,7 +220,7 @@ def run_task(
                 "seed": seed,
                 "steps": steps,
                 "wall_s": wall,
-                "params": param_count(run_cfg),
+                "params": params,
                 "joint": not get_task(cfg.model.task).latent,  # singles are views of one joint flow
                 metric: result[metric],
                 **{m: result[m] for m in METRICS.get(cfg.model.task, ()) if m in result},

@@ -147,7 +147,14 @@ def _bound_collective_timeouts(timeout_s: float, backend: str) -> datetime.timed
 
 
 def _start_group(info: WorldInfo, backend: str, port: int, timeout: datetime.timedelta, use_deepspeed: bool) -> None:
-    """Start the default process group: through DeepSpeed (with its comm layer) or torch's TCP rendezvous."""
+    """Start the default process group: through DeepSpeed (with its comm layer) or torch's TCP rendezvous.
+
+    torch wraps ``sys.excepthook`` at every group start (a ``[rank<r>]:`` prefix on each traceback line) and never
+    unwraps it: :func:`cleanup` puts back the hook found here, so a process that runs many trainings (a sweep's
+    worker, the fusion study) prints ``[rank0]:`` once, not once per run."""
+    global _EXCEPTHOOK
+    if _EXCEPTHOOK is None:
+        _EXCEPTHOOK = sys.excepthook
     if use_deepspeed:
         import deepspeed  # heavy: optional DeepSpeed dependency, only for use_deepspeed
 
@@ -170,6 +177,7 @@ def _start_group(info: WorldInfo, backend: str, port: int, timeout: datetime.tim
 # -- never a silent hang ----------------------------------------------------------------------------
 
 _TIMEOUT_S = 0.0  # the bound the running group was started with (train.collective_timeout_s)
+_EXCEPTHOOK: Any = None  # sys.excepthook before the running group wrapped it (put back by cleanup)
 
 
 class _Heartbeat:
@@ -376,9 +384,12 @@ def cleanup() -> None:
     cache is emptied too, or the next group started in this process (a second in-process run) would be handed
     the dead clones ("Group ... is not registered").
     """
+    global _EXCEPTHOOK
     _HEARTBEAT.stop()
     if is_initialized():
         dist.destroy_process_group()
+    if _EXCEPTHOOK is not None:
+        sys.excepthook, _EXCEPTHOOK = _EXCEPTHOOK, None
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:  # the group caches of the pinned DeepSpeed (0.19): dicts of groups, or one group
         for name in _DEEPSPEED_GROUP_CACHES:

@@ -144,3 +144,24 @@ def test_the_study_levers_are_valid_one_key_variants_and_the_pad_mask_comes_with
         load_config(config, [*base, *extra])
     seg = REPO / "launch" / "configs" / "segmentation_demo.yaml"
     assert not set(PAD_LEVERS) & set(variants("segmentation", load_config(seg, base), seg, base, levers=True))
+
+
+def test_a_variant_the_task_refuses_is_skipped_with_a_line_not_the_whole_study(monkeypatch, tmp_path, capsys) -> None:
+    # translation's warp head needs an RGB input to move: "depth only" is refused when its model is built
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fusion
+
+    from pipeline.config_rules import ConfigError
+
+    def params(cfg) -> int:
+        if list(cfg.data.modalities) == ["depth", "right"]:
+            raise ConfigError("model.decoder=warp moves pixels of an input image like the target right.png")
+        return 1
+
+    monkeypatch.setattr(fusion, "shard_task", lambda *a, **k: None)
+    monkeypatch.setattr(fusion, "param_count", params)
+    monkeypatch.setattr(fusion, "variants", lambda *a: {"mango": [], "depth only": ["data.modalities=[depth,right]"]})
+    monkeypatch.setattr(fusion, "train_loop", lambda cfg: {"val_mae": 0.5})
+    cells = fusion.run_task("translation", tmp_path, [0, 1], 2, [], False, fusion.Tracker("", False))
+    assert [(c["variant"], c["seed"]) for c in cells] == [("mango", 0), ("mango", 1)]
+    assert "[translation] depth only: not applicable (model.decoder=warp" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -255,14 +256,18 @@ def test_helpers_without_a_process_group(env):
 
 
 def test_single_process_group_picks_a_free_port(env):
-    info = dist.init_distributed(world_info_from_env(), backend="gloo", timeout_s=30)
-    try:
-        assert dist.is_initialized() and info.master_port > 0
-        assert dist.init_distributed(info) == info  # idempotent
-        assert dist.broadcast_object("run-id") == "run-id"
-    finally:
-        dist.cleanup()
-    assert not dist.is_initialized()
+    hook = sys.excepthook
+    for _ in range(2):  # a second group in the same process (a sweep worker's next trial)
+        info = dist.init_distributed(world_info_from_env(), backend="gloo", timeout_s=30)
+        try:
+            assert dist.is_initialized() and info.master_port > 0
+            assert dist.init_distributed(info) == info  # idempotent
+            assert dist.broadcast_object("run-id") == "run-id"
+            assert sys.excepthook is not hook  # torch's "[rank0]:" traceback prefix while the group runs
+        finally:
+            dist.cleanup()
+        assert not dist.is_initialized()
+        assert sys.excepthook is hook  # put back: prefixes do not pile up run after run
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
