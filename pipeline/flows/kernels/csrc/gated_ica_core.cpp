@@ -28,7 +28,8 @@ std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t n, int64_t block) {
 }
 
 // x1 and x2 each gathered by its own half of the index: two contiguous halves, where one gather of the whole
-// followed by chunk leaves strided halves that the projections then copy (measured: 3x less time for the split)
+// followed by chunk leaves strided halves that the projections then copy (the split alone: 14 vs 45 us on a
+// (16, 128, 48) input; a whole training step: within the noise, 0.99-1.01x)
 std::pair<Tensor, Tensor> halves(const Tensor& x, const Tensor& gather, bool swap) {
   if (gather.defined()) {
     const int64_t n = gather.size(0) / 2;
