@@ -244,8 +244,9 @@ def load_journal(journal: Path, resume: bool) -> dict:
     return {(c["task"], c["variant"], c["seed"]): c for c in cells}
 
 
-def summarise(cells: list[dict]) -> list[dict]:
-    """Per (task, variant): mean metric, and the paired differences to MANGO (positive = MANGO better)."""
+def summarise(cells: list[dict], reference: str = "mango") -> list[dict]:
+    """Per (task, variant): mean metric, and the paired differences to ``reference`` (positive = reference better;
+    a task without cells of that variant is compared with ``mango``)."""
     rows = []
     for task in dict.fromkeys(c["task"] for c in cells):
         metric, higher = HEADLINE[task]
@@ -254,7 +255,8 @@ def summarise(cells: list[dict]) -> list[dict]:
         for c in cells:
             if c["task"] == task:
                 by.setdefault(c["variant"], {})[c["seed"]] = c[metric]
-        mango = by["mango"]
+        ref = reference if reference in by else "mango"
+        mango = by[ref]
         singles = [v for v in by if v.endswith(" only")]
         for variant, vals in by.items():
             row = {
@@ -265,7 +267,7 @@ def summarise(cells: list[dict]) -> list[dict]:
                 "seeds": len(vals),
                 "params": next(c["params"] for c in cells if c["task"] == task and c["variant"] == variant),
             }
-            if variant != "mango":
+            if variant != ref:
                 if joint:  # joint vs summed singles: one paired difference per seed over both views
                     if variant != singles[0]:
                         continue
@@ -274,15 +276,16 @@ def summarise(cells: list[dict]) -> list[dict]:
                     row["mean"] = statistics.fmean(vals.values())
                 diffs = [(mango[s] - vals[s]) if higher else (vals[s] - mango[s]) for s in mango if s in vals]
                 row["diff_mean"], row["diff_low"], row["diff_high"] = paired_interval(diffs)
-                ref = statistics.fmean(abs(v) for v in vals.values()) or 1.0
-                row["diff_relative"] = row["diff_mean"] / ref
+                scale = statistics.fmean(abs(v) for v in vals.values()) or 1.0
+                row["diff_relative"] = row["diff_mean"] / scale
             rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], reference: str = "mango") -> str:
+    name = "MANGO" if reference == "mango" else reference
     out = [
-        "| task | variant | metric | mean | params | MANGO better by (mean, 95 % CI of paired diffs) |",
+        f"| task | variant | metric | mean | params | {name} better by (mean, 95 % CI of paired diffs) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -356,6 +359,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="train nothing: summarise the cells <out>/cells.jsonl holds for --tasks (and log them with --tracking-uri)",
     )
+    ap.add_argument(
+        "--reference",
+        default="mango",
+        help="the variant the paired differences are taken to (e.g. a lever a config now ships: 'mango twoway')",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -392,8 +400,8 @@ def main(argv: list[str] | None = None) -> None:
                 done,
                 journal,
             )
-    rows = summarise(cells)
-    table = markdown(rows)
+    rows = summarise(cells, args.reference)
+    table = markdown(rows, args.reference)
     print("\n" + table)
     (out / "fusion.md").write_text(table + "\n")
     (out / "fusion.json").write_text(json.dumps({"cells": cells, "summary": rows}, indent=2))

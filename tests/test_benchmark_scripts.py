@@ -165,3 +165,22 @@ def test_a_variant_the_task_refuses_is_skipped_with_a_line_not_the_whole_study(m
     cells = fusion.run_task("translation", tmp_path, [0, 1], 2, [], False, fusion.Tracker("", False))
     assert [(c["variant"], c["seed"]) for c in cells] == [("mango", 0), ("mango", 1)]
     assert "[translation] depth only: not applicable (model.decoder=warp" in capsys.readouterr().out
+
+
+def test_the_paired_differences_are_taken_to_the_chosen_reference_variant() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from fusion import markdown, summarise
+
+    maes = {"mango": [0.10, 0.12, 0.11], "mango twoway": [0.09, 0.10, 0.10], "concat": [0.12, 0.13, 0.13]}
+    cells = [
+        {"task": "nonlocal", "variant": v, "seed": s, "params": 1, "val_mae": m}
+        for v, ms in maes.items()
+        for s, m in enumerate(ms)
+    ]
+    by_default = {r["variant"]: r for r in summarise(cells)}
+    assert "diff_mean" not in by_default["mango"] and abs(by_default["concat"]["diff_mean"] - 0.05 / 3) < 1e-12
+    rows = summarise(cells, "mango twoway")
+    by_twoway = {r["variant"]: r for r in rows}
+    assert "diff_mean" not in by_twoway["mango twoway"]  # lower MAE is better: positive = the reference better
+    assert abs(by_twoway["concat"]["diff_mean"] - 0.09 / 3) < 1e-12 and by_twoway["mango"]["diff_mean"] > 0
+    assert "| mango twoway better by" in markdown(rows, "mango twoway")
