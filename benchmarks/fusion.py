@@ -256,7 +256,7 @@ def summarise(cells: list[dict], reference: str = "mango") -> list[dict]:
             if c["task"] == task:
                 by.setdefault(c["variant"], {})[c["seed"]] = c[metric]
         ref = reference if reference in by else "mango"
-        mango = by[ref]
+        base = by[ref]
         singles = [v for v in by if v.endswith(" only")]
         for variant, vals in by.items():
             row = {
@@ -272,9 +272,9 @@ def summarise(cells: list[dict], reference: str = "mango") -> list[dict]:
                     if variant != singles[0]:
                         continue
                     row["variant"] = "summed singles"
-                    vals = {s: statistics.fmean(by[v][s] for v in singles) for s in mango}
+                    vals = {s: statistics.fmean(by[v][s] for v in singles) for s in base}
                     row["mean"] = statistics.fmean(vals.values())
-                diffs = [(mango[s] - vals[s]) if higher else (vals[s] - mango[s]) for s in mango if s in vals]
+                diffs = [(base[s] - vals[s]) if higher else (vals[s] - base[s]) for s in base if s in vals]
                 row["diff_mean"], row["diff_low"], row["diff_high"] = paired_interval(diffs)
                 scale = statistics.fmean(abs(v) for v in vals.values()) or 1.0
                 row["diff_relative"] = row["diff_mean"] / scale
