@@ -40,6 +40,122 @@ std::pair<Tensor, Tensor> halves(const Tensor& x, const Tensor& gather, bool swa
   return swap ? std::make_pair(parts[1], parts[0]) : std::make_pair(parts[0], parts[1]);
 }
 
+// ---- row kernels (CPU, fp32/fp64): the layer's token permutations and its fused ActNorm as single memory passes.
+// On small token grids the split (ActNorm add and mul, two gathers), the merge (cat, then the scatter) and their
+// backward twins were a dozen full passes over the layer's activations per training step; each kernel below is
+// one. Elsewhere (CUDA, other dtypes) the ATen ops run as before.
+
+bool rows_on_cpu(const Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
+// the source token of each row of the halves: (first half, second half), x1 = the first unless swapped
+std::pair<std::vector<int64_t>, std::vector<int64_t>> half_sources(const Tensor& gather, int64_t length, bool swap) {
+  const int64_t n = length / 2;
+  std::vector<int64_t> first(n), second(n);
+  if (gather.defined()) {
+    Tensor g = gather.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* gp = g.data_ptr<int64_t>();
+    std::copy(gp, gp + n, first.begin());
+    std::copy(gp + n, gp + 2 * n, second.begin());
+  } else {
+    for (int64_t j = 0; j < n; ++j) first[j] = j, second[j] = n + j;
+  }
+  if (swap) std::swap(first, second);
+  return {first, second};
+}
+
+// out[b, j, :] = (x[b, src[j], :] + loc)·scale  (loc / scale may be absent: a plain gather)
+Tensor take_rows(const Tensor& x_in, const std::vector<int64_t>& src, const Tensor& loc, const Tensor& scale) {
+  Tensor x = x_in.contiguous();
+  const int64_t batch = x.size(0), length = x.size(1), d = x.size(2), m = static_cast<int64_t>(src.size());
+  Tensor out = at::empty({batch, m, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "take_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    Tensor lc = loc.defined() ? loc.contiguous() : loc, sc = scale.defined() ? scale.contiguous() : scale;
+    const scalar_t* lp = lc.defined() ? lc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = sc.defined() ? sc.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, batch * m, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / m, j = r % m;
+        const scalar_t* row = xp + (b * length + src[j]) * d;
+        scalar_t* o = op + r * d;
+        if (lp) {
+          for (int64_t c = 0; c < d; ++c) o[c] = (row[c] + lp[c]) * sp[c];
+        } else {
+          std::copy(row, row + d, o);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// The merge: out[b, t, :] = z[b, zpos[t], :] with z = [first ; second] (zpos: the scatter, or the identity).
+// With x_in (the backward through a fused ActNorm x = (x_in + loc)·scale): out = z[zpos]·scale, and the per-channel
+// sums Σ z[zpos]·x (→ ∂/∂log_scale) and Σ z[zpos]·scale (→ ∂/∂loc) come back in dls / dloc (double accumulators).
+Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor& scatter, const Tensor& x_in = Tensor(),
+                  const Tensor& loc = Tensor(), const Tensor& scale = Tensor(), Tensor* dloc = nullptr,
+                  Tensor* dls = nullptr) {
+  Tensor first = first_in.contiguous(), second = second_in.contiguous();
+  const int64_t batch = first.size(0), n = first.size(1), d = first.size(2), length = 2 * n;
+  std::vector<int64_t> zpos(length);
+  if (scatter.defined()) {
+    Tensor s = scatter.to(at::kCPU, at::kLong).contiguous();
+    std::copy(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + length, zpos.begin());
+  } else {
+    for (int64_t t = 0; t < length; ++t) zpos[t] = t;
+  }
+  Tensor out = at::empty({batch, length, d}, first.options());
+  const bool norm = x_in.defined();
+  Tensor xc = norm ? x_in.contiguous() : x_in;
+  Tensor sums = norm ? at::zeros({batch, 2, d}, first.options().dtype(at::kDouble)) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "merge_rows", [&] {
+    const scalar_t* fp = first.data_ptr<scalar_t>();
+    const scalar_t* secp = second.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    Tensor lc = norm ? loc.contiguous() : loc, sc = norm ? scale.contiguous() : scale;
+    const scalar_t* xp = norm ? xc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* lp = norm ? lc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = norm ? sc.data_ptr<scalar_t>() : nullptr;
+    double* acc = norm ? sums.data_ptr<double>() : nullptr;
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> a_ls(norm ? d : 0), a_loc(norm ? d : 0);  // one sample's sums, then into double
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(a_ls.begin(), a_ls.end(), scalar_t(0));
+        std::fill(a_loc.begin(), a_loc.end(), scalar_t(0));
+        for (int64_t t = 0; t < length; ++t) {
+          const int64_t zp = zpos[t];
+          const scalar_t* row = zp < n ? fp + (b * n + zp) * d : secp + (b * n + zp - n) * d;
+          scalar_t* o = op + (b * length + t) * d;
+          if (!norm) {
+            std::copy(row, row + d, o);
+            continue;
+          }
+          const scalar_t* xr = xp + (b * length + t) * d;
+          for (int64_t c = 0; c < d; ++c) {
+            const scalar_t g = row[c], gs = g * sp[c];
+            a_ls[c] += gs * (xr[c] + lp[c]);  // g·x with x = (x_in + loc)·scale
+            a_loc[c] += gs;
+            o[c] = gs;
+          }
+        }
+        if (norm) {
+          double* dls_b = acc + b * 2 * d;
+          for (int64_t c = 0; c < d; ++c) dls_b[c] = a_ls[c], dls_b[d + c] = a_loc[c];
+        }
+      }
+    });
+  });
+  if (norm) {
+    Tensor total = sums.sum(0).to(first.scalar_type());
+    *dls = total.select(0, 0);
+    *dloc = total.select(0, 1);
+  }
+  return out;
+}
+
 // an optional tensor kept in ctx->saved_data (an undefined tensor when it was absent)
 Tensor saved_tensor_or_none(AutogradContext* ctx, const char* key) {
   const auto& v = ctx->saved_data[key];
@@ -91,9 +207,17 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
     auto opt = [](const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); };
     const Tensor gather = opt(gather_opt), scatter = opt(scatter_opt), loc = opt(loc_opt), log_scale = opt(log_scale_opt);
     const bool norm = loc.defined();
-    Tensor x_in = x;
-    if (norm) x = (x_in + loc) * log_scale.exp();  // the preceding ActNorm, fused
-    auto [x1, x2] = halves(x, gather, swap);
+    Tensor x_in = x, x1, x2;
+    const bool on_cpu = rows_on_cpu(x);
+    if (on_cpu) {  // the preceding ActNorm fused into the two gathers: one pass over x
+      auto [src1, src2] = half_sources(gather, x.size(1), swap);
+      Tensor scale = norm ? log_scale.exp() : Tensor();
+      x1 = take_rows(x_in, src1, loc, scale);
+      x2 = take_rows(x_in, src2, loc, scale);
+    } else {
+      if (norm) x = (x_in + loc) * log_scale.exp();  // the preceding ActNorm, fused
+      std::tie(x1, x2) = halves(x, gather, swap);
+    }
     Attention s = core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, bias, eps_q, eps_k, block);
     Tensor alpha = at::tanh(beta) * (1.0 - kGateMargin);
     Tensor xa = x2 * alpha;
@@ -107,8 +231,13 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
     Tensor diag = diagonal_of(s.a, rows);
     Tensor logdet = at::log1p(diag.unsqueeze(-1) * alpha).sum({1, 2});
     if (norm) logdet = logdet + log_scale.sum() * static_cast<double>(x.size(1));
-    Tensor out = swap ? at::cat({y2, x1}, 1) : at::cat({x1, y2}, 1);
-    if (scatter.defined()) out = out.index_select(1, scatter);
+    Tensor out;
+    if (on_cpu) {
+      out = swap ? merge_rows(y2, x1, scatter) : merge_rows(x1, y2, scatter);
+    } else {
+      out = swap ? at::cat({y2, x1}, 1) : at::cat({x1, y2}, 1);
+      if (scatter.defined()) out = out.index_select(1, scatter);
+    }
 
     ctx->saved_data["gather"] = gather;
     ctx->saved_data["scatter"] = scatter;
@@ -153,10 +282,21 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
       log_scale = saved[10];
       next = 11;
       scale = log_scale.exp();
-      x = (x + loc) * scale;  // the fused ActNorm's output, rebuilt from its saved input
     }
-    auto [g_y1, g_y] = halves(g_out, gather, swap);
-    auto [x1, x2] = halves(x, gather, swap);
+    const Tensor x_in = x;
+    const bool on_cpu = rows_on_cpu(x) && rows_on_cpu(g_out) && g_out.scalar_type() == x.scalar_type();
+    Tensor g_y1, g_y, x1, x2;
+    if (on_cpu) {  // the halves of g_out, and of the fused ActNorm's output rebuilt on the fly: one pass each
+      auto [src1, src2] = half_sources(gather, x.size(1), swap);
+      g_y1 = take_rows(g_out, src1, Tensor(), Tensor());
+      g_y = take_rows(g_out, src2, Tensor(), Tensor());
+      x1 = take_rows(x_in, src1, loc, scale);
+      x2 = take_rows(x_in, src2, loc, scale);
+    } else {
+      if (norm) x = (x + loc) * scale;  // the fused ActNorm's output, rebuilt from its saved input
+      std::tie(g_y1, g_y) = halves(g_out, gather, swap);
+      std::tie(x1, x2) = halves(x, gather, swap);
+    }
     Attention s;
     if (recompute) {
       s = core_attention(x1, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, ctx->saved_data["bias"].toTensor(),
@@ -217,12 +357,26 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
     Tensor dx, dloc, dlog_scale;
     if (need(0) || (norm && (need(12) || need(13)))) {
       Tensor dx1 = at::matmul(dpq, wq).add_(at::matmul(dpk, wk)).add_(g_y1);
-      Tensor dz = swap ? at::cat({dx2, dx1}, 1) : at::cat({dx1, dx2}, 1);
-      dx = scatter.defined() ? dz.index_select(1, scatter) : dz;
-      if (norm) {  // through x = (x_in + loc)·s
-        if (need(13)) dlog_scale = (dx * x).sum({0, 1}) + g_logdet.sum() * static_cast<double>(x.size(1));
-        dx = dx * scale;
-        if (need(12)) dloc = dx.sum({0, 1});
+      if (on_cpu) {  // merge, scatter and the fused ActNorm's backward in one pass
+        const Tensor& first = swap ? dx2 : dx1;
+        const Tensor& second = swap ? dx1 : dx2;
+        if (norm) {
+          Tensor dls;
+          dx = merge_rows(first, second, scatter, x_in, loc, scale, &dloc, &dls);
+          dlog_scale = dls + g_logdet.sum() * static_cast<double>(x.size(1));
+          if (!need(12)) dloc = Tensor();
+          if (!need(13)) dlog_scale = Tensor();
+        } else {
+          dx = merge_rows(first, second, scatter);
+        }
+      } else {
+        Tensor dz = swap ? at::cat({dx2, dx1}, 1) : at::cat({dx1, dx2}, 1);
+        dx = scatter.defined() ? dz.index_select(1, scatter) : dz;
+        if (norm) {  // through x = (x_in + loc)·s
+          if (need(13)) dlog_scale = (dx * x).sum({0, 1}) + g_logdet.sum() * static_cast<double>(x.size(1));
+          dx = dx * scale;
+          if (need(12)) dloc = dx.sum({0, 1});
+        }
       }
     }
     if (!need(5)) dlnq_w = Tensor();
