@@ -49,18 +49,23 @@ bool rows_on_cpu(const Tensor& t) {
   return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
 }
 
+// an index tensor's entries (the identity 0 … length−1 when it is absent)
+std::vector<int64_t> index_vector(const Tensor& index, int64_t length) {
+  std::vector<int64_t> out(length);
+  if (index.defined()) {
+    Tensor t = index.to(at::kCPU, at::kLong).contiguous();
+    std::copy(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + length, out.begin());
+  } else {
+    for (int64_t i = 0; i < length; ++i) out[i] = i;
+  }
+  return out;
+}
+
 // the source token of each row of the halves: (first half, second half), x1 = the first unless swapped
 std::pair<std::vector<int64_t>, std::vector<int64_t>> half_sources(const Tensor& gather, int64_t length, bool swap) {
   const int64_t n = length / 2;
-  std::vector<int64_t> first(n), second(n);
-  if (gather.defined()) {
-    Tensor g = gather.to(at::kCPU, at::kLong).contiguous();
-    const int64_t* gp = g.data_ptr<int64_t>();
-    std::copy(gp, gp + n, first.begin());
-    std::copy(gp + n, gp + 2 * n, second.begin());
-  } else {
-    for (int64_t j = 0; j < n; ++j) first[j] = j, second[j] = n + j;
-  }
+  const std::vector<int64_t> all = index_vector(gather, length);
+  std::vector<int64_t> first(all.begin(), all.begin() + n), second(all.begin() + n, all.end());
   if (swap) std::swap(first, second);
   return {first, second};
 }
@@ -92,21 +97,18 @@ Tensor take_rows(const Tensor& x_in, const std::vector<int64_t>& src, const Tens
   return out;
 }
 
-// The merge: out[b, t, :] = z[b, zpos[t], :] with z = [first ; second] (zpos: the scatter, or the identity).
+// The merge: out[b, t, :] = z[b, zpos[t], :] with z = [first ; second] (second absent: z = first, whole; zpos: the
+// scatter, or the identity).
 // With x_in (the backward through a fused ActNorm x = (x_in + loc)·scale): out = z[zpos]·scale, and the per-channel
 // sums Σ z[zpos]·x (→ ∂/∂log_scale) and Σ z[zpos]·scale (→ ∂/∂loc) come back in dls / dloc (double accumulators).
 Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor& scatter, const Tensor& x_in = Tensor(),
                   const Tensor& loc = Tensor(), const Tensor& scale = Tensor(), Tensor* dloc = nullptr,
                   Tensor* dls = nullptr) {
-  Tensor first = first_in.contiguous(), second = second_in.contiguous();
-  const int64_t batch = first.size(0), n = first.size(1), d = first.size(2), length = 2 * n;
-  std::vector<int64_t> zpos(length);
-  if (scatter.defined()) {
-    Tensor s = scatter.to(at::kCPU, at::kLong).contiguous();
-    std::copy(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + length, zpos.begin());
-  } else {
-    for (int64_t t = 0; t < length; ++t) zpos[t] = t;
-  }
+  const bool halves = second_in.defined();
+  Tensor first = first_in.contiguous(), second = halves ? second_in.contiguous() : first;
+  const int64_t batch = first.size(0), d = first.size(2), length = halves ? 2 * first.size(1) : first.size(1);
+  const int64_t n = halves ? first.size(1) : length;  // rows of `first`: z rows ≥ n come from `second`
+  const std::vector<int64_t> zpos = index_vector(scatter, length);
   Tensor out = at::empty({batch, length, d}, first.options());
   const bool norm = x_in.defined();
   Tensor xc = norm ? x_in.contiguous() : x_in;
@@ -592,10 +594,17 @@ struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
                  scatter_inv = opt(scatter_inv_opt), loc = opt(loc_opt), log_scale = opt(log_scale_opt);
     const int64_t n = x.size(0), length = x.size(1), d = x.size(2), k = w.size(0), g = w.size(1);
     TORCH_CHECK(k * g == length, "BlockMix: ", k, " blocks of ", g, " tokens do not cover ", length, " tokens");
-    Tensor xn = loc.defined() ? (x + loc) * log_scale.exp() : x;
-    Tensor z = gather.defined() ? xn.index_select(1, gather) : xn;
+    const bool on_cpu = rows_on_cpu(x) && x.scalar_type() == w.scalar_type();
+    Tensor z;
+    if (on_cpu && (gather.defined() || loc.defined())) {  // the fused ActNorm and the gather: one pass
+      z = take_rows(x, index_vector(gather, length), loc, loc.defined() ? log_scale.exp() : Tensor());
+    } else {
+      Tensor xn = loc.defined() ? (x + loc) * log_scale.exp() : x;
+      z = gather.defined() ? xn.index_select(1, gather) : xn;
+    }
     Tensor y = at::matmul(w, z.reshape({n, k, g, d})).reshape({n, length, d});
-    if (scatter.defined()) y = y.index_select(1, scatter);
+    if (scatter.defined()) y = on_cpu ? take_rows(y, index_vector(scatter, length), Tensor(), Tensor())
+                                      : y.index_select(1, scatter);
     ctx->saved_data["gather"] = gather;
     ctx->saved_data["gather_inv"] = gather_inv;
     ctx->saved_data["scatter_inv"] = scatter_inv;
@@ -617,23 +626,40 @@ struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
     variable_list s = ctx->get_saved_variables();
     Tensor x = s[0], w = s[1], loc, log_scale, scale;
     const int64_t n = x.size(0), length = x.size(1), d = x.size(2), k = w.size(0), g = w.size(1);
-    Tensor xn = x;
     if (norm) {
       loc = s[2];
       log_scale = s[3];
       scale = log_scale.exp();
-      xn = (x + loc) * scale;
     }
     // edges: x, w, [gather, gather_inv], [scatter, scatter_inv], [loc, log_scale] — the tensors present
     size_t edge = 2 + (gather.defined() ? 2 : 0) + (scatter_inv.defined() ? 2 : 0);
     Tensor gy = grads[0];
-    Tensor dzm = (scatter_inv.defined() ? gy.index_select(1, scatter_inv) : gy).reshape({n, k, g, d});
-    Tensor z = (gather.defined() ? xn.index_select(1, gather) : xn).reshape({n, k, g, d});
+    const bool on_cpu = rows_on_cpu(x) && x.scalar_type() == w.scalar_type() && gy.scalar_type() == x.scalar_type();
+    Tensor dzm, z, xn = x;
+    if (on_cpu) {  // the gathers (and the fused ActNorm's output, rebuilt on the fly) as single passes
+      dzm = scatter_inv.defined() ? take_rows(gy, index_vector(scatter_inv, length), Tensor(), Tensor()) : gy;
+      z = gather.defined() || norm ? take_rows(x, index_vector(gather, length), loc, scale) : x;
+    } else {
+      if (norm) xn = (x + loc) * scale;
+      dzm = scatter_inv.defined() ? gy.index_select(1, scatter_inv) : gy;
+      z = gather.defined() ? xn.index_select(1, gather) : xn;
+    }
+    dzm = dzm.reshape({n, k, g, d});
+    z = z.reshape({n, k, g, d});
     Tensor dw;
     if (ctx->needs_input_grad(1)) dw = at::matmul(dzm, z.transpose(-1, -2)).sum(0);
     Tensor dx, dloc, dlog_scale;
     const bool need_norm = norm && (ctx->needs_input_grad(edge) || ctx->needs_input_grad(edge + 1));
-    if (ctx->needs_input_grad(0) || need_norm) {
+    if (on_cpu && (ctx->needs_input_grad(0) || need_norm) && (gather.defined() || norm)) {
+      Tensor dz = at::matmul(w.transpose(-1, -2), dzm).reshape({n, length, d});
+      if (norm) {  // the inverse gather and the fused ActNorm's backward in one pass
+        dx = merge_rows(dz, Tensor(), gather_inv, x, loc, scale, &dloc, &dlog_scale);
+        if (!ctx->needs_input_grad(edge)) dloc = Tensor();
+        if (!ctx->needs_input_grad(edge + 1)) dlog_scale = Tensor();
+      } else {
+        dx = merge_rows(dz, Tensor(), gather_inv);
+      }
+    } else if (ctx->needs_input_grad(0) || need_norm) {
       Tensor dz = at::matmul(w.transpose(-1, -2), dzm).reshape({n, length, d});
       dx = gather.defined() ? dz.index_select(1, gather_inv) : dz;
       if (norm) {
