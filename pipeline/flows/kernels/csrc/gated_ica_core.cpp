@@ -70,11 +70,13 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> half_sources(const Tensor&
   return {first, second};
 }
 
-// out[b, j, :] = (x[b, src[j], :] + loc)·scale  (loc / scale may be absent: a plain gather)
-Tensor take_rows(const Tensor& x_in, const std::vector<int64_t>& src, const Tensor& loc, const Tensor& scale) {
+// out[b, j, :] = (x[b, src[j], :] + loc)·scale  (loc / scale may be absent: a plain gather); token_major: the
+// result laid out (m, N, D) instead of (N, m, D), i.e. out[j, b, :]
+Tensor take_rows(const Tensor& x_in, const std::vector<int64_t>& src, const Tensor& loc, const Tensor& scale,
+                 bool token_major = false) {
   Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0), length = x.size(1), d = x.size(2), m = static_cast<int64_t>(src.size());
-  Tensor out = at::empty({batch, m, d}, x.options());
+  Tensor out = token_major ? at::empty({m, batch, d}, x.options()) : at::empty({batch, m, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "take_rows", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -85,7 +87,7 @@ Tensor take_rows(const Tensor& x_in, const std::vector<int64_t>& src, const Tens
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / m, j = r % m;
         const scalar_t* row = xp + (b * length + src[j]) * d;
-        scalar_t* o = op + r * d;
+        scalar_t* o = op + (token_major ? j * batch + b : r) * d;
         if (lp) {
           for (int64_t c = 0; c < d; ++c) o[c] = (row[c] + lp[c]) * sp[c];
         } else {
@@ -97,16 +99,17 @@ Tensor take_rows(const Tensor& x_in, const std::vector<int64_t>& src, const Tens
   return out;
 }
 
-// The merge: out[b, t, :] = z[b, zpos[t], :] with z = [first ; second] (second absent: z = first, whole; zpos: the
-// scatter, or the identity).
+// The merge: out[b, t, :] = z[b, zpos[t], :] with z = [first ; second] (second absent: z = first, whole, laid out
+// (L, N, D) when token_major; zpos: the scatter, or the identity).
 // With x_in (the backward through a fused ActNorm x = (x_in + loc)·scale): out = z[zpos]·scale, and the per-channel
 // sums Σ z[zpos]·x (→ ∂/∂log_scale) and Σ z[zpos]·scale (→ ∂/∂loc) come back in dls / dloc (double accumulators).
 Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor& scatter, const Tensor& x_in = Tensor(),
                   const Tensor& loc = Tensor(), const Tensor& scale = Tensor(), Tensor* dloc = nullptr,
-                  Tensor* dls = nullptr) {
+                  Tensor* dls = nullptr, bool token_major = false) {
   const bool halves = second_in.defined();
   Tensor first = first_in.contiguous(), second = halves ? second_in.contiguous() : first;
-  const int64_t batch = first.size(0), d = first.size(2), length = halves ? 2 * first.size(1) : first.size(1);
+  const int64_t batch = first.size(token_major ? 1 : 0), d = first.size(2);
+  const int64_t length = halves ? 2 * first.size(1) : first.size(token_major ? 0 : 1);
   const int64_t n = halves ? first.size(1) : length;  // rows of `first`: z rows ≥ n come from `second`
   const std::vector<int64_t> zpos = index_vector(scatter, length);
   Tensor out = at::empty({batch, length, d}, first.options());
@@ -129,7 +132,9 @@ Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor&
         std::fill(a_loc.begin(), a_loc.end(), scalar_t(0));
         for (int64_t t = 0; t < length; ++t) {
           const int64_t zp = zpos[t];
-          const scalar_t* row = zp < n ? fp + (b * n + zp) * d : secp + (b * n + zp - n) * d;
+          const scalar_t* row = token_major ? fp + (zp * batch + b) * d
+                                : zp < n  ? fp + (b * n + zp) * d
+                                          : secp + (b * n + zp - n) * d;
           scalar_t* o = op + (b * length + t) * d;
           if (!norm) {
             std::copy(row, row + d, o);
@@ -595,16 +600,20 @@ struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
     const int64_t n = x.size(0), length = x.size(1), d = x.size(2), k = w.size(0), g = w.size(1);
     TORCH_CHECK(k * g == length, "BlockMix: ", k, " blocks of ", g, " tokens do not cover ", length, " tokens");
     const bool on_cpu = rows_on_cpu(x) && x.scalar_type() == w.scalar_type();
-    Tensor z;
-    if (on_cpu && (gather.defined() || loc.defined())) {  // the fused ActNorm and the gather: one pass
-      z = take_rows(x, index_vector(gather, length), loc, loc.defined() ? log_scale.exp() : Tensor());
+    Tensor y;
+    if (on_cpu) {
+      // token-major (L, N, D) = (K, G, N·D): the fused ActNorm and the gather write it in one pass, the K blocks are
+      // one bmm (a (N, K, G, D) operand made matmul broadcast w to (N, K, G, G): a copy per call), the scatter reads
+      // it back into (N, L, D)
+      Tensor zt = take_rows(x, index_vector(gather, length), loc, loc.defined() ? log_scale.exp() : Tensor(), true);
+      Tensor yt = at::bmm(w, zt.view({k, g, n * d}));
+      y = merge_rows(yt.view({length, n, d}), Tensor(), scatter, Tensor(), Tensor(), Tensor(), nullptr, nullptr, true);
     } else {
       Tensor xn = loc.defined() ? (x + loc) * log_scale.exp() : x;
-      z = gather.defined() ? xn.index_select(1, gather) : xn;
+      Tensor z = gather.defined() ? xn.index_select(1, gather) : xn;
+      y = at::matmul(w, z.reshape({n, k, g, d})).reshape({n, length, d});
+      if (scatter.defined()) y = y.index_select(1, scatter);
     }
-    Tensor y = at::matmul(w, z.reshape({n, k, g, d})).reshape({n, length, d});
-    if (scatter.defined()) y = on_cpu ? take_rows(y, index_vector(scatter, length), Tensor(), Tensor())
-                                      : y.index_select(1, scatter);
     ctx->saved_data["gather"] = gather;
     ctx->saved_data["gather_inv"] = gather_inv;
     ctx->saved_data["scatter_inv"] = scatter_inv;
@@ -635,31 +644,38 @@ struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
     size_t edge = 2 + (gather.defined() ? 2 : 0) + (scatter_inv.defined() ? 2 : 0);
     Tensor gy = grads[0];
     const bool on_cpu = rows_on_cpu(x) && x.scalar_type() == w.scalar_type() && gy.scalar_type() == x.scalar_type();
-    Tensor dzm, z, xn = x;
-    if (on_cpu) {  // the gathers (and the fused ActNorm's output, rebuilt on the fly) as single passes
-      dzm = scatter_inv.defined() ? take_rows(gy, index_vector(scatter_inv, length), Tensor(), Tensor()) : gy;
-      z = gather.defined() || norm ? take_rows(x, index_vector(gather, length), loc, scale) : x;
-    } else {
-      if (norm) xn = (x + loc) * scale;
-      dzm = scatter_inv.defined() ? gy.index_select(1, scatter_inv) : gy;
-      z = gather.defined() ? xn.index_select(1, gather) : xn;
+    Tensor xn = x;
+    if (on_cpu) {  // token-major, as in the forward: the gathers (and the fused ActNorm's output) in single passes,
+                   // the blocks' products single bmm's with no broadcast weight and no (N, K, G, G) partial sums
+      Tensor dzt = take_rows(gy, index_vector(scatter_inv, length), Tensor(), Tensor(), true).view({k, g, n * d});
+      Tensor dw;
+      if (ctx->needs_input_grad(1)) {
+        Tensor zt = take_rows(x, index_vector(gather, length), loc, scale, true).view({k, g, n * d});
+        dw = at::bmm(dzt, zt.transpose(1, 2));
+      }
+      Tensor dx, dloc, dlog_scale;
+      const bool need_norm = norm && (ctx->needs_input_grad(edge) || ctx->needs_input_grad(edge + 1));
+      if (ctx->needs_input_grad(0) || need_norm) {
+        Tensor dz = at::bmm(w.transpose(1, 2), dzt).view({length, n, d});
+        if (norm) {  // the inverse gather and the fused ActNorm's backward in one pass
+          dx = merge_rows(dz, Tensor(), gather_inv, x, loc, scale, &dloc, &dlog_scale, true);
+          if (!ctx->needs_input_grad(edge)) dloc = Tensor();
+          if (!ctx->needs_input_grad(edge + 1)) dlog_scale = Tensor();
+        } else {
+          dx = merge_rows(dz, Tensor(), gather_inv, Tensor(), Tensor(), Tensor(), nullptr, nullptr, true);
+        }
+      }
+      return {dx, dw, Tensor(), Tensor(), Tensor(), Tensor(), dloc, dlog_scale};
     }
-    dzm = dzm.reshape({n, k, g, d});
-    z = z.reshape({n, k, g, d});
+    // elsewhere (CUDA, other dtypes): the ATen ops
+    if (norm) xn = (x + loc) * scale;
+    Tensor dzm = (scatter_inv.defined() ? gy.index_select(1, scatter_inv) : gy).reshape({n, k, g, d});
+    Tensor z = (gather.defined() ? xn.index_select(1, gather) : xn).reshape({n, k, g, d});
     Tensor dw;
     if (ctx->needs_input_grad(1)) dw = at::matmul(dzm, z.transpose(-1, -2)).sum(0);
     Tensor dx, dloc, dlog_scale;
     const bool need_norm = norm && (ctx->needs_input_grad(edge) || ctx->needs_input_grad(edge + 1));
-    if (on_cpu && (ctx->needs_input_grad(0) || need_norm) && (gather.defined() || norm)) {
-      Tensor dz = at::matmul(w.transpose(-1, -2), dzm).reshape({n, length, d});
-      if (norm) {  // the inverse gather and the fused ActNorm's backward in one pass
-        dx = merge_rows(dz, Tensor(), gather_inv, x, loc, scale, &dloc, &dlog_scale);
-        if (!ctx->needs_input_grad(edge)) dloc = Tensor();
-        if (!ctx->needs_input_grad(edge + 1)) dlog_scale = Tensor();
-      } else {
-        dx = merge_rows(dz, Tensor(), gather_inv);
-      }
-    } else if (ctx->needs_input_grad(0) || need_norm) {
+    if (ctx->needs_input_grad(0) || need_norm) {
       Tensor dz = at::matmul(w.transpose(-1, -2), dzm).reshape({n, length, d});
       dx = gather.defined() ? dz.index_select(1, gather_inv) : dz;
       if (norm) {
