@@ -247,3 +247,72 @@ def test_cpp_gated_solve_equals_the_blocked_solve_and_inverts_the_update(cpp, dt
     with torch.enable_grad():  # the autograd path is the blocked Python solve
         ref = solve_gated_upper(a, alpha, y.clone().requires_grad_(), block=4)
     torch.testing.assert_close(x, ref.detach(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", [7, 48, 192])
+def test_cpu_kernels_of_the_ica_node_equal_their_composed_forms(cpp, dtype, d) -> None:
+    """The CPU kernels inside gated_ica_core (the product-form log-det and its backward, the q/k LayerNorm, the
+    fused ActNorm + gather) against the ATen compositions they replace; fp32 against the fp64 truth."""
+    gen = torch.Generator().manual_seed(d)
+    n, e = 33, d
+    diag = torch.rand(4, n, generator=gen, dtype=torch.float64).clamp_min(1e-3)
+    diag[0, :3] = 1.0  # a_ii = 1 (the first token of a row block) with α at the margin: the factor's smallest value
+    alpha = torch.tanh(torch.randn(d, generator=gen, dtype=torch.float64) * 3) * (1 - 1e-4)
+    alpha[:2] = torch.tensor([-(1 - 1e-4), 1 - 1e-4], dtype=torch.float64)
+    g = torch.randn(4, generator=gen, dtype=torch.float64)
+    diag, alpha = diag.to(dtype).double(), alpha.to(dtype).double()  # inputs exact in both dtypes
+    # truth in fp64 with autograd (the factor at α → −1, a = 1 amplifies input rounding by 1e4: same inputs for all)
+    dref, aref = diag.clone().requires_grad_(), alpha.clone().requires_grad_()
+    ref = torch.log1p(dref.unsqueeze(-1) * aref).sum(dim=(1, 2))
+    gd_ref, ga_ref = torch.autograd.grad((ref * g).sum(), (dref, aref))
+    tol = {"atol": 1e-11, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 2e-6}
+    torch.testing.assert_close(cpp._gated_logdet(diag.to(dtype), alpha.to(dtype)).double(), ref.detach(), **tol)
+    gd, ga = cpp._gated_logdet_backward(diag.to(dtype), alpha.to(dtype), g.to(dtype))
+    gtol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-3, "rtol": 1e-4}
+    torch.testing.assert_close(gd.double(), gd_ref, **gtol)
+    torch.testing.assert_close(ga.double(), ga_ref, **gtol)
+
+    pq, pk = (torch.randn(4, n, e, generator=gen, dtype=dtype) * 3 + 1 for _ in range(2))
+    wq, bq, wk, bk = (torch.randn(e, generator=gen, dtype=dtype) for _ in range(4))
+    tau = torch.tensor(0.37, dtype=dtype)
+    q, kn, mq, rq, mk, rk = cpp._qk_layer_norm(pq, pk, wq, bq, wk, bk, tau, 1e-5, 1e-6)
+    for got, want in zip(
+        (q, mq, rq, kn, mk, rk),
+        (*torch.native_layer_norm(pq, (e,), wq, bq, 1e-5), *torch.native_layer_norm(pk, (e,), wk, bk, 1e-6)),
+    ):
+        if got is q:
+            want = want * tau
+        lt = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(got, want, **lt)
+
+    x = torch.randn(4, 2 * n, d, generator=gen, dtype=dtype)
+    index = torch.randperm(2 * n, generator=gen)[:n]
+    loc, scale = torch.randn(d, generator=gen, dtype=dtype), torch.rand(d, generator=gen, dtype=dtype) + 0.5
+    torch.testing.assert_close(cpp._take_rows(x, index, loc, scale), ((x + loc) * scale).index_select(1, index))
+    torch.testing.assert_close(cpp._take_rows(x, index, None, None), x.index_select(1, index), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "actnorm"])
+def test_cpp_node_in_fp32_tracks_the_fp64_truth(cpp, norm) -> None:
+    """The node as training runs it (fp32, a gathered partition, 64 tokens per half, D = 48): values and every
+    gradient within fp32 tolerance of the Python node in fp64."""
+    gen = torch.Generator().manual_seed(5)
+    n, d, e = 64, 48, 48
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
+    )
+    index = torch.randperm(2 * n, generator=gen)
+    perm = (index, torch.argsort(index), False)
+    args, extra = _args(gen, n, d, e, norm)
+    inputs = args + [t for t in extra if t is not None]
+    w = torch.randn(3, 2 * n, d, dtype=torch.float64, generator=gen)
+    y, logdet = GatedICACore.apply(args[0], *perm, *args[1:], bias, 1e-5, 1e-5, False, 64, *extra)
+    want = [y, logdet, *torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), inputs)]
+    f32 = [t.detach().float().requires_grad_() for t in inputs]
+    ex32 = f32[len(args) :] if norm else [None, None]
+    y, logdet = cpp.gated_ica_core(f32[0], *perm, *f32[1 : len(args)], bias.float(), 1e-5, 1e-5, False, 64, *ex32)
+    got = [y, logdet, *torch.autograd.grad((w.float() * y).sum() - 0.7 * logdet.sum(), f32)]
+    for a, b in zip(got, want):
+        scale = b.abs().max().item() + 1.0
+        torch.testing.assert_close(a.double(), b.detach(), atol=2e-5 * scale, rtol=1e-4)
