@@ -48,7 +48,10 @@ def load():
                 from torch.utils.cpp_extension import load as build  # heavy: pulls in setuptools; only when building
 
                 _STATE["module"] = build(
-                    name="mango_gated_ica_core", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"], verbose=False
+                    name="mango_gated_ica_core",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp-simd"],
+                    verbose=False,
                 )
             except Exception as exc:  # noqa: BLE001 - any build failure falls back to the Python node
                 _STATE["error"] = exc
