@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -163,6 +164,20 @@ Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor&
     *dloc = total.select(0, 1);
   }
   return out;
+}
+
+// ---- the attention's mask (CPU): A's row block [r0, r1) over key columns [r0, n) is masked left of its diagonal
+// (local row i: columns j < i). Writing −inf there in place replaces baddbmm's additive mask, whose broadcast
+// into the output was a full copy per call (the softmax itself stays ATen's vectorised kernel).
+void mask_below_diagonal_(Tensor& scores) {
+  const int64_t rows = scores.size(1), cols = scores.size(2), total = scores.size(0) * rows;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mask_below_diagonal_", [&] {
+    scalar_t* p = scores.data_ptr<scalar_t>();
+    const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+    at::parallel_for(0, total, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) std::fill(p + r * cols, p + r * cols + std::min(r % rows, cols), neg_inf);
+    });
+  });
 }
 
 // ---- the log-det term and its backward (CPU, fp32/fp64), one pass over (N, n, D) each.
@@ -328,10 +343,18 @@ Attention core_attention(const Tensor& x1_in, const Tensor& wq, const Tensor& wk
     s.q = qn * s.tau;
   }
   s.kn = kn;
+  // on the CPU the mask is applied structurally (bias is always the layer's upper-triangular mask_bias)
+  const bool cpu = rows_on_cpu(s.q) && s.q.scalar_type() == kn.scalar_type();
   for (auto [r0, r1] : row_blocks(s.q.size(1), block)) {
-    Tensor scores = at::baddbmm(bias.slice(0, r0, r1).slice(1, r0), s.q.slice(1, r0, r1),
-                                kn.slice(1, r0).transpose(-1, -2));
-    s.a.push_back(at::softmax(scores, -1));
+    if (cpu) {
+      Tensor scores = at::bmm(s.q.slice(1, r0, r1), kn.slice(1, r0).transpose(-1, -2));
+      mask_below_diagonal_(scores);
+      s.a.push_back(at::softmax(scores, -1));
+    } else {
+      Tensor scores = at::baddbmm(bias.slice(0, r0, r1).slice(1, r0), s.q.slice(1, r0, r1),
+                                  kn.slice(1, r0).transpose(-1, -2));
+      s.a.push_back(at::softmax(scores, -1));
+    }
   }
   return s;
 }
