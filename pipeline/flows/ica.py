@@ -290,23 +290,22 @@ class ICA(InvertibleModule):
 
     def _core(self, z: torch.Tensor, gather, scatter, swap: bool, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
         ct = z.dtype
-        loc, log_scale = (None, None) if norm is None else (norm.loc.to(ct), norm.log_scale.to(ct))
+        norm_q, norm_k = self.norm_q, self.norm_k
+        params = [self.proj_q.weight, self.proj_k.weight, norm_q.weight, norm_q.bias, norm_k.weight, norm_k.bias]
+        params += [self.log_temperature, self.beta, self.mask_bias]
+        if norm is not None:
+            params += [norm.loc, norm.log_scale]
+        if any(t.dtype != ct for t in params):  # a no-op .to() per tensor still costs a call: only when needed
+            params = [t.to(ct) for t in params]
+        loc, log_scale = (None, None) if norm is None else params[9:]
         return native.gated_ica_core(
             z,
             gather,
             scatter,
             swap,
-            self.proj_q.weight.to(ct),
-            self.proj_k.weight.to(ct),
-            self.norm_q.weight.to(ct),
-            self.norm_q.bias.to(ct),
-            self.norm_k.weight.to(ct),
-            self.norm_k.bias.to(ct),
-            self.log_temperature.to(ct),
-            self.beta.to(ct),
-            self.mask_bias.to(ct),
-            self.norm_q.eps,
-            self.norm_k.eps,
+            *params[:9],
+            norm_q.eps,
+            norm_k.eps,
             self.recompute_attention and not in_block_checkpoint(),
             self.row_block,
             loc,

@@ -72,7 +72,24 @@ class LUTokenMixer(nn.Module):
         ``W⁻¹ = U⁻¹ L⁻¹`` comes from two triangular solves against the identity (K·G³ work, independent of
         the batch), so applying it is one batched matmul like W itself; :class:`~pipeline.flows.ica.ICA`
         builds both once per layer call for its split and merge.
+
+        Without autograd (evaluation, sampling, serving) the pair is kept and reused until a factor changes:
+        the key holds the factors' identities, storages and in-place version counters (an optimizer step,
+        ``copy_`` or ``load_state_dict`` bumps them), the dtype and the device. With autograd, and for DeepSpeed
+        ZeRO-3's partitioned parameters (``ds_id``: gathered into place without a version bump), it is rebuilt
+        every call.
         """
+        if torch.is_grad_enabled() or hasattr(self.lower, "ds_id"):
+            self._cached_ops = None
+            return self._operators(dtype)
+        params = (self.lower, self.upper, self.log_s, self.sign)
+        key = (dtype, self.lower.device, *((id(t), t.data_ptr(), t._version) for t in params))
+        cached = getattr(self, "_cached_ops", None)
+        if cached is None or cached[0] != key:
+            cached = self._cached_ops = (key, self._operators(dtype))
+        return cached[1]
+
+    def _operators(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         with no_autocast(self.lower.device.type):
             low, up = self.factors(dtype)
             eye = torch.eye(self.group, dtype=dtype, device=low.device).expand_as(low)

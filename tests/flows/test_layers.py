@@ -242,3 +242,20 @@ def test_channel_mixer_is_its_dense_matrix_with_either_sign() -> None:
     back, logdet_rev = mixer(y, reverse=True)
     torch.testing.assert_close(back, x)
     torch.testing.assert_close(logdet_rev, -logdet)
+
+
+def test_lica_operators_are_reused_without_autograd_until_a_factor_changes() -> None:
+    mixer = LUTokenMixer(16, 8)
+    with torch.no_grad():
+        for p in (mixer.lower, mixer.upper, mixer.log_s):
+            p.normal_(0, 0.2)
+        first = mixer.operators(torch.float32)
+        assert mixer.operators(torch.float32)[0] is first[0]  # evaluation and sampling: built once
+        assert mixer.operators(torch.float64)[0].dtype == torch.float64  # another dtype: its own pair
+        mixer.upper.add_(0.1)  # an optimizer step / load_state_dict writes in place: the pair is rebuilt
+        fresh = mixer.operators(torch.float32)
+        assert fresh[0] is not first[0]
+        for got, want in zip(fresh, mixer._operators(torch.float32)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    w, w_inv = mixer.operators(torch.float32)  # with autograd: rebuilt, on the graph
+    assert w.requires_grad and w_inv.requires_grad
