@@ -184,3 +184,23 @@ def test_the_paired_differences_are_taken_to_the_chosen_reference_variant() -> N
     assert "diff_mean" not in by_twoway["mango twoway"]  # lower MAE is better: positive = the reference better
     assert abs(by_twoway["concat"]["diff_mean"] - 0.09 / 3) < 1e-12 and by_twoway["mango"]["diff_mean"] > 0
     assert "| mango twoway better by" in markdown(rows, "mango twoway")
+
+
+def test_flat_adam_takes_the_same_steps_as_torch_adam_over_the_parameter_list() -> None:
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from flow_vs_glow import FlatAdam, mango
+
+    models = [mango(32), mango(32)]  # the benchmark's flow at 32², seeded: two identical copies
+    x = torch.rand(2, 6, 32, 32) - 0.5
+    flat, ref = FlatAdam(models[0]), torch.optim.Adam(models[1].parameters(), lr=1e-3, fused=True)
+    for _ in range(3):
+        for model, opt in zip(models, (flat, ref)):
+            opt.zero_grad(set_to_none=True)
+            model.bits_per_dim(x[:, :3], x[:, 3:]).mean().backward()
+            opt.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    grad = models[0].flows[0].blocks[0].layers[0].lu.grad  # accumulated in place into the flat gradient buffer
+    assert grad.untyped_storage().data_ptr() == flat.grad.untyped_storage().data_ptr()
