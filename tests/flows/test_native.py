@@ -276,15 +276,27 @@ def test_cpu_kernels_of_the_ica_node_equal_their_composed_forms(cpp, dtype, d) -
     pq, pk = (torch.randn(4, n, e, generator=gen, dtype=dtype) * 3 + 1 for _ in range(2))
     wq, bq, wk, bk = (torch.randn(e, generator=gen, dtype=dtype) for _ in range(4))
     tau = torch.tensor(0.37, dtype=dtype)
-    q, kn, mq, rq, mk, rk = cpp._qk_layer_norm(pq, pk, wq, bq, wk, bk, tau, 1e-5, 1e-6)
+    q, kn, mq, rq, mk, rk = cpp._qk_layer_norm(torch.cat([pq, pk], -1), wq, bq, wk, bk, tau, 1e-5, 1e-6)
+    lt = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
     for got, want in zip(
         (q, mq, rq, kn, mk, rk),
         (*torch.native_layer_norm(pq, (e,), wq, bq, 1e-5), *torch.native_layer_norm(pk, (e,), wk, bk, 1e-6)),
     ):
-        if got is q:
-            want = want * tau
-        lt = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
-        torch.testing.assert_close(got, want, **lt)
+        torch.testing.assert_close(got, want * tau if got is q else want, **lt)
+    # its backward against autograd through F.layer_norm (q = LN(pq)·τ with τ = e^log_tau, and the keys)
+    leaves = [t.clone().requires_grad_() for t in (pq, pk, wq, bq, wk, bk)]
+    log_tau = tau.log().clone().requires_grad_()
+    qr = torch.nn.functional.layer_norm(leaves[0], (e,), leaves[2], leaves[3], 1e-5) * log_tau.exp()
+    kr = torch.nn.functional.layer_norm(leaves[1], (e,), leaves[4], leaves[5], 1e-6)
+    dq, dk = torch.randn_like(qr), torch.randn_like(kr)
+    want = torch.autograd.grad((qr * dq).sum() + (kr * dk).sum(), [*leaves, log_tau])
+    dpqk, dwq, dbq, dwk, dbk, dlt = cpp._qk_layer_norm_backward(
+        dq, dk, torch.cat([pq, pk], -1), mq, rq, mk, rk, wq, wk, tau, q
+    )
+    dpqk = dpqk.view(4, n, 2 * e)
+    for got, w in zip((dpqk[..., :e], dpqk[..., e:], dwq, dbq, dwk, dbk, dlt), want):
+        bt = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-3, "rtol": 1e-4}
+        torch.testing.assert_close(got, w, **bt)
 
     x = torch.randn(4, 2 * n, d, generator=gen, dtype=dtype)
     index = torch.randperm(2 * n, generator=gen)[:n]

@@ -255,28 +255,32 @@ std::pair<Tensor, Tensor> gated_logdet_backward(const Tensor& diag_in, const Ten
   return {g_diag, partial.sum(0)};
 }
 
-// ---- LayerNorm of the queries and the keys (CPU, fp32/fp64): both rows of one token in one pass, the temperature
-// folded into the queries. Same statistics as at::native_layer_norm (biased variance, eps inside the root; mean and
-// rstd returned with its (…, 1) shape, so its backward applies unchanged).
+// ---- LayerNorm of the queries and the keys (CPU, fp32/fp64). The two projections come from one matmul against
+// [Wq ; Wk]: pqk (rows, 2E) holds a token's query row then its key row. Both are normalised in one pass, the
+// temperature folded into the queries; same statistics as at::native_layer_norm (biased variance, eps inside the
+// root; mean and rstd with its (…, 1) shape). The backward writes dpqk in the same layout, so the input gradient and
+// the weight gradient are one matmul each against [Wq ; Wk].
 struct QKNorm {
   Tensor q, kn, mq, rq, mk, rk;
 };
 
-QKNorm qk_layer_norm(const Tensor& pq_in, const Tensor& pk_in, const Tensor& wq_in, const Tensor& bq_in,
-                     const Tensor& wk_in, const Tensor& bk_in, const Tensor& tau_in, double eps_q, double eps_k) {
-  Tensor pq = pq_in.contiguous(), pk = pk_in.contiguous();
+QKNorm qk_layer_norm(const Tensor& pqk_in, const Tensor& wq_in, const Tensor& bq_in, const Tensor& wk_in,
+                     const Tensor& bk_in, const Tensor& tau_in, double eps_q, double eps_k) {
+  Tensor pqk = pqk_in.contiguous();
   Tensor wq = wq_in.contiguous(), bq = bq_in.contiguous(), wk = wk_in.contiguous(), bk = bk_in.contiguous();
-  const int64_t e = pq.size(-1), rows = pq.numel() / e;
-  std::vector<int64_t> stat_shape(pq.sizes().begin(), pq.sizes().end());
+  const int64_t e = pqk.size(-1) / 2, rows = pqk.numel() / (2 * e);
+  std::vector<int64_t> shape(pqk.sizes().begin(), pqk.sizes().end());
+  shape.back() = e;
+  std::vector<int64_t> stat_shape = shape;
   stat_shape.back() = 1;
   QKNorm r;
-  r.q = at::empty_like(pq);
-  r.kn = at::empty_like(pk);
-  r.mq = at::empty(stat_shape, pq.options());
-  r.rq = at::empty(stat_shape, pq.options());
-  r.mk = at::empty(stat_shape, pq.options());
-  r.rk = at::empty(stat_shape, pq.options());
-  AT_DISPATCH_FLOATING_TYPES(pq.scalar_type(), "qk_layer_norm", [&] {
+  r.q = at::empty(shape, pqk.options());
+  r.kn = at::empty(shape, pqk.options());
+  r.mq = at::empty(stat_shape, pqk.options());
+  r.rq = at::empty(stat_shape, pqk.options());
+  r.mk = at::empty(stat_shape, pqk.options());
+  r.rk = at::empty(stat_shape, pqk.options());
+  AT_DISPATCH_FLOATING_TYPES(pqk.scalar_type(), "qk_layer_norm", [&] {
     const scalar_t tau = tau_in.item<scalar_t>();
     auto norm_rows = [&](const scalar_t* in, const scalar_t* w, const scalar_t* bias, scalar_t scale, double eps,
                          scalar_t* out, scalar_t* mean, scalar_t* rstd) {
@@ -286,28 +290,92 @@ QKNorm qk_layer_norm(const Tensor& pq_in, const Tensor& pk_in, const Tensor& wq_
       const scalar_t* bsp = bs.data();
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
         for (int64_t r0 = begin; r0 < end; ++r0) {
-          const scalar_t* v = in + r0 * e;
+          const scalar_t* v = in + r0 * 2 * e;
           scalar_t* o = out + r0 * e;
           scalar_t sum = 0, sq = 0;
-          _Pragma("omp simd reduction(+ : sum)")
-          for (int64_t c = 0; c < e; ++c) sum += v[c];
+          _Pragma("omp simd reduction(+ : sum)") for (int64_t c = 0; c < e; ++c) sum += v[c];
           const scalar_t mu = sum / static_cast<scalar_t>(e);
-          _Pragma("omp simd reduction(+ : sq)")
-          for (int64_t c = 0; c < e; ++c) sq += (v[c] - mu) * (v[c] - mu);
+          _Pragma("omp simd reduction(+ : sq)") for (int64_t c = 0; c < e; ++c) sq += (v[c] - mu) * (v[c] - mu);
           const scalar_t rs = scalar_t(1) / std::sqrt(sq / static_cast<scalar_t>(e) + static_cast<scalar_t>(eps));
-          _Pragma("omp simd")
-          for (int64_t c = 0; c < e; ++c) o[c] = (v[c] - mu) * rs * wsp[c] + bsp[c];
+          _Pragma("omp simd") for (int64_t c = 0; c < e; ++c) o[c] = (v[c] - mu) * rs * wsp[c] + bsp[c];
           mean[r0] = mu;
           rstd[r0] = rs;
         }
       });
     };
-    norm_rows(pq.data_ptr<scalar_t>(), wq.data_ptr<scalar_t>(), bq.data_ptr<scalar_t>(), tau, eps_q,
-              r.q.data_ptr<scalar_t>(), r.mq.data_ptr<scalar_t>(), r.rq.data_ptr<scalar_t>());
-    norm_rows(pk.data_ptr<scalar_t>(), wk.data_ptr<scalar_t>(), bk.data_ptr<scalar_t>(), scalar_t(1), eps_k,
-              r.kn.data_ptr<scalar_t>(), r.mk.data_ptr<scalar_t>(), r.rk.data_ptr<scalar_t>());
+    const scalar_t* p = pqk.data_ptr<scalar_t>();
+    norm_rows(p, wq.data_ptr<scalar_t>(), bq.data_ptr<scalar_t>(), tau, eps_q, r.q.data_ptr<scalar_t>(),
+              r.mq.data_ptr<scalar_t>(), r.rq.data_ptr<scalar_t>());
+    norm_rows(p + e, wk.data_ptr<scalar_t>(), bk.data_ptr<scalar_t>(), scalar_t(1), eps_k, r.kn.data_ptr<scalar_t>(),
+              r.mk.data_ptr<scalar_t>(), r.rk.data_ptr<scalar_t>());
   });
   return r;
+}
+
+// The backward of qk_layer_norm for the gradients dq (of q = LN_q(p_q)·τ) and dkn (of the keys): returns
+// {dpqk (rows, 2E), dwq, dbq, dwk, dbk, dlog_tau} with dlog_tau = Σ dq·q (τ = e^log_tau). Per row, with
+// x̂ = (p − μ)·rstd and g = (upstream)·w: dp = rstd·(g − mean(g) − x̂·mean(g·x̂)).
+std::vector<Tensor> qk_layer_norm_backward(const Tensor& dq_in, const Tensor& dkn_in, const Tensor& pqk_in,
+                                           const Tensor& mq_in, const Tensor& rq_in, const Tensor& mk_in,
+                                           const Tensor& rk_in, const Tensor& wq_in, const Tensor& wk_in,
+                                           const Tensor& tau_in, const Tensor& q_in) {
+  Tensor dq = dq_in.contiguous(), dkn = dkn_in.contiguous(), pqk = pqk_in.contiguous(), q = q_in.contiguous();
+  Tensor mq = mq_in.contiguous(), rq = rq_in.contiguous(), mk = mk_in.contiguous(), rk = rk_in.contiguous();
+  Tensor wq = wq_in.contiguous(), wk = wk_in.contiguous();
+  const int64_t e = pqk.size(-1) / 2, rows = pqk.numel() / (2 * e);
+  Tensor dpqk = at::empty({rows, 2 * e}, pqk.options());
+  const int64_t threads = at::get_num_threads();
+  Tensor partial = at::zeros({threads, 4 * e + 1}, pqk.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(pqk.scalar_type(), "qk_layer_norm_backward", [&] {
+    const scalar_t tau = tau_in.item<scalar_t>();
+    const scalar_t inv_e = scalar_t(1) / static_cast<scalar_t>(e);
+    const scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dkn.data_ptr<scalar_t>(), *pp = pqk.data_ptr<scalar_t>();
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *wqp = wq.data_ptr<scalar_t>(), *wkp = wk.data_ptr<scalar_t>();
+    const scalar_t *mqp = mq.data_ptr<scalar_t>(), *rqp = rq.data_ptr<scalar_t>();
+    const scalar_t *mkp = mk.data_ptr<scalar_t>(), *rkp = rk.data_ptr<scalar_t>();
+    scalar_t* out = dpqk.data_ptr<scalar_t>();
+    double* part = partial.data_ptr<double>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      // this chunk's sums of the affine gradients (dwq, dbq, dwk, dbk) and of dq·q, then into the thread's slot
+      std::vector<scalar_t> acc(4 * e, scalar_t(0)), g(e), xh(e);
+      scalar_t* dw_q = acc.data();
+      scalar_t* db_q = dw_q + e;
+      scalar_t* dw_k = db_q + e;
+      scalar_t* db_k = dw_k + e;
+      scalar_t dlt = 0;
+      scalar_t* gp = g.data();
+      scalar_t* xp = xh.data();
+      auto one = [&](const scalar_t* up, const scalar_t* v, scalar_t mu, scalar_t rs, const scalar_t* w, scalar_t scale,
+                     scalar_t* dw, scalar_t* db, scalar_t* dp) {
+        scalar_t sg = 0, sgx = 0;
+        _Pragma("omp simd reduction(+ : sg, sgx)") for (int64_t c = 0; c < e; ++c) {
+          const scalar_t gn = up[c] * scale;  // ∂/∂(the normalised row after its affine)
+          xp[c] = (v[c] - mu) * rs;
+          dw[c] += gn * xp[c];
+          db[c] += gn;
+          gp[c] = gn * w[c];
+          sg += gp[c];
+          sgx += gp[c] * xp[c];
+        }
+        sg *= inv_e;
+        sgx *= inv_e;
+        _Pragma("omp simd") for (int64_t c = 0; c < e; ++c) dp[c] = rs * (gp[c] - sg - xp[c] * sgx);
+      };
+      for (int64_t r0 = begin; r0 < end; ++r0) {
+        const scalar_t* dqr = dqp + r0 * e;
+        const scalar_t* qr = qp + r0 * e;
+        _Pragma("omp simd reduction(+ : dlt)") for (int64_t c = 0; c < e; ++c) dlt += dqr[c] * qr[c];
+        one(dqr, pp + r0 * 2 * e, mqp[r0], rqp[r0], wqp, tau, dw_q, db_q, out + r0 * 2 * e);
+        one(dkp + r0 * e, pp + r0 * 2 * e + e, mkp[r0], rkp[r0], wkp, scalar_t(1), dw_k, db_k, out + r0 * 2 * e + e);
+      }
+      double* slot = part + at::get_thread_num() * (4 * e + 1);
+      for (int64_t c = 0; c < 4 * e; ++c) slot[c] += acc[c];
+      slot[4 * e] += dlt;
+    });
+  });
+  Tensor total = partial.sum(0).to(pqk.scalar_type());
+  return {dpqk, total.slice(0, 0, e), total.slice(0, e, 2 * e), total.slice(0, 2 * e, 3 * e),
+          total.slice(0, 3 * e, 4 * e), total.slice(0, 4 * e, 4 * e + 1).reshape({})};
 }
 
 // an optional tensor kept in ctx->saved_data (an undefined tensor when it was absent)
@@ -329,14 +397,17 @@ Attention core_attention(const Tensor& x1_in, const Tensor& wq, const Tensor& wk
   Attention s;
   const int64_t e = wq.size(0);
   Tensor x1 = x1_in.contiguous();
-  s.pq = at::matmul(x1, wq.t());
-  s.pk = at::matmul(x1, wk.t());
   s.tau = log_tau.exp();
   Tensor kn;
-  if (rows_on_cpu(s.pq) && s.pq.scalar_type() == lnq_w.scalar_type() && s.pq.scalar_type() == log_tau.scalar_type()) {
-    QKNorm r = qk_layer_norm(s.pq, s.pk, lnq_w, lnq_b, lnk_w, lnk_b, s.tau, eps_q, eps_k);
+  if (rows_on_cpu(x1) && x1.scalar_type() == wq.scalar_type() && x1.scalar_type() == lnq_w.scalar_type() &&
+      x1.scalar_type() == log_tau.scalar_type()) {
+    // one projection matmul for both, its rows [q | k]: s.pq holds it, s.pk stays undefined (the backward's cue)
+    s.pq = at::matmul(x1, at::cat({wq, wk}, 0).t());
+    QKNorm r = qk_layer_norm(s.pq, lnq_w, lnq_b, lnk_w, lnk_b, s.tau, eps_q, eps_k);
     s.q = r.q; kn = r.kn; s.mq = r.mq; s.rq = r.rq; s.mk = r.mk; s.rk = r.rk;
   } else {
+    s.pq = at::matmul(x1, wq.t());
+    s.pk = at::matmul(x1, wk.t());
     Tensor qn;
     std::tie(qn, s.mq, s.rq) = at::native_layer_norm(s.pq, {e}, lnq_w, lnq_b, eps_q);
     std::tie(kn, s.mk, s.rk) = at::native_layer_norm(s.pk, {e}, lnk_w, lnk_b, eps_k);
@@ -518,20 +589,34 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
     }
     Tensor dq = cat1(dq_parts);
     Tensor dlog_tau;
-    if (need(9)) dlog_tau = (dq * s.q).sum().view_as(log_tau);
     const int64_t e = wq.size(0), d = wq.size(1);
-    const bool ln_params = need(5) || need(6) || need(7) || need(8);
-    std::array<bool, 3> mask = {true, ln_params, ln_params};
-    auto [dpq, dlnq_w, dlnq_b] =
-        at::native_layer_norm_backward(dq * s.tau, s.pq, {e}, s.mq, s.rq, lnq_w, lnq_b, mask);
-    auto [dpk, dlnk_w, dlnk_b] = at::native_layer_norm_backward(dkn, s.pk, {e}, s.mk, s.rk, lnk_w, lnk_b, mask);
     Tensor flat_x1 = x1.reshape({-1, d});
-    Tensor dwq, dwk;
-    if (need(3)) dwq = at::matmul(dpq.reshape({-1, e}).t(), flat_x1);
-    if (need(4)) dwk = at::matmul(dpk.reshape({-1, e}).t(), flat_x1);
+    Tensor dwq, dwk, dlnq_w, dlnq_b, dlnk_w, dlnk_b, dpq, dpk, dpqk, wqk;
+    if (!s.pk.defined()) {  // the CPU path: [q | k] rows from one projection (core_attention)
+      std::vector<Tensor> g = qk_layer_norm_backward(dq, dkn, s.pq, s.mq, s.rq, s.mk, s.rk, lnq_w, lnk_w, s.tau, s.q);
+      dpqk = g[0];
+      dlnq_w = g[1]; dlnq_b = g[2]; dlnk_w = g[3]; dlnk_b = g[4];
+      if (need(9)) dlog_tau = g[5].view_as(log_tau);
+      if (need(3) || need(4)) {
+        Tensor dwqk = at::mm(dpqk.t(), flat_x1);  // (2E, D): [dWq ; dWk]
+        if (need(3)) dwq = dwqk.slice(0, 0, e);
+        if (need(4)) dwk = dwqk.slice(0, e);
+      }
+      wqk = at::cat({wq, wk}, 0);
+    } else {
+      if (need(9)) dlog_tau = (dq * s.q).sum().view_as(log_tau);
+      const bool ln_params = need(5) || need(6) || need(7) || need(8);
+      std::array<bool, 3> mask = {true, ln_params, ln_params};
+      std::tie(dpq, dlnq_w, dlnq_b) =
+          at::native_layer_norm_backward(dq * s.tau, s.pq, {e}, s.mq, s.rq, lnq_w, lnq_b, mask);
+      std::tie(dpk, dlnk_w, dlnk_b) = at::native_layer_norm_backward(dkn, s.pk, {e}, s.mk, s.rk, lnk_w, lnk_b, mask);
+      if (need(3)) dwq = at::matmul(dpq.reshape({-1, e}).t(), flat_x1);
+      if (need(4)) dwk = at::matmul(dpk.reshape({-1, e}).t(), flat_x1);
+    }
     Tensor dx, dloc, dlog_scale;
     if (need(0) || (norm && (need(12) || need(13)))) {
-      Tensor dx1 = at::matmul(dpq, wq).add_(at::matmul(dpk, wk)).add_(g_y1);
+      Tensor dx1 = dpqk.defined() ? at::addmm(g_y1.reshape({-1, d}), dpqk, wqk).view(g_y1.sizes())
+                                  : at::matmul(dpq, wq).add_(at::matmul(dpk, wk)).add_(g_y1);
       if (on_cpu) {  // merge, scatter and the fused ActNorm's backward in one pass
         const Tensor& first = swap ? dx2 : dx1;
         const Tensor& second = swap ? dx1 : dx2;
@@ -964,12 +1049,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_gated_logdet_backward", &gated_logdet_backward, "(g_diag, dalpha) of gated_logdet for the gradient g (N,)");
   m.def(
       "_qk_layer_norm",
-      [](const Tensor& pq, const Tensor& pk, const Tensor& wq, const Tensor& bq, const Tensor& wk, const Tensor& bk,
-         const Tensor& tau, double eps_q, double eps_k) {
-        QKNorm r = qk_layer_norm(pq, pk, wq, bq, wk, bk, tau, eps_q, eps_k);
+      [](const Tensor& pqk, const Tensor& wq, const Tensor& bq, const Tensor& wk, const Tensor& bk, const Tensor& tau,
+         double eps_q, double eps_k) {
+        QKNorm r = qk_layer_norm(pqk, wq, bq, wk, bk, tau, eps_q, eps_k);
         return std::vector<Tensor>{r.q, r.kn, r.mq, r.rq, r.mk, r.rk};
       },
-      "LayerNorm of queries (times tau) and keys: (q, kn, mean_q, rstd_q, mean_k, rstd_k)");
+      "LayerNorm of queries (times tau) and keys from [pq | pk] rows: (q, kn, mean_q, rstd_q, mean_k, rstd_k)");
+  m.def("_qk_layer_norm_backward", &qk_layer_norm_backward,
+        "(dpqk, dwq, dbq, dwk, dbk, dlog_tau) of _qk_layer_norm for the gradients (dq, dkn)");
   m.def(
       "_take_rows",
       [](const Tensor& x, const Tensor& index, const std::optional<Tensor>& loc, const std::optional<Tensor>& scale) {
