@@ -255,6 +255,39 @@ std::pair<Tensor, Tensor> gated_logdet_backward(const Tensor& diag_in, const Ten
   return {g_diag, partial.sum(0)};
 }
 
+// ---- back through the gated update y2 = x2 + α ⊙ (A x2) on the CPU, elementwise part in one pass: from at_g = Aᵀ g_y,
+// dx2 = g_y + α ⊙ at_g, g_alpha = g_y ⊙ α (what A's entries receive, times x2ᵀ) and Σ_{b,i} at_g ⊙ x2 (→ ∂/∂α)
+std::vector<Tensor> gate_backward_rows(const Tensor& g_y_in, const Tensor& at_g_in, const Tensor& x2_in,
+                                       const Tensor& alpha_in) {
+  Tensor g_y = g_y_in.contiguous(), at_g = at_g_in.contiguous(), x2 = x2_in.contiguous(), alpha = alpha_in.contiguous();
+  const int64_t d = alpha.size(0), rows = g_y.numel() / d;
+  Tensor dx2 = at::empty_like(g_y), g_alpha = at::empty_like(g_y);
+  const int64_t threads = at::get_num_threads();
+  Tensor partial = at::zeros({threads, d}, g_y.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(g_y.scalar_type(), "gate_backward_rows", [&] {
+    const scalar_t *gp = g_y.data_ptr<scalar_t>(), *ap = at_g.data_ptr<scalar_t>(), *xp = x2.data_ptr<scalar_t>();
+    const scalar_t* al = alpha.data_ptr<scalar_t>();
+    scalar_t *dxp = dx2.data_ptr<scalar_t>(), *gap = g_alpha.data_ptr<scalar_t>();
+    double* part = partial.data_ptr<double>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> acc(d, scalar_t(0));
+      scalar_t* accp = acc.data();
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r * d;
+        _Pragma("omp simd") for (int64_t c = 0; c < d; ++c) {
+          const scalar_t g = gp[o + c], a = ap[o + c];
+          dxp[o + c] = g + al[c] * a;
+          gap[o + c] = g * al[c];
+          accp[c] += a * xp[o + c];
+        }
+      }
+      double* slot = part + at::get_thread_num() * d;
+      for (int64_t c = 0; c < d; ++c) slot[c] += accp[c];
+    });
+  });
+  return {dx2, g_alpha, partial.sum(0).to(g_y.scalar_type())};
+}
+
 // ---- LayerNorm of the queries and the keys (CPU, fp32/fp64). The two projections come from one matmul against
 // [Wq ; Wk]: pqk (rows, 2E) holds a token's query row then its key row. Both are normalised in one pass, the
 // temperature folded into the queries; same statistics as at::native_layer_norm (biased variance, eps inside the
@@ -558,7 +591,15 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
       auto [r0, r1] = rows[i];
       at_g.slice(1, r0).baddbmm_(s.a[i].transpose(-1, -2), g_y.slice(1, r0, r1));
     }
-    Tensor dx2 = at::addcmul(g_y, at_g, alpha);
+    Tensor dx2, g_alpha, dalpha_update;
+    if (on_cpu && at_g.scalar_type() == g_y.scalar_type() && alpha.scalar_type() == g_y.scalar_type()) {
+      std::vector<Tensor> r = gate_backward_rows(g_y, at_g, x2, alpha);
+      dx2 = r[0]; g_alpha = r[1]; dalpha_update = r[2];
+    } else {
+      dx2 = at::addcmul(g_y, at_g, alpha);
+      g_alpha = g_y * alpha;
+      dalpha_update = (at_g * x2).sum({0, 1});
+    }
     // logdet = Σ log1p(α_c a_ii): ∂/∂a_ii = Σ_c α_c / (1 + α_c a_ii), ∂/∂α_c = Σ_i a_ii / (1 + α_c a_ii)
     Tensor dbeta, g_diag, dalpha_logdet;
     if (on_cpu && g_logdet.scalar_type() == diag.scalar_type() && alpha.scalar_type() == diag.scalar_type()) {
@@ -569,11 +610,7 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
       g_diag = (w * alpha).sum(-1);
       dalpha_logdet = (w * d3).sum({0, 1});
     }
-    if (need(10)) {
-      Tensor dalpha = (at_g * x2).sum({0, 1}) + dalpha_logdet;
-      dbeta = dalpha * ((1.0 - th * th) * (1.0 - kGateMargin));
-    }
-    Tensor g_alpha = g_y * alpha;
+    if (need(10)) dbeta = (dalpha_update + dalpha_logdet) * ((1.0 - th * th) * (1.0 - kGateMargin));
     std::vector<Tensor> dq_parts;
     Tensor dkn;
     for (size_t i = 0; i < rows.size(); ++i) {
@@ -671,9 +708,36 @@ struct ConvParams {
   Tensor w0, b0, g0, be0, w1, b1, g1, be1, w2, b2;  // w0: (H, k·Ci) tap-major, w1: (H, H), w2: (2Co, k·H)
 };
 
-Tensor unfold_tokens(const Tensor& x, int64_t k) {  // (N, L, C) → (N, L, k·C), tap-major
-  if (k == 1) return x;
-  const int64_t pad = k / 2, length = x.size(1);
+Tensor unfold_tokens(const Tensor& x_in, int64_t k) {  // (N, L, C) → (N, L, k·C), tap-major
+  if (k == 1) return x_in;
+  if (rows_on_cpu(x_in)) {  // one pass: each output row is k input rows (or zeros past the ends) side by side
+    Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();  // a channel slice keeps its row stride
+    const int64_t batch = x.size(0), length = x.size(1), c = x.size(2), pad = k / 2;
+    const int64_t sb = x.stride(0), sl = x.stride(1);
+    Tensor out = at::empty({batch, length, k * c}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unfold_tokens", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, batch * length, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / length, l = r % length;
+          scalar_t* o = op + r * k * c;
+          for (int64_t t = 0; t < k; ++t) {
+            const int64_t src = l + t - pad;
+            if (src < 0 || src >= length) {
+              std::fill(o + t * c, o + (t + 1) * c, scalar_t(0));
+            } else {
+              const scalar_t* row = xp + b * sb + src * sl;
+              std::copy(row, row + c, o + t * c);
+            }
+          }
+        }
+      });
+    });
+    return out;
+  }
+  const int64_t pad = k / 2, length = x_in.size(1);
+  const Tensor& x = x_in;
   Tensor padded = at::constant_pad_nd(x, {0, 0, pad, pad});
   std::vector<Tensor> taps;
   for (int64_t i = 0; i < k; ++i) taps.push_back(padded.slice(1, i, i + length));
