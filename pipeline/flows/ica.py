@@ -277,24 +277,44 @@ class ICA(InvertibleModule):
                 return x2.to(ct) + alpha * ax.to(ct), torch.log1p(alpha * diag.exp().unsqueeze(-1)).sum(dim=(1, 2))
             return ax.to(ct), self.dim * diag.sum(dim=-1)
 
-    def _fast_path(self, x: torch.Tensor) -> bool:
+    def _fast_path(self, x: torch.Tensor, path_ok: bool | None = None) -> bool:
         """Whether the forward can be one :class:`GatedICACore` node: gated form, materialised attention, no
         autocast (bf16 projections take the composed path, as before) and ordinary parameters (DeepSpeed
-        ZeRO-3 flags partitioned ones with ``ds_id`` and gathers them only inside each submodule's forward)."""
+        ZeRO-3 flags partitioned ones with ``ds_id`` and gathers them only inside each submodule's forward).
+        ``path_ok``: :func:`~pipeline.flows.base.fused_path_ok` already evaluated by the caller for this input."""
         return (
             self.form == "gated"
             and self.attention == "plain"
             and self.kernels != "reference"
-            and fused_path_ok(x, self.proj_q.weight)
+            and (fused_path_ok(x, self.proj_q.weight) if path_ok is None else path_ok)
         )
+
+    def _node_tensors(self, norm=None) -> list[torch.Tensor]:
+        """The node's weights (Wq, Wk, the two LayerNorms' affines, log τ, β, the mask; with ``norm`` the ActNorm's
+        loc and log-scale), read from the module dicts: nn.Module.__getattr__ costs ~0.5 µs a lookup and the
+        node needs a dozen per call. Anything else (a parametrisation, a swapped-in attribute) takes getattr."""
+        try:
+            mods, own = self._modules, self._parameters
+            norm_q, norm_k = mods["norm_q"], mods["norm_k"]
+            out = [mods["proj_q"]._parameters["weight"], mods["proj_k"]._parameters["weight"]]
+            out += [norm_q._parameters["weight"], norm_q._parameters["bias"]]
+            out += [norm_k._parameters["weight"], norm_k._parameters["bias"]]
+            log_tau = own["log_temperature"] if "log_temperature" in own else self._buffers["log_temperature"]
+            out += [log_tau, own["beta"], self._buffers["mask_bias"]]
+            if norm is not None:
+                out += [norm._parameters["loc"], norm._parameters["log_scale"]]
+            if all(isinstance(t, torch.Tensor) for t in out):
+                return out
+        except KeyError:
+            pass
+        out = [self.proj_q.weight, self.proj_k.weight, self.norm_q.weight, self.norm_q.bias]
+        out += [self.norm_k.weight, self.norm_k.bias, self.log_temperature, self.beta, self.mask_bias]
+        return out + ([norm.loc, norm.log_scale] if norm is not None else [])
 
     def _core(self, z: torch.Tensor, gather, scatter, swap: bool, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
         ct = z.dtype
-        norm_q, norm_k = self.norm_q, self.norm_k
-        params = [self.proj_q.weight, self.proj_k.weight, norm_q.weight, norm_q.bias, norm_k.weight, norm_k.bias]
-        params += [self.log_temperature, self.beta, self.mask_bias]
-        if norm is not None:
-            params += [norm.loc, norm.log_scale]
+        norm_q, norm_k = self._modules["norm_q"], self._modules["norm_k"]
+        params = self._node_tensors(norm)
         if any(t.dtype != ct for t in params):  # a no-op .to() per tensor still costs a call: only when needed
             params = [t.to(ct) for t in params]
         loc, log_scale = (None, None) if norm is None else params[9:]
@@ -313,13 +333,13 @@ class ICA(InvertibleModule):
             allow_native=self.kernels == "auto",
         )
 
-    def takes_norm(self, x: torch.Tensor) -> bool:
+    def takes_norm(self, x: torch.Tensor, path_ok: bool | None = None) -> bool:
         """Whether :meth:`forward_normed` can fuse a preceding ActNorm into this layer's node for input ``x``:
         the fast path, x already in the compute dtype, and for LICA the C++ mixer node (the norm goes into its
-        first node, before the token mixer)."""
+        first node, before the token mixer). ``path_ok`` as in :meth:`_fast_path`."""
         return (
             x.dtype == compute_dtype(x)
-            and self._fast_path(x)
+            and self._fast_path(x, path_ok)
             and (self.partition != "lica" or (self.kernels == "auto" and native.load() is not None))
         )
 

@@ -91,16 +91,20 @@ class MangoBlock(FlowSequence):
         if reverse:
             return super()._forward(x, reverse)
         total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
-        layers, i = self.layers, 0
+        layers, i = list(self.layers), 0  # a list: ModuleList indexing costs microseconds per access
+        # autocast, the padding mask and ZeRO-3's partitioning hold for every layer of the block alike: once per call
+        path_ok: bool | None = None
         while i < len(layers):
             layer, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, ActNorm) and path_ok is None:
+                path_ok = fused_path_ok(x, layer.loc)
             if (
                 isinstance(layer, ActNorm)
                 and isinstance(nxt, ICA)
                 and not layer._collect_init
                 and layer.kernels != "reference"
-                and fused_path_ok(x, layer.loc)
-                and nxt.takes_norm(x)
+                and path_ok
+                and nxt.takes_norm(x, path_ok)
             ):
                 x, logdet = nxt.forward_normed(x, layer)
                 i += 2

@@ -328,3 +328,22 @@ def test_cpp_node_in_fp32_tracks_the_fp64_truth(cpp, norm) -> None:
     for a, b in zip(got, want):
         scale = b.abs().max().item() + 1.0
         torch.testing.assert_close(a.double(), b.detach(), atol=2e-5 * scale, rtol=1e-4)
+
+
+def test_the_node_reads_a_parametrised_weight_like_the_reference_does(cpp) -> None:
+    """The node reads its weights from the module dicts for speed; a parametrisation (weight as a computed
+    property) must still reach it."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = randomise_parameters(ICA(6, 16, "imca1", attention="plain"), std=0.3).double()
+    parametrize.register_parametrization(layer.proj_q, "weight", Double())
+    x = torch.randn(2, 16, 6, dtype=torch.float64)
+    y, logdet = layer(x)
+    layer.kernels = "reference"
+    y_ref, logdet_ref = layer(x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(logdet, logdet_ref)
