@@ -347,3 +347,26 @@ def test_the_node_reads_a_parametrised_weight_like_the_reference_does(cpp) -> No
     y_ref, logdet_ref = layer(x)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(logdet, logdet_ref)
+
+
+def test_the_cpu_kernels_sum_per_thread_partials_to_the_one_thread_result(cpp) -> None:
+    """The row kernels split rows over threads and sum per-thread partials (the α, LayerNorm-affine and ActNorm
+    gradients): two threads give the one-thread values and gradients (fp64, large enough to split)."""
+    gen = torch.Generator().manual_seed(3)
+    n, d, e = 64, 24, 24
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
+    )
+    index = torch.randperm(2 * n, generator=gen)
+    perm = (index, torch.argsort(index), False)
+    args, extra = _args(gen, n, d, e, True)
+    args[0] = torch.randn(32, 2 * n, d, dtype=torch.float64, generator=gen).requires_grad_()
+    inputs = args + extra
+    w = torch.randn(32, 2 * n, d, dtype=torch.float64, generator=gen)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the one_thread fixture restores the count afterwards
+        y, logdet = cpp.gated_ica_core(args[0], *perm, *args[1:], bias, 1e-5, 1e-5, False, 64, *extra)
+        outs.append([y, logdet, *torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), inputs)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -765,6 +765,13 @@ GroupNormAffine group_norm_tokens(const Tensor& h, const Tensor& g, const Tensor
   return r;
 }
 
+// x Wᵀ + b for tokens (N, L, C): on the CPU the bias is added after the matmul (addmm, which at::linear uses, first
+// copies the bias broadcast over every row into its output: a slow strided copy as large as the output)
+Tensor token_linear(const Tensor& x, const Tensor& w, const Tensor& b) {
+  if (!rows_on_cpu(x)) return at::linear(x, w, b);
+  return at::matmul(x, w.t()).add_(b);
+}
+
 struct Conditioner {
   Tensor u0, h0, m0, r0, a0, e0, h1, m1, r1, a1, u2, h;
 };
@@ -773,15 +780,15 @@ Conditioner conditioner(const Tensor& xa, const ConvParams& p, int64_t k, double
                         const std::string& approx) {
   Conditioner c;
   c.u0 = unfold_tokens(xa, k);
-  c.h0 = at::linear(c.u0, p.w0, p.b0);
+  c.h0 = token_linear(c.u0, p.w0, p.b0);
   auto g0 = group_norm_tokens(c.h0, p.g0, p.be0, eps0);
   c.a0 = g0.out; c.m0 = g0.mean; c.r0 = g0.rstd;
   c.e0 = at::gelu(c.a0, approx);
-  c.h1 = at::linear(c.e0, p.w1, p.b1);
+  c.h1 = token_linear(c.e0, p.w1, p.b1);
   auto g1 = group_norm_tokens(c.h1, p.g1, p.be1, eps1);
   c.a1 = g1.out; c.m1 = g1.mean; c.r1 = g1.rstd;
   c.u2 = unfold_tokens(at::gelu(c.a1, approx), k);
-  c.h = at::linear(c.u2, p.w2, p.b2);
+  c.h = token_linear(c.u2, p.w2, p.b2);
   return c;
 }
 
