@@ -11,7 +11,11 @@ kernel                        what it runs                                      
 ============================  ===================================================  =========================
 ``native`` (``csrc/*.cpp``)   C++ autograd nodes: gated ICA core, LICA block        fp32, not ZeRO-3,
                               mixer, channel mixer, affine coupling; the gated      ``kernels=auto``, built
-                              inverse's back-substitution
+                              inverse's back-substitution. On the CPU their
+                              memory-bound steps are single-pass loops (gathers
+                              with the fused ActNorm, merge, product-form
+                              log-det, q/k LayerNorms, in-place mask, unfold;
+                              ``docs/flows.md``), elsewhere ATen ops
 ``ica_nodes``                 Python autograd nodes of the gated ICA                fp32, ``kernels=python`` or
                               (``GatedICACore``, ``GatedUpperAttention``)           no C++ build; ZeRO-3
 ``attention``                 fp32 SDPA for ``A x2`` + chunked diagonal             fp32, ``attention=fused``
