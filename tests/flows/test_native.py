@@ -305,20 +305,25 @@ def test_cpu_kernels_of_the_ica_node_equal_their_composed_forms(cpp, dtype, d) -
     torch.testing.assert_close(cpp._take_rows(x, index, None, None), x.index_select(1, index), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["plain", "actnorm"])
-def test_cpp_node_in_fp32_tracks_the_fp64_truth(cpp, norm) -> None:
-    """The node as training runs it (fp32, a gathered partition, 64 tokens per half, D = 48): values and every
-    gradient within fp32 tolerance of the Python node in fp64."""
-    gen = torch.Generator().manual_seed(5)
-    n, d, e = 64, 48, 48
+def _gathered_case(seed: int, n: int, d: int, e: int, norm: bool, batch: int = 3):
+    """A gathered-partition node case: (mask bias, (gather, scatter, swap), args, extra, inputs, output weights)."""
+    gen = torch.Generator().manual_seed(seed)
     bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
         torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
     )
     index = torch.randperm(2 * n, generator=gen)
-    perm = (index, torch.argsort(index), False)
     args, extra = _args(gen, n, d, e, norm)
+    args[0] = torch.randn(batch, 2 * n, d, dtype=torch.float64, generator=gen).mul_(0.5).requires_grad_()
     inputs = args + [t for t in extra if t is not None]
-    w = torch.randn(3, 2 * n, d, dtype=torch.float64, generator=gen)
+    w = torch.randn(batch, 2 * n, d, dtype=torch.float64, generator=gen)
+    return bias, (index, torch.argsort(index), False), args, extra, inputs, w
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "actnorm"])
+def test_cpp_node_in_fp32_tracks_the_fp64_truth(cpp, norm) -> None:
+    """The node as training runs it (fp32, a gathered partition, 64 tokens per half, D = 48): values and every
+    gradient within fp32 tolerance of the Python node in fp64."""
+    bias, perm, args, extra, inputs, w = _gathered_case(5, 64, 48, 48, norm)
     y, logdet = GatedICACore.apply(args[0], *perm, *args[1:], bias, 1e-5, 1e-5, False, 64, *extra)
     want = [y, logdet, *torch.autograd.grad((w * y).sum() - 0.7 * logdet.sum(), inputs)]
     f32 = [t.detach().float().requires_grad_() for t in inputs]
@@ -352,17 +357,7 @@ def test_the_node_reads_a_parametrised_weight_like_the_reference_does(cpp) -> No
 def test_the_cpu_kernels_sum_per_thread_partials_to_the_one_thread_result(cpp) -> None:
     """The row kernels split rows over threads and sum per-thread partials (the α, LayerNorm-affine and ActNorm
     gradients): two threads give the one-thread values and gradients (fp64, large enough to split)."""
-    gen = torch.Generator().manual_seed(3)
-    n, d, e = 64, 24, 24
-    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
-        torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
-    )
-    index = torch.randperm(2 * n, generator=gen)
-    perm = (index, torch.argsort(index), False)
-    args, extra = _args(gen, n, d, e, True)
-    args[0] = torch.randn(32, 2 * n, d, dtype=torch.float64, generator=gen).requires_grad_()
-    inputs = args + extra
-    w = torch.randn(32, 2 * n, d, dtype=torch.float64, generator=gen)
+    bias, perm, args, extra, inputs, w = _gathered_case(3, 64, 24, 24, True, batch=32)
     outs = []
     for threads in (1, 2):
         torch.set_num_threads(threads)  # the one_thread fixture restores the count afterwards
