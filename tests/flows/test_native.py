@@ -118,6 +118,19 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_python_node(tmp_path, m
     torch.testing.assert_close(logdet, logdet0, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "machine, capability, vector_build",
+    [("x86_64", "AVX512", True), ("x86_64", "AVX2", True), ("x86_64", "DEFAULT", False), ("aarch64", "SVE256", False)],
+)
+def test_the_build_targets_avx2_only_where_aten_runs_avx2(monkeypatch, machine, capability, vector_build) -> None:
+    monkeypatch.setattr(native.platform, "machine", lambda: machine)
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    name, flags = native.build_target()
+    assert ("-mavx2" in flags and "-mfma" in flags) == vector_build
+    assert name.endswith("_avx2") == vector_build  # its own cache entry: never loaded on a CPU without AVX2
+    assert "-O3" in flags and not any(f.startswith("-march") for f in flags)
+
+
 def _without_native(layer, x):
     """``layer(x)`` on the Python / module path (what the C++ nodes must equal)."""
     with pytest.MonkeyPatch.context() as mp:
