@@ -69,6 +69,37 @@ def test_cpp_node_equals_the_python_node_in_values_and_gradients(cpp, recompute,
     )
 
 
+@pytest.mark.parametrize("swap, gathered, norm", [(False, True, True), (True, False, True), (False, False, False)])
+def test_cpp_node_on_its_aten_path_equals_the_python_node(cpp, swap, gathered, norm) -> None:
+    """bf16 tensors take the node's ATen branch (the one CUDA runs): same values and gradients as the Python node in
+    bf16, up to bf16 rounding, and both near the fp64 result."""
+    gen = torch.Generator().manual_seed(1)
+    n, d, e = 8, 6, 5
+    bias = torch.zeros(n, n, dtype=torch.float64).masked_fill_(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), float("-inf")
+    )
+    index = torch.randperm(2 * n, generator=gen) if gathered else None
+    perm = (index, None if index is None else torch.argsort(index), swap)
+    args, extra = _args(gen, n, d, e, norm)
+    w = torch.randn(3, 2 * n, d, dtype=torch.float64, generator=gen)
+    results = {}
+    for name, fn, dt in (
+        ("truth", GatedICACore.apply, torch.float64),
+        ("python", GatedICACore.apply, torch.bfloat16),
+        ("cpp", cpp.gated_ica_core, torch.bfloat16),
+    ):
+        a = [t.detach().to(dt).requires_grad_() for t in args]
+        x = [t.detach().to(dt).requires_grad_() if t is not None else None for t in extra]
+        y, logdet = fn(a[0], *perm, *a[1:], bias.to(dt), 1e-5, 1e-5, False, 64, *x)
+        inputs = a + [t for t in x if t is not None]
+        grads = torch.autograd.grad((w.to(dt) * y).sum() - 0.7 * logdet.sum(), inputs)
+        results[name] = [y, logdet, *grads]
+    for got, py, truth in zip(results["cpp"], results["python"], results["truth"]):
+        scale = max(truth.abs().max().item(), 1.0)  # floored: some gradients are sums that cancel to ~0
+        assert (got.double() - truth).abs().max().item() <= 0.15 * scale  # bf16 level (the Python node's is the same)
+        assert (got.double() - py.double()).abs().max().item() <= 0.02 * scale
+
+
 def test_cpp_node_only_computes_gradients_that_are_asked_for(cpp) -> None:
     gen = torch.Generator().manual_seed(1)
     n, d, e = 6, 4, 3

@@ -104,11 +104,22 @@ Tensor take_rows(const Tensor& x_in, const std::vector<int64_t>& src, const Tens
 
 // The merge: out[b, t, :] = z[b, zpos[t], :] with z = [first ; second] (second absent: z = first, whole, laid out
 // (L, N, D) when token_major; zpos: the scatter, or the identity).
-// With x_in (the backward through a fused ActNorm x = (x_in + loc)·scale): out = z[zpos]·scale, and the per-channel
-// sums Σ z[zpos]·x (→ ∂/∂log_scale) and Σ z[zpos]·scale (→ ∂/∂loc) come back in dls / dloc (double accumulators).
-Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor& scatter, const Tensor& x_in = Tensor(),
-                  const Tensor& loc = Tensor(), const Tensor& scale = Tensor(), Tensor* dloc = nullptr,
-                  Tensor* dls = nullptr, bool token_major = false) {
+// Options (MergeExtras): `add` (output layout) is added to the rows whose z index lies in [add_lo, add_hi) — the
+// gradient that reaches the kept half of a layer straight from its output, without gathering it first.
+// With a fused ActNorm x = (x_in + loc)·scale in the backward: out = g·scale for g = z[zpos] (+ add), and the
+// per-channel sums Σ g·x (→ ∂/∂log_scale) and Σ g·scale (→ ∂/∂loc) come back in dls / dloc (double accumulators);
+// x is read either as x_in in the output layout, or already normalised in z's layout (x_first / x_second, the
+// halves a layer saved in its forward).
+struct MergeExtras {
+  Tensor add;
+  int64_t add_lo = 0, add_hi = 0;
+  Tensor x_in, x_first, x_second, loc, scale;  // the fused ActNorm's input (or normalised halves) and affine
+  Tensor* dloc = nullptr;
+  Tensor* dls = nullptr;
+};
+
+Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor& scatter,
+                  const MergeExtras& ex = MergeExtras(), bool token_major = false) {
   const bool halves = second_in.defined();
   Tensor first = first_in.contiguous(), second = halves ? second_in.contiguous() : first;
   const int64_t batch = first.size(token_major ? 1 : 0), d = first.size(2);
@@ -116,20 +127,27 @@ Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor&
   const int64_t n = halves ? first.size(1) : length;  // rows of `first`: z rows ≥ n come from `second`
   const std::vector<int64_t> zpos = index_vector(scatter, length);
   Tensor out = at::empty({batch, length, d}, first.options());
-  const bool norm = x_in.defined();
-  Tensor xc = norm ? x_in.contiguous() : x_in;
+  const bool z_norm = ex.x_first.defined(), norm = ex.x_in.defined() || z_norm;
+  TORCH_CHECK(!z_norm || (halves && !token_major), "merge_rows: normalised halves need two z halves");
+  Tensor xc = ex.x_in.defined() ? ex.x_in.contiguous() : Tensor();
+  Tensor xf = z_norm ? ex.x_first.contiguous() : Tensor(), xs = z_norm ? ex.x_second.contiguous() : Tensor();
+  Tensor add = ex.add.defined() ? ex.add.contiguous() : Tensor();
   Tensor sums = norm ? at::zeros({batch, 2, d}, first.options().dtype(at::kDouble)) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "merge_rows", [&] {
     const scalar_t* fp = first.data_ptr<scalar_t>();
     const scalar_t* secp = second.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    Tensor lc = norm ? loc.contiguous() : loc, sc = norm ? scale.contiguous() : scale;
-    const scalar_t* xp = norm ? xc.data_ptr<scalar_t>() : nullptr;
+    Tensor lc = norm ? ex.loc.contiguous() : Tensor(), sc = norm ? ex.scale.contiguous() : Tensor();
+    const scalar_t* xp = xc.defined() ? xc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xfp = z_norm ? xf.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xsp = z_norm ? xs.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* addp = add.defined() ? add.data_ptr<scalar_t>() : nullptr;
     const scalar_t* lp = norm ? lc.data_ptr<scalar_t>() : nullptr;
     const scalar_t* sp = norm ? sc.data_ptr<scalar_t>() : nullptr;
     double* acc = norm ? sums.data_ptr<double>() : nullptr;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> a_ls(norm ? d : 0), a_loc(norm ? d : 0);  // one sample's sums, then into double
+      std::vector<scalar_t> a_ls(norm ? d : 0), a_loc(norm ? d : 0), g(d);  // one sample's sums, then into double
+      scalar_t* gp = g.data();
       for (int64_t b = begin; b < end; ++b) {
         std::fill(a_ls.begin(), a_ls.end(), scalar_t(0));
         std::fill(a_loc.begin(), a_loc.end(), scalar_t(0));
@@ -139,16 +157,31 @@ Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor&
                                 : zp < n  ? fp + (b * n + zp) * d
                                           : secp + (b * n + zp - n) * d;
           scalar_t* o = op + (b * length + t) * d;
+          if (addp && zp >= ex.add_lo && zp < ex.add_hi) {  // g = z row + the straight-through gradient
+            const scalar_t* ar = addp + (b * length + t) * d;
+            _Pragma("omp simd") for (int64_t c = 0; c < d; ++c) gp[c] = row[c] + ar[c];
+            row = gp;
+          }
           if (!norm) {
             std::copy(row, row + d, o);
             continue;
           }
-          const scalar_t* xr = xp + (b * length + t) * d;
-          for (int64_t c = 0; c < d; ++c) {
-            const scalar_t g = row[c], gs = g * sp[c];
-            a_ls[c] += gs * (xr[c] + lp[c]);  // g·x with x = (x_in + loc)·scale
-            a_loc[c] += gs;
-            o[c] = gs;
+          if (z_norm) {  // x normalised, in z's layout
+            const scalar_t* xr = zp < n ? xfp + (b * n + zp) * d : xsp + (b * n + zp - n) * d;
+            _Pragma("omp simd") for (int64_t c = 0; c < d; ++c) {
+              const scalar_t gv = row[c];
+              a_ls[c] += gv * xr[c];
+              a_loc[c] += gv * sp[c];
+              o[c] = gv * sp[c];
+            }
+          } else {
+            const scalar_t* xr = xp + (b * length + t) * d;
+            for (int64_t c = 0; c < d; ++c) {
+              const scalar_t gv = row[c], gs = gv * sp[c];
+              a_ls[c] += gs * (xr[c] + lp[c]);  // g·x with x = (x_in + loc)·scale
+              a_loc[c] += gs;
+              o[c] = gs;
+            }
           }
         }
         if (norm) {
@@ -160,8 +193,8 @@ Tensor merge_rows(const Tensor& first_in, const Tensor& second_in, const Tensor&
   });
   if (norm) {
     Tensor total = sums.sum(0).to(first.scalar_type());
-    *dls = total.select(0, 0);
-    *dloc = total.select(0, 1);
+    *ex.dls = total.select(0, 0);
+    *ex.dloc = total.select(0, 1);
   }
   return out;
 }
@@ -521,7 +554,10 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
     ctx->saved_data["eps_q"] = eps_q;
     ctx->saved_data["eps_k"] = eps_k;
     ctx->saved_data["norm"] = norm;
-    variable_list saved = {x_in, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta};
+    ctx->saved_data["length"] = x_in.size(1);
+    // the halves as the layer used them (after the fused ActNorm, gathered): the backward needs no gather of x,
+    // and they hold what x_in held
+    variable_list saved = {x1, x2, wq, wk, lnq_w, lnq_b, lnk_w, lnk_b, log_tau, beta};
     if (norm) {
       saved.push_back(loc);
       saved.push_back(log_scale);
@@ -546,29 +582,26 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
     const size_t shift = gather.defined() ? 0 : 2;
     auto need = [&](size_t i) { return ctx->needs_input_grad(i == 0 ? 0 : i - shift); };
     variable_list saved = ctx->get_saved_variables();
-    Tensor x = saved[0], wq = saved[1], wk = saved[2], lnq_w = saved[3], lnq_b = saved[4], lnk_w = saved[5],
-           lnk_b = saved[6], log_tau = saved[7], beta = saved[8];
-    size_t next = 9;
+    const Tensor x1 = saved[0], x2 = saved[1];
+    Tensor wq = saved[2], wk = saved[3], lnq_w = saved[4], lnq_b = saved[5], lnk_w = saved[6], lnk_b = saved[7],
+           log_tau = saved[8], beta = saved[9];
+    size_t next = 10;
     Tensor loc, log_scale, scale;
     if (norm) {
-      loc = saved[9];
-      log_scale = saved[10];
-      next = 11;
+      loc = saved[10];
+      log_scale = saved[11];
+      next = 12;
       scale = log_scale.exp();
     }
-    const Tensor x_in = x;
-    const bool on_cpu = rows_on_cpu(x) && rows_on_cpu(g_out) && g_out.scalar_type() == x.scalar_type();
-    Tensor g_y1, g_y, x1, x2;
-    if (on_cpu) {  // the halves of g_out, and of the fused ActNorm's output rebuilt on the fly: one pass each
-      auto [src1, src2] = half_sources(gather, x.size(1), swap);
-      g_y1 = take_rows(g_out, src1, Tensor(), Tensor());
-      g_y = take_rows(g_out, src2, Tensor(), Tensor());
-      x1 = take_rows(x_in, src1, loc, scale);
-      x2 = take_rows(x_in, src2, loc, scale);
+    const int64_t length = ctx->saved_data["length"].toInt();
+    const bool on_cpu = rows_on_cpu(x1) && rows_on_cpu(g_out) && g_out.scalar_type() == x1.scalar_type();
+    // g_y: the gradient of the updated half, gathered (the matmuls need it contiguous); on the CPU the kept half's
+    // gradient g_y1 is never gathered: the merge adds it straight from g_out
+    Tensor g_y1, g_y;
+    if (on_cpu) {
+      g_y = take_rows(g_out, half_sources(gather, length, swap).second, Tensor(), Tensor());
     } else {
-      if (norm) x = (x + loc) * scale;  // the fused ActNorm's output, rebuilt from its saved input
       std::tie(g_y1, g_y) = halves(g_out, gather, swap);
-      std::tie(x1, x2) = halves(x, gather, swap);
     }
     Attention s;
     if (recompute) {
@@ -652,28 +685,39 @@ struct GatedICACoreNative : public torch::autograd::Function<GatedICACoreNative>
     }
     Tensor dx, dloc, dlog_scale;
     if (need(0) || (norm && (need(12) || need(13)))) {
-      Tensor dx1 = dpqk.defined() ? at::addmm(g_y1.reshape({-1, d}), dpqk, wqk).view(g_y1.sizes())
-                                  : at::matmul(dpq, wq).add_(at::matmul(dpk, wk)).add_(g_y1);
-      if (on_cpu) {  // merge, scatter and the fused ActNorm's backward in one pass
+      if (on_cpu) {  // merge, scatter, the kept half's straight-through gradient and the ActNorm's backward: one pass
+        Tensor dx1 = dpqk.defined() ? at::mm(dpqk, wqk).view(x1.sizes())
+                                    : at::matmul(dpq, wq).add_(at::matmul(dpk, wk));
         const Tensor& first = swap ? dx2 : dx1;
         const Tensor& second = swap ? dx1 : dx2;
+        const int64_t n = x1.size(1);
+        MergeExtras ex;
+        ex.add = g_out;  // into the kept half's rows: z rows [0, n), or [n, 2n) when swapped
+        ex.add_lo = swap ? n : 0;
+        ex.add_hi = swap ? 2 * n : n;
+        Tensor dls;
         if (norm) {
-          Tensor dls;
-          dx = merge_rows(first, second, scatter, x_in, loc, scale, &dloc, &dls);
-          dlog_scale = dls + g_logdet.sum() * static_cast<double>(x.size(1));
+          ex.x_first = swap ? x2 : x1;
+          ex.x_second = swap ? x1 : x2;
+          ex.loc = loc; ex.scale = scale; ex.dloc = &dloc; ex.dls = &dls;
+        }
+        dx = merge_rows(first, second, scatter, ex);
+        if (norm) {
+          dlog_scale = dls + g_logdet.sum() * static_cast<double>(length);
           if (!need(12)) dloc = Tensor();
           if (!need(13)) dlog_scale = Tensor();
-        } else {
-          dx = merge_rows(first, second, scatter);
         }
       } else {
+        Tensor dx1 = dpqk.defined() ? at::addmm(g_y1.reshape({-1, d}), dpqk, wqk).view(g_y1.sizes())
+                                    : at::matmul(dpq, wq).add_(at::matmul(dpk, wk)).add_(g_y1);
         Tensor dz = swap ? at::cat({dx2, dx1}, 1) : at::cat({dx1, dx2}, 1);
-        dx = scatter.defined() ? dz.index_select(1, scatter) : dz;
-        if (norm) {  // through x = (x_in + loc)·s
-          if (need(13)) dlog_scale = (dx * x).sum({0, 1}) + g_logdet.sum() * static_cast<double>(x.size(1));
-          dx = dx * scale;
-          if (need(12)) dloc = dx.sum({0, 1});
+        if (norm) {  // through x = (x_in + loc)·s, whose halves (in z's order) the forward saved
+          Tensor xz = swap ? at::cat({x2, x1}, 1) : at::cat({x1, x2}, 1);
+          if (need(13)) dlog_scale = (dz * xz).sum({0, 1}) + g_logdet.sum() * static_cast<double>(length);
+          dz = dz * scale;
+          if (need(12)) dloc = dz.sum({0, 1});
         }
+        dx = scatter.defined() ? dz.index_select(1, scatter) : dz;
       }
     }
     if (!need(5)) dlnq_w = Tensor();
@@ -931,7 +975,7 @@ struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
       // it back into (N, L, D)
       Tensor zt = take_rows(x, index_vector(gather, length), loc, loc.defined() ? log_scale.exp() : Tensor(), true);
       Tensor yt = at::bmm(w, zt.view({k, g, n * d}));
-      y = merge_rows(yt.view({length, n, d}), Tensor(), scatter, Tensor(), Tensor(), Tensor(), nullptr, nullptr, true);
+      y = merge_rows(yt.view({length, n, d}), Tensor(), scatter, MergeExtras(), true);
     } else {
       Tensor xn = loc.defined() ? (x + loc) * log_scale.exp() : x;
       Tensor z = gather.defined() ? xn.index_select(1, gather) : xn;
@@ -982,11 +1026,13 @@ struct BlockMixNative : public torch::autograd::Function<BlockMixNative> {
       if (ctx->needs_input_grad(0) || need_norm) {
         Tensor dz = at::bmm(w.transpose(1, 2), dzt).view({length, n, d});
         if (norm) {  // the inverse gather and the fused ActNorm's backward in one pass
-          dx = merge_rows(dz, Tensor(), gather_inv, x, loc, scale, &dloc, &dlog_scale, true);
+          MergeExtras ex;
+          ex.x_in = x; ex.loc = loc; ex.scale = scale; ex.dloc = &dloc; ex.dls = &dlog_scale;
+          dx = merge_rows(dz, Tensor(), gather_inv, ex, true);
           if (!ctx->needs_input_grad(edge)) dloc = Tensor();
           if (!ctx->needs_input_grad(edge + 1)) dlog_scale = Tensor();
         } else {
-          dx = merge_rows(dz, Tensor(), gather_inv, Tensor(), Tensor(), Tensor(), nullptr, nullptr, true);
+          dx = merge_rows(dz, Tensor(), gather_inv, MergeExtras(), true);
         }
       }
       return {dx, dw, Tensor(), Tensor(), Tensor(), Tensor(), dloc, dlog_scale};
